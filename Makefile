@@ -1,0 +1,37 @@
+# make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe -> sample
+# make test   install, then run the test suite
+# make bench  install, then benchmark against peers (writes bench/results/<host>-<date>.json)
+#
+# TORCH_SPEC picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY          = $(VENV)/bin/python
+STAMP       = $(VENV)/.installed
+
+export GPT_DATA_DIR ?= data
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) train.py experiment=shakespeare_char_cpu
+	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300
+
+bench: $(STAMP)
+	$(PY) -m gpt.bench
+
+clean:
+	rm -rf $(VENV) .cache runs multirun .pytest_cache

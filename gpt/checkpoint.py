@@ -1,0 +1,154 @@
+"""Model directories on disk, and loading a model from one (or from a Lightning .ckpt).
+
+An exported model directory holds three files, readable without Lightning:
+
+    config.json         GPTConfig fields
+    model.safetensors   the weights (safetensors: no pickle, no code)
+    tokenizer.json      the Hugging Face tokenizer
+
+Directories are written under a temporary name and renamed into place, so an interrupted export never
+leaves a half-written model where a complete one was. Lightning `.ckpt` files are read with
+`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt.errors import GPTError
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+
+
+def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None) -> Path:
+    """Export `model` + `tokenizer` to a model directory (atomically). `extra` goes into config.json."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        if extra:
+            config["gpt"] = extra
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        tokenizer.save(tmp / TOKENIZER_FILE)
+    return path
+
+
+def weights_sha256(path: str | Path) -> str:
+    """Fingerprint of a model directory's weights (what an adapter records as its base)."""
+    h = hashlib.sha256()
+    with open(Path(path) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: every tensor present, none extra, every shape right; errors name the key."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
+    state = {k: v for k, v in state.items() if k not in TIED}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise GPTError(f"{source} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+                       + ": the file does not match its config.json; re-export the model")
+    if extra:
+        raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+                       + ": it was saved from a different architecture")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(v.shape)} "
+                           "(a checkpoint from a different vocabulary or model size?)")
+    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+
+
+def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    path = Path(path)
+    if not path.is_dir() or not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise GPTError(
+            f"{path} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); point at an exported "
+            "model such as runs/<name>/latest/checkpoints/best, or at a Lightning .ckpt file"
+        )
+    try:
+        config = GPTConfig.from_dict({k: v for k, v in json.loads((path / CONFIG_FILE).read_text()).items() if k != "gpt"})
+    except json.JSONDecodeError as e:
+        raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise GPTError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({e}); re-export it from a .ckpt") from e
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GPTError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+                       "the tokenizer.json belongs to a different model")
+    model = GPT(config)
+    load_weights(model, state, str(path / WEIGHTS_FILE))
+    return model.to(map_location), tokenizer
+
+
+def read_lightning_ckpt(path: str | Path) -> dict:
+    """torch.load with weights_only=True; a pickle that tries to run code is refused, never executed."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncated files
+        raise GPTError(
+            f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it is corrupt, truncated or contains code; only load checkpoints written by this tool"
+        ) from e
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A model and its tokenizer from an exported directory or a Lightning `.ckpt` written by train.py."""
+    path = Path(path)
+    if not path.exists():
+        raise GPTError(f"{path} does not exist; point at an exported model directory or a .ckpt file")
+    if path.is_dir():
+        return load_model_dir(path, map_location)
+    ckpt = read_lightning_ckpt(path)
+    meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
+    if not meta or "state_dict" not in ckpt:
+        raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
+    config = GPTConfig.from_dict(meta["config"])
+    model = GPT(config)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    load_weights(model, state, str(path))
+    return model.to(map_location), Tokenizer.from_str(meta["tokenizer"])

@@ -1,0 +1,109 @@
+"""What the entry scripts (train.py, finetune.py, sample.py) share: Hydra, and errors a person can act on.
+
+A `GPTError` (a user mistake) is printed as one line, `error: <what> ; <what to do>`, with exit status 2.
+So is a typo'd config key or an unknown group choice: the overrides are checked against the composed
+config before Hydra runs, because Hydra's own report spans several lines. Set GPT_VERBOSE=1 (or
+HYDRA_FULL_ERROR=1) to get the full traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from gpt.errors import GPTError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_USER_ERROR = 2
+
+
+def verbose() -> bool:
+    return os.environ.get("GPT_VERBOSE") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a GPTError into one line on stderr and exit status 2 (unless verbose)."""
+    try:
+        yield
+    except GPTError as e:
+        if verbose():
+            raise
+        fail(str(e))
+
+
+def _is_sweep(value: str) -> bool:
+    return "," in value or re.match(r"^(range|choice|glob|interval|tag|sort|shuffle)\(", value) is not None
+
+
+def precheck_overrides(config_name: str, args: list[str]) -> None:
+    """Compose the config with the command-line overrides; report a bad key or choice in one line."""
+    if any(a.startswith("-") for a in args):  # --help, --cfg, -m ...: Hydra's own business
+        args = [a for a in args if not a.startswith("-")]
+    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")
+                 and not _is_sweep(a.split("=", 1)[1])]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        if verbose():
+            raise
+        fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
+
+
+def describe_config_error(msg: str, config_name: str) -> str:
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m and ("not in struct" in msg or "To append to your config" in msg):
+        key = m.group(1)
+        return (f"unknown config key '{key}' (a typo?); `python {config_name}.py --cfg job` lists every key, "
+                f"and +{key}=... adds a new one on purpose")
+    m = re.search(r"Could not find '([^']+)'", msg)
+    if m:
+        group = m.group(1).split("/")[0]
+        options = re.findall(r"^\t(\S+)$", msg, flags=re.M)
+        return f"unknown choice '{m.group(1)}'" + (f"; available {group} options: {', '.join(options)}" if options else "")
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a GPTError raised by the target comes out as itself (Hydra wraps it)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, GPTError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def run_hydra(config_name: str, task: Callable[[Any], Any]) -> None:
+    """Run `task(cfg)` as a Hydra app over configs/<config_name>.yaml."""
+    import hydra
+
+    with user_errors():
+        precheck_overrides(config_name, sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def _main(cfg):
+        with user_errors():
+            return task(cfg)
+
+    _main()

@@ -1,0 +1,375 @@
+"""Corpora for pretraining: find the text, tokenize it once into a token file, serve random windows.
+
+    text file(s) / hub dataset --(datasets, streamed)--> tokenizer --(encode_batch)--> tokens.bin (memmap)
+
+The token file is one flat array of token ids (uint16 when the vocabulary fits, else uint32); the first
+(1 - val_fraction) of it is the train split, the rest the validation split. It is built in one streaming
+pass (memory does not grow with the corpus), written to a temporary directory and renamed into place, and
+cached under `cache_dir` keyed by the source files and the tokenizer settings, so later runs reuse it.
+Training reads random windows straight from the memmap.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from glob import glob
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from gpt.errors import GPTError
+from gpt.tokenizer import Tokenizer
+
+DATA_DIR_ENV = "GPT_DATA_DIR"
+STORE_VERSION = 1  # bump when the token file layout changes, to invalidate caches
+LINES_PER_BATCH = 10_000
+
+
+def data_dir() -> Path:
+    """Where named datasets live: $GPT_DATA_DIR, default ./data."""
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding the corpus
+
+
+def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url: Optional[str] = None,
+                  sha256: Optional[str] = None, name: str = "corpus") -> list[Path]:
+    """The corpus files, in this order of preference: an explicit path or glob (`path`);
+    `$GPT_DATA_DIR/<relpath>`; a download from `url` into `$GPT_DATA_DIR/<relpath>`, checked against `sha256`.
+    """
+    if path:
+        files = sorted(Path(p) for p in glob(os.path.expanduser(str(path)), recursive=True))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise GPTError(f"no corpus file matches data.path={path!r}: check the path (globs like 'dir/*.txt' work)")
+        return files
+    if not relpath:
+        raise GPTError(f"dataset {name!r} has no files: set data.path=<file or glob>")
+    local = data_dir() / relpath
+    if not local.is_file():
+        if not url:
+            raise GPTError(f"{name}: {local} not found; put the file there or set {DATA_DIR_ENV} / data.path")
+        _download(url, local, sha256, name)
+    if sha256:
+        actual = sha256_file(local)
+        if actual != sha256:
+            raise GPTError(
+                f"{local} is not the expected {name} file (sha256 {actual[:12]}…, expected {sha256[:12]}…); "
+                "delete it to re-download, or pass your own text with data.path=<file>"
+            )
+    return [local]
+
+
+def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            payload = r.read()
+    except Exception as e:
+        raise GPTError(
+            f"{name} is not at {dest} and downloading {url} failed ({type(e).__name__}: {e}); "
+            f"offline? copy the file to {dest} (or set {DATA_DIR_ENV} to the folder that holds it)"
+        ) from e
+    if sha256 and hashlib.sha256(payload).hexdigest() != sha256:
+        raise GPTError(f"download of {url} does not match its sha256 {sha256[:12]}…; try again or copy the file by hand")
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(payload)
+    os.replace(tmp, dest)
+
+
+def check_text_files(files: list[Path]) -> None:
+    """Refuse empty, binary and non-UTF-8 files up front, naming the file (one fast streaming read)."""
+    total = 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        with open(f, "rb") as fh:
+            head = fh.read(8192)
+            if b"\x00" in head:
+                raise GPTError(f"{f} looks binary (it contains NUL bytes); the corpus must be UTF-8 text")
+            fh.seek(0)
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            offset = 0
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise GPTError(
+                        f"{f} is not UTF-8 text (bad byte at offset {offset + e.start}); convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {f} > {f.stem}.utf8.txt`"
+                    ) from None
+                offset += len(chunk)
+    if total == 0:
+        raise GPTError(f"the corpus is empty ({', '.join(map(str, files))}); point data.path at a file with text")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming the text through `datasets`
+
+
+class TextSource:
+    """Batches of text from local files (line by line, line breaks kept) or a hub dataset (one row = one
+    document, followed by the end-of-text token). Iterable any number of times, streaming each time."""
+
+    def __init__(self, files: Optional[list[Path]] = None, hub: Optional[dict] = None):
+        self.files, self.hub = files, hub
+
+    def fingerprint(self) -> dict:
+        if self.files:
+            return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
+        return {"hub": dict(self.hub)}
+
+    def batches(self) -> Iterator[list[str]]:
+        from datasets import load_dataset  # slow import: only when a corpus is (re)built
+
+        if self.files:
+            ds = load_dataset("text", data_files=[str(f) for f in self.files], split="train",
+                              keep_linebreaks=True, streaming=True)
+            column, doc_end = "text", ""
+        else:
+            hub = self.hub
+            try:
+                ds = load_dataset(hub["name"], hub.get("config"), split=hub.get("split", "train"), streaming=True)
+            except Exception as e:
+                raise GPTError(f"could not open hub dataset {hub['name']!r} ({type(e).__name__}: {e}); "
+                               "offline? download it first or use local files with data.path") from e
+            column, doc_end = hub.get("text_column", "text"), "<|endoftext|>"
+        for batch in ds.iter(batch_size=LINES_PER_BATCH):
+            if column not in batch:
+                raise GPTError(f"hub dataset has no column {column!r} (columns: {sorted(batch)}); set data.hub.text_column")
+            yield [t + doc_end for t in batch[column]] if doc_end else batch[column]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The token store on disk
+
+
+class TokenStore:
+    """A prepared corpus: `tokens.bin` (flat ids), `tokenizer.json` and `meta.json` in one directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.tokenizer = Tokenizer.load(self.root / "tokenizer.json")
+        self.dtype = np.dtype(self.meta["dtype"])
+
+    @property
+    def path(self) -> Path:
+        return self.root / "tokens.bin"
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """(offset, length) of a split inside tokens.bin, in tokens."""
+        n, n_train = self.meta["n_tokens"], self.meta["n_train"]
+        return (0, n_train) if split == "train" else (n_train, n - n_train)
+
+    def tokens(self, split: str) -> np.ndarray:
+        offset, length = self.split_range(split)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=offset * self.dtype.itemsize, shape=(length,))
+
+
+def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    limits = {"uint16": 2**16, "uint32": 2**32}
+    if requested == "auto":
+        return np.dtype("uint16" if vocab_size <= limits["uint16"] else "uint32")
+    if requested not in limits:
+        raise GPTError(f"data.dtype must be auto, uint16 or uint32 (got {requested!r})")
+    if vocab_size > limits[requested]:
+        raise GPTError(f"the tokenizer has {vocab_size} tokens, more than {requested} can hold ({limits[requested]}); "
+                       "use data.dtype=uint32 (or auto)")
+    return np.dtype(requested)
+
+
+def build_tokenizer(source: TextSource, kind: str, vocab_size: Optional[int], path: Optional[str]) -> Tokenizer:
+    if kind == "file" or path:
+        if not path:
+            raise GPTError("data.tokenizer=file needs data.tokenizer_path=<tokenizer.json or model dir>")
+        return Tokenizer.load(path)
+    if kind == "char":
+        chars: set[str] = set()
+        for batch in source.batches():
+            for text in batch:
+                chars.update(text)
+        return Tokenizer.char_level(chars)
+    if kind == "bpe":
+        if not vocab_size:
+            raise GPTError("data.tokenizer=bpe needs data.vocab_size (e.g. 2048)")
+        return Tokenizer.train_bpe(source.batches(), vocab_size)
+    raise GPTError(f"data.tokenizer must be char, bpe or file (got {kind!r})")
+
+
+def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokenizer: str = "char",
+                   vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None,
+                   val_fraction: float = 0.1, dtype: str = "auto") -> TokenStore:
+    """Tokenize the corpus once into `cache_dir/<name>-<key>/` (or reuse it) and return the store."""
+    if not (0.0 < val_fraction < 1.0):
+        raise GPTError(f"data.val_fraction must be in (0, 1) (got {val_fraction})")
+    spec = {"version": STORE_VERSION, "source": source.fingerprint(), "tokenizer": tokenizer,
+            "vocab_size": vocab_size, "val_fraction": val_fraction, "dtype": dtype,
+            "tokenizer_file": sha256_file(Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir()
+                                          else Path(tokenizer_path)) if tokenizer_path else None}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(cache_dir) / f"{name}-{key}"
+    if (final / "meta.json").is_file():
+        return TokenStore(final)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        tok = build_tokenizer(source, tokenizer, vocab_size, tokenizer_path)
+        np_dtype = token_dtype(tok.vocab_size, dtype)
+        n = 0
+        with open(tmp / "tokens.bin", "wb") as out:
+            for batch in source.batches():
+                ids = [i for seq in tok.encode_batch(batch) for i in seq]
+                np.asarray(ids, dtype=np_dtype).tofile(out)
+                n += len(ids)
+        if n == 0:
+            raise GPTError("the corpus holds no text; point data.path at a file with text")
+        tok.save(tmp / "tokenizer.json")
+        meta = {**spec, "name": name, "n_tokens": n, "n_train": int(n * (1 - val_fraction)),
+                "dtype": np_dtype.name, "vocab_size_actual": tok.vocab_size, "tokenizer_kind": tok.kind}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, final)  # atomic: a reader sees no store or a whole one
+        except OSError:
+            if not (final / "meta.json").is_file():  # not someone else's finished store: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenStore(final)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+class RandomWindows(IterableDataset):
+    """Batches of random (input, next-token) windows from one split.
+
+    Batch i depends only on (seed, rank, i): a run resumed at batch i sees exactly the batches the
+    uninterrupted run would have, and each data-parallel rank sees different windows.
+    """
+
+    def __init__(self, path, dtype, offset, n_tokens, block_size, batch_size, seed, rank=0, start=0, stop=None):
+        self.path, self.dtype, self.offset, self.n_tokens = str(path), np.dtype(dtype), offset, n_tokens
+        self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
+        self.start, self.stop = start, stop
+
+    def __len__(self):  # lets Lightning show a progress bar with a total
+        if self.stop is None:
+            raise TypeError("endless stream")
+        return self.stop - self.start
+
+    def __iter__(self):
+        data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,
+                         shape=(self.n_tokens,))
+        window = np.arange(self.block_size + 1)
+        i = self.start
+        while self.stop is None or i < self.stop:
+            rng = np.random.default_rng([self.seed, self.rank, i])
+            starts = rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size)
+            chunk = torch.from_numpy(data[starts[:, None] + window].astype(np.int64))  # one gather from the memmap
+            yield {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
+            i += 1
+
+
+class FixedWindows(Dataset):
+    """The same `n_batches` validation batches at every evaluation, so val losses are comparable."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int, seed: int):
+        rng = np.random.default_rng([seed, 2**31 - 1])
+        starts = rng.integers(0, len(tokens) - block_size, size=(n_batches, batch_size))
+        self.windows = torch.from_numpy(tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int64))
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.windows[i, :, :-1], "labels": self.windows[i, :, 1:]}
+
+
+class TextDataModule(L.LightningDataModule):
+    """A pretraining corpus as a LightningDataModule. See configs/data/*.yaml for the options."""
+
+    def __init__(self, name: str, block_size: int, batch_size: int, path: Optional[str] = None,
+                 relpath: Optional[str] = None, url: Optional[str] = None, sha256: Optional[str] = None,
+                 hub: Optional[dict] = None, tokenizer: str = "char", vocab_size: Optional[int] = None,
+                 tokenizer_path: Optional[str] = None, val_fraction: float = 0.1, dtype: str = "auto",
+                 eval_batches: int = 20, seed: int = 1337, cache_dir: str = ".cache/gpt",
+                 num_workers: int = 0, pin_memory: bool = False):
+        super().__init__()
+        self.name, self.block_size, self.batch_size = name, block_size, batch_size
+        self.path, self.relpath, self.url, self.sha256, self.hub = path, relpath, url, sha256, hub
+        self.tokenizer_kind, self.vocab_size, self.tokenizer_path = tokenizer, vocab_size, tokenizer_path
+        self.val_fraction, self.dtype, self.eval_batches, self.seed = val_fraction, dtype, eval_batches, seed
+        self.cache_dir, self.num_workers, self.pin_memory = cache_dir, num_workers, pin_memory
+        self.store: Optional[TokenStore] = None
+        for k in ("batch_size", "block_size", "eval_batches"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise GPTError(f"data.{k} must be a positive integer (got {getattr(self, k)!r})")
+
+    def prepare_data(self) -> None:
+        if self.store is not None:
+            return
+        if self.hub and not self.path:
+            source = TextSource(hub=dict(self.hub))
+        else:
+            files = resolve_files(self.path, self.relpath, self.url, self.sha256, self.name)
+            check_text_files(files)
+            source = TextSource(files=files)
+        self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
+                                    self.tokenizer_path, self.val_fraction, self.dtype)
+        for split in ("train", "val"):
+            n = self.store.split_range(split)[1]
+            if n <= self.block_size:
+                raise GPTError(
+                    f"the corpus is too short: its {split} split has {n} tokens, fewer than one block "
+                    f"(block_size {self.block_size} + 1); use more text, a smaller model.block_size, "
+                    f"or a different data.val_fraction"
+                )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()  # every rank opens the (already built) store
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        self.prepare_data()
+        return self.store.tokenizer
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start, stop, rank = 0, None, 0
+        if trainer is not None:
+            # Resume: continue at the batch the interrupted run would have drawn next.
+            start = trainer.global_step * trainer.accumulate_grad_batches
+            if trainer.max_steps and trainer.max_steps > 0:
+                stop = trainer.max_steps * trainer.accumulate_grad_batches
+            rank = trainer.global_rank
+        offset, n = self.store.split_range("train")
+        ds = RandomWindows(self.store.path, self.store.dtype, offset, n, self.block_size, self.batch_size,
+                           self.seed, rank=rank, start=start, stop=stop)
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        ds = FixedWindows(self.store.tokens("val"), self.block_size, self.batch_size, self.eval_batches, self.seed)
+        return DataLoader(ds, batch_size=None, pin_memory=self.pin_memory)

@@ -1,0 +1,429 @@
+"""A GPT language model, written from the math.
+
+Read top to bottom: the config and its named presets, causal self-attention (an explicit math path and
+the fused `scaled_dot_product_attention` path over the same weights), the MLP, a pre-LayerNorm block, the
+KV cache, the model, and sampling. Pure PyTorch: no Lightning, no Hydra, no transformers.
+
+Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so released checkpoints map
+onto them with a transpose and nothing else (see `gpt/convert.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.errors import GPTError
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as nanoGPT's nn.GELU()
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+}
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length: the number of learned position embeddings
+    vocab_size: Optional[int] = None  # set from the tokenizer when None
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; nanoGPT's recipes turn them off)
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit, same result, slower)
+
+    def __post_init__(self):
+        problems = []
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer (got {value!r})")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            problems.append(f"vocab_size must be a positive integer (got {self.vocab_size!r})")
+        if not problems and self.n_embd % self.n_head != 0:
+            problems.append(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if not (0.0 <= self.dropout < 1.0):
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.layer_norm_eps <= 0:
+            problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps})")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {sorted(ACTIVATIONS)} (got {self.activation!r})")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            problems.append(f"attn_impl must be one of {list(ATTENTION_IMPLS)} (got {self.attn_impl!r})")
+        if problems:
+            raise GPTError("impossible model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise GPTError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type"})
+        if unknown:
+            raise GPTError(f"model config has unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        # `model_type` lets PEFT (which reads `model.config`) treat us as a custom model.
+        return {"model_type": "gpt", **asdict(self)}
+
+
+# From the smallest useful model to the four released GPT-2 sizes. `configs/model/*.yaml` mirror these
+# (a test keeps them in step), so `model=<name>` on the command line picks the same shapes.
+PRESETS = {
+    "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64),  # unit tests, smoke runs
+    "mini": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),  # nanoGPT's CPU recipe
+    "baby": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),  # nanoGPT's "baby GPT"
+    "gpt2": GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Transformer
+
+
+class CausalSelfAttention(nn.Module):
+    """softmax(Q Kᵀ / √d_head + mask) V for every head at once, then a projection back to n_embd."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.head_dim = config.n_head, config.n_embd, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused Q, K, V
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_sdpa = config.attn_impl == "sdpa"
+
+    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:  # keys/values of earlier positions come from the cache
+            k, v = cache.update(layer, k, v)
+
+        weights = None
+        if need_weights or not self.use_sdpa:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+            if is_causal:  # query i (of T) may see keys 0..i; the T queries are the last T of S keys
+                S = k.size(-2)
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = F.softmax(scores, dim=-1)
+            y = self.attn_dropout(weights) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y)), (weights if need_weights else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sub-layer, keep the residual stream un-normalised."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False):
+        a, weights = self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer, need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer, in buffers allocated once.
+
+    Prefill writes the whole prompt in one forward pass; each decode step then writes one position and
+    attends over the filled prefix. Nothing is concatenated or re-allocated per token. With left-padded
+    batches `valid` remembers which cached positions are padding, and `seen` counts each row's real
+    tokens so that position embeddings start at 0 at every row's first real token.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.k: list[Optional[torch.Tensor]] = [None] * n_layer
+        self.v: list[Optional[torch.Tensor]] = [None] * n_layer
+        self.length = 0  # positions filled
+        self.valid: Optional[torch.Tensor] = None  # (B, max_len) bool, only once padding has been seen
+        self.seen: Optional[torch.Tensor] = None  # (B,) real tokens per row, only with padding
+
+    def reset(self):
+        self.length, self.valid, self.seen = 0, None, None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is None or self.k[layer].dtype != k.dtype:  # allocated lazily: autocast decides dtype
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab), or (B, 1, vocab) with only_last=True
+    loss: Optional[torch.Tensor] = None  # mean cross-entropy over targets != -100
+    attentions: Optional[list] = None  # per layer (B, n_head, T, S) softmax weights, with need_weights=True
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise GPTError("GPTConfig.vocab_size is not set: take it from the tokenizer (tokenizer.vocab_size)")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out share one matrix (fewer parameters, and it
+        # helps small models). The state dict still lists both names; they are the same tensor.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: residual projections are scaled by 1/√(2·n_layer) so the residual stream's variance does
+        # not grow with depth (each block adds two of them).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default (the token embedding is the LM head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward): 6·N for the matmuls + 12·L·C·T for attention."""
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def forward(self, idx, targets=None, *, attention_mask=None, cache: Optional[KVCache] = None,
+                need_weights: bool = False, only_last: bool = False) -> GPTOutput:
+        """idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where no loss is wanted.
+
+        attention_mask: (B, T), 1 for real tokens and 0 for (left) padding. With a cache, the new tokens
+        are appended after the cached ones.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise GPTError(
+                f"sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}); "
+                "shorten the input (or crop it to the last block_size tokens)"
+            )
+        pos, attn_mask, is_causal = self._positions_and_mask(B, T, start, attention_mask, cache, idx.device)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        attentions = [] if need_weights else None
+        for layer, block in enumerate(self.transformer.h):
+            x, weights = block(x, attn_mask, is_causal, cache, layer, need_weights)
+            if need_weights:
+                attentions.append(weights)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if only_last:  # generation needs only the next-token distribution: skip the rest of the LM head
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return GPTOutput(logits, loss, attentions)
+
+    @staticmethod
+    def _positions_and_mask(B, T, start, attention_mask, cache, device):
+        """Position ids and the attention mask for T new tokens that follow `start` cached ones.
+
+        Returns (pos, attn_mask, is_causal). Without padding the mask is left implicit so SDPA can use its
+        fastest kernels; with padding it is an explicit boolean (B, 1, T, S) mask, True = may attend.
+        """
+        padded = attention_mask is not None or (cache is not None and cache.valid is not None)
+        if not padded:
+            pos = torch.arange(start, start + T, device=device)
+            if start == 0:
+                return pos, None, True  # plain causal attention over the new tokens
+            if T == 1:
+                return pos, None, False  # one new token may see every cached key
+            S = start + T
+            return pos, torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start), False
+
+        new = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        seen = torch.zeros(B, dtype=torch.long, device=device)
+        keys_valid = new
+        if cache is not None:
+            if cache.valid is None:  # first padded call: everything cached so far was real
+                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+                cache.seen = torch.full((B,), start, dtype=torch.long, device=device)
+            cache.valid[:, start:start + T] = new
+            keys_valid, seen = cache.valid[:, :start + T], cache.seen
+            cache.seen = seen + new.sum(1)
+        # Each row's positions count only its real tokens, so a left-padded prompt gets the same position
+        # embeddings as the unpadded one.
+        pos = (seen[:, None] + new.long().cumsum(1) - 1).clamp(min=0)
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+        mask = causal[None] & keys_valid[:, None, :]
+        # A padding query would see no key at all (softmax over all -inf is NaN, and NaN leaks through
+        # 0·NaN in the next layer). Let every query see itself; padding outputs are never used.
+        mask |= torch.eye(T, S, dtype=torch.bool, device=device).roll(start, dims=1)[None]
+        return pos, mask[:, None], False
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, *, attention_mask=None, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
+                 on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
+
+        Batches of different-length prompts are left-padded with attention_mask marking real tokens.
+        temperature 0 is greedy decoding. Rows that produced `eos_token_id` are filled with it afterwards,
+        and generation ends when every row has. When the context (block_size) is full: "stop" ends
+        generation there; "slide" keeps the most recent 3/4 of the context, re-encodes it in one pass
+        and goes on (what nanoGPT's crop-to-block_size does, without recomputing on every token).
+        """
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        if on_context_full not in ("slide", "stop"):
+            raise GPTError(f"on_context_full must be 'slide' or 'stop' (got {on_context_full!r})")
+        B, T = idx.shape
+        block = self.config.block_size
+        if T > block:
+            raise GPTError(f"prompt is {T} tokens but the model's context is {block}: shorten the prompt")
+        if T == 0:
+            raise GPTError("prompt is empty: give at least one token (e.g. a newline)")
+        # All tokens (prompt + generated) live in one preallocated buffer: sliding needs the recent ones.
+        tokens = idx.new_empty(B, T + max_new_tokens)
+        tokens[:, :T] = idx
+        real = None
+        if attention_mask is not None:
+            real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
+            real[:, :T] = attention_mask.bool()
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+
+        cache = self.new_cache()
+        logits = self(idx, attention_mask=attention_mask, cache=cache, only_last=True).logits[:, -1]
+        n = T
+        for step in range(max_new_tokens):
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            tokens[:, n] = nxt
+            n += 1
+            if on_token is not None:
+                on_token(nxt)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            if cache.length < block:
+                logits = self(nxt[:, None], cache=cache, only_last=True).logits[:, -1]
+            elif on_context_full == "stop":
+                break
+            else:
+                keep = max(1, (3 * block) // 4)
+                cache.reset()
+                window_mask = None if real is None else real[:, n - keep:n]
+                logits = self(tokens[:, n - keep:n], attention_mask=window_mask, cache=cache,
+                              only_last=True).logits[:, -1]
+        return tokens[:, T:n]
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise GPTError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
+    if temperature is None or temperature < 0:
+        raise GPTError(f"temperature must be >= 0 (got {temperature!r}); use 0 for greedy decoding")
+    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        raise GPTError(f"top_k must be a positive integer or null (got {top_k!r})")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise GPTError(f"top_p must be in (0, 1] or null (got {top_p!r})")
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """One token per row from (B, vocab) logits. Greedy at temperature 0.
+
+    top-k uses `topk` (no full sort); top-p sorts only when asked, and only the top-k survivors if both
+    are given.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    candidates = None  # token ids the (sorted) logits refer to, when filtered
+    if top_k is not None and top_k < logits.size(-1):
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+    if top_p is not None and top_p < 1.0:
+        if candidates is None:
+            logits, candidates = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

@@ -1,0 +1,194 @@
+"""Sample from a model: `python sample.py ckpt=<model dir or .ckpt> prompt="ROMEO:"`.
+
+Interactive mode streams each sample to stdout as it is generated. Batch mode (`input_file=`) reads one
+prompt per line and writes one completion per line to `output_file`; newlines inside a prompt or a
+completion are written as the two characters `\\n` so that lines stay lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.errors import GPTError
+from gpt.model import GPT, check_sampling_args
+from gpt.tokenizer import Tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GPTError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype in ("float32", "fp32", "32"):
+        return contextlib.nullcontext()
+    if dtype in ("bfloat16", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype in ("float16", "fp16", "16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    raise GPTError(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+
+
+def unescape(line: str) -> str:
+    return line.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def escape(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """text up to the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StreamPrinter:
+    """Prints a single sample as its tokens arrive; says stop when a stop string appears.
+
+    Decodes the whole continuation each time (byte-level BPE pieces may be half a character) and holds
+    back what could still turn out to be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], out: TextIO):
+        self.tokenizer, self.stops, self.out = tokenizer, [s for s in stops if s], out
+        self.ids: list[int] = []
+        self.printed = 0
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+
+    def __call__(self, token: torch.Tensor) -> bool:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids)
+        text, stopped = cut_at_stop(text, self.stops)
+        end = len(text) if stopped else len(text) - self.holdback
+        if not stopped and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            end = min(end, len(text) - 1)
+        if end > self.printed:
+            self.out.write(text[self.printed:end])
+            self.out.flush()
+            self.printed = end
+        return stopped
+
+    def finish(self) -> str:
+        text, _ = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        return text
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, strict=True)
+    if not ids:  # an empty prompt starts a fresh document
+        if tokenizer.eos_id is None:
+            raise GPTError("the prompt is empty and the tokenizer has no end-of-text token; give a prompt")
+        ids = [tokenizer.eos_id]
+    return ids
+
+
+def left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, T) ids with shorter prompts padded on the left, and the mask of real tokens (None if no padding)."""
+    T = max(len(ids) for ids in batch)
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.bool)
+    for i, ids in enumerate(batch):
+        idx[i, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, T - len(ids):] = True
+    return idx.to(device), (None if bool(mask.all()) else mask.to(device))
+
+
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
+                   temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
+                   batch_size: int = 32, generator=None, on_context_full="slide") -> list[str]:
+    """Completions for many prompts, batched (sorted by length so batches carry little padding)."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[Optional[str]] = [None] * len(prompts)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
+        new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
+                             top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
+                             generator=generator, on_context_full=on_context_full)
+        for row, i in enumerate(chunk):
+            out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
+    return out
+
+
+def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise GPTError(f"{path} exists; choose another output_file or pass overwrite=true")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
+    device = resolve_device(cfg.device)
+    if not cfg.get("ckpt"):
+        raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt>")
+    model, tokenizer = load_model(cfg.ckpt, map_location=device)
+    return model.eval(), tokenizer, device
+
+
+def sample(cfg) -> Optional[list[str]]:
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_samples <= 0:
+        raise GPTError(f"num_samples must be >= 1 (got {cfg.num_samples})")
+    if cfg.input_file and not cfg.output_file:
+        raise GPTError("batch mode needs output_file=<path> beside input_file")
+    if cfg.output_file and Path(cfg.output_file).exists() and not cfg.overwrite:
+        raise GPTError(f"{cfg.output_file} exists; choose another output_file or pass overwrite=true")
+    model, tokenizer, device = load_for_sampling(cfg)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    stops = list(cfg.stop or [])
+    args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full)
+
+    with autocast(device, cfg.dtype):
+        if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
+            path = Path(cfg.input_file)
+            if not path.is_file():
+                raise GPTError(f"input_file {path} does not exist")
+            prompts = [unescape(line.rstrip("\n")) for line in path.read_text(encoding="utf-8").splitlines()]
+            completions = generate_batch(model, tokenizer, prompts, batch_size=cfg.batch_size, **args)
+            write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
+            print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
+            return completions
+
+        if cfg.prompt_file:
+            if not Path(cfg.prompt_file).is_file():
+                raise GPTError(f"prompt_file {cfg.prompt_file} does not exist")
+            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        else:
+            prompt = unescape(cfg.prompt)
+        ids = encode_prompt(tokenizer, prompt)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        samples = []
+        for i in range(cfg.num_samples):
+            out = sys.stdout if cfg.stream else open(os.devnull, "w")
+            printer = StreamPrinter(tokenizer, stops, out)
+            out.write(prompt)
+            model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
+                           on_context_full=cfg.on_context_full, on_token=printer)
+            text = printer.finish()
+            if not cfg.stream:
+                sys.stdout.write(prompt + text)
+            sys.stdout.write("\n---------------\n")
+            sys.stdout.flush()
+            samples.append(text)
+        return samples

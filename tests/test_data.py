@@ -1,0 +1,203 @@
+"""Tokenizers, corpus resolution, the token store and the batches drawn from it."""
+
+import json
+import os
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.data import (FixedWindows, RandomWindows, TextDataModule, TextSource, check_text_files, prepare_corpus,
+                      resolve_files, token_dtype)
+from gpt.errors import GPTError
+from gpt.tokenizer import EOS, Tokenizer
+
+SHAKESPEARE_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+# -- tokenizers --------------------------------------------------------------------------------------
+
+def test_char_tokenizer_round_trip_and_reload(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    tok = Tokenizer.char_level(text)
+    ids = tok.encode(text)
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == len(set(text)) + 2  # + <|endoftext|> and <|unk|>
+    assert tok.eos_id is not None and tok.decode([tok.eos_id]) == ""
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert again.encode(text) == ids and again.kind == "char"
+
+
+def test_char_tokenizer_strict_refuses_unknown_characters():
+    tok = Tokenizer.char_level("abc ")
+    assert tok.encode("abz", strict=False)[-1] == tok.unk_id
+    with pytest.raises(GPTError, match="'z'"):
+        tok.encode("abz", strict=True)
+
+
+def test_bpe_tokenizer_round_trips_any_text(shakespeare, tmp_path):
+    lines = shakespeare.read_text().splitlines(keepends=True)[:4000]
+    tok = Tokenizer.train_bpe(iter([lines]), vocab_size=400, show_progress=False)
+    assert tok.vocab_size == 400 and tok.kind == "bpe"
+    for text in ["ROMEO:\nWherefore art thou?\n", "naïve café — 東京 😀", "  spaces\tand\ttabs  "]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+    assert len(tok.encode("ROMEO: what say you?")) < len("ROMEO: what say you?")  # it learned merges
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).encode("to be or not") == tok.encode("to be or not")
+    assert tok.eos_id == tok.hf.token_to_id(EOS) and tok.decode([tok.eos_id]) == ""
+
+
+def test_bpe_vocab_size_too_small():
+    with pytest.raises(GPTError, match="at least 257"):
+        Tokenizer.train_bpe(iter([["abc"]]), vocab_size=100, show_progress=False)
+
+
+# -- finding the corpus ------------------------------------------------------------------------------
+
+def test_explicit_path_wins_then_data_dir_then_download(tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a.txt").write_text("from the data dir")
+    own = tmp_path / "own.txt"
+    own.write_text("mine")
+    monkeypatch.setenv("GPT_DATA_DIR", str(tmp_path))
+    assert resolve_files(path=str(own), relpath="ds/a.txt") == [own]
+    assert resolve_files(relpath="ds/a.txt") == [tmp_path / "ds" / "a.txt"]
+    # globs
+    (tmp_path / "ds" / "b.txt").write_text("b")
+    assert [p.name for p in resolve_files(path=str(tmp_path / "ds" / "*.txt"))] == ["a.txt", "b.txt"]
+
+    # missing locally -> downloaded into $GPT_DATA_DIR/<relpath>, sha256 checked
+    payload = b"downloaded text\n"
+    import hashlib
+
+    class Resp:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return payload
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=0: Resp())
+    got = resolve_files(relpath="new/x.txt", url="http://example/x", sha256=hashlib.sha256(payload).hexdigest())
+    assert got == [tmp_path / "new" / "x.txt"] and got[0].read_bytes() == payload
+    with pytest.raises(GPTError, match="sha256"):
+        resolve_files(relpath="new/y.txt", url="http://example/y", sha256="0" * 64)
+    assert not (tmp_path / "new" / "y.txt").exists()
+
+
+def test_offline_and_missing_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT_DATA_DIR", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(GPTError) as e:
+        resolve_files(relpath="tinyshakespeare/input.txt", url="https://example/input.txt", sha256=SHAKESPEARE_SHA,
+                      name="shakespeare_char")
+    msg = str(e.value)
+    assert str(tmp_path / "tinyshakespeare" / "input.txt") in msg and "GPT_DATA_DIR" in msg
+
+
+def test_wrong_file_for_a_named_dataset_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT_DATA_DIR", str(tmp_path))
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("not shakespeare")
+    with pytest.raises(GPTError, match="not the expected"):
+        resolve_files(relpath="tinyshakespeare/input.txt", sha256=SHAKESPEARE_SHA, name="shakespeare_char")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+    (b"caf\xe9 au lait\n", "not UTF-8"),
+])
+def test_bad_corpus_files(tmp_path, content, needle):
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(content)
+    with pytest.raises(GPTError, match=needle):
+        check_text_files([f])
+
+
+def test_no_file_matches(tmp_path):
+    with pytest.raises(GPTError, match="no corpus file matches"):
+        resolve_files(path=str(tmp_path / "nope*.txt"))
+
+
+# -- the token store ---------------------------------------------------------------------------------
+
+def test_token_store_matches_the_text_and_is_cached(shakespeare, tmp_path):
+    store = prepare_corpus(TextSource(files=[shakespeare]), tmp_path, "sc", tokenizer="char")
+    text = shakespeare.read_text()
+    n = len(text)
+    assert store.meta["n_tokens"] == n == 1_115_394
+    train, val = store.tokens("train"), store.tokens("val")
+    assert train.dtype == np.uint16 and len(train) == int(n * 0.9) and len(train) + len(val) == n
+    tok = store.tokenizer
+    assert tok.decode(train[:200].tolist()) == text[:200]  # the stream is the corpus, in order
+    assert tok.decode(val[-100:].tolist()) == text[-100:]
+    # a second prepare reuses the files (same directory, not rewritten)
+    mtime = (store.root / "tokens.bin").stat().st_mtime_ns
+    again = prepare_corpus(TextSource(files=[shakespeare]), tmp_path, "sc", tokenizer="char")
+    assert again.root == store.root and (again.root / "tokens.bin").stat().st_mtime_ns == mtime
+    # a different tokenizer setting is a different store
+    other = prepare_corpus(TextSource(files=[shakespeare]), tmp_path, "sc", tokenizer="char", val_fraction=0.2)
+    assert other.root != store.root and other.meta["n_train"] == int(n * 0.8)
+
+
+def test_token_dtype_limits():
+    assert token_dtype(65) == np.uint16 and token_dtype(70_000) == np.uint32
+    with pytest.raises(GPTError, match="uint32"):
+        token_dtype(70_000, "uint16")
+
+
+def test_random_windows_are_deterministic_per_batch_index(tmp_path):
+    data = np.arange(1000, dtype=np.uint16)
+    path = tmp_path / "t.bin"
+    data.tofile(path)
+    ds = RandomWindows(path, np.uint16, 0, 1000, block_size=16, batch_size=4, seed=3, start=0, stop=10)
+    batches = list(ds)
+    assert len(batches) == 10 == len(ds)
+    for b in batches:
+        assert torch.equal(b["labels"], b["input_ids"] + 1)  # y is x shifted by one (data = arange)
+        assert b["input_ids"].shape == (4, 16)
+    resumed = list(RandomWindows(path, np.uint16, 0, 1000, 16, 4, seed=3, start=6, stop=10))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches[6:], resumed))
+    other_rank = list(RandomWindows(path, np.uint16, 0, 1000, 16, 4, seed=3, rank=1, start=0, stop=10))
+    assert not torch.equal(batches[0]["input_ids"], other_rank[0]["input_ids"])
+    # windows never run past the end of the split
+    ds = RandomWindows(path, np.uint16, 0, 17, block_size=16, batch_size=64, seed=0, stop=3)
+    assert all(int(b["labels"].max()) == 16 for b in ds)
+
+
+def test_fixed_windows_are_the_same_every_time():
+    tokens = np.arange(500, dtype=np.uint16)
+    a, b = FixedWindows(tokens, 8, 4, 5, seed=1), FixedWindows(tokens, 8, 4, 5, seed=1)
+    assert len(a) == 5 and all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(5))
+
+
+def test_corpus_shorter_than_one_block(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("To be, or not to be: that is the question.\n" * 2)
+    dm = TextDataModule(name="short", path=str(f), block_size=64, batch_size=2, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(GPTError, match="too short"):
+        dm.prepare_data()
+
+
+def test_datamodule_on_the_real_corpus(shakespeare, tmp_path):
+    dm = TextDataModule(name="sc", path=str(shakespeare), block_size=32, batch_size=5, eval_batches=3,
+                        cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.tokenizer.vocab_size == 65 + 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (5, 32) and batch["input_ids"].dtype == torch.int64
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    assert len(dm.val_dataloader()) == 3
+    assert json.loads((dm.store.root / "meta.json").read_text())["tokenizer_kind"] == "char"

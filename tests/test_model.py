@@ -1,0 +1,272 @@
+"""The model: shapes refused, math path = SDPA path, cache = no cache, padding = no padding, sampling."""
+
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from gpt.errors import GPTError
+from gpt.model import GPT, PRESETS, GPTConfig, sample_next_token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def set_impl(model: GPT, impl: str):
+    for block in model.transformer.h:
+        block.attn.use_sdpa = impl == "sdpa"
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(n_embd=100, n_head=3), "divisible"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(block_size=-1), "block_size"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(activation="relu6"), "activation"),
+    (dict(attn_impl="flash9"), "attn_impl"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_impossible_shapes_are_refused(kw, needle):
+    with pytest.raises(GPTError, match=needle):
+        GPTConfig(**kw)
+
+
+def test_model_needs_a_vocab_size():
+    with pytest.raises(GPTError, match="vocab_size"):
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
+
+
+def test_yaml_presets_match_python_presets():
+    for name, preset in PRESETS.items():
+        data = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
+        data.pop("_target_")
+        assert data == asdict(preset), name
+    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(PRESETS)
+
+
+def test_gpt2_presets_have_the_released_parameter_counts():
+    # Published sizes (with tied embeddings): 124M, 355M, 774M, 1558M. Count on the meta device: no memory.
+    expected = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "gpt2-large": 774.03e6, "gpt2-xl": 1557.61e6}
+    for name, n in expected.items():
+        with torch.device("meta"):
+            model = GPT(PRESETS[name])
+        assert abs(model.num_params(non_embedding=False) - n) / n < 1e-3, name
+
+
+def test_weights_are_tied_and_residual_projections_scaled():
+    model = GPT(GPTConfig(vocab_size=500, n_layer=8, n_head=4, n_embd=256, block_size=64))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    std_proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(std_proj - 0.02 / math.sqrt(2 * 8)) < 0.0015
+    assert abs(std_fc - 0.02) < 0.0015
+
+
+def test_loss_ignores_minus_100_and_matches_cross_entropy():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 10))
+    y = torch.randint(0, 61, (2, 10))
+    y[:, :4] = -100
+    out = model(x, y)
+    expected = F.cross_entropy(out.logits[:, 4:].reshape(-1, 61), y[:, 4:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+def test_attention_is_causal():
+    # Changing a later token must not change the logits at earlier positions.
+    model = tiny()
+    x = torch.randint(0, 61, (1, 16))
+    x2 = x.clone()
+    x2[0, 10] = (x[0, 10] + 1) % 61
+    a, b = model(x).logits, model(x2).logits
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+# -- math path = SDPA path ---------------------------------------------------------------------------
+
+def test_math_path_equals_sdpa_path_causal():
+    model = tiny()
+    x = torch.randint(0, 61, (3, 32))
+    set_impl(model, "sdpa")
+    fast = model(x).logits
+    set_impl(model, "math")
+    slow = model(x).logits
+    assert (fast - slow).abs().max().item() <= 1e-5
+    # need_weights takes the math path whatever the setting, and gives the same logits
+    set_impl(model, "sdpa")
+    out = model(x, need_weights=True)
+    assert (out.logits - fast).abs().max().item() <= 1e-5
+
+
+def test_math_path_equals_sdpa_path_with_padding_mask():
+    model = tiny()
+    x = torch.randint(0, 61, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :7] = 0
+    mask[2, :3] = 0
+    set_impl(model, "sdpa")
+    fast = model(x, attention_mask=mask).logits
+    set_impl(model, "math")
+    slow = model(x, attention_mask=mask).logits
+    real = mask.bool()
+    assert (fast - slow)[real].abs().max().item() <= 1e-5
+    assert torch.isfinite(fast).all() and torch.isfinite(slow).all()
+
+
+def test_math_path_equals_sdpa_path_with_kv_cache():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 24))
+    outs = {}
+    for impl in ("sdpa", "math"):
+        set_impl(model, impl)
+        cache = model.new_cache()
+        pieces = [model(x[:, :9], cache=cache).logits]  # prefill
+        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(9, 14)]  # one token at a time
+        pieces.append(model(x[:, 14:], cache=cache).logits)  # a chunk after a prefix (explicit mask)
+        outs[impl] = torch.cat(pieces, 1)
+    assert (outs["sdpa"] - outs["math"]).abs().max().item() <= 1e-5
+
+
+def test_attention_weights_are_a_causal_distribution():
+    model = tiny()
+    out = model(torch.randint(0, 61, (2, 12)), need_weights=True)
+    assert len(out.attentions) == 2
+    w = out.attentions[0]
+    assert w.shape == (2, 4, 12, 12)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4, 12), atol=1e-6)
+    assert w.triu(diagonal=1).abs().max().item() == 0.0
+
+
+# -- KV cache = full recompute ----------------------------------------------------------------------
+
+def greedy_without_cache(model, idx, n):
+    """Reference: recompute the whole sequence for every new token."""
+    steps = []
+    for _ in range(n):
+        logits = model(idx).logits[:, -1]
+        steps.append(logits)
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], 1)
+    return idx, steps
+
+
+def test_cache_gives_the_same_tokens_and_logits_as_recompute():
+    model = tiny()
+    prompt = torch.randint(0, 61, (1, 5))
+    ref_idx, ref_logits = greedy_without_cache(model, prompt, 20)
+    cache = model.new_cache()
+    logits = model(prompt, cache=cache).logits[:, -1]
+    idx = prompt
+    for t in range(20):
+        assert (logits - ref_logits[t]).abs().max().item() <= 1e-5, t
+        nxt = logits.argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], 1)
+        logits = model(nxt, cache=cache).logits[:, -1]
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(model.generate(prompt, 20, temperature=0), ref_idx[:, 5:])
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one():
+    model = tiny()
+    prompts = [torch.randint(0, 61, (n,)) for n in (3, 9, 6)]
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = p
+        mask[i, T - len(p):] = 1
+    batched = model.generate(idx, 12, attention_mask=mask, temperature=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], 12, temperature=0)
+        assert torch.equal(batched[i], alone[0]), i
+
+
+def test_eos_stops_generation_and_pads_finished_rows():
+    model = tiny()
+    prompt = torch.randint(0, 61, (2, 4))
+    free = model.generate(prompt, 10, temperature=0)
+    eos = int(free[0, 2])  # the third token row 0 will produce
+    out = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    row0 = out[0].tolist()
+    assert row0[:3] == free[0, :3].tolist()
+    assert all(t == eos for t in row0[3:])
+
+
+def test_context_limit_stop_and_slide():
+    model = tiny(block_size=16)
+    prompt = torch.randint(0, 61, (1, 10))
+    stopped = model.generate(prompt, 50, temperature=0, on_context_full="stop")
+    assert stopped.shape[1] == 16 - 10 + 1  # 6 fill the cache, the 7th comes from the last logits
+    slid = model.generate(prompt, 50, temperature=0, on_context_full="slide")
+    assert slid.shape[1] == 50
+    assert torch.equal(slid[:, :7], stopped)
+    # after a slide the next token is what the model predicts from the most recent 3/4 of the context
+    full = torch.cat([prompt, slid], 1)
+    window = full[:, 17 - 12:17]
+    assert int(model(window).logits[0, -1].argmax()) == int(full[0, 17])
+    with pytest.raises(GPTError, match="context"):
+        model.generate(torch.randint(0, 61, (1, 17)), 5)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+])
+def test_bad_sampling_arguments(kw, needle):
+    model = tiny()
+    args = dict(max_new_tokens=5, temperature=1.0)
+    args.update(kw)
+    with pytest.raises(GPTError, match=needle):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+def test_top_k_and_top_p_only_draw_allowed_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50).repeat(4000, 1)
+    top5 = set(torch.topk(logits[0], 5).indices.tolist())
+    draws = sample_next_token(logits, 1.0, top_k=5)
+    assert set(draws.tolist()) == top5  # all five drawn over 4000 tries, nothing else
+    probs = F.softmax(logits[0], -1)
+    order = torch.argsort(probs, descending=True)
+    # the smallest prefix with mass >= 0.6
+    n = int((probs[order].cumsum(0) < 0.6).sum()) + 1
+    nucleus = set(order[:n].tolist())
+    draws = sample_next_token(logits, 1.0, top_p=0.6)
+    assert set(draws.tolist()) == nucleus
+    draws = sample_next_token(logits, 1.0, top_k=3, top_p=0.999)
+    assert set(draws.tolist()) <= set(order[:3].tolist())
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tiny()
+    prompt = torch.randint(0, 61, (2, 4))
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 15, temperature=1.0, top_k=20, generator=g)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(6, 30)
+    assert torch.equal(sample_next_token(logits, 0.0), logits.argmax(-1))
