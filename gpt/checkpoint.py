@@ -32,7 +32,11 @@ from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once
+TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once (unless untied)
+
+
+def tied_keys(model: GPT) -> tuple[str, ...]:
+    return TIED if model.config.tie_embeddings else ()
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ def atomic_dir(path: str | Path):
 
 
 def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_keys(model)}
 
 
 def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None) -> Path:
@@ -85,8 +89,8 @@ def weights_sha256(path: str | Path) -> str:
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load: every tensor present, none extra, every shape right; errors name the key."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
-    state = {k: v for k, v in state.items() if k not in TIED}
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    state = {k: v for k, v in state.items() if k not in tied_keys(model)}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         raise GPTError(f"{source} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
