@@ -14,9 +14,11 @@ leaves a half-written model where a complete one was. Lightning `.ckpt` files ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,26 +37,155 @@ WEIGHTS_FILE = "model.safetensors"
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota. torch.save reports the OSError as a
+    RuntimeError whose __context__ is the OSError; safetensors as text ending in "(os error 28)"."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+def storage_errors(path: str | Path):
+    """A full disk while writing `path` becomes a GPTError that says so (the writers here leave the previous
+    version in place, so the message can promise that)."""
+    try:
+        yield
+    except Exception as e:
+        if _disk_full(e):
+            raise GPTError(f"no space left on device writing {path}; free some space or write elsewhere "
+                           "(e.g. hydra.run.dir=/other/disk/run); the previous version is intact") from e
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+    return umask
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-"  # the writer's pid: a leftover of a dead one can be told apart
+
+
+def remove_stale_temps(directory: Path, name: str = "*") -> None:
+    """Delete what killed writers left in `directory` (half-written .tmp- files and directories of `name`);
+    a temporary name whose writer is still alive is left alone."""
+    for leftover in Path(directory).glob(f".{name}.tmp-*"):
+        try:
+            os.kill(int(leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]), 0)
+            continue  # its writer is alive (or another user's: not ours to judge)
+        except (ValueError, ProcessLookupError):
+            pass
+        except OSError:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
         else:
+            leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a binary file opened on a temporary name beside `path`; when the block ends without error, the
+    data is fsynced and the file renamed over `path` (one rename: readers see the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    try:
+        with storage_errors(path):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any file
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself survives a power cut
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _swap_names(path: Path) -> tuple[Path, Path]:
+    """Where atomic_dir keeps a complete new version (.new) and the replaced one (.old) while it swaps."""
+    return path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | Path) -> Path:
+    """Finish a directory replacement that a kill interrupted (see atomic_dir) and return where the
+    directory is: `path`, or a complete sibling if `path` is missing and cannot be renamed back."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for candidate in _swap_names(path):  # the new version first: it was complete before the swap began
+        if candidate.is_dir():
+            try:
+                os.replace(candidate, path)
+                return path
+            except OSError:  # a read-only location: read it where it is
+                return candidate
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path`.
+
+    POSIX cannot swap two directories in one rename, so the replacement is staged: the finished (and
+    fsynced) temporary directory is renamed to .<name>.new, the current one to .<name>.old, then .new to
+    <name>. A kill at any point leaves <name> or a complete .new/.old beside it, and `recover_dir` (which
+    readers and the next writer call) puts the newest complete one back at <name>.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    remove_stale_temps(path.parent, path.name)
+    new, old = _swap_names(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any directory
+    try:
+        with storage_errors(path):
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _fsync(tmp)
+        for leftover in (new, old):  # from an earlier interrupted swap; recover_dir kept what was needed
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.replace(tmp, new)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+        _fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_atomically(src: Path, dst: Path) -> None:
+    """Copy a file or a directory to `dst`, replacing it the atomic way (see atomic_file / atomic_dir)."""
+    if src.is_dir():
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+    else:
+        with atomic_file(dst) as f, open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
 
 
 def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -102,7 +233,7 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> Non
 
 
 def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    path = Path(path)
+    path = recover_dir(path)
     if not path.is_dir() or not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise GPTError(
             f"{path} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); point at an exported "
@@ -138,7 +269,7 @@ def read_lightning_ckpt(path: str | Path) -> dict:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """A model and its tokenizer from an exported directory or a Lightning `.ckpt` written by train.py."""
-    path = Path(path)
+    path = recover_dir(path)
     if not path.exists():
         raise GPTError(f"{path} does not exist; point at an exported model directory or a .ckpt file")
     if path.is_dir():

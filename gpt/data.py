@@ -275,10 +275,13 @@ class RandomWindows(IterableDataset):
         self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
         self.start, self.stop = start, stop
 
-    def __len__(self):  # lets Lightning show a progress bar with a total
+    def __len__(self):
+        # Batches in the whole run, counting those an interrupted run already drew (the stream starts at
+        # `start`): on resume Lightning restores its batch counter and compares it with this length, and
+        # would end the epoch early, restarting the stream, against the shorter remainder.
         if self.stop is None:
             raise TypeError("endless stream")
-        return self.stop - self.start
+        return self.stop
 
     def __iter__(self):
         data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,

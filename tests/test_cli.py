@@ -7,12 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import TINY, assert_user_error, run_cli
 
 from gpt.checkpoint import load_model
 
-TINY = ["model=tiny", "model.block_size=32", "data.batch_size=16", "data.eval_batches=4",
-        "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
