@@ -14,11 +14,9 @@ leaves a half-written model where a complete one was. Lightning `.ckpt` files ar
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,40 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, storage_errors
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once
-
-
-def _disk_full(error: BaseException) -> bool:
-    """Whether `error` (or what caused it) is a full disk or quota. torch.save reports the OSError as a
-    RuntimeError whose __context__ is the OSError; safetensors as text ending in "(os error 28)"."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def storage_errors(path: str | Path):
-    """A full disk while writing `path` becomes a GPTError that says so (the writers here leave the previous
-    version in place, so the message can promise that)."""
-    try:
-        yield
-    except Exception as e:
-        if _disk_full(e):
-            raise GPTError(f"no space left on device writing {path}; free some space or write elsewhere "
-                           "(e.g. hydra.run.dir=/other/disk/run); the previous version is intact") from e
-        raise
 
 
 def _fsync(path: Path) -> None:

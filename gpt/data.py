@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, storage_errors
 from gpt.tokenizer import Tokenizer
 
 DATA_DIR_ENV = "GPT_DATA_DIR"
@@ -340,8 +340,9 @@ class TextDataModule(L.LightningDataModule):
             files = resolve_files(self.path, self.relpath, self.url, self.sha256, self.name)
             check_text_files(files)
             source = TextSource(files=files)
-        self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
-                                    self.tokenizer_path, self.val_fraction, self.dtype)
+        with storage_errors(self.cache_dir, "point GPT_CACHE_DIR (or data.cache_dir) at another disk"):
+            self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
+                                        self.tokenizer_path, self.val_fraction, self.dtype)
         for split in ("train", "val"):
             n = self.store.split_range(split)[1]
             if n <= self.block_size:

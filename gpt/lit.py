@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt.checkpoint import copy_atomically
@@ -161,6 +162,8 @@ class LanguageModel(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         device_type = params[0].device.type
         fused = self.fused if self.fused is not None else device_type in ("cuda", "cpu")
+        if fused and self.trainer.gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision):
+            fused = False  # Lightning refuses to clip for a fused optimizer under AMP (bf16-mixed, 16-mixed)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = self.decay_steps or self.trainer.max_steps
         if not decay_steps or decay_steps <= 0:
@@ -309,9 +312,10 @@ class NonFiniteGuard(Callback):
         if self.action == "stop" or self._in_a_row + 1 >= self.max_consecutive_skips:
             last = getattr(trainer.checkpoint_callback, "last_model_path", "")
             saved = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            why = "" if self.action == "stop" else f" for {self._in_a_row + 1} steps in a row"
+            why, alt = ((f" for {self._in_a_row + 1} steps in a row", "") if self.action == "skip"
+                        else ("", ", or set on_nan=skip to skip such steps"))
             raise GPTError(f"non-finite loss or gradients (NaN/Inf) at step {step}{why}; training stopped and "
-                           f"{saved}; {self.HINT}" + (", or set on_nan=skip to skip such steps" if self.action == "stop" else ""))
+                           f"{saved}; {self.HINT}{alt}")
         optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves the parameter and its moments alone
         self.skipped += 1
         self._in_a_row += 1
@@ -320,6 +324,12 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.action == "skip":
             pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict:  # saved in the .ckpt: a resumed run keeps counting
+        return {"skipped": self.skipped, "in_a_row": self._in_a_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self._in_a_row = state_dict.get("skipped", 0), state_dict.get("in_a_row", 0)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -333,6 +343,12 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def on_exception(self, trainer, pl_module, exception):
+        # End the bars' line, so that the one-line error (or a traceback) starts on a line of its own.
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()
 
 
 class SpeedMonitor(Callback):

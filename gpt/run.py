@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+from hydra.errors import InstantiationException
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -84,6 +85,9 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
             raise GPTError(f"ckpt_path=last: no earlier run with checkpoints/last.ckpt under {run_dir.parent}; "
                            "pass the path of a .ckpt file")
         ckpt_path = str(candidates[-1])
+    if Path(ckpt_path).is_dir():
+        raise GPTError(f"ckpt_path={ckpt_path} is a directory; resuming needs a Lightning .ckpt file, e.g. "
+                       f"{Path(ckpt_path).with_suffix('.ckpt')} (or ckpt_path=last)")
     if not Path(ckpt_path).is_file():
         raise GPTError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt from an earlier run's checkpoints/ "
                        "(or ckpt_path=last)")
@@ -96,7 +100,8 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
 
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
     """A directory that holds a finished or interrupted run is only reused to resume that run."""
-    if not is_ddp_worker() and (run_dir / "checkpoints").exists() and not (ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())):
+    resumes_it = ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
+    if not is_ddp_worker() and (run_dir / "checkpoints").exists() and not resumes_it:
         raise GPTError(f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
                        f"ckpt_path={run_dir}/checkpoints/last.ckpt")
 
@@ -142,11 +147,16 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
-    callbacks = [checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), *extra_callbacks]
-    trainer = build(cfg.trainer, callbacks=callbacks
-                          + ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []),
-                          plugins=[AtomicCheckpointIO()],
-                          logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+    # The progress bar first: on an exception it ends its line before the others print theirs.
+    callbacks = ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []) + [
+        checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), *extra_callbacks]
+    try:
+        trainer = build(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                        logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError)):  # Lightning checking the values it was given
+            raise GPTError(f"trainer config: {e.__cause__}; fix the trainer.* settings (`--cfg job` shows them)") from e
+        raise
     return trainer, speed
 
 
@@ -169,6 +179,5 @@ def skipped_steps(trainer: L.Trainer) -> int:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    with atomic_file(run_dir / "metrics.json") as f:
+        f.write(json.dumps(metrics, indent=2).encode())
