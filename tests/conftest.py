@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def shakespeare() -> Path:
                          name="shakespeare_char")[0]
 
 
+def train_config(*overrides: str):
+    """configs/train.yaml composed with `overrides`, as train.py would see it (for in-process pretrain())."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt.cli import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 class _Preloaded:
     """The tests/preloaded.py process (started on first use): runs entry scripts in forked children."""
 
@@ -45,11 +56,19 @@ class _Preloaded:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "preloaded.py")], cwd=ROOT, env=self.env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
+    # What may differ between the session's environment and a call's: gpt's own variables and what tests
+    # set in-process (pytest; Lightning's seed_everything), all read at run time, never at import.
+    RUNTIME_ONLY = ("GPT_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
     def serves(self, env: dict) -> bool:
-        """Whether a call with `env` behaves as a fresh process would: only GPT_* (read at run time) may differ."""
-        ignore = lambda k: k.startswith("GPT_") or k == "PYTEST_CURRENT_TEST"  # noqa: E731
+        """Whether a call with `env` behaves as a fresh process would (see RUNTIME_ONLY)."""
+        ignore = lambda k: k.startswith(self.RUNTIME_ONLY)  # noqa: E731
         return self.proc.poll() is None and ({k: v for k, v in env.items() if not ignore(k)}
                                              == {k: v for k, v in self.env.items() if not ignore(k)})
+
+    def differs(self, env: dict) -> list[str]:
+        return sorted(k for k in set(env) ^ set(self.env) | {k for k in env if self.env.get(k) != env[k]}
+                      if not k.startswith(self.RUNTIME_ONLY))
 
     def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as d:
@@ -64,7 +83,8 @@ class _Preloaded:
             if not timer.is_alive():
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
             timer.cancel()
-            return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
 
 
 _preloaded: list = []
@@ -86,6 +106,8 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, 
             _preloaded.append(_Preloaded())
         if _preloaded[0].serves(full_env):
             return _preloaded[0].run(argv, cwd, full_env, timeout)
+        warnings.warn(f"run_cli: the environment differs from the session's in {_preloaded[0].differs(full_env)}; "
+                      "running a fresh (slower) process")
     return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

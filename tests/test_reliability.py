@@ -8,7 +8,6 @@ process survives them, through a real `train.py` process where it does not (SIGK
 """
 
 import contextlib
-import csv
 import errno
 import json
 import os
@@ -17,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import injected
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY, run_cli
+from conftest import TINY, train_config
+from faults import assert_resumed_run_matches, injected, kill_then_resume, logged
 
 from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_lightning_ckpt, save_model_dir
-from gpt.cli import CONFIG_DIR
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig
 from gpt.pretrain import pretrain
@@ -36,14 +33,7 @@ RUN = [*TINY, "trainer.max_steps=40", "trainer.val_check_interval=10", "trainer.
 
 
 def config(*overrides):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[*RUN, *overrides])
-
-
-def logged(run_dir: Path, key: str) -> dict[int, float]:
-    """{step: value} of one metric in a run's metrics.csv."""
-    with open(run_dir / "metrics.csv") as f:
-        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+    return train_config(*RUN, *overrides)
 
 
 def ckpt_step(path: Path) -> int:
@@ -66,19 +56,6 @@ def train(experiment, shakespeare):
     return lambda name, *overrides: pretrain(config(f"data.path={shakespeare}", *overrides), experiment / name)
 
 
-def assert_continues_the_reference(run: Path, ref: Path, resumed_at: int):
-    """The resumed run logged exactly what the uninterrupted one did from `resumed_at` on."""
-    train_ref, train_run = logged(ref, "train/loss"), logged(run, "train/loss")
-    assert sorted(train_run) == list(range(resumed_at, 40))
-    assert [train_run[s] for s in train_run] == [train_ref[s] for s in train_run]  # bit for bit (CPU, fp32)
-    val_ref, val_run = logged(ref, "val/loss"), logged(run, "val/loss")
-    assert val_run == {s: v for s, v in val_ref.items() if s >= resumed_at}  # same evaluations, same values
-    metrics, ref_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
-    assert metrics["step"] == 40 and abs(metrics["val_loss"] - ref_metrics["val_loss"]) < 1e-3  # the issue's bar
-    assert metrics["best_val_loss"] == ref_metrics["best_val_loss"]  # the best is the whole run's, not since resume
-    assert load_model(run / "checkpoints" / "best")[0].config == load_model(ref / "checkpoints" / "best")[0].config
-
-
 def test_same_seed_same_loss_curve_bit_for_bit(experiment, train):
     train("again")
     assert logged(experiment / "again", "train/loss") == logged(experiment / "ref", "train/loss")
@@ -88,26 +65,26 @@ def test_same_seed_same_loss_curve_bit_for_bit(experiment, train):
     assert all(other[s] != v for s, v in logged(experiment / "ref", "train/loss").items() if s in other)
 
 
-def test_sigkill_while_saving_then_resume_ends_where_the_uninterrupted_run_ends(experiment, train, shakespeare):
-    killed = experiment / "kill" / "killed"  # its own runs/<name>/, so ckpt_path=last can only mean this run
-    proc = run_cli("tests/faults.py", "train.py", *RUN, f"data.path={shakespeare}", f"hydra.run.dir={killed}",
-                   env={"GPT_FAULT": "kill_saving@30"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    ckpts = killed / "checkpoints"
-    partial = list(ckpts.glob(".*.ckpt.tmp-*"))
-    assert partial, "the kill was meant to land in the middle of a checkpoint write"
-    # The checkpoints of step 20 are whole and load; the half-written step-30 file is beside them, unused.
-    assert ckpt_step(ckpts / "last.ckpt") == ckpt_step(ckpts / "best.ckpt") == 20
-    for exported in ("last", "best"):
-        assert json.loads((ckpts / exported / CONFIG_FILE).read_text())["gpt"]["step"] == 20
-        load_model(ckpts / exported)
-    with RunLock(killed):  # the dead run's lock went with it
-        pass
+def test_sigkill_while_saving_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path, shakespeare):
+    partial = []
 
-    train("kill/resumed", "ckpt_path=last")
-    resumed = experiment / "kill" / "resumed"
-    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(ckpts / "last.ckpt")
-    assert_continues_the_reference(resumed, experiment / "ref", resumed_at=20)
+    def killed_halfway_through_a_save(killed: Path):
+        ckpts = killed / "checkpoints"
+        partial.extend(ckpts.glob(".*.ckpt.tmp-*"))
+        assert partial, "the kill was meant to land in the middle of a checkpoint write"
+        # The checkpoints of step 20 are whole and load; the half-written step-30 file is beside them, unused.
+        assert ckpt_step(ckpts / "last.ckpt") == ckpt_step(ckpts / "best.ckpt") == 20
+        for exported in ("last", "best"):
+            assert json.loads((ckpts / exported / CONFIG_FILE).read_text())["gpt"]["step"] == 20
+            load_model(ckpts / exported)
+        with RunLock(killed):  # the dead run's lock went with it
+            pass
+
+    ref, killed, resumed = kill_then_resume("train.py", [*RUN, f"data.path={shakespeare}"], tmp_path / "rel",
+                                            kill="kill_saving@30", inspect_killed=killed_halfway_through_a_save)
+    last = killed / "checkpoints" / "last.ckpt"
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(last)  # ckpt_path=last found it
+    assert_resumed_run_matches(resumed, ref, resumed_at=20, steps=40)
     assert not any(p.exists() for p in partial)  # resuming cleared the dead run's half-written file
 
 
@@ -123,7 +100,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_that_resumes_exactly(experiment, t
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ctrl-C is handled as before the run again
 
     train(f"resumed-{name}", f"ckpt_path={last}")
-    assert_continues_the_reference(experiment / f"resumed-{name}", experiment / "ref", resumed_at=step)
+    assert_resumed_run_matches(experiment / f"resumed-{name}", experiment / "ref", resumed_at=step, steps=40)
 
 
 class Snapshot(Callback):
@@ -218,6 +195,12 @@ def test_resuming_with_another_model_or_vocabulary_is_refused(experiment, train,
     corpus.write_text("".join(chr(c) for c in range(0x400, 0x4a0)) * 40)  # another alphabet: another vocabulary
     with pytest.raises(GPTError, match="model.vocab_size=67"):
         train("other-vocab", f"ckpt_path={last}", f"data.path={corpus}")
+
+
+def test_bf16_mixed_with_gradient_clipping_trains(train):
+    """AMP with the default clipping: Lightning refuses to clip for a fused AdamW, so it must not be fused."""
+    metrics = train("bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert metrics["step"] == 4 and metrics["precision"] == "bf16-mixed" and metrics["val_loss"] < 4.5
 
 
 # -- a model directory replaced while a kill strikes -------------------------------------------------
