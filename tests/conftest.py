@@ -106,8 +106,9 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, 
             _preloaded.append(_Preloaded())
         if _preloaded[0].serves(full_env):
             return _preloaded[0].run(argv, cwd, full_env, timeout)
-        warnings.warn(f"run_cli: the environment differs from the session's in {_preloaded[0].differs(full_env)}; "
-                      "running a fresh (slower) process")
+        unasked = [k for k in _preloaded[0].differs(full_env) if k not in (env or {})]
+        if unasked:  # the session's environment changed under the preloaded process: worth knowing
+            warnings.warn(f"run_cli: {unasked} changed since the session started; running a fresh (slower) process")
     return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

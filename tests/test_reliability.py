@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY, train_config
+from conftest import TINY, run_cli, train_config
 from faults import assert_resumed_run_matches, injected, kill_then_resume, logged
 
 from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_lightning_ckpt, save_model_dir
@@ -185,6 +185,16 @@ def test_a_second_run_into_a_directory_in_use_is_refused(experiment, train):
     with RunLock(busy), pytest.raises(GPTError, match=f"another run \\(pid {os.getpid()}\\) is writing to {busy}"):
         train("busy")
     assert not (busy / "checkpoints").exists()
+
+
+def test_data_parallel_workers_share_the_run_directory(tmp_path, shakespeare):
+    """Rank 1 re-runs train.py into rank 0's directory: the one-run-per-directory checks must let it in."""
+    run = tmp_path / "ddp"
+    proc = run_cli("train.py", *TINY, f"data.path={shakespeare}", "trainer.devices=2", "+trainer.strategy=ddp",
+                   "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.run.dir={run}",
+                   env={"OMP_NUM_THREADS": "1"})  # two processes on a shared machine: one thread each
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4 and ckpt_step(run / "checkpoints/last.ckpt") == 4
 
 
 def test_resuming_with_another_model_or_vocabulary_is_refused(experiment, train, tmp_path):
