@@ -30,11 +30,12 @@ def shakespeare() -> Path:
 
 
 def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300):
-    """Run one of the entry scripts as a user would; returns the CompletedProcess."""
+    """Run one of the entry scripts (or `-m package.module`) as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("GPT_VERBOSE", None)
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
+    command = ["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]
+    return subprocess.run([sys.executable, *command, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
