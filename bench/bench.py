@@ -104,11 +104,11 @@ def time_repeats(step, steps_per_repeat, repeats, warmup):
     return times
 
 
-def hf_model(n_layer, n_head, n_embd, block, vocab=VOCAB):
+def hf_model(n_layer, n_head, n_embd, block, vocab=VOCAB, eos=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
     return GPT2LMHeadModel(cfg)
 
 
@@ -222,17 +222,18 @@ def child(case: str, impl: str, quick: bool) -> dict:
     elif case in GEN_CASES:
         batch = GEN_CASES[case][1]
         block = 512  # room for the prompt + 256 new tokens without sliding (peers would fail past n_positions)
-        hf = hf_model(6, 6, 384, block).eval()
-        prompt = torch.randint(0, VOCAB, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
+        from gpt.tokenizer import Tokenizer
+
+        tok = Tokenizer.char_level("".join(chr(33 + i) for i in range(VOCAB - 2)))  # 63 chars + EOS + UNK = 65
+        hf = hf_model(6, 6, 384, block, eos=tok.eos_id).eval()
+        prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
         if impl == "ours":
             from gpt.convert import import_hf
 
-            with tempfile.TemporaryDirectory() as tmp:
-                hf.save_pretrained(tmp)
-                from gpt.tokenizer import Tokenizer
-
-                Tokenizer.char_level("".join(chr(32 + i) for i in range(VOCAB - 2))).save(Path(tmp))
-                model, _ = import_hf(tmp)
+            with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
+                hf.save_pretrained(Path(tmp) / "hf")
+                tok.save(Path(tmp) / "hf")
+                _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
             model = model.to(device).eval()
 
             def step():
