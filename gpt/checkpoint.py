@@ -185,22 +185,35 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load: every tensor present, none extra, every shape right; errors name the key."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED}
-    state = {k: v for k, v in state.items() if k not in TIED}
+def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str,
+                  fix: str = "re-export the model") -> None:
+    """Every expected tensor present, none extra, every shape right; the error names the first bad key."""
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         raise GPTError(f"{source} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-                       + ": the file does not match its config.json; re-export the model")
+                       + f": the file does not match its config.json; {fix}")
     if extra:
         raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
                        + ": it was saved from a different architecture")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(v.shape)} "
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)} "
                            "(a checkpoint from a different vocabulary or model size?)")
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: every tensor present, none extra, every shape right; errors name the key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED}
+    state = {k: v for k, v in state.items() if k not in TIED}
+    check_tensors(expected, state, source)
     model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+
+
+def read_safetensors(path: str | Path, fix: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise GPTError(f"{path} is truncated or corrupt ({e}); {fix}") from e
 
 
 def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
@@ -214,10 +227,7 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
         config = GPTConfig.from_dict({k: v for k, v in json.loads((path / CONFIG_FILE).read_text()).items() if k != "gpt"})
     except json.JSONDecodeError as e:
         raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
-    try:
-        state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise GPTError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({e}); re-export it from a .ckpt") from e
+    state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise GPTError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
@@ -227,15 +237,20 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
     return model.to(map_location), tokenizer
 
 
-def read_lightning_ckpt(path: str | Path) -> dict:
+def torch_load_safely(path: str | Path, advice: str) -> object:
     """torch.load with weights_only=True; a pickle that tries to run code is refused, never executed."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncated files
         raise GPTError(
             f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "it is corrupt, truncated or contains code; only load checkpoints written by this tool"
+            f"it is corrupt, truncated or contains code; {advice}"
         ) from e
+
+
+def read_lightning_ckpt(path: str | Path) -> dict:
+    """A Lightning .ckpt (or any torch.save file), read without running code."""
+    return torch_load_safely(path, "only load checkpoints written by this tool")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -73,8 +73,9 @@ class _Preloaded:
     def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as d:
             out, err = Path(d) / "out", Path(d) / "err"
-            request = {"script": argv[1], "args": argv[2:], "cwd": str(cwd), "env": env,
-                       "stdout": str(out), "stderr": str(err)}
+            module = argv[1] == "-m"
+            request = {"module" if module else "script": argv[1 + module], "args": argv[2 + module:], "cwd": str(cwd),
+                       "env": env, "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write(json.dumps(request) + "\n")
             pid = json.loads(self.proc.stdout.readline())["pid"]
             timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
@@ -91,7 +92,7 @@ _preloaded: list = []
 
 
 def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300):
-    """Run one of the entry scripts as a user would; returns the CompletedProcess.
+    """Run one of the entry scripts (or `-m package.module`) as a user would; returns the CompletedProcess.
 
     Runs in a fork of a process that has torch, Lightning and Hydra imported already (tests/preloaded.py):
     the same argv, cwd, environment, stdout/stderr and exit status as `python <script>`, seconds sooner.
@@ -100,7 +101,8 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("GPT_VERBOSE", None)
     full_env.pop("HYDRA_FULL_ERROR", None)
-    argv = [sys.executable, str(ROOT / script), *args]
+    command = ["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]
+    argv = [sys.executable, *command, *args]
     if hasattr(os, "fork"):
         if not _preloaded:
             _preloaded.append(_Preloaded())

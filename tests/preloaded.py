@@ -2,8 +2,8 @@
 sent to it in a forked child: the child *is* `python <script> <args>` (same argv, cwd, environment, exit
 status, stdout/stderr, uncaught-exception traceback) minus the ~5 s of imports. Used by conftest.run_cli.
 
-Protocol: one JSON request per line on stdin ({"script", "args", "cwd", "env", "stdout", "stderr"}, the
-last two file paths); for each, one line {"pid": N} when the child starts and {"returncode": N} when it
+Protocol: one JSON request per line on stdin ({"script" or "module", "args", "cwd", "env", "stdout",
+"stderr"}, the last two file paths); for each, one line {"pid": N} when the child starts and {"returncode": N} when it
 ends, on stdout. The preloaded modules saw the session's environment when they were imported, so run_cli
 falls back to a plain subprocess for a call that changes any variable but GPT_* (which gpt reads when it
 runs, never at import; gpt itself is not preloaded).
@@ -26,12 +26,16 @@ def child(request: dict, protocol) -> None:
     os.dup2(null, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    script = os.path.abspath(request["script"])
-    sys.argv = [request["script"], *request["args"]]
-    sys.path[0] = os.path.dirname(script)
     import runpy
 
-    runpy.run_path(script, run_name="__main__")
+    if "module" in request:  # python -m package.module: the module's file as argv[0], the cwd on the path
+        sys.argv = [request["module"], *request["args"]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [request["script"], *request["args"]]
+        sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+        runpy.run_path(request["script"], run_name="__main__")
     sys.exit(0)
 
 

@@ -161,8 +161,13 @@ CASES = [
      lambda w, t: sample(w, f"input_file={write(t / 'in.txt', 'ROMEO:')}", f"output_file={write(t / 'out.txt', 'x')}"),
      ["out.txt exists", "overwrite=true"]),
 ]
-# Rows whose fault cannot be made from the command line; the test that covers each.
-ELSEWHERE = {"no space left on device": "tests/test_reliability.py::test_full_disk_while_saving_*"}
+# Rows tested elsewhere: a fault the command line cannot make, or another verb's own tests.
+ELSEWHERE = {
+    "no space left on device": "tests/test_reliability.py::test_full_disk_while_*",
+    "is missing tensor": "tests/test_checkpoint.py::test_missing_and_extra_tensors_are_named",
+    "describes model_type": "tests/test_convert.py::test_mismatches_are_refused_naming_the_key",
+    "exists and is not empty": "tests/test_convert.py::test_cli_refuses_to_overwrite_without_force",
+}
 
 
 def snapshot(*roots: Path) -> dict:
