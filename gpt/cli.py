@@ -39,6 +39,11 @@ def user_errors():
         if verbose():
             raise
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and exits itself)
+        if verbose():
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _is_sweep(value: str) -> bool:
@@ -57,11 +62,27 @@ def precheck_overrides(config_name: str, args: list[str]) -> None:
 
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         if verbose():
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
+    run_dir = ([a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
+    if run_dir and "${" not in run_dir:
+        precheck_run_dir(Path(run_dir), cfg)
+
+
+def precheck_run_dir(run_dir: Path, cfg) -> None:
+    """An explicit hydra.run.dir, checked before Hydra creates it and writes its .hydra/ files there."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create hydra.run.dir={run_dir} ({e.strerror}); choose a directory you can write to")
+    if "ckpt_path" in cfg:  # a training run: refuse a directory in use, or holding a run it does not resume
+        from gpt.run import RunLock, check_run_dir_is_free
+
+        with user_errors(), RunLock(run_dir):
+            check_run_dir_is_free(run_dir, cfg.ckpt_path)
 
 
 def describe_config_error(msg: str, config_name: str) -> str:
@@ -88,6 +109,10 @@ def build(node, **kwargs):
     except InstantiationException as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, GPTError):
+            if type(cause).__name__ == "MisconfigurationException":  # Lightning's word for a bad setting
+                key = re.search(r"full_key: (\S+)", str(e))
+                raise GPTError(f"{cause} (in the {key.group(1) if key else node.get('_target_')} config); fix "
+                               "those settings (`--cfg job` prints them)") from e
             cause = cause.__cause__
         if cause is not None:
             raise cause from None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, storage_errors
 from gpt.tokenizer import Tokenizer
 
 DATA_DIR_ENV = "GPT_DATA_DIR"
@@ -275,10 +275,13 @@ class RandomWindows(IterableDataset):
         self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
         self.start, self.stop = start, stop
 
-    def __len__(self):  # lets Lightning show a progress bar with a total
+    def __len__(self):
+        # Batches in the whole run, counting those an interrupted run already drew (the stream starts at
+        # `start`): on resume Lightning restores its batch counter and compares it with this length, and
+        # would end the epoch early, restarting the stream, against the shorter remainder.
         if self.stop is None:
             raise TypeError("endless stream")
-        return self.stop - self.start
+        return self.stop
 
     def __iter__(self):
         data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,
@@ -337,8 +340,9 @@ class TextDataModule(L.LightningDataModule):
             files = resolve_files(self.path, self.relpath, self.url, self.sha256, self.name)
             check_text_files(files)
             source = TextSource(files=files)
-        self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
-                                    self.tokenizer_path, self.val_fraction, self.dtype)
+        with storage_errors(self.cache_dir, "point GPT_CACHE_DIR (or data.cache_dir) at another disk"):
+            self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
+                                        self.tokenizer_path, self.val_fraction, self.dtype)
         for split in ("train", "val"):
             n = self.store.split_range(split)[1]
             if n <= self.block_size:

@@ -15,8 +15,8 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.errors import GPTError
+from gpt.checkpoint import atomic_file, load_model
+from gpt.errors import GPTError, storage_errors
 from gpt.model import GPT, check_sampling_args
 from gpt.tokenizer import Tokenizer
 
@@ -130,9 +130,8 @@ def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> Non
     if path.exists() and not overwrite:
         raise GPTError(f"{path} exists; choose another output_file or pass overwrite=true")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as f, storage_errors(path, "choose an output_file on another disk"):
+        f.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
