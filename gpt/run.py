@@ -13,11 +13,13 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
-from gpt.cli import build
+from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError
-from gpt.lit import ExportingCheckpoint, SpeedMonitor, StepProgressBar, quiet_lightning
+from gpt.lit import ExportingCheckpoint, FinalSamples, LossCurve, SpeedMonitor, StepProgressBar, quiet_lightning
 
 
 def hydra_run_dir() -> Path:
@@ -27,12 +29,18 @@ def hydra_run_dir() -> Path:
 
 
 class RunLock:
-    """One run per directory: a second run pointed at the same directory is refused, not interleaved."""
+    """One run per directory: a second run pointed at the same directory is refused, not interleaved.
+
+    Under data parallelism only rank 0 takes the lock: the other processes of the same launch work in the
+    directory rank 0 holds, and leave the writing to it."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self.active = is_launch_rank_zero()
 
     def __enter__(self):
+        if not self.active:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -52,7 +60,8 @@ class RunLock:
         raise GPTError(f"could not lock {self.path.parent}")
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        if self.active:
+            self.path.unlink(missing_ok=True)
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
@@ -91,6 +100,18 @@ def point_latest(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, but the W&B run ends with the fit: each run of a Hydra sweep (-m, one
+    process) gets its own W&B run instead of appending to the first one."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+
+
 def make_loggers(cfg_logger, run_dir: Path) -> list:
     loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # run_dir/metrics.csv, always
     if cfg_logger:
@@ -106,10 +127,31 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
-    trainer = build(cfg.trainer, callbacks=[checkpoint, speed, *extra_callbacks]
+    samples = cfg.get("log_samples")
+    if samples and samples.get("n", 0) > 0:
+        extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
+    trainer = build(cfg.trainer, callbacks=[checkpoint, speed, LossCurve(), *extra_callbacks]
                           + ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []),
                           logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+    check_launch(trainer)
+    for logger in trainer.loggers[1:]:  # the resolved config as the run's hyperparameters (W&B config,
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # TensorBoard hparams); CSV has .hydra/
     return trainer, speed
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running this command line; under a Hydra sweep
+    (-m) that would start a whole sweep per rank."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes * launcher.num_nodes > 1
+            and not launcher.cluster_environment.creates_processes_externally
+            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        raise GPTError("a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
+                       "command, or start the processes with torchrun / srun (see README, Multi-GPU)")
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
