@@ -252,7 +252,10 @@ class FinalSamples(Callback):
         # A prompt the model cannot take fails now, not after hours of training.
         from gpt.sample import encode_prompt, unescape
 
-        n = len(encode_prompt(pl_module.tokenizer, unescape(self.prompt)))
+        try:
+            n = len(encode_prompt(pl_module.tokenizer, unescape(self.prompt)))
+        except GPTError as e:
+            raise GPTError(f"log_samples.prompt={self.prompt!r}: {e}; or turn samples off with log_samples.n=0") from None
         if n >= pl_module.gpt_config.block_size:
             raise GPTError(f"log_samples.prompt is {n} tokens, too long for the context of "
                            f"{pl_module.gpt_config.block_size}; shorten it")

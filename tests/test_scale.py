@@ -202,3 +202,23 @@ def test_multi_process_trainer_configs_build_their_strategy(choice):
         assert isinstance(strategy, DDPStrategy)
         assert strategy._process_group_backend == ("gloo" if choice == "ddp_cpu" else "nccl")
         assert cfg.trainer.accelerator == ("cpu" if choice == "ddp_cpu" else "gpu")
+
+
+def test_log_samples_prompt_is_checked_before_training(tmp_path):
+    from types import SimpleNamespace
+
+    from gpt.errors import GPTError
+    from gpt.lit import FinalSamples
+    from gpt.model import GPTConfig
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.char_level("abc\n")
+    module = SimpleNamespace(tokenizer=tok, gpt_config=GPTConfig(block_size=8, vocab_size=tok.vocab_size, n_layer=1,
+                                                                 n_head=1, n_embd=8))
+    FinalSamples(tmp_path / "s.txt", prompt="ab\n").on_fit_start(None, module)
+    with pytest.raises(GPTError, match="log_samples.prompt='xyz'.*never seen.*log_samples.n=0"):
+        FinalSamples(tmp_path / "s.txt", prompt="xyz").on_fit_start(None, module)
+    with pytest.raises(GPTError, match="9 tokens, too long for the context of 8"):
+        FinalSamples(tmp_path / "s.txt", prompt="abcabcabc").on_fit_start(None, module)
+    with pytest.raises(GPTError, match="temperature"):
+        FinalSamples(tmp_path / "s.txt", temperature=-1)
