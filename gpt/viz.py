@@ -143,7 +143,7 @@ def loss_curve(csv_path: str | Path, png_path: str | Path, title: Optional[str] 
     loss_ax.set_ylabel("loss (nats/token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
-    loss_ax.set_title(title or str(Path(csv_path).parent))
+    loss_ax.set_title(title or "/".join(Path(csv_path).resolve().parent.parts[-2:]))  # runs/<name>/<time>
     if "train/lr" in drawn:
         steps, values = zip(*drawn["train/lr"])
         lr_ax.plot(steps, values, color="tab:green", lw=1)
