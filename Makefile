@@ -1,4 +1,4 @@
-# make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe -> sample
+# make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, then run the test suite
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>.json)
 #
@@ -28,7 +28,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
-	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300
+	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300 \
+		attention_map=runs/shakespeare_char_cpu/latest/attention.png
 
 bench: $(STAMP)
 	$(PY) -m gpt.bench

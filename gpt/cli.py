@@ -99,6 +99,34 @@ def describe_config_error(msg: str, config_name: str) -> str:
     return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0 of its launch, known before any Trainer exists: torchrun sets
+    RANK; Lightning's DDP launcher starts its extra processes with LOCAL_RANK (and NODE_RANK on other
+    nodes); srun sets SLURM_PROCID. A plain single-process run is rank 0."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    return all(env.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def distributed_overrides(config_name: str, args: list[str]) -> list[str]:
+    """Processes started together by torchrun or srun each run Hydra. They must share one run directory
+    (each would otherwise resolve its own ${now}), and only rank 0 writes the config snapshot (.hydra/);
+    the others log to <config_name>_rank<N>.log beside rank 0's log. (Lightning's own DDP launcher does
+    the same for the processes it starts.)"""
+    env = os.environ
+    processes = max(int(env.get("WORLD_SIZE") or 1), int(env.get("SLURM_STEP_NUM_TASKS") or 1))
+    if processes <= 1 or any(a in ("-m", "--multirun") for a in args):
+        return args
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        fail(f"this is one of {processes} processes of a distributed launch (torchrun / srun); give them all the "
+             "same run directory: hydra.run.dir=runs/<name>/<job id>")
+    if is_launch_rank_zero() or "hydra.output_subdir=null" in args:
+        return args
+    rank = env.get("RANK", env.get("SLURM_PROCID", "n"))
+    return [*args, "hydra.output_subdir=null", f"hydra.job.name={config_name}_rank{rank}"]
+
+
 def build(node, **kwargs):
     """hydra.utils.instantiate, but a GPTError raised by the target comes out as itself (Hydra wraps it)."""
     from hydra.errors import InstantiationException
@@ -123,6 +151,7 @@ def run_hydra(config_name: str, task: Callable[[Any], Any]) -> None:
     """Run `task(cfg)` as a Hydra app over configs/<config_name>.yaml."""
     import hydra
 
+    sys.argv = [sys.argv[0], *distributed_overrides(config_name, sys.argv[1:])]
     with user_errors():
         precheck_overrides(config_name, sys.argv[1:])
 

@@ -6,6 +6,7 @@ The training loop, gradient accumulation, clipping, precision, checkpointing and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt.checkpoint import copy_atomically
 from gpt.errors import GPTError
@@ -44,7 +47,9 @@ def quiet_lightning() -> None:
                     ".*isinstance\\(treespec, LeafSpec\\).*",
                     ".*does not have many workers.*",  # memmap batches need no worker processes
                     # Our train stream does resume: it starts at the batch of trainer.global_step (gpt.data).
-                    ".*resuming from a checkpoint that ended before the epoch ended.*"):
+                    ".*resuming from a checkpoint that ended before the epoch ended.*",
+                    ".*when logging on epoch level in distributed setting.*",  # val/loss is all-gathered by hand
+                    ".*all_gather is deprecated.*"):  # inside Lightning's all_gather
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -201,7 +206,19 @@ class ExportingCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: "L.Trainer", filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
-        if trainer.is_global_zero and getattr(module, "export_fn", None) is not None:
+        if not trainer.is_global_zero or getattr(module, "export_fn", None) is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # No rank holds the whole model (and gathering it is a collective call that rank 0 cannot make
+            # alone), but Lightning has just consolidated the full weights into the .ckpt: export those.
+            from gpt.checkpoint import load_model, save_model_dir
+
+            if not Path(filepath).is_file():
+                raise GPTError("exporting needs one consolidated checkpoint file: set "
+                               "trainer.strategy.state_dict_type=full (configs/trainer/fsdp.yaml does)")
+            model, tokenizer = load_model(filepath)
+            save_model_dir(model, tokenizer, Path(filepath).with_suffix(""), extra={"step": trainer.global_step})
+        else:
             module.export_fn(Path(filepath).with_suffix(""))
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -378,3 +395,86 @@ class SpeedMonitor(Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def csv_log_path(trainer: "L.Trainer") -> Optional[Path]:
+    """The run's metrics.csv, flushed to disk (Lightning's CSV logger writes it in batches)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            return Path(logger.experiment.metrics_file_path)
+    return None
+
+
+class LossCurve(Callback):
+    """At the end of fitting, draw loss.png (train/val loss and lr vs step) beside the run's metrics.csv."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        path = csv_log_path(trainer)
+        if path is None or not path.is_file():
+            return
+        from gpt.viz import loss_curve  # matplotlib: imported only when a run ends
+
+        try:
+            loss_curve(path, path.with_name("loss.png"))
+        except GPTError as e:  # e.g. a run stopped before its first logged step: nothing to draw
+            log.info("no loss curve: %s", e)
+            return
+        log.info("loss curve: %s", path.with_name("loss.png"))
+
+
+class FinalSamples(Callback):
+    """At the end of training, sample `n` texts from the final model: written to `path` (samples.txt) and
+    logged to the loggers that show text (W&B: a table; TensorBoard: a text panel)."""
+
+    def __init__(self, path: Path, n: int = 3, prompt: str = "\n", max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None, seed: int = 1337):
+        from gpt.model import check_sampling_args
+
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        self.path, self.n, self.prompt, self.seed = Path(path), n, prompt, seed
+        self.args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def on_fit_start(self, trainer, pl_module):
+        # A prompt the model cannot take fails now, not after hours of training.
+        from gpt.sample import encode_prompt, unescape
+
+        try:
+            n = len(encode_prompt(pl_module.tokenizer, unescape(self.prompt)))
+        except GPTError as e:
+            raise GPTError(f"log_samples.prompt={self.prompt!r}: {e}; or turn samples off with log_samples.n=0") from None
+        if n >= pl_module.gpt_config.block_size:
+            raise GPTError(f"log_samples.prompt is {n} tokens, too long for the context of "
+                           f"{pl_module.gpt_config.block_size}; shorten it")
+
+    def on_train_end(self, trainer, pl_module):
+        if isinstance(trainer.strategy, FSDPStrategy):  # sharded weights: sample from the exported model instead
+            log.info("log_samples: skipped under FSDP; sample from the exported model with sample.py")
+            return
+        if not trainer.is_global_zero or self.n <= 0:
+            return
+        from gpt.sample import generate_batch, unescape
+
+        model = pl_module.model
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay in
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        prompt = unescape(self.prompt)
+        was_training = model.training
+        model.eval()
+        stance = getattr(torch.compiler, "set_stance", None)  # a compiled model samples eagerly: no recompiles
+        try:
+            with torch.no_grad(), (stance("force_eager") if stance else contextlib.nullcontext()):
+                texts = generate_batch(model, pl_module.tokenizer, [prompt] * self.n, generator=generator, **self.args)
+        finally:
+            model.train(was_training)
+        samples = [prompt + t for t in texts]
+        self.path.write_text("".join(s + "\n---------------\n" for s in samples), encoding="utf-8")
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # W&B
+                logger.log_text(key="samples", columns=["step", "sample"], data=[[step, s] for s in samples], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", "\n\n".join("    " + s.replace("\n", "\n    ") for s in samples), step)
+        log.info("%d samples from the final model: %s", self.n, self.path)

@@ -18,14 +18,17 @@ import lightning as L
 from hydra.errors import InstantiationException
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps
-from gpt.cli import build
+from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError
-from gpt.lit import ExportingCheckpoint, NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, quiet_lightning
+from gpt.lit import (ExportingCheckpoint, FinalSamples, LossCurve, NonFiniteGuard, SaveOnInterrupt, SpeedMonitor,
+                     StepProgressBar, quiet_lightning)
 
 
 def hydra_run_dir() -> Path:
@@ -34,17 +37,13 @@ def hydra_run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def is_ddp_worker() -> bool:
-    """A data-parallel process of rank > 0 (started by Lightning, torchrun or srun): it shares the run
-    directory of rank 0, which holds the lock and did the checks."""
-    return any(int(os.environ.get(k) or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
 class RunLock:
     """One run per directory: a second run pointed at the same directory is refused, not interleaved.
 
     An flock on run_dir/.lock, so the kernel releases it however the holder ends (SIGKILL included) and no
-    stale lock is ever left to guess about. The file holds the holder's pid, for the message.
+    stale lock is ever left to guess about. The file holds the holder's pid, for the message. Under data
+    parallelism only rank 0 takes it: the other processes of the same launch work in the directory rank 0
+    holds, and leave the writing to it.
     """
 
     def __init__(self, run_dir: Path):
@@ -52,7 +51,7 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def __enter__(self):
-        if is_ddp_worker():
+        if not is_launch_rank_zero():
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -101,7 +100,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
     """A directory that holds a finished or interrupted run is only reused to resume that run."""
     resumes_it = ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
-    if not is_ddp_worker() and (run_dir / "checkpoints").exists() and not resumes_it:
+    if is_launch_rank_zero() and (run_dir / "checkpoints").exists() and not resumes_it:
         raise GPTError(f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
                        f"ckpt_path={run_dir}/checkpoints/last.ckpt")
 
@@ -116,6 +115,18 @@ def point_latest(run_dir: Path) -> None:
         os.replace(tmp, link)
     except OSError:  # e.g. a filesystem without symlinks: the timestamped directory is still there
         tmp.unlink(missing_ok=True)
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, but the W&B run ends with the fit: each run of a Hydra sweep (-m, one
+    process) gets its own W&B run instead of appending to the first one."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
 
 
 def make_loggers(cfg_logger, run_dir: Path) -> list:
@@ -141,15 +152,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> tuple[L.Trainer, SpeedMonitor]:
     """The Trainer from cfg.trainer with what every run needs: last/best checkpoints (+ exported model
-    dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers."""
+    dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers,
+    the loss curve and, with cfg.log_samples, samples from the final model."""
     quiet_lightning()
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
+    samples = cfg.get("log_samples")
+    if samples and samples.get("n", 0) > 0:
+        extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
     # The progress bar first: on an exception it ends its line before the others print theirs.
     callbacks = ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []) + [
-        checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), *extra_callbacks]
+        checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), LossCurve(),
+        *extra_callbacks]
     try:
         trainer = build(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                         logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
@@ -157,7 +173,25 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
         if isinstance(e.__cause__, (ValueError, TypeError)):  # Lightning checking the values it was given
             raise GPTError(f"trainer config: {e.__cause__}; fix the trainer.* settings (`--cfg job` shows them)") from e
         raise
+    check_launch(trainer)
+    for logger in trainer.loggers[1:]:  # the resolved config as the run's hyperparameters (W&B config,
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # TensorBoard hparams); CSV has .hydra/
     return trainer, speed
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running this command line; under a Hydra sweep
+    (-m) that would start a whole sweep per rank."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes * launcher.num_nodes > 1
+            and not launcher.cluster_environment.creates_processes_externally
+            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        raise GPTError("a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
+                       "command, or start the processes with torchrun / srun (see README, Multi-GPU)")
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_path: Optional[str] = None) -> None:

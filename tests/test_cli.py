@@ -80,3 +80,36 @@ def test_batch_mode_one_completion_per_line(trained, tmp_path):
 
 
 # Bad input through the entry scripts (every row of the README's error table): tests/test_errors.py
+
+
+# -- distributed launches (torchrun / srun / Lightning's launcher) ------------------------------------
+
+@pytest.mark.parametrize("env, zero", [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, False),
+                                       ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+                                       ({"SLURM_PROCID": "2"}, False), ({"RANK": "0", "SLURM_PROCID": "1"}, True)])
+def test_launch_rank_zero(monkeypatch, env, zero):
+    from gpt.cli import is_launch_rank_zero
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_launch_rank_zero() is zero
+
+
+def test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_config(monkeypatch, capsys):
+    from gpt.cli import distributed_overrides
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["model=tiny", "hydra.run.dir=runs/x/42"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed_overrides("train", args) == args
+    monkeypatch.setenv("RANK", "2")
+    assert distributed_overrides("train", args) == [*args, "hydra.output_subdir=null", "hydra.job.name=train_rank2"]
+    with pytest.raises(SystemExit) as e:
+        distributed_overrides("train", ["model=tiny"])  # each process would pick its own ${now} directory
+    assert e.value.code == 2 and "hydra.run.dir=" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed_overrides("train", ["model=tiny"]) == ["model=tiny"]

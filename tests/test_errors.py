@@ -167,6 +167,11 @@ ELSEWHERE = {
     "is missing tensor": "tests/test_checkpoint.py::test_missing_and_extra_tensors_are_named",
     "describes model_type": "tests/test_convert.py::test_mismatches_are_refused_naming_the_key",
     "exists and is not empty": "tests/test_convert.py::test_cli_refuses_to_overwrite_without_force",
+    "attention_layer=5 but the model has 4 layers":
+        "tests/test_viz.py::test_attention_heatmap_refuses_a_layer_or_head_that_is_not_there",
+    "a Hydra sweep (-m) cannot start DDP processes": "tests/test_scale.py::test_a_sweep_cannot_launch_ddp_processes",
+    "processes of a distributed launch":
+        "tests/test_cli.py::test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_config",
 }
 
 
