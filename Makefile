@@ -1,4 +1,4 @@
-# make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe -> sample
+# make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, then run the test suite
 # make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
 #             modern English -> Shakespeare -> score the full valid split (BLEU, chrF; base/adapter/copy)
@@ -30,7 +30,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
-	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300
+	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300 \
+		attention_map=runs/shakespeare_char_cpu/latest/attention.png
 
 shakespeare-lora: $(STAMP)
 	$(PY) train.py experiment=shakespeare_modern_base

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, storage_errors
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -39,26 +39,128 @@ def tied_keys(model: GPT) -> tuple[str, ...]:
     return TIED if model.config.tie_embeddings else ()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+    return umask
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-"  # the writer's pid: a leftover of a dead one can be told apart
+
+
+def remove_stale_temps(directory: Path, name: str = "*") -> None:
+    """Delete what killed writers left in `directory` (half-written .tmp- files and directories of `name`);
+    a temporary name whose writer is still alive is left alone."""
+    for leftover in Path(directory).glob(f".{name}.tmp-*"):
+        try:
+            os.kill(int(leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]), 0)
+            continue  # its writer is alive (or another user's: not ours to judge)
+        except (ValueError, ProcessLookupError):
+            pass
+        except OSError:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
         else:
+            leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a binary file opened on a temporary name beside `path`; when the block ends without error, the
+    data is fsynced and the file renamed over `path` (one rename: readers see the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    try:
+        with storage_errors(path):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any file
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself survives a power cut
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _swap_names(path: Path) -> tuple[Path, Path]:
+    """Where atomic_dir keeps a complete new version (.new) and the replaced one (.old) while it swaps."""
+    return path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | Path) -> Path:
+    """Finish a directory replacement that a kill interrupted (see atomic_dir) and return where the
+    directory is: `path`, or a complete sibling if `path` is missing and cannot be renamed back."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for candidate in _swap_names(path):  # the new version first: it was complete before the swap began
+        if candidate.is_dir():
+            try:
+                os.replace(candidate, path)
+                return path
+            except OSError:  # a read-only location: read it where it is
+                return candidate
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path`.
+
+    POSIX cannot swap two directories in one rename, so the replacement is staged: the finished (and
+    fsynced) temporary directory is renamed to .<name>.new, the current one to .<name>.old, then .new to
+    <name>. A kill at any point leaves <name> or a complete .new/.old beside it, and `recover_dir` (which
+    readers and the next writer call) puts the newest complete one back at <name>.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    remove_stale_temps(path.parent, path.name)
+    new, old = _swap_names(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any directory
+    try:
+        with storage_errors(path):
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _fsync(tmp)
+        for leftover in (new, old):  # from an earlier interrupted swap; recover_dir kept what was needed
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.replace(tmp, new)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+        _fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_atomically(src: Path, dst: Path) -> None:
+    """Copy a file or a directory to `dst`, replacing it the atomic way (see atomic_file / atomic_dir)."""
+    if src.is_dir():
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+    else:
+        with atomic_file(dst) as f, open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
 
 
 def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -87,26 +189,39 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load: every tensor present, none extra, every shape right; errors name the key."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in tied_keys(model)}
-    state = {k: v for k, v in state.items() if k not in tied_keys(model)}
+def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str,
+                  fix: str = "re-export the model") -> None:
+    """Every expected tensor present, none extra, every shape right; the error names the first bad key."""
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         raise GPTError(f"{source} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-                       + ": the file does not match its config.json; re-export the model")
+                       + f": the file does not match its config.json; {fix}")
     if extra:
         raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
                        + ": it was saved from a different architecture")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(v.shape)} "
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)} "
                            "(a checkpoint from a different vocabulary or model size?)")
-    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: every tensor present, none extra, every shape right; errors name the key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    state = {k: v for k, v in state.items() if k not in tied_keys(model)}
+    check_tensors(expected, state, source)
+    model.load_state_dict(state, strict=False)  # strict=False only for a tied lm_head, checked above
+
+
+def read_safetensors(path: str | Path, fix: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise GPTError(f"{path} is truncated or corrupt ({e}); {fix}") from e
 
 
 def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    path = Path(path)
+    path = recover_dir(path)
     if not path.is_dir() or not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise GPTError(
             f"{path} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); point at an exported "
@@ -116,10 +231,7 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
         config = GPTConfig.from_dict({k: v for k, v in json.loads((path / CONFIG_FILE).read_text()).items() if k != "gpt"})
     except json.JSONDecodeError as e:
         raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
-    try:
-        state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise GPTError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({e}); re-export it from a .ckpt") from e
+    state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise GPTError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
@@ -129,20 +241,25 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
     return model.to(map_location), tokenizer
 
 
-def read_lightning_ckpt(path: str | Path) -> dict:
+def torch_load_safely(path: str | Path, advice: str) -> object:
     """torch.load with weights_only=True; a pickle that tries to run code is refused, never executed."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncated files
         raise GPTError(
             f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "it is corrupt, truncated or contains code; only load checkpoints written by this tool"
+            f"it is corrupt, truncated or contains code; {advice}"
         ) from e
+
+
+def read_lightning_ckpt(path: str | Path) -> dict:
+    """A Lightning .ckpt (or any torch.save file), read without running code."""
+    return torch_load_safely(path, "only load checkpoints written by this tool")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """A model and its tokenizer from an exported directory or a Lightning `.ckpt` written by train.py."""
-    path = Path(path)
+    path = recover_dir(path)
     if not path.exists():
         raise GPTError(f"{path} does not exist; point at an exported model directory or a .ckpt file")
     if path.is_dir():

@@ -39,6 +39,11 @@ def user_errors():
         if verbose():
             raise
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and exits itself)
+        if verbose():
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _is_sweep(value: str) -> bool:
@@ -57,11 +62,27 @@ def precheck_overrides(config_name: str, args: list[str]) -> None:
 
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         if verbose():
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
+    run_dir = ([a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
+    if run_dir and "${" not in run_dir:
+        precheck_run_dir(Path(run_dir), cfg)
+
+
+def precheck_run_dir(run_dir: Path, cfg) -> None:
+    """An explicit hydra.run.dir, checked before Hydra creates it and writes its .hydra/ files there."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create hydra.run.dir={run_dir} ({e.strerror}); choose a directory you can write to")
+    if "ckpt_path" in cfg:  # a training run: refuse a directory in use, or holding a run it does not resume
+        from gpt.run import RunLock, check_run_dir_is_free
+
+        with user_errors(), RunLock(run_dir):
+            check_run_dir_is_free(run_dir, cfg.ckpt_path)
 
 
 def describe_config_error(msg: str, config_name: str) -> str:
@@ -78,6 +99,34 @@ def describe_config_error(msg: str, config_name: str) -> str:
     return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0 of its launch, known before any Trainer exists: torchrun sets
+    RANK; Lightning's DDP launcher starts its extra processes with LOCAL_RANK (and NODE_RANK on other
+    nodes); srun sets SLURM_PROCID. A plain single-process run is rank 0."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    return all(env.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def distributed_overrides(config_name: str, args: list[str]) -> list[str]:
+    """Processes started together by torchrun or srun each run Hydra. They must share one run directory
+    (each would otherwise resolve its own ${now}), and only rank 0 writes the config snapshot (.hydra/);
+    the others log to <config_name>_rank<N>.log beside rank 0's log. (Lightning's own DDP launcher does
+    the same for the processes it starts.)"""
+    env = os.environ
+    processes = max(int(env.get("WORLD_SIZE") or 1), int(env.get("SLURM_STEP_NUM_TASKS") or 1))
+    if processes <= 1 or any(a in ("-m", "--multirun") for a in args):
+        return args
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        fail(f"this is one of {processes} processes of a distributed launch (torchrun / srun); give them all the "
+             "same run directory: hydra.run.dir=runs/<name>/<job id>")
+    if is_launch_rank_zero() or "hydra.output_subdir=null" in args:
+        return args
+    rank = env.get("RANK", env.get("SLURM_PROCID", "n"))
+    return [*args, "hydra.output_subdir=null", f"hydra.job.name={config_name}_rank{rank}"]
+
+
 def build(node, **kwargs):
     """hydra.utils.instantiate, but a GPTError raised by the target comes out as itself (Hydra wraps it)."""
     from hydra.errors import InstantiationException
@@ -88,6 +137,10 @@ def build(node, **kwargs):
     except InstantiationException as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, GPTError):
+            if type(cause).__name__ == "MisconfigurationException":  # Lightning's word for a bad setting
+                key = re.search(r"full_key: (\S+)", str(e))
+                raise GPTError(f"{cause} (in the {key.group(1) if key else node.get('_target_')} config); fix "
+                               "those settings (`--cfg job` prints them)") from e
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
@@ -98,6 +151,7 @@ def run_hydra(config_name: str, task: Callable[[Any], Any]) -> None:
     """Run `task(cfg)` as a Hydra app over configs/<config_name>.yaml."""
     import hydra
 
+    sys.argv = [sys.argv[0], *distributed_overrides(config_name, sys.argv[1:])]
     with user_errors():
         precheck_overrides(config_name, sys.argv[1:])
 

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, storage_errors
 from gpt.tokenizer import Tokenizer
 
 DATA_DIR_ENV = "GPT_DATA_DIR"
 STORE_VERSION = 1  # bump when the token file layout changes, to invalidate caches
-LINES_PER_BATCH = 10_000
+LINES_PER_BATCH = 1_000
+CHUNK_BYTES = 1 << 20
 
 
 def data_dir() -> Path:
@@ -151,7 +152,7 @@ class TextSource:
 
         if self.files:
             ds = load_dataset("text", data_files=[str(f) for f in self.files], split="train",
-                              keep_linebreaks=True, streaming=True)
+                              keep_linebreaks=True, streaming=True, chunksize=CHUNK_BYTES)
             column, doc_end = "text", ""
         else:
             hub = self.hub
@@ -273,28 +274,44 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
 class RandomWindows(IterableDataset):
     """Batches of random (input, next-token) windows from one split.
 
-    Batch i depends only on (seed, rank, i): a run resumed at batch i sees exactly the batches the
-    uninterrupted run would have, and each data-parallel rank sees different windows.
+    One optimizer step consumes a global batch of batch_size * world_size * accumulate windows, drawn from
+    an RNG seeded with (seed, step) alone; micro-batch a of rank r takes its own slice of it. So:
+      - a run resumed at step s sees exactly the batches the uninterrupted run would have;
+      - each data-parallel rank reads different windows;
+      - the data do not depend on how the global batch is split: 2 ranks x batch B, 1 rank x B with
+        accumulate 2, and 1 rank x 2B train on the same windows at every step.
+    Iteration counts micro-batches: micro-batch i is step i // accumulate, part i % accumulate.
     """
 
-    def __init__(self, path, dtype, offset, n_tokens, block_size, batch_size, seed, rank=0, start=0, stop=None):
+    def __init__(self, path, dtype, offset, n_tokens, block_size, batch_size, seed, rank=0, start=0, stop=None,
+                 world_size=1, accumulate=1):
+        if not 0 <= rank < world_size or accumulate < 1:
+            raise ValueError(f"need 0 <= rank < world_size and accumulate >= 1 (got {rank}, {world_size}, {accumulate})")
         self.path, self.dtype, self.offset, self.n_tokens = str(path), np.dtype(dtype), offset, n_tokens
         self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
+        self.world_size, self.accumulate = world_size, accumulate
         self.start, self.stop = start, stop
 
-    def __len__(self):  # lets Lightning show a progress bar with a total
+    def __len__(self):
+        # Batches in the whole run, counting those an interrupted run already drew (the stream starts at
+        # `start`): on resume Lightning restores its batch counter and compares it with this length, and
+        # would end the epoch early, restarting the stream, against the shorter remainder.
         if self.stop is None:
             raise TypeError("endless stream")
-        return self.stop - self.start
+        return self.stop
 
     def __iter__(self):
         data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,
                          shape=(self.n_tokens,))
         window = np.arange(self.block_size + 1)
+        B, parts = self.batch_size, self.world_size * self.accumulate
         i = self.start
         while self.stop is None or i < self.stop:
-            rng = np.random.default_rng([self.seed, self.rank, i])
-            starts = rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size)
+            step, micro = divmod(i, self.accumulate)
+            rng = np.random.default_rng([self.seed, 0, step])  # the 0 keeps one-process batches as they were
+            starts = rng.integers(0, self.n_tokens - self.block_size, size=B * parts)
+            part = micro * self.world_size + self.rank
+            starts = starts[part * B:(part + 1) * B]
             chunk = torch.from_numpy(data[starts[:, None] + window].astype(np.int64))  # one gather from the memmap
             yield {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
             i += 1
@@ -344,8 +361,9 @@ class TextDataModule(L.LightningDataModule):
             files = resolve_files(self.path, self.relpath, self.url, self.sha256, self.name)
             check_text_files(files)
             source = TextSource(files=files)
-        self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
-                                    self.tokenizer_path, self.val_fraction, self.dtype)
+        with storage_errors(self.cache_dir, "point GPT_CACHE_DIR (or data.cache_dir) at another disk"):
+            self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
+                                        self.tokenizer_path, self.val_fraction, self.dtype)
         for split in ("train", "val"):
             n = self.store.split_range(split)[1]
             if n <= self.block_size:
@@ -365,16 +383,16 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        start, stop, rank = 0, None, 0
+        start, stop, rank, world_size, accumulate = 0, None, 0, 1, 1
         if trainer is not None:
             # Resume: continue at the batch the interrupted run would have drawn next.
             start = trainer.global_step * trainer.accumulate_grad_batches
             if trainer.max_steps and trainer.max_steps > 0:
                 stop = trainer.max_steps * trainer.accumulate_grad_batches
-            rank = trainer.global_rank
+            rank, world_size, accumulate = trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
         offset, n = self.store.split_range("train")
         ds = RandomWindows(self.store.path, self.store.dtype, offset, n, self.block_size, self.batch_size,
-                           self.seed, rank=rank, start=start, stop=stop)
+                           self.seed, rank=rank, start=start, stop=stop, world_size=world_size, accumulate=accumulate)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:

@@ -66,12 +66,21 @@ def validation_loss(model: torch.nn.Module, tokenizer: Tokenizer, datamodule: Ta
 
 def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int, stops: Sequence[str],
                        batch_size: int, dtype: str, decoding: Optional[dict] = None) -> list[str]:
-    """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache."""
+    """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache. A prompt that
+    leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
     device = next(model.parameters()).device
+    block = model.config.block_size
+    fits = [i for i, p in enumerate(prompts) if len(tokenizer.encode(p)) < block]
+    if len(fits) < len(prompts):
+        log.warning("%d of %d prompts fill the model's context (%d tokens): their responses are empty",
+                    len(prompts) - len(fits), len(prompts), block)
+    outs = [""] * len(prompts)
     with autocast(device, dtype):
-        outs = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                              stops=stops, batch_size=batch_size, **(decoding or {}))
-    return [o.strip() for o in outs]
+        done = generate_batch(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
+                              temperature=0.0, stops=stops, batch_size=batch_size, **(decoding or {})) if fits else []
+    for i, text in zip(fits, done):
+        outs[i] = text.strip()
+    return outs
 
 
 def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataModule, out_dir: Optional[Path] = None,

@@ -30,7 +30,8 @@ from gpt.cli import build
 from gpt.errors import GPTError
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.lit import LanguageModel
-from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path, write_metrics
+from gpt.run import (RunLock, check_run_dir_is_free, fit, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path,
+                     skipped_steps, write_metrics)
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,14 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         point_latest(run_dir)
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
+    val = trainer.callback_metrics.get("val/loss")
     best = trainer.checkpoint_callback.best_model_score
     adapter_dir = run_dir / "checkpoints" / "best"
     metrics = {
         "step": trainer.global_step,
+        "val_loss": float(val) if val is not None else None,
         "best_val_loss": float(best) if best is not None else None,
         "trainable_params": trainable,
         "total_params": total,
@@ -124,6 +127,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "adapter": str(adapter_dir),
         "resumed_from": ckpt_path,
+        "skipped_steps": skipped_steps(trainer),
     }
     if not trainer.is_global_zero:
         return metrics

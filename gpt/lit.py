@@ -6,19 +6,32 @@ The training loop, gradient accumulation, clipping, precision, checkpointing and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import random
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
+from gpt.checkpoint import copy_atomically
 from gpt.errors import GPTError
 from gpt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def quiet_lightning() -> None:
@@ -32,8 +45,32 @@ def quiet_lightning() -> None:
     for pattern in (".*IterableDataset.*has `__len__` defined.*",  # one stream per rank, by design
                     ".*Experiment logs directory.*exists and is not empty.*",  # the run dir holds .hydra/
                     ".*isinstance\\(treespec, LeafSpec\\).*",
-                    ".*does not have many workers.*"):  # memmap batches need no worker processes
+                    ".*does not have many workers.*",  # memmap batches need no worker processes
+                    # Our train stream does resume: it starts at the batch of trainer.global_step (gpt.data).
+                    ".*resuming from a checkpoint that ended before the epoch ended.*",
+                    ".*when logging on epoch level in distributed setting.*",  # val/loss is all-gathered by hand
+                    ".*all_gather is deprecated.*"):  # inside Lightning's all_gather
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def rng_states() -> dict:
+    """Every random generator a training step may draw from (dropout: torch), as plain tensors and tuples so
+    a .ckpt holding them still loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -69,6 +106,7 @@ class LanguageModel(L.LightningModule):
         # How to write an exported model directory beside a checkpoint (set by pretrain / finetune).
         self.export_fn = export_fn
         self._val_sum = self._val_count = None
+        self._resumed_rng: Optional[dict] = None
 
     @property
     def gpt_config(self):
@@ -81,6 +119,13 @@ class LanguageModel(L.LightningModule):
 
     def forward(self, batch: dict):
         return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Resumed: continue the random streams (dropout) where the checkpointed run was. Done here, not in
+        # on_load_checkpoint, because Lightning draws from them when it builds the dataloader iterator.
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
 
     def training_step(self, batch, batch_idx):
         loss = self(batch).loss
@@ -122,6 +167,8 @@ class LanguageModel(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         device_type = params[0].device.type
         fused = self.fused if self.fused is not None else device_type in ("cuda", "cpu")
+        if fused and self.trainer.gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision):
+            fused = False  # Lightning refuses to clip for a fused optimizer under AMP (bf16-mixed, 16-mixed)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = self.decay_steps or self.trainer.max_steps
         if not decay_steps or decay_steps <= 0:
@@ -134,17 +181,172 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings and dicts only, so the .ckpt loads with torch.load(weights_only=True).
         checkpoint["gpt"] = {"config": self.gpt_config.to_dict(), "tokenizer": self.tokenizer.to_str()}
+        checkpoint["rng"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming (trainer.fit(ckpt_path=...)): refuse a checkpoint of another model or vocabulary in one
+        # line, before Lightning's load_state_dict fails with a page of shape mismatches.
+        saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
+        for key, value in (saved.get("config") or {}).items():
+            if key not in ("dropout", "attn_impl") and mine.get(key) != value:
+                raise GPTError(f"the checkpoint was trained with model.{key}={value}, this run has {mine.get(key)} "
+                               "(a different model or data config?); resume with the settings it was trained with")
+        if saved.get("tokenizer") not in (None, self.tokenizer.to_str()):
+            raise GPTError("the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
+                           "resume with the data settings it was trained with")
+        self._resumed_rng = checkpoint.get("rng")
 
 
 class ExportingCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (last.ckpt + best by val loss) that also writes an exported model
     directory beside each checkpoint it saves: checkpoints/best.ckpt -> checkpoints/best/."""
 
+    _carried_best: Optional[Path] = None
+
     def _save_checkpoint(self, trainer: "L.Trainer", filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
-        if trainer.is_global_zero and getattr(module, "export_fn", None) is not None:
+        if not trainer.is_global_zero or getattr(module, "export_fn", None) is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # No rank holds the whole model (and gathering it is a collective call that rank 0 cannot make
+            # alone), but Lightning has just consolidated the full weights into the .ckpt: export those.
+            from gpt.checkpoint import load_model, save_model_dir
+
+            if not Path(filepath).is_file():
+                raise GPTError("exporting needs one consolidated checkpoint file: set "
+                               "trainer.strategy.state_dict_type=full (configs/trainer/fsdp.yaml does)")
+            model, tokenizer = load_model(filepath)
+            save_model_dir(model, tokenizer, Path(filepath).with_suffix(""), extra={"step": trainer.global_step})
+        else:
             module.export_fn(Path(filepath).with_suffix(""))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Resumed into a new run directory (ckpt_path=last): Lightning would forget the best score, making
+        # this directory's best.ckpt "the best since the resume". Carry the best over instead: its score
+        # now, its files (best.ckpt, best/) when training starts.
+        old_dir, best = state_dict.get("dirpath"), state_dict.get("best_model_path")
+        if old_dir in (None, self.dirpath) or not best or not Path(best).is_file():
+            return super().load_state_dict(state_dict)
+        self._carried_best = Path(best)
+        self.best_model_score = self.kth_value = state_dict["best_model_score"]
+        self.best_model_path = self.kth_best_model_path = os.path.join(self.dirpath, self._carried_best.name)
+        self.best_k_models = {self.best_model_path: self.best_model_score}
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        carried, self._carried_best = self._carried_best, None
+        if carried is not None:
+            if trainer.is_global_zero:
+                copy_atomically(carried, Path(self.best_model_path))
+                if carried.with_suffix("").is_dir():
+                    copy_atomically(carried.with_suffix(""), Path(self.best_model_path).with_suffix(""))
+            trainer.strategy.barrier()
+
+    def save_last_now(self, trainer: "L.Trainer") -> Path:
+        """Write last.ckpt (and last/) now, between validations (on SIGTERM)."""
+        path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = path
+        self._save_checkpoint(trainer, path)
+        return Path(path)
+
+
+class SaveOnInterrupt(Callback):
+    """SIGTERM or Ctrl-C: finish the current step, save checkpoints/last.ckpt (+ last/), say where.
+
+    Lightning's SIGTERM handler makes the loop raise SIGTERMException at the next step boundary; a first
+    Ctrl-C is re-sent as SIGTERM so it stops the same way and the checkpoint holds whole steps. A second
+    Ctrl-C interrupts at once, without saving. gpt.run.fit then exits with status 128 + the signal.
+    """
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = None
+
+    def on_train_start(self, trainer, pl_module):
+        # Not in setup: Lightning records the handlers after setup and puts them back at teardown.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signum = signal.SIGINT
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once, unsaved)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.teardown(trainer, pl_module, "fit")
+        if not isinstance(exception, SIGTERMException):
+            return  # an error mid-step: the state may be half-updated, so the last good checkpoint stays
+        self.signum = self.signum or signal.SIGTERM
+        name, ckpt = signal.Signals(self.signum).name, trainer.checkpoint_callback
+        if trainer.global_step == 0 or not isinstance(ckpt, ExportingCheckpoint):
+            log.warning("%s: stopped before the first optimizer step; nothing to save", name)
+            return
+        path = ckpt.save_last_now(trainer)
+        if trainer.is_global_zero:
+            log.warning("%s: stopped after step %d; saved %s; resume with ckpt_path=%s (or ckpt_path=last)",
+                        name, trainer.global_step, path, path)
+
+
+class NonFiniteGuard(Callback):
+    """A NaN/Inf training loss or gradient, found before the optimizer applies it (so the weights, and the
+    last checkpoint, stay good). on_nan=stop: raise a GPTError naming the step. on_nan=skip: drop that
+    optimizer step (no update, no moment change) and count it in train/skipped_steps; stop anyway after
+    `max_consecutive_skips` skipped steps in a row, which no longer looks like a passing spike."""
+
+    HINT = ("lower optim.lr, train in fp32 (trainer.precision=32-true) or clip gradients "
+            "(trainer.gradient_clip_val=1.0)")
+
+    def __init__(self, action: str = "stop", max_consecutive_skips: int = 50):
+        if action not in ("stop", "skip"):
+            raise GPTError(f"on_nan must be stop or skip (got {action!r})")
+        self.action, self.max_consecutive_skips = action, max_consecutive_skips
+        self.skipped = self._in_a_row = 0
+        self._bad: Optional[torch.Tensor] = None  # any non-finite micro-batch loss since the last step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        bad = ~torch.isfinite(loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        bad, self._bad = self._bad, None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # fp16's GradScaler expects inf gradients now and then and skips those steps itself.
+        if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
+            grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+            bad = grad_bad if bad is None else bad | grad_bad
+        if bad is None or not bool(bad):  # one device sync per optimizer step
+            self._in_a_row = 0
+            return
+        step = trainer.global_step + 1
+        if self.action == "stop" or self._in_a_row + 1 >= self.max_consecutive_skips:
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            saved = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            why, alt = ((f" for {self._in_a_row + 1} steps in a row", "") if self.action == "skip"
+                        else ("", ", or set on_nan=skip to skip such steps"))
+            raise GPTError(f"non-finite loss or gradients (NaN/Inf) at step {step}{why}; training stopped and "
+                           f"{saved}; {self.HINT}{alt}")
+        optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves the parameter and its moments alone
+        self.skipped += 1
+        self._in_a_row += 1
+        log.warning("non-finite loss or gradients at step %d: optimizer step skipped (%d so far)", step, self.skipped)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.action == "skip":
+            pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict:  # saved in the .ckpt: a resumed run keeps counting
+        return {"skipped": self.skipped, "in_a_row": self._in_a_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self._in_a_row = state_dict.get("skipped", 0), state_dict.get("in_a_row", 0)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -158,6 +360,12 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def on_exception(self, trainer, pl_module, exception):
+        # End the bars' line, so that the one-line error (or a traceback) starts on a line of its own.
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()
 
 
 class SpeedMonitor(Callback):
@@ -187,3 +395,86 @@ class SpeedMonitor(Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def csv_log_path(trainer: "L.Trainer") -> Optional[Path]:
+    """The run's metrics.csv, flushed to disk (Lightning's CSV logger writes it in batches)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            return Path(logger.experiment.metrics_file_path)
+    return None
+
+
+class LossCurve(Callback):
+    """At the end of fitting, draw loss.png (train/val loss and lr vs step) beside the run's metrics.csv."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        path = csv_log_path(trainer)
+        if path is None or not path.is_file():
+            return
+        from gpt.viz import loss_curve  # matplotlib: imported only when a run ends
+
+        try:
+            loss_curve(path, path.with_name("loss.png"))
+        except GPTError as e:  # e.g. a run stopped before its first logged step: nothing to draw
+            log.info("no loss curve: %s", e)
+            return
+        log.info("loss curve: %s", path.with_name("loss.png"))
+
+
+class FinalSamples(Callback):
+    """At the end of training, sample `n` texts from the final model: written to `path` (samples.txt) and
+    logged to the loggers that show text (W&B: a table; TensorBoard: a text panel)."""
+
+    def __init__(self, path: Path, n: int = 3, prompt: str = "\n", max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None, seed: int = 1337):
+        from gpt.model import check_sampling_args
+
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        self.path, self.n, self.prompt, self.seed = Path(path), n, prompt, seed
+        self.args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def on_fit_start(self, trainer, pl_module):
+        # A prompt the model cannot take fails now, not after hours of training.
+        from gpt.sample import encode_prompt, unescape
+
+        try:
+            n = len(encode_prompt(pl_module.tokenizer, unescape(self.prompt)))
+        except GPTError as e:
+            raise GPTError(f"log_samples.prompt={self.prompt!r}: {e}; or turn samples off with log_samples.n=0") from None
+        if n >= pl_module.gpt_config.block_size:
+            raise GPTError(f"log_samples.prompt is {n} tokens, too long for the context of "
+                           f"{pl_module.gpt_config.block_size}; shorten it")
+
+    def on_train_end(self, trainer, pl_module):
+        if isinstance(trainer.strategy, FSDPStrategy):  # sharded weights: sample from the exported model instead
+            log.info("log_samples: skipped under FSDP; sample from the exported model with sample.py")
+            return
+        if not trainer.is_global_zero or self.n <= 0:
+            return
+        from gpt.sample import generate_batch, unescape
+
+        model = pl_module.model
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay in
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        prompt = unescape(self.prompt)
+        was_training = model.training
+        model.eval()
+        stance = getattr(torch.compiler, "set_stance", None)  # a compiled model samples eagerly: no recompiles
+        try:
+            with torch.no_grad(), (stance("force_eager") if stance else contextlib.nullcontext()):
+                texts = generate_batch(model, pl_module.tokenizer, [prompt] * self.n, generator=generator, **self.args)
+        finally:
+            model.train(was_training)
+        samples = [prompt + t for t in texts]
+        self.path.write_text("".join(s + "\n---------------\n" for s in samples), encoding="utf-8")
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # W&B
+                logger.log_text(key="samples", columns=["step", "sample"], data=[[step, s] for s in samples], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", "\n\n".join("    " + s.replace("\n", "\n    ") for s in samples), step)
+        log.info("%d samples from the final model: %s", self.n, self.path)

@@ -23,7 +23,8 @@ from gpt.cli import build
 from gpt.errors import GPTError
 from gpt.lit import LanguageModel
 from gpt.model import GPT, GPTConfig
-from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path, write_metrics
+from gpt.run import (RunLock, check_run_dir_is_free, fit, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path,
+                     skipped_steps, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,8 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
         point_latest(run_dir)
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
-    if trainer.interrupted:
-        log.info("interrupted at step %d; last checkpoint in %s", trainer.global_step, run_dir / "checkpoints")
 
     val = trainer.callback_metrics.get("val/loss")
     best = trainer.checkpoint_callback.best_model_score
@@ -88,6 +87,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "best_model": str(run_dir / "checkpoints" / "best"),
         "resumed_from": ckpt_path,
+        "skipped_steps": skipped_steps(trainer),
     }
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)

@@ -6,18 +6,29 @@ A run directory is runs/<name>/<time>/ (Hydra's run dir); runs/<name>/latest poi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
+from hydra.errors import InstantiationException
+import torch
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
-from gpt.cli import build
+from gpt.checkpoint import atomic_file, remove_stale_temps
+from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError
-from gpt.lit import ExportingCheckpoint, SpeedMonitor, StepProgressBar, quiet_lightning
+from gpt.lit import (ExportingCheckpoint, FinalSamples, LossCurve, NonFiniteGuard, SaveOnInterrupt, SpeedMonitor,
+                     StepProgressBar, quiet_lightning)
 
 
 def hydra_run_dir() -> Path:
@@ -27,32 +38,39 @@ def hydra_run_dir() -> Path:
 
 
 class RunLock:
-    """One run per directory: a second run pointed at the same directory is refused, not interleaved."""
+    """One run per directory: a second run pointed at the same directory is refused, not interleaved.
+
+    An flock on run_dir/.lock, so the kernel releases it however the holder ends (SIGKILL included) and no
+    stale lock is ever left to guess about. The file holds the holder's pid, for the message. Under data
+    parallelism only rank 0 takes it: the other processes of the same launch work in the directory rank 0
+    holds, and leave the writing to it.
+    """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
+        self.fd: Optional[int] = None
 
     def __enter__(self):
+        if not is_launch_rank_zero():
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                    os.kill(pid, 0)  # raises if that process is gone: a stale lock from a killed run
-                except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise GPTError(f"another run (pid {pid}) is writing to {self.path.parent}; wait for it or choose "
-                               "another directory (hydra.run.dir=...)")
-        raise GPTError(f"could not lock {self.path.parent}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GPTError(f"another run (pid {holder}) is writing to {self.path.parent}; wait for it or choose "
+                           "another directory (hydra.run.dir=...)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a newcomer)
+            self.fd = None
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
@@ -65,16 +83,24 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
         if not candidates:
             raise GPTError(f"ckpt_path=last: no earlier run with checkpoints/last.ckpt under {run_dir.parent}; "
                            "pass the path of a .ckpt file")
-        return str(candidates[-1])
+        ckpt_path = str(candidates[-1])
+    if Path(ckpt_path).is_dir():
+        raise GPTError(f"ckpt_path={ckpt_path} is a directory; resuming needs a Lightning .ckpt file, e.g. "
+                       f"{Path(ckpt_path).with_suffix('.ckpt')} (or ckpt_path=last)")
     if not Path(ckpt_path).is_file():
         raise GPTError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt from an earlier run's checkpoints/ "
                        "(or ckpt_path=last)")
+    remove_stale_temps(Path(ckpt_path).parent)  # e.g. the half-written checkpoint of the killed run
+    if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives; a cut-off one has no directory
+        raise GPTError(f"ckpt_path={ckpt_path} is not a whole checkpoint (truncated, or not written by train.py); "
+                       "resume from another .ckpt, e.g. the run's best.ckpt")
     return ckpt_path
 
 
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
     """A directory that holds a finished or interrupted run is only reused to resume that run."""
-    if (run_dir / "checkpoints").exists() and not (ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())):
+    resumes_it = ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
+    if is_launch_rank_zero() and (run_dir / "checkpoints").exists() and not resumes_it:
         raise GPTError(f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
                        f"ckpt_path={run_dir}/checkpoints/last.ckpt")
 
@@ -91,6 +117,18 @@ def point_latest(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, but the W&B run ends with the fit: each run of a Hydra sweep (-m, one
+    process) gets its own W&B run instead of appending to the first one."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+
+
 def make_loggers(cfg_logger, run_dir: Path) -> list:
     loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # run_dir/metrics.csv, always
     if cfg_logger:
@@ -100,19 +138,80 @@ def make_loggers(cfg_logger, run_dir: Path) -> list:
     return loggers
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's .ckpt writer, made crash-safe: torch.save streams into a temporary file beside the
+    target, which is fsynced and renamed over it. A kill or a full disk mid-write leaves the previous
+    checkpoint whole (Lightning's own writer buffers everything in memory and moves it via /tmp)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's (fsspec) writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_file(path) as f:
+            torch.save(checkpoint, f)
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> tuple[L.Trainer, SpeedMonitor]:
+    """The Trainer from cfg.trainer with what every run needs: last/best checkpoints (+ exported model
+    dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers,
+    the loss curve and, with cfg.log_samples, samples from the final model."""
     quiet_lightning()
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
-    trainer = build(cfg.trainer, callbacks=[checkpoint, speed, *extra_callbacks]
-                          + ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []),
-                          logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+    samples = cfg.get("log_samples")
+    if samples and samples.get("n", 0) > 0:
+        extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
+    # The progress bar first: on an exception it ends its line before the others print theirs.
+    callbacks = ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []) + [
+        checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), LossCurve(),
+        *extra_callbacks]
+    try:
+        trainer = build(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                        logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError)):  # Lightning checking the values it was given
+            raise GPTError(f"trainer config: {e.__cause__}; fix the trainer.* settings (`--cfg job` shows them)") from e
+        raise
+    check_launch(trainer)
+    for logger in trainer.loggers[1:]:  # the resolved config as the run's hyperparameters (W&B config,
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # TensorBoard hparams); CSV has .hydra/
     return trainer, speed
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Lightning's DDP launcher starts the other ranks by re-running this command line; under a Hydra sweep
+    (-m) that would start a whole sweep per rank."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes * launcher.num_nodes > 1
+            and not launcher.cluster_environment.creates_processes_externally
+            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        raise GPTError("a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
+                       "command, or start the processes with torchrun / srun (see README, Multi-GPU)")
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_path: Optional[str] = None) -> None:
+    """trainer.fit, reading the .ckpt with weights_only=True (a pickle that carries code is refused, never
+    run). A run stopped by SIGTERM or Ctrl-C has saved last.ckpt (SaveOnInterrupt) and exits 128+signal."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise GPTError(f"{ckpt_path} cannot be loaded safely ({str(e).splitlines()[0][:150]}); it carries code "
+                       "or objects a checkpoint never holds; only resume from checkpoints written by this tool") from e
+    except SIGTERMException:
+        stop = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        raise SystemExit(128 + (stop.signum if stop and stop.signum else 15)) from None
+
+
+def skipped_steps(trainer: L.Trainer) -> int:
+    """Optimizer steps the NaN guard skipped (on_nan=skip), for metrics.json."""
+    return sum(c.skipped for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+
+
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    with atomic_file(run_dir / "metrics.json") as f:
+        f.write(json.dumps(metrics, indent=2).encode())

@@ -15,8 +15,8 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.errors import GPTError
+from gpt.checkpoint import atomic_file, load_model
+from gpt.errors import GPTError, storage_errors
 from gpt.model import GPT, check_sampling_args
 from gpt.tokenizer import Tokenizer
 
@@ -162,9 +162,8 @@ def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> Non
     if path.exists() and not overwrite:
         raise GPTError(f"{path} exists; choose another output_file or pass overwrite=true")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as f, storage_errors(path, "choose an output_file on another disk"):
+        f.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
@@ -212,8 +211,16 @@ def sample(cfg) -> Optional[list[str]]:
         raise GPTError("batch mode needs output_file=<path> beside input_file")
     if cfg.output_file and Path(cfg.output_file).exists() and not cfg.overwrite:
         raise GPTError(f"{cfg.output_file} exists; choose another output_file or pass overwrite=true")
+    if cfg.get("attention_map") and cfg.input_file:
+        raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
     model, tokenizer, device = load_for_sampling(cfg)
     wrap, stops = prompt_template(cfg)
+    if cfg.get("attention_map"):
+        from gpt.viz import check_attention_choice
+
+        check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
+        if cfg.attention_max_tokens < 1:
+            raise GPTError(f"attention_max_tokens must be >= 1 (got {cfg.attention_max_tokens})")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -255,4 +262,19 @@ def sample(cfg) -> Optional[list[str]]:
             sys.stdout.write("\n---------------\n")
             sys.stdout.flush()
             samples.append(text)
+            if i == 0 and cfg.get("attention_map"):
+                draw_attention(cfg, model, tokenizer, ids + printer.ids)
         return samples
+
+
+def draw_attention(cfg, model: GPT, tokenizer: Tokenizer, ids: list[int]) -> None:
+    """The attention heatmap of the first sample: its last attention_max_tokens tokens (prompt + completion),
+    run through the model's explicit attention path as one sequence."""
+    from gpt.viz import attention_heatmap
+
+    keep = min(cfg.attention_max_tokens, model.config.block_size)
+    shown = ids[-keep:]
+    attention_heatmap(model, tokenizer, shown, cfg.attention_map, layer=cfg.attention_layer, head=cfg.attention_head)
+    what = "all heads" if cfg.attention_head is None else f"head {cfg.attention_head}"
+    cut = f"the last {len(shown)} of {len(ids)} tokens" if len(shown) < len(ids) else f"{len(shown)} tokens"
+    print(f"attention map ({cut}, layer {cfg.attention_layer}, {what}): {cfg.attention_map}", file=sys.stderr)

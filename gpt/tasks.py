@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpt.errors import GPTError
 from gpt.tokenizer import Tokenizer
@@ -275,6 +275,37 @@ class LengthGroupedBatches:
             yield batches[b]
 
 
+class EpochStream(IterableDataset):
+    """The training batches of a whole run: epoch after epoch of `batches` (reshuffled per epoch), counted in
+    micro-batches, so that micro-batch i is a function of (seed, i) alone. A run resumed at step s starts the
+    stream at s * accumulate and sees exactly the batches the uninterrupted run would have, mid-epoch too.
+    Data-parallel rank r of world_size takes global batch i * world_size + r.
+    """
+
+    def __init__(self, data: list, batches: LengthGroupedBatches, collate, start: int = 0, stop: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1):
+        self.data, self.batches, self.collate = data, batches, collate
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+
+    def __len__(self):  # the whole run, as RandomWindows (Lightning compares its restored counter with it)
+        if self.stop is None:
+            raise TypeError("endless stream")
+        return self.stop
+
+    def __iter__(self):
+        worker = get_worker_info()
+        step, first = (1, self.start) if worker is None else (worker.num_workers, self.start + worker.id)
+        n, epoch, order = len(self.batches), None, []
+        i = first
+        while self.stop is None or i < self.stop:
+            e, pos = divmod(i * self.world_size + self.rank, n)
+            if e != epoch:
+                self.batches.set_epoch(e)
+                epoch, order = e, list(self.batches)
+            yield self.collate([self.data[j] for j in order[pos]])
+            i += step
+
+
 # ----------------------------------------------------------------------------------------------------
 # The LightningDataModule
 
@@ -416,23 +447,29 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_data()
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.data[split]
-        pad = self.tokenizer.eos_id
-        lengths = [e["length"] for e in data]
-        if shuffle and not self.group_by_length:
-            return DataLoader(data, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                              collate_fn=partial(pad_batch, pad_id=pad),
-                              generator=torch.Generator().manual_seed(self.seed))
-        sampler = LengthGroupedBatches(lengths, self.batch_size, self.seed, shuffle=shuffle)
-        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=partial(pad_batch, pad_id=pad))
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        data = self.data["train"]
+        # Without group_by_length: groups of one batch, i.e. plain shuffling.
+        batches = LengthGroupedBatches([e["length"] for e in data], self.batch_size, self.seed,
+                                       group=50 if self.group_by_length else 1)
+        start, stop, rank, world_size, trainer = 0, len(batches), 0, 1, self.trainer  # no trainer: one epoch
+        if trainer is not None:
+            if not trainer.max_steps or trainer.max_steps < 0:
+                raise GPTError("fine-tuning counts optimizer steps: set trainer.max_steps (one epoch is "
+                               f"{len(batches)} batches of {self.batch_size})")
+            # Resume: continue at the batch the interrupted run would have drawn next.
+            start = trainer.global_step * trainer.accumulate_grad_batches
+            stop = trainer.max_steps * trainer.accumulate_grad_batches
+            rank, world_size = trainer.global_rank, trainer.world_size
+        stream = EpochStream(data, batches, partial(pad_batch, pad_id=self.tokenizer.eos_id), start=start, stop=stop,
+                             rank=rank, world_size=world_size)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", shuffle=False)
+        data = self.data["valid"]
+        sampler = LengthGroupedBatches([e["length"] for e in data], self.batch_size, self.seed, shuffle=False)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=partial(pad_batch, pad_id=self.tokenizer.eos_id))
 
     def describe(self) -> dict:
         """What an adapter records about its task, so sample.py can prompt it the same way."""

@@ -58,6 +58,19 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
+    def from_gpt2_files(cls, vocab_file: str | Path, merges_file: str | Path, add_prefix_space: bool = False) -> "Tokenizer":
+        """GPT-2's original tokenizer files (vocab.json + merges.txt): byte-level BPE, like `train_bpe`."""
+        try:
+            hf = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+        except Exception as e:  # the Rust side raises plain Exception for malformed files
+            raise GPTError(f"{vocab_file} + {merges_file} are not a valid BPE vocabulary ({e})") from e
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+        hf.decoder = decoders.ByteLevel()
+        if hf.token_to_id(EOS) is not None:
+            hf.add_special_tokens([EOS])  # so that "<|endoftext|>" in text is one token, as in GPT-2
+        return cls(hf)
+
+    @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """From a tokenizer.json file or a directory holding one."""
         path = Path(path)

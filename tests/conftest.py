@@ -1,14 +1,22 @@
 """Shared fixtures. The real corpus comes from $GPT_DATA_DIR (CI: ../shared/data) or is downloaded."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# A tiny, fast training setup (add trainer.max_steps=...)
+TINY = ["model=tiny", "model.block_size=32", "data.batch_size=16", "data.eval_batches=4",
+        "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,13 +37,81 @@ def shakespeare() -> Path:
                          name="shakespeare_char")[0]
 
 
+def train_config(*overrides: str):
+    """configs/train.yaml composed with `overrides`, as train.py would see it (for in-process pretrain())."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt.cli import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+class _Preloaded:
+    """The tests/preloaded.py process (started on first use): runs entry scripts in forked children."""
+
+    def __init__(self):
+        self.env = {k: v for k, v in os.environ.items() if k not in ("GPT_VERBOSE", "HYDRA_FULL_ERROR")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "preloaded.py")], cwd=ROOT, env=self.env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    # What may differ between the session's environment and a call's: gpt's own variables and what tests
+    # set in-process (pytest; Lightning's seed_everything), all read at run time, never at import.
+    RUNTIME_ONLY = ("GPT_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+    def serves(self, env: dict) -> bool:
+        """Whether a call with `env` behaves as a fresh process would (see RUNTIME_ONLY)."""
+        ignore = lambda k: k.startswith(self.RUNTIME_ONLY)  # noqa: E731
+        return self.proc.poll() is None and ({k: v for k, v in env.items() if not ignore(k)}
+                                             == {k: v for k, v in self.env.items() if not ignore(k)})
+
+    def differs(self, env: dict) -> list[str]:
+        return sorted(k for k in set(env) ^ set(self.env) | {k for k in env if self.env.get(k) != env[k]}
+                      if not k.startswith(self.RUNTIME_ONLY))
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as d:
+            out, err = Path(d) / "out", Path(d) / "err"
+            module = argv[1] == "-m"
+            request = {"module" if module else "script": argv[1 + module], "args": argv[2 + module:], "cwd": str(cwd),
+                       "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
+            timer.start()
+            code = json.loads(self.proc.stdout.readline())["returncode"]
+            if not timer.is_alive():
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
+            timer.cancel()
+            return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+
+
+_preloaded: list = []
+
+
 def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300):
-    """Run one of the entry scripts as a user would; returns the CompletedProcess."""
+    """Run one of the entry scripts (or `-m package.module`) as a user would; returns the CompletedProcess.
+
+    Runs in a fork of a process that has torch, Lightning and Hydra imported already (tests/preloaded.py):
+    the same argv, cwd, environment, stdout/stderr and exit status as `python <script>`, seconds sooner.
+    A call that changes environment variables other than GPT_* gets a plain subprocess instead.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("GPT_VERBOSE", None)
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = ["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]
+    argv = [sys.executable, *command, *args]
+    if hasattr(os, "fork"):
+        if not _preloaded:
+            _preloaded.append(_Preloaded())
+        if _preloaded[0].serves(full_env):
+            return _preloaded[0].run(argv, cwd, full_env, timeout)
+        unasked = [k for k in _preloaded[0].differs(full_env) if k not in (env or {})]
+        if unasked:  # the session's environment changed under the preloaded process: worth knowing
+            warnings.warn(f"run_cli: {unasked} changed since the session started; running a fresh (slower) process")
+    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_user_error(proc, *needles: str):

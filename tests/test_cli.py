@@ -1,18 +1,15 @@
-"""End to end, through the entry scripts as a user runs them: train -> export -> sample, and bad input."""
+"""End to end, through the entry scripts as a user runs them: train -> export -> sample."""
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import TINY, assert_user_error, run_cli
 
 from gpt.checkpoint import load_model
 
-TINY = ["model=tiny", "model.block_size=32", "data.batch_size=16", "data.eval_batches=4",
-        "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
@@ -82,52 +79,37 @@ def test_batch_mode_one_completion_per_line(trained, tmp_path):
     assert out.read_text().splitlines() == lines
 
 
-# -- bad input: one line, non-zero exit, nothing overwritten -----------------------------------------
-
-def test_unknown_config_key():
-    assert_user_error(run_cli("train.py", "model.n_layr=3"), "unknown config key", "model.n_layr")
+# Bad input through the entry scripts (every row of the README's error table): tests/test_errors.py
 
 
-def test_unknown_group_choice():
-    assert_user_error(run_cli("train.py", "model=gpt5"), "model/gpt5", "gpt2-medium")
+# -- distributed launches (torchrun / srun / Lightning's launcher) ------------------------------------
+
+@pytest.mark.parametrize("env, zero", [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, False),
+                                       ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+                                       ({"SLURM_PROCID": "2"}, False), ({"RANK": "0", "SLURM_PROCID": "1"}, True)])
+def test_launch_rank_zero(monkeypatch, env, zero):
+    from gpt.cli import is_launch_rank_zero
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_launch_rank_zero() is zero
 
 
-def test_impossible_model_shape():
-    assert_user_error(run_cli("train.py", "model.n_embd=100", "model.n_head=3"), "divisible by n_head")
+def test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_config(monkeypatch, capsys):
+    from gpt.cli import distributed_overrides
 
-
-def test_missing_corpus_offline(tmp_path):
-    proc = run_cli("train.py", *TINY, "data.url=http://127.0.0.1:9/input.txt", f"hydra.run.dir={tmp_path / 'r'}",
-                   env={"GPT_DATA_DIR": str(tmp_path / "nothing")})
-    assert_user_error(proc, str(tmp_path / "nothing" / "tinyshakespeare" / "input.txt"))
-
-
-@pytest.mark.parametrize("content, needle", [("", "empty"), ("Too short.\n", "too short")])
-def test_empty_or_short_corpus(tmp_path, content, needle):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(content)
-    proc = run_cli("train.py", *TINY, "data=text", f"data.path={corpus}", f"hydra.run.dir={tmp_path / 'r'}")
-    assert_user_error(proc, needle)
-
-
-def test_prompt_longer_than_the_context(trained):
-    proc = run_cli("sample.py", f"ckpt={trained / 'checkpoints' / 'best'}", "prompt=" + "a" * 40, "max_new_tokens=5")
-    assert_user_error(proc, "40 tokens", "context is 32")
-
-
-def test_not_a_checkpoint(tmp_path):
-    (tmp_path / "readme.txt").write_text("nothing here")
-    assert_user_error(run_cli("sample.py", f"ckpt={tmp_path}"), "not a model directory")
-
-
-@pytest.mark.parametrize("arg, needle", [("max_new_tokens=0", "max_new_tokens"), ("temperature=-1", "temperature"),
-                                         ("top_p=1.5", "top_p")])
-def test_bad_sampling_options(trained, arg, needle):
-    assert_user_error(run_cli("sample.py", f"ckpt={trained / 'checkpoints' / 'best'}", arg), needle)
-
-
-def test_a_second_run_into_the_same_directory_is_refused(trained):
-    before = (trained / "checkpoints" / "last.ckpt").read_bytes()
-    proc = run_cli("train.py", *TINY, "trainer.max_steps=5", f"hydra.run.dir={trained}")
-    assert_user_error(proc, "already holds a run")
-    assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["model=tiny", "hydra.run.dir=runs/x/42"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed_overrides("train", args) == args
+    monkeypatch.setenv("RANK", "2")
+    assert distributed_overrides("train", args) == [*args, "hydra.output_subdir=null", "hydra.job.name=train_rank2"]
+    with pytest.raises(SystemExit) as e:
+        distributed_overrides("train", ["model=tiny"])  # each process would pick its own ${now} directory
+    assert e.value.code == 2 and "hydra.run.dir=" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed_overrides("train", ["model=tiny"]) == ["model=tiny"]

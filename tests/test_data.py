@@ -170,11 +170,35 @@ def test_random_windows_are_deterministic_per_batch_index(tmp_path):
         assert b["input_ids"].shape == (4, 16)
     resumed = list(RandomWindows(path, np.uint16, 0, 1000, 16, 4, seed=3, start=6, stop=10))
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches[6:], resumed))
-    other_rank = list(RandomWindows(path, np.uint16, 0, 1000, 16, 4, seed=3, rank=1, start=0, stop=10))
-    assert not torch.equal(batches[0]["input_ids"], other_rank[0]["input_ids"])
     # windows never run past the end of the split
     ds = RandomWindows(path, np.uint16, 0, 17, block_size=16, batch_size=64, seed=0, stop=3)
     assert all(int(b["labels"].max()) == 16 for b in ds)
+
+
+def _starts(batches):
+    return [b["input_ids"][:, 0].tolist() for b in batches]  # data = arange: the first id is the window start
+
+
+def test_the_global_batch_does_not_depend_on_how_it_is_split(tmp_path):
+    """2 ranks x B, 1 rank x B x accumulate 2, and 1 rank x 2B train on the same windows at every step, and
+    different ranks (or micro-batches) never read the same slice."""
+    path = tmp_path / "t.bin"
+    np.arange(60_000, dtype=np.uint16).tofile(path)
+    args = (path, np.uint16, 0, 60_000, 16)
+    steps = 5
+    one = _starts(RandomWindows(*args, batch_size=8, seed=3, stop=steps))
+    ranks = [_starts(RandomWindows(*args, batch_size=4, seed=3, rank=r, world_size=2, stop=steps)) for r in (0, 1)]
+    accum = _starts(RandomWindows(*args, batch_size=4, seed=3, accumulate=2, stop=2 * steps))
+    both = _starts(RandomWindows(*args, batch_size=2, seed=3, rank=1, world_size=2, accumulate=2, stop=2 * steps))
+    for s in range(steps):
+        assert ranks[0][s] != ranks[1][s]  # each rank reads its own windows
+        assert ranks[0][s] + ranks[1][s] == one[s] == accum[2 * s] + accum[2 * s + 1]
+        assert both[2 * s] == one[s][2:4] and both[2 * s + 1] == one[s][6:8]  # (micro 0, rank 1), (micro 1, rank 1)
+    # resuming rank 1 at step 3 continues its own stream
+    resumed = _starts(RandomWindows(*args, batch_size=4, seed=3, rank=1, world_size=2, start=3, stop=steps))
+    assert resumed == ranks[1][3:]
+    with pytest.raises(ValueError, match="rank"):
+        RandomWindows(*args, batch_size=4, seed=3, rank=2, world_size=2)
 
 
 def test_fixed_windows_are_the_same_every_time():
@@ -201,3 +225,48 @@ def test_datamodule_on_the_real_corpus(shakespeare, tmp_path):
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     assert len(dm.val_dataloader()) == 3
     assert json.loads((dm.store.root / "meta.json").read_text())["tokenizer_kind"] == "char"
+
+
+PREPARE_SCRIPT = """
+import json, random, resource, sys
+from pathlib import Path
+from gpt.data import TextSource, prepare_corpus
+
+def generate(path, n_bytes, lines):  # shuffled lines of the real corpus: realistic text, any size
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        written = 0
+        while written < n_bytes:
+            chunk = "".join(rng.choices(lines, k=2000))
+            f.write(chunk)
+            written += len(chunk)
+
+lines = Path(sys.argv[1]).read_text().splitlines(keepends=True)
+out = Path(sys.argv[2])
+generate(out / "warmup.txt", 500_000, lines)
+generate(out / "big.txt", int(sys.argv[3]), lines)
+del lines
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# the warm-up goes through the same code first (imports, datasets' readers, the tokenizer's buffers)
+prepare_corpus(TextSource(files=[out / "warmup.txt"]), out / "cache", "warmup")
+before = peak()
+store = prepare_corpus(TextSource(files=[out / "big.txt"]), out / "cache", "big")
+print(json.dumps({"growth": peak() - before, "n_tokens": store.meta["n_tokens"],
+                  "bytes": (out / "big.txt").stat().st_size}))
+"""
+
+
+def test_preparing_a_corpus_takes_bounded_memory(shakespeare, tmp_path):
+    """The token store is built in a streaming pass: preparing 6 MB of text (6M tokens) grows the process's
+    peak memory by less than the corpus's tokens would take as int64 (8 bytes each) - any version that held the
+    text's token ids (a list of ints: 8+ bytes per token) or its encodings would be far above that."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PREPARE_SCRIPT, str(shakespeare), str(tmp_path), "6000000"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n_tokens"] == result["bytes"] >= 6_000_000  # char-level: a token per character
+    assert result["growth"] < 8 * result["n_tokens"], result

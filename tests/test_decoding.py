@@ -33,7 +33,7 @@ def sequence_logprob(model, prompt, new):
         new = new[: int((new == EOS).nonzero()[0]) + 1]
     ids = torch.cat([prompt, new])[None]
     logp = F.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
-    return float(logp.gather(-1, new[:, None]).sum())
+    return float(logp.gather(-1, new[:, None]).sum().detach())
 
 
 def test_no_repeat_ngram_off_is_plain_greedy_and_on_never_repeats(model):

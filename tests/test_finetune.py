@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from conftest import assert_user_error, run_cli
+from faults import assert_resumed_run_matches, kill_then_resume
 
 from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter_dir, base_record
 from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save_model_dir
@@ -53,7 +54,7 @@ def base_dir(task_files, tmp_path_factory):
         chars.update(f.read_text())
     tok = Tokenizer.char_level(chars)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=160, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
+    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
     return save_model_dir(model, tok, tmp_path_factory.mktemp("base") / "base")
 
 
@@ -228,6 +229,15 @@ def test_merged_equals_unmerged_and_exports_standalone(base_dir, tmp_path, targe
     # an adapter on the (tied) LM head must not leak into the input embedding
     original, _ = load_model_dir(base_dir)
     assert torch.equal(reloaded.transformer.wte.weight, original.transformer.wte.weight)
+    # and the merged model exports to Hugging Face like any other (an untied lm_head when it was adapted)
+    from transformers import GPT2LMHeadModel
+
+    from gpt.convert import export_hf
+
+    hf = GPT2LMHeadModel.from_pretrained(str(export_hf(tmp_path / "merged", tmp_path / "hf"))).eval()
+    assert hf.config.tie_word_embeddings == ("lm_head" not in targets)
+    with torch.no_grad():
+        assert (hf(x).logits - unmerged).abs().max() <= 1e-5
 
 
 def test_adapter_dir_loads_with_peft_and_refuses_another_base(base_dir, tmp_path):
@@ -285,7 +295,7 @@ def test_stop_strings_end_generation_early_with_the_same_text(base_dir):
 def finetuned(task_files, base_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ft") / "run"
     proc = run_cli("finetune.py", f"base={base_dir}", "task=parallel", f"task.root={task_files}",
-                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]", "task.template={input}\\n",
+                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
                    "task.batch_size=16", "task.max_new_tokens=24", "trainer.max_steps=40", "trainer.val_check_interval=20",
                    "optim.lr=1e-2", "optim.warmup_steps=5", "lora.rank=8", "lora.targets=[qkv,attn_out,mlp,lm_head]",
                    "merge=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
@@ -297,7 +307,7 @@ def test_finetune_trains_only_the_adapter_and_reports_it(finetuned, base_dir):
     run_dir, proc = finetuned
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
-    assert f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters" in proc.stderr
+    assert f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters" in proc.stdout + proc.stderr
     ev = metrics["eval"]
     assert ev["examples"] == 24 and set(ev) >= {"base", "adapter", "copy"}
     assert ev["adapter"]["val_loss"] < ev["base"]["val_loss"] - 0.5  # it learned something
@@ -340,10 +350,22 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     proc = run_cli("sample.py", f"adapter={adapter}", f"ckpt={wrong}", "prompt=Hello")
     assert_user_error(proc, "belongs to a different base", str(wrong))
     proc = run_cli("finetune.py", "eval_only=true", f"adapter={adapter}", "task=parallel", f"task.root={task_files}",
-                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]", "task.template={input}\\n",
+                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
                    "task.max_new_tokens=24", f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval"]
     first = json.loads((run_dir / "metrics.json").read_text())["eval"]
     for system in ("base", "adapter", "copy"):
         assert again[system]["bleu"] == first[system]["bleu"]
+
+
+def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir, tmp_path):
+    """SIGKILL in the middle of writing the step-30 checkpoint, resume with ckpt_path=last: the same losses,
+    step by step, and the same best adapter as a run never stopped (mid-epoch and across epochs: 19 batches
+    an epoch)."""
+    args = [f"base={base_dir}", "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
+            "task.valid=[valid.src,valid.tgt]", "task.batch_size=16", "trainer.max_steps=40",
+            "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "optim.warmup_steps=5", "lora.rank=4",
+            "lora.dropout=0.1", "eval.enabled=false", "trainer.enable_progress_bar=false", "name=ft-resume"]
+    ref, killed, resumed = kill_then_resume("finetune.py", args, tmp_path)
+    assert_resumed_run_matches(resumed, ref, resumed_at=20, steps=40)

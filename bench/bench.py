@@ -1,0 +1,403 @@
+"""Benchmarks: this project against its peers, measured side by side in one run.
+
+    python bench/bench.py                    # every case for this device; table + bench/results/<host>-<date>.json
+    python bench/bench.py --cases gen_b1     # some cases
+    python bench/bench.py --quick            # fewer repeats (a smoke run, figures not for quoting)
+
+Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
+CUDA) belongs to that case alone and no warm cache leaks between contenders. Every figure is the median of
+>= 5 timed repeats after warm-up. MFU = model FLOPs per second / the device's peak, where the CPU peak is a
+matmul rate measured in the same run (fp32 for fp32 work, bf16 for bf16 work) and the GPU peak is the
+card's dense bf16 datasheet figure.
+
+Peers: Hugging Face `transformers.GPT2LMHeadModel` with identical dimensions (same weights for generation,
+imported through gpt.convert), trained with the same AdamW settings in a plain PyTorch loop, in fp32 eager
+(how most run it) and under bf16 autocast (the best a peer user could do); HF `generate`; HF GPT-2 + PEFT.
+"Ours" runs the project's own path with the default settings for the device (configs/train.yaml,
+configs/trainer/<cpu|gpu>.yaml, configs/sample.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VOCAB = 65  # Tiny Shakespeare's characters, as in nanoGPT's char recipes
+
+# name -> (description, dims); dims = n_layer, n_head, n_embd, block, batch
+TRAIN_CASES = {
+    "train_mini": ("pretraining step, nanoGPT CPU recipe 4L/4H/128, block 64, batch 12", (4, 4, 128, 64, 12)),
+    "train_baby": ("pretraining step, 6L/6H/384, block 256, batch 8", (6, 6, 384, 256, 8)),
+}
+GEN_CASES = {
+    "gen_b1": ("generation, 6L/384, batch 1, 256 new tokens", 1),
+    "gen_b8": ("generation, 6L/384, batch 8, 256 new tokens", 8),
+}
+LORA_CASE = ("LoRA step, 6L/384, block 256, batch 8, r=16 on qkv/attn-out/mlp", (6, 6, 384, 256, 8))
+GPU_CASE = ("GPT-2 124M pretraining, block 1024, bf16-mixed, compile, fused AdamW, flash SDPA", (12, 12, 768, 1024))
+GEN_PROMPT, GEN_NEW = 16, 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers that run inside a child
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_train_config():
+    """The project's default training config for this device (what `python train.py` would use)."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = ["trainer=gpu"] if device_name() == "cuda" else []
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def random_batches(n, batch, block, vocab=VOCAB, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, block + 1), generator=g) for _ in range(n)]
+
+
+def time_repeats(step, steps_per_repeat, repeats, warmup):
+    """Run `step` warmup times, then `repeats` blocks of steps_per_repeat; seconds per block."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps_per_repeat):
+            step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def hf_model(n_layer, n_head, n_embd, block, vocab=VOCAB, eos=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
+    return GPT2LMHeadModel(cfg)
+
+
+def hf_train_step(model, batches, precision, device):
+    """A plain PyTorch loop over HF GPT-2: what a peer user writes."""
+    import contextlib
+
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    it = iter(range(10**9))
+
+    def step():
+        b = batches[next(it) % len(batches)].to(device)
+        with ctx:
+            loss = model(input_ids=b[:, :-1], labels=b[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precision, compile_model):
+    """Our pretraining path: LanguageModel + Lightning Trainer, timed per optimizer step by a callback."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from gpt.lit import LanguageModel, quiet_lightning
+    from gpt.tokenizer import Tokenizer
+
+    quiet_lightning()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            i = 0
+            while True:
+                b = batches[i % len(batches)]
+                yield {"input_ids": b[:, :-1], "labels": b[:, 1:]}
+                i += 1
+
+    class Timer(Callback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_batch_end(self, trainer, *args):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    timer = Timer()
+    module = LanguageModel(model, Tokenizer.char_level("ab"), lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                           betas=(0.9, 0.99), weight_decay=0.1, compile=compile_model)
+    total = warmup + steps_per_repeat * repeats
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=total, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=None))
+    s = timer.stamps
+    return [s[warmup - 1 + (r + 1) * steps_per_repeat] - s[warmup - 1 + r * steps_per_repeat] for r in range(repeats)]
+
+
+def child(case: str, impl: str, quick: bool) -> dict:
+    import torch
+
+    from gpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    device = device_name()
+    repeats = 5
+    warmup = 3 if quick else 10
+    out = {"case": case, "impl": impl, "device": device, "threads": torch.get_num_threads()}
+
+    if case in TRAIN_CASES or case == "lora":
+        n_layer, n_head, n_embd, block, batch = TRAIN_CASES[case][1] if case in TRAIN_CASES else LORA_CASE[1]
+        steps = 5 if quick else (20 if n_embd <= 128 else 5)
+        batches = random_batches(8, batch, block)
+        tokens = batch * block * steps
+        gcfg = GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        if impl.startswith("ours"):
+            cfg = default_train_config()
+            precision, compile_model = cfg.trainer.precision, bool(cfg.compile)
+            model = GPT(gcfg)
+            n_params = model.num_params()
+            if case == "lora":
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                         target_modules=["c_attn", "c_proj", "c_fc"]))
+            times = ours_train_times(model, batches, steps, repeats, warmup, precision, compile_model)
+            out.update(precision=precision, compile=compile_model)
+        else:
+            precision = "bf16" if impl.endswith("bf16") else "fp32"
+            model = hf_model(n_layer, n_head, n_embd, block).to(device).train()
+            n_params = GPT(gcfg).num_params()
+            if case == "lora":
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, fan_in_fan_out=True,
+                                                         target_modules=["c_attn", "c_proj", "c_fc"]))
+            times = time_repeats(hf_train_step(model, batches, precision, device), steps, repeats, warmup)
+            out.update(precision=precision, compile=False)
+        # 6N per token for a full training step; LoRA trains no base weight: forward 2N + input grads 2N.
+        per_token = (4 if case == "lora" else 6) * n_params + 12 * n_layer * n_embd * block
+        out.update(times=times, tokens_per_repeat=tokens, flops_per_token=per_token)
+
+    elif case in GEN_CASES:
+        batch = GEN_CASES[case][1]
+        block = 512  # room for the prompt + 256 new tokens without sliding (peers would fail past n_positions)
+        from gpt.tokenizer import Tokenizer
+
+        tok = Tokenizer.char_level("".join(chr(33 + i) for i in range(VOCAB - 2)))  # 63 chars + EOS + UNK = 65
+        hf = hf_model(6, 6, 384, block, eos=tok.eos_id).eval()
+        prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
+        if impl == "ours":
+            from gpt.convert import import_hf
+
+            with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
+                hf.save_pretrained(Path(tmp) / "hf")
+                tok.save(Path(tmp) / "hf")
+                _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
+            model = model.to(device).eval()
+
+            def step():
+                model.generate(prompt.to(device), GEN_NEW, temperature=0)
+        else:
+            hf = hf.to(device)
+
+            def step():
+                with torch.no_grad():
+                    hf.generate(prompt.to(device), max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+
+        times = time_repeats(step, 1, repeats, 1 if quick else 2)
+        n_params = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=6, n_head=6, n_embd=384)).num_params()
+        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision="fp32")
+
+    elif case == "gpt2":
+        n_layer, n_head, n_embd, block = GPU_CASE[1]
+        batch = 16 if device == "cuda" else 1
+        steps = 10 if device == "cuda" else 1
+        batches = random_batches(4, batch, block, vocab=50304)
+        model = GPT(GPTConfig(block_size=block, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+        n_params = model.num_params()
+        times = ours_train_times(model, batches, steps, repeats, 3 if device == "cpu" else 10, "bf16-mixed", True)
+        out.update(times=times, tokens_per_repeat=batch * block * steps, precision="bf16-mixed", compile=True,
+                   flops_per_token=6 * n_params + 12 * n_layer * n_embd * block)
+    elif case == "peak":
+        out.update(peak_flops=measure_peak_flops(device))
+    else:
+        raise SystemExit(f"unknown case {case}")
+    out["peak_mem_mb"] = peak_memory_mb()
+    return out
+
+
+def measure_peak_flops(device) -> dict:
+    """Matmul rate of this device (n=2048), fp32 and bf16, median of 5: the MFU denominator on CPU."""
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        dense_bf16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+        peak = next((v for k, v in dense_bf16.items() if k in name), None)
+        return {"fp32": peak, "bf16": peak, "source": f"datasheet dense bf16 for {name}"}
+    n = 2048
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        times = time_repeats(lambda: a @ b, 3, 5, 2)
+        rates[name] = 2 * n**3 * 3 / statistics.median(times)
+    rates["source"] = f"measured {n}x{n} matmul, {torch.get_num_threads()} threads"
+    return rates
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parent: run every contender in its own process, then compare
+
+
+def run_child(case, impl, quick) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"case": case, "impl": impl, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(cases, device):
+    contenders = []
+    for case in cases:
+        if case in TRAIN_CASES:
+            contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
+        elif case in GEN_CASES:
+            contenders += [(case, "ours"), (case, "hf")]
+        elif case == "lora":
+            contenders += [(case, "ours"), (case, "hf_fp32")]
+        elif case == "gpt2":
+            contenders += [(case, "ours")]
+    return contenders
+
+
+def summarize(results, peak):
+    rows = []
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    for case, rs in by_case.items():
+        ours = next((r for r in rs if r["impl"] == "ours" and "times" in r), None)
+        ours_tps = ours["tokens_per_repeat"] / statistics.median(ours["times"]) if ours else None
+        for r in rs:
+            if "error" in r:
+                rows.append({"case": case, "impl": r["impl"], "error": r["error"]})
+                continue
+            med = statistics.median(r["times"])
+            tps = r["tokens_per_repeat"] / med
+            kind = "bf16" if "bf16" in str(r.get("precision")) else "fp32"
+            denom = peak.get(kind) if peak else None
+            mfu = tps * r["flops_per_token"] / denom if denom else None
+            rows.append({
+                "case": case, "impl": r["impl"], "precision": r.get("precision"), "compile": r.get("compile"),
+                "tokens_per_s": round(tps, 1), "median_s": round(med, 5),
+                "min_max_s": [round(min(r["times"]), 5), round(max(r["times"]), 5)],
+                "peak_mem_mb": round(r["peak_mem_mb"], 1), "mfu": round(mfu, 4) if mfu else None,
+                "ours_vs_this": round(ours_tps / tps, 2) if ours_tps and r["impl"] != "ours" else None,
+            })
+    return rows
+
+
+def print_table(rows, descriptions):
+    print(f"\n{'case':<11} {'impl':<8} {'prec':<10} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7} {'ours/this':>9}")
+    last = None
+    for r in rows:
+        if r["case"] != last:
+            print(f"-- {descriptions.get(r['case'], r['case'])}")
+            last = r["case"]
+        if "error" in r:
+            print(f"{r['case']:<11} {r['impl']:<8} error: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        ratio = f"{r['ours_vs_this']:.2f}x" if r["ours_vs_this"] else ""
+        print(f"{r['case']:<11} {r['impl']:<8} {str(r['precision']):<10} {r['tokens_per_s']:>10,.0f} "
+              f"{r['peak_mem_mb']:>9,.0f} {mfu:>7} {ratio:>9}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=None, help="comma-separated: " + ",".join(
+        [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]))
+    ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
+    ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        print(json.dumps(child(*args.child, quick=args.quick)))
+        return
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = [*TRAIN_CASES, *GEN_CASES, "lora"] + (["gpt2"] if device == "cuda" else [])
+    cases = args.cases.split(",") if args.cases else default
+    descriptions = {**{k: v[0] for k, v in TRAIN_CASES.items()}, **{k: v[0] for k, v in GEN_CASES.items()},
+                    "lora": LORA_CASE[0], "gpt2": GPU_CASE[0]}
+    t0 = time.time()
+    peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
+    results = []
+    for case, impl in plan(cases, device):
+        print(f"running {case} / {impl} ...", file=sys.stderr, flush=True)
+        results.append(run_child(case, impl, args.quick))
+    rows = summarize(results, peak)
+    print_table(rows, descriptions)
+    if peak:
+        print(f"\npeak: fp32 {peak.get('fp32', 0) / 1e9:,.0f} GFLOP/s, bf16 {peak.get('bf16', 0) / 1e9:,.0f} GFLOP/s "
+              f"({peak.get('source')})")
+    report = {
+        "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "quick": args.quick, "peak_flops": peak, "descriptions": descriptions,
+        "results": rows, "raw": results, "seconds": round(time.time() - t0, 1),
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

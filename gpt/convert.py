@@ -1,0 +1,352 @@
+"""Convert between our model directories and Hugging Face GPT-2 directories.
+
+    python -m gpt.convert import-hf <hf_dir> <out_dir>          a local GPT-2 download -> one of our model dirs
+    python -m gpt.convert export-hf <model_dir|.ckpt> <hf_dir>  one of ours -> a dir transformers loads as GPT-2
+
+Our parameter names are GPT-2's, so the mapping is short: Hugging Face stores the four projections of a
+block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) as `Conv1D`, whose weight is the transpose
+of an `nn.Linear` weight; everything else is copied as is. Loading is strict: a config we cannot represent,
+a missing, extra or wrongly shaped tensor is refused with a message that names it, never loaded in part.
+Nothing is read with pickle except `pytorch_model.bin`, and that only through `torch.load(weights_only=True)`.
+
+transformers is used here (to read and write its own formats) and in the tests, never by `gpt/model.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from gpt.checkpoint import (CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights, read_safetensors,
+                            save_model_dir, tied_keys, torch_load_safely)
+from gpt.cli import fail, user_errors
+from gpt.errors import GPTError
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
+
+ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+CONV1D = ("c_attn", "c_proj", "c_fc")  # modules whose weights Hugging Face stores transposed
+# The causal-mask buffers older transformers versions saved with every layer: constants, not weights
+# (transformers itself ignores them when loading).
+MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+# Config fields our GPT has no equivalent for, and the one value of each it does compute.
+REQUIRED = {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True}
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # a language model, no extra heads
+# In the order looked for: safetensors first, a single file before a sharded one.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_FILE = "adapter_config.json"  # what PEFT writes beside LoRA weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights: our layout <-> GPT-2's
+
+
+def _is_conv1d(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] == "weight" and parts[-2] in CONV1D
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under GPT-2's names and layout (as `GPT2LMHeadModel.save_pretrained` writes them).
+
+    A tied lm_head is left out, as transformers does. A model built with bias=False gets zero biases:
+    GPT-2 always has them, and adding zero changes nothing.
+    """
+    out = {k: (v.t().contiguous() if _is_conv1d(k) else v) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head" and module.bias is None:
+            w = module.weight
+            out[f"{name}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    return out
+
+
+def state_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
+    """A GPT-2 state dict (as saved by GPT2LMHeadModel or GPT2Model) in our names and layout, checked strictly."""
+    state = {k: v for k, v in state.items() if not MASK_BUFFER.match(k)}
+    lm_head = state.pop("lm_head.weight", None)
+    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the released checkpoints) "h.0...": check the
+    # file in its own naming so that errors name its keys.
+    prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        reference = hf_state_dict(GPT(config))
+    reference.pop("lm_head.weight", None)
+    expected = {prefix + k.removeprefix("transformer."): tuple(v.shape) for k, v in reference.items()}
+    check_tensors(expected, state, source, fix="download the checkpoint again (all of its files)")
+    out = {"transformer." + k.removeprefix(prefix): (v.t() if _is_conv1d(k) else v) for k, v in state.items()}
+    if config.tie_embeddings:
+        if lm_head is not None and not torch.equal(lm_head, state[prefix + "wte.weight"]):
+            raise GPTError(f"{source}: 'lm_head.weight' differs from the token embedding '{prefix}wte.weight' but "
+                           "config.json says tie_word_embeddings=true; set it to false (an untied output layer)")
+    else:  # an untied output layer (e.g. a merged LoRA adapter on lm_head): its own tensor
+        if lm_head is None:
+            raise GPTError(f"{source} is missing tensor 'lm_head.weight' (config.json says tie_word_embeddings=false); "
+                           "download the checkpoint again (all of its files)")
+        check_tensors({"lm_head.weight": tuple(out["transformer.wte.weight"].shape)}, {"lm_head.weight": lm_head}, source)
+        out["lm_head.weight"] = lm_head
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(raw: dict, source: str) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face config.json; anything GPT-2 can do that we cannot is refused by name."""
+    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    if model_type != "gpt2":
+        found = f"model_type {model_type!r}" + (f", architectures {archs}" if archs else "")
+        hint = ("it is already one of our model directories: use it as it is" if model_type == "gpt"
+                else "import-hf converts Hugging Face GPT-2 checkpoints (model_type 'gpt2') only")
+        raise GPTError(f"{source} describes {found}, not GPT-2; {hint}")
+    extra_heads = [a for a in archs if a not in ARCHITECTURES]
+    if extra_heads:
+        raise GPTError(f"{source}: architectures {extra_heads} are not supported; import-hf takes a GPT-2 language "
+                       f"model ({' or '.join(ARCHITECTURES)}), without extra heads")
+    try:
+        hf = GPT2Config.from_dict(raw)  # the defaults transformers itself fills in for fields a file leaves out
+    except Exception as e:  # transformers validates types with its own exception classes
+        raise GPTError(f"{source} is not a valid GPT-2 config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    for field, value in REQUIRED.items():
+        if getattr(hf, field) != value:
+            raise GPTError(f"{source}: {field}={getattr(hf, field)!r} is not supported (our GPT computes "
+                           f"{field}={value}); this checkpoint cannot be represented")
+    if hf.n_inner not in (None, 4 * hf.n_embd):
+        raise GPTError(f"{source}: n_inner={hf.n_inner} is not supported (our MLP is 4 * n_embd = {4 * hf.n_embd} wide)")
+    if hf.activation_function not in ACTIVATION_FROM_HF:
+        raise GPTError(f"{source}: activation_function {hf.activation_function!r} is not supported; "
+                       f"supported: {', '.join(ACTIVATION_FROM_HF)}")
+    return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                     n_embd=hf.n_embd, bias=True, layer_norm_eps=hf.layer_norm_epsilon,
+                     activation=ACTIVATION_FROM_HF[hf.activation_function],
+                     # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
+                     dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
+                     tie_embeddings=bool(hf.tie_word_embeddings))
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
+    """The GPT2Config of one of our models (its vocab_size, padding included, is the model's)."""
+    eos = tokenizer.eos_id
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
+                      activation_function=ACTIVATION_TO_HF[config.activation],
+                      resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                      layer_norm_epsilon=config.layer_norm_eps, bos_token_id=eos, eos_token_id=eos,
+                      tie_word_embeddings=config.tie_embeddings)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def tokenizer_from_hf(hf_dir: Path, raw: dict, vocab_size: int) -> Tokenizer:
+    """tokenizer.json as it is, or GPT-2's vocab.json + merges.txt; `<|endoftext|>` must be there (our EOS)."""
+    settings = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.load(hf_dir)
+    elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
+        tokenizer = Tokenizer.from_gpt2_files(hf_dir / "vocab.json", hf_dir / "merges.txt",
+                                              add_prefix_space=bool(settings.get("add_prefix_space", False)))
+    else:
+        raise GPTError(f"{hf_dir} has no tokenizer: expected {TOKENIZER_FILE}, or vocab.json + merges.txt "
+                       "(download them together with the weights)")
+    # A tokenizer.json may carry a truncation or padding setting; ours never truncate or pad silently.
+    tokenizer.hf.no_truncation()
+    tokenizer.hf.no_padding()
+    if tokenizer.eos_id is None:
+        raise GPTError(f"{hf_dir}: the tokenizer has no {EOS} token (GPT-2's end of text, and ours); "
+                       "this is not a GPT-2 tokenizer")
+    eos = raw.get("eos_token_id")
+    if eos is not None and tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
+        raise GPTError(f"{hf_dir / CONFIG_FILE}: eos_token_id={eos} but the tokenizer's {EOS} is id {tokenizer.eos_id}; "
+                       "the tokenizer and the model do not belong together")
+    if tokenizer.vocab_size > vocab_size:
+        raise GPTError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
+                       "(vocab_size in config.json); the tokenizer and the model do not belong together")
+    return tokenizer
+
+
+def gpt2_add_prefix_space(tokenizer: Tokenizer) -> Optional[bool]:
+    """add_prefix_space if `tokenizer` is exactly GPT-2's scheme (what transformers' GPT2Tokenizer rebuilds
+    from a tokenizer.json: byte-level BPE, no normalizer, no other special tokens), else None."""
+    spec = json.loads(tokenizer.to_str())
+    model, pre, dec = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    plain_bpe = model.get("type") == "BPE" and not any(
+        model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"))
+    if (plain_bpe and spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and dec.get("type") == "ByteLevel" and {t["content"] for t in spec.get("added_tokens", [])} <= {EOS}):
+        return bool(pre.get("add_prefix_space", False))
+    return None
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained` loads without custom code.
+
+    A GPT-2-style byte-level BPE is declared a `GPT2Tokenizer` (what GPT-2's own directory says); any other
+    tokenizer (e.g. char-level) a `PreTrainedTokenizerFast`, which takes tokenizer.json as it is.
+    """
+    prefix_space = gpt2_add_prefix_space(tokenizer)
+    specials = {}
+    if tokenizer.eos_id is not None:
+        specials.update(eos_token=EOS, bos_token=EOS)  # GPT-2 uses <|endoftext|> for both
+    if tokenizer.unk_id is not None:
+        specials["unk_token"] = UNK
+    elif prefix_space is not None and tokenizer.eos_id is not None:
+        specials["unk_token"] = EOS  # as GPT-2's own tokenizer_config (byte-level BPE never needs it)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=False, **specials)
+    fast.save_pretrained(str(path))
+    tokenizer.save(path / TOKENIZER_FILE)  # ours as it is (transformers adds a post-processor that does nothing)
+    # transformers 5 writes its internal class name (TokenizersBackend), which earlier versions do not know.
+    config_path = path / "tokenizer_config.json"
+    settings = _read_json(config_path)
+    if prefix_space is None:
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        settings.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=prefix_space)
+    config_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two verbs
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> tuple[Path, GPT]:
+    """A local Hugging Face GPT-2 directory -> one of our exported model directories."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
+        raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
+                       "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+    check_output_dir(out_dir, hf_dir, force)
+    raw = _read_json(hf_dir / CONFIG_FILE)
+    config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
+    tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
+    state, source = read_hf_weights(hf_dir)
+    model = GPT(config)
+    load_weights(model, state_from_hf(state, config, source), source)
+    save_model_dir(model, tokenizer, out_dir,
+                   extra={"converted_from": {"format": "huggingface-gpt2", "path": str(hf_dir.resolve()),
+                                             "weights": Path(source).name}})
+    return out_dir, model
+
+
+def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """One of our models (exported dir or .ckpt) -> a directory transformers loads as GPT-2."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if (model_path / ADAPTER_FILE).is_file():
+        raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_FILE}), not a whole model; merge it into its "
+                       "base model first and export the merged model directory")
+    check_output_dir(out_dir, model_path, force)
+    model, tokenizer = load_model(model_path)
+    state = hf_state_dict(model)
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    with torch.device("meta"):  # the weights are ours: no memory for transformers' random initialisation
+        hf = GPT2LMHeadModel(hf_config(model.config, tokenizer))
+    hf.load_state_dict(state, strict=True, assign=True)  # strict: a key mismatch here is a bug in the mapping
+    hf.tie_weights()
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GPTError(f"{path} is not valid JSON ({e}); download it again") from e
+    if not isinstance(data, dict):
+        raise GPTError(f"{path} does not hold a JSON object; download it again")
+    return data
+
+
+def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a Hugging Face model directory (single or sharded; safetensors preferred)."""
+    path = next((hf_dir / name for name in WEIGHT_FILES if (hf_dir / name).is_file()), None)
+    if path is None:
+        raise GPTError(f"{hf_dir} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    if not path.name.endswith(".index.json"):
+        return _read_weight_file(path), str(path)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise GPTError(f"{path} has no weight_map; download it again")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard or not (hf_dir / shard).is_file():
+            raise GPTError(f"{path} names shard {shard!r}, which is not a file in {hf_dir}; download all the shards")
+        state.update(_read_weight_file(hf_dir / shard))
+    return state, str(path)
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "download it again")
+    state = torch_load_safely(path, "use the model.safetensors file instead, or a source you trust")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise GPTError(f"{path} does not hold a state dict (a flat mapping of names to tensors)")
+    return state
+
+
+def check_output_dir(out: Path, source: Path, force: bool) -> None:
+    """Nothing is replaced by mistake: not the input, not a non-empty directory unless --force."""
+    if out.exists() and not out.is_dir():
+        raise GPTError(f"{out} is a file; give a directory path for the output")
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise GPTError(f"writing to {out} would replace the input {source}; choose another output directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error block -> our one `error:` line, exit status 2
+        fail(f"{message}; see `{self.prog} --help`")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = _Parser(prog="python -m gpt.convert", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf}")
+    imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 directory -> one of our model directories")
+    imp.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer files")
+    imp.add_argument("out_dir", help="the model directory to write (sample.py ckpt=..., finetune.py base=...)")
+    exp = verbs.add_parser("export-hf", help="one of our models -> a Hugging Face GPT-2 directory")
+    exp.add_argument("model", help="an exported model directory (e.g. runs/<name>/latest/checkpoints/best) or a .ckpt")
+    exp.add_argument("hf_dir", help="the directory to write (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    for p in (imp, exp):
+        p.add_argument("--force", action="store_true", help="replace the output directory if it is not empty")
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with user_errors():
+        if args.verb == "import-hf":
+            out, model = import_hf(args.hf_dir, args.out_dir, force=args.force)
+            c = model.config
+            print(f"imported {args.hf_dir} -> {out}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dims, "
+                  f"context {c.block_size}, vocab {c.vocab_size}, {model.num_params(non_embedding=False) / 1e6:.1f}M "
+                  f"parameters\nsample from it: python sample.py ckpt={out}")
+        else:
+            out = export_hf(args.model, args.hf_dir, force=args.force)
+            print(f"exported {args.model} -> {out} (Hugging Face GPT-2: "
+                  f"AutoModelForCausalLM.from_pretrained({str(out)!r}), AutoTokenizer.from_pretrained({str(out)!r}))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Every row of the README's "Errors and what to do" table, through the entry scripts as a user runs them:
+one `error:` line naming the problem and the fix, exit status 2, no traceback, and no file that existed
+before the call changed by it.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
+
+from conftest import ROOT, TINY, assert_user_error, run_cli, train_config
+
+from gpt.checkpoint import save_model_dir
+from gpt.model import GPT, GPTConfig
+from gpt.pretrain import pretrain
+from gpt.tokenizer import EOS, Tokenizer
+
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+LATIN_1 = "café au lait\n".encode("latin-1")
+
+
+class Payload:
+    """Unpickled without weights_only, this runs os.mkdir(path): code, from a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shakespeare):
+    """What the mistakes are made against: an exported model (context 32) and a finished training run."""
+    root = tmp_path_factory.mktemp("world")
+    tok = Tokenizer.char_level(TEXT)
+    save_model_dir(GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)), tok,
+                   root / "model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        pretrain(train_config(*TINY, f"data.path={shakespeare}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                              "trainer.log_every_n_steps=1"), root / "runs" / "tiny" / "done")
+    for record in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log"):  # what train.py also leaves there
+        write(root / "runs" / "tiny" / "done" / record, f"# {record} of the finished run\n")
+    return root
+
+
+def write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def train(tmp, *args):
+    """train.py with a tiny model, run in tmp/run."""
+    return ("train.py", *TINY, f"hydra.run.dir={tmp / 'run'}", *args)
+
+
+def sample(world, *args):
+    return ("sample.py", f"ckpt={world / 'model'}", "prompt=ROMEO:", "max_new_tokens=5", *args)
+
+
+def copy_model(world, tmp) -> Path:
+    return Path(shutil.copytree(world / "model", tmp / "model"))
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def other_vocab(model: Path) -> Path:
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] += 13
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def big_tokenizer(tmp) -> Path:
+    vocab = {f"t{i}": i for i in range(70_000)} | {EOS: 70_000}
+    HFTokenizer(models.WordLevel(vocab, unk_token=EOS)).save(str(tmp / "big.json"))
+    return tmp / "big.json"
+
+
+def evil_ckpt(tmp) -> Path:
+    """A real torch zip archive whose pickle calls Path.touch(tmp/pwned) when unpickled without weights_only."""
+    torch.save({"state_dict": {}, "gpt": Payload(tmp / "pwned")}, tmp / "evil.ckpt", pickle_protocol=2)
+    return tmp / "evil.ckpt"
+
+
+# (README row, id, how to make the mistake: f(world, tmp) -> (script, *args) or (script, *args, {env}), needles)
+CASES = [
+    ("unknown config key", "typo'd key", lambda w, t: train(t, "model.n_layr=3"),
+     ["unknown config key 'model.n_layr'"]),
+    ("unknown choice", "no such preset", lambda w, t: train(t, "model=gpt5"), ["model/gpt5", "gpt2-medium"]),
+    ("impossible model config", "impossible shape", lambda w, t: train(t, "model.n_embd=100", "model.n_head=3"),
+     ["divisible by n_head"]),
+    ("trainer config:", "bad trainer value", lambda w, t: train(t, "trainer.precision=fp13"),
+     ["Precision 'fp13' is invalid", "trainer.*"]),
+    ("cannot create hydra.run.dir", "unwritable run dir", lambda w, t: (*train(t), "hydra.run.dir=/proc/nope/run"),
+     ["/proc/nope/run", "write to"]),
+    ("downloading ... failed", "missing dataset offline",
+     lambda w, t: (*train(t, "data.url=http://127.0.0.1:9/input.txt"), {"GPT_DATA_DIR": str(t / "nothing")}),
+     ["tinyshakespeare/input.txt", "GPT_DATA_DIR"]),
+    ("the corpus is empty", "empty corpus", lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.txt', '')}"),
+     ["empty"]),
+    ("looks binary", "binary corpus",
+     lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.png', PNG)}"),
+     ["c.png looks binary"]),
+    ("is not UTF-8 text", "latin-1 corpus",
+     lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.txt', LATIN_1)}"),
+     ["not UTF-8", "offset 3", "iconv"]),
+    ("the corpus is too short", "corpus shorter than a block",
+     lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.txt', 'Too short.')}"), ["too short", "block_size"]),
+    ("more than uint16 can hold", "vocab too big for the token dtype",
+     lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.txt', 't1 t2 ' * 50)}", "data.tokenizer=file",
+                        f"data.tokenizer_path={big_tokenizer(t)}", "data.dtype=uint16"),
+     ["70001 tokens", "data.dtype=uint32"]),
+    ("non-finite loss", "NaN loss (raised inside Lightning)",
+     lambda w, t: ("tests/faults.py", *train(t, "trainer.max_steps=6", "trainer.val_check_interval=2"),
+                   {"GPT_FAULT": "nan@4"}),
+     ["at step 4", "last.ckpt", "optim.lr", "on_nan=skip"]),
+    ("the checkpoint was trained with", "resume with another vocabulary",
+     lambda w, t: train(t, f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", "data=text",
+                        f"data.path={write(t / 'c.txt', TEXT * 20)}"),
+     ["model.vocab_size=67", "resume with the settings"]),
+    ("cannot be loaded safely", "resume from a pickle that carries code",
+     lambda w, t: train(t, f"ckpt_path={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely"]),
+    ("cannot be loaded safely", "sample from a pickle that carries code",
+     lambda w, t: ("sample.py", f"ckpt={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely"]),
+    ("is not a whole checkpoint", "resume from a truncated .ckpt",
+     lambda w, t: train(t, f"ckpt_path={truncated(Path(shutil.copy(w / 'runs/tiny/done/checkpoints/last.ckpt', t)))}"),
+     ["not a whole checkpoint"]),
+    ("no earlier run", "ckpt_path=last with nothing to resume",
+     lambda w, t: (*train(t, "ckpt_path=last"), f"hydra.run.dir={t / 'fresh' / 'run'}"), ["no earlier run"]),
+    ("already holds a run", "a second run into a used directory",
+     lambda w, t: (*train(t), f"hydra.run.dir={w / 'runs/tiny/done'}"), ["already holds a run", "ckpt_path="]),
+    ("prompt is N tokens", "prompt longer than the context", lambda w, t: sample(w, "prompt=" + "a" * 40),
+     ["40 tokens", "context is 32"]),
+    ("must be a positive integer", "max_new_tokens=0", lambda w, t: sample(w, "max_new_tokens=0"),
+     ["max_new_tokens must be a positive integer"]),
+    ("must be a positive integer", "temperature<0", lambda w, t: sample(w, "temperature=-1"),
+     ["temperature must be >= 0"]),
+    ("must be a positive integer", "top_p>1", lambda w, t: sample(w, "top_p=1.5"), ["top_p must be in (0, 1]"]),
+    ("must be a positive integer", "top_p=0", lambda w, t: sample(w, "top_p=0"), ["top_p must be in (0, 1]"]),
+    ("is not a model directory", "a directory that is not a model",
+     lambda w, t: ("sample.py", f"ckpt={write(t / 'notes' / 'readme.txt', 'hi').parent}"), ["not a model directory"]),
+    ("is truncated or corrupt", "truncated safetensors",
+     lambda w, t: ("sample.py", f"ckpt={truncated(copy_model(w, t) / 'model.safetensors').parent}"),
+     ["model.safetensors is truncated or corrupt"]),
+    ("has shape", "weights of another vocabulary",
+     lambda w, t: ("sample.py", f"ckpt={other_vocab(copy_model(w, t))}"), ["transformer.wte.weight", "vocabulary"]),
+    ("exists; choose another output_file", "batch output exists",
+     lambda w, t: sample(w, f"input_file={write(t / 'in.txt', 'ROMEO:')}", f"output_file={write(t / 'out.txt', 'x')}"),
+     ["out.txt exists", "overwrite=true"]),
+]
+# Rows tested elsewhere: a fault the command line cannot make, or another verb's own tests.
+ELSEWHERE = {
+    "no space left on device": "tests/test_reliability.py::test_full_disk_while_*",
+    "is missing tensor": "tests/test_checkpoint.py::test_missing_and_extra_tensors_are_named",
+    "describes model_type": "tests/test_convert.py::test_mismatches_are_refused_naming_the_key",
+    "exists and is not empty": "tests/test_convert.py::test_cli_refuses_to_overwrite_without_force",
+    "attention_layer=5 but the model has 4 layers":
+        "tests/test_viz.py::test_attention_heatmap_refuses_a_layer_or_head_that_is_not_there",
+    "a Hydra sweep (-m) cannot start DDP processes": "tests/test_scale.py::test_a_sweep_cannot_launch_ddp_processes",
+    "parallel files are not line-aligned": "tests/test_finetune.py::test_mismatched_parallel_files_name_both_files_and_counts",
+    "not valid JSON (": "tests/test_finetune.py::test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted",
+    "belongs to a different base": "tests/test_finetune.py::test_eval_only_and_an_adapter_on_the_wrong_base",
+    "matches no linear layer": "tests/test_finetune.py::test_lora_targets_map_to_our_module_names",
+    "processes of a distributed launch":
+        "tests/test_cli.py::test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_config",
+}
+
+
+def snapshot(*roots: Path) -> dict:
+    return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file() and ".lock" not in p.name}
+
+
+@pytest.mark.parametrize("row, make", [(c[0], c[2:]) for c in CASES], ids=[c[1] for c in CASES])
+def test_each_mistake_gets_one_line_and_changes_nothing(world, tmp_path, row, make):
+    build, needles = make
+    call = build(world, tmp_path)
+    env = call[-1] if isinstance(call[-1], dict) else {}
+    before = snapshot(world, tmp_path)
+    proc = run_cli(*(a for a in call if not isinstance(a, dict)), env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_user_error(proc, *needles)
+    assert snapshot(world, tmp_path).items() >= before.items()  # every file that was there is unchanged
+    assert not (tmp_path / "pwned").exists()  # no pickle was executed
+
+
+def test_the_code_carrying_pickle_is_live(tmp_path):
+    """The control for the two pickle rows above: loaded the unsafe way, the file does run its code."""
+    torch.load(evil_ckpt(tmp_path), weights_only=False)
+    assert (tmp_path / "pwned").is_dir()
+
+
+def test_the_readme_table_has_a_row_per_case_and_a_case_per_row():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Errors and what to do", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    covered = {c[0] for c in CASES} | set(ELSEWHERE)
+    for key in covered:
+        assert sum(key in row.split(" | ")[0] for row in rows) == 1, f"no single README row shows {key!r}"
+    for row in rows:
+        assert any(key in row.split(" | ")[0] for key in covered), f"no test for README row {row!r}"
+    assert re.search(r"GPT_VERBOSE=1", table)
