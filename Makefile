@@ -1,5 +1,7 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, then run the test suite
+# make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
+#             modern English -> Shakespeare -> score the full valid split (BLEU, chrF; base/adapter/copy)
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>.json)
 #
 # TORCH_SPEC picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
@@ -13,7 +15,7 @@ STAMP       = $(VENV)/.installed
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -30,6 +32,10 @@ demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
 	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300 \
 		attention_map=runs/shakespeare_char_cpu/latest/attention.png
+
+shakespeare-lora: $(STAMP)
+	$(PY) train.py experiment=shakespeare_modern_base
+	$(PY) finetune.py experiment=shakespeare_modern_lora
 
 bench: $(STAMP)
 	$(PY) -m gpt.bench

@@ -32,7 +32,11 @@ from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once
+TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once (unless untied)
+
+
+def tied_keys(model: GPT) -> tuple[str, ...]:
+    return TIED if model.config.tie_embeddings else ()
 
 
 def _fsync(path: Path) -> None:
@@ -160,7 +164,7 @@ def copy_atomically(src: Path, dst: Path) -> None:
 
 
 def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_keys(model)}
 
 
 def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None) -> Path:
@@ -203,10 +207,10 @@ def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], so
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load: every tensor present, none extra, every shape right; errors name the key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED}
-    state = {k: v for k, v in state.items() if k not in TIED}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    state = {k: v for k, v in state.items() if k not in tied_keys(model)}
     check_tensors(expected, state, source)
-    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+    model.load_state_dict(state, strict=False)  # strict=False only for a tied lm_head, checked above
 
 
 def read_safetensors(path: str | Path, fix: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

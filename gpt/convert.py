@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from gpt.checkpoint import (CONFIG_FILE, TIED, atomic_dir, check_tensors, load_model, load_weights, read_safetensors,
-                            save_model_dir, torch_load_safely)
+from gpt.checkpoint import (CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights, read_safetensors,
+                            save_model_dir, tied_keys, torch_load_safely)
 from gpt.cli import fail, user_errors
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig
@@ -38,8 +38,7 @@ CONV1D = ("c_attn", "c_proj", "c_fc")  # modules whose weights Hugging Face stor
 # (transformers itself ignores them when loading).
 MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # Config fields our GPT has no equivalent for, and the one value of each it does compute.
-REQUIRED = {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
-            "tie_word_embeddings": True}
+REQUIRED = {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True}
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # a language model, no extra heads
 # In the order looked for: safetensors first, a single file before a sharded one.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -58,10 +57,10 @@ def _is_conv1d(name: str) -> bool:
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT-2's names and layout (as `GPT2LMHeadModel.save_pretrained` writes them).
 
-    The tied lm_head is left out, as transformers does. A model built with bias=False gets zero biases:
+    A tied lm_head is left out, as transformers does. A model built with bias=False gets zero biases:
     GPT-2 always has them, and adding zero changes nothing.
     """
-    out = {k: (v.t().contiguous() if _is_conv1d(k) else v) for k, v in model.state_dict().items() if k not in TIED}
+    out = {k: (v.t().contiguous() if _is_conv1d(k) else v) for k, v in model.state_dict().items() if k not in tied_keys(model)}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head" and module.bias is None:
             w = module.weight
@@ -78,12 +77,21 @@ def state_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, source: str
     prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         reference = hf_state_dict(GPT(config))
+    reference.pop("lm_head.weight", None)
     expected = {prefix + k.removeprefix("transformer."): tuple(v.shape) for k, v in reference.items()}
     check_tensors(expected, state, source, fix="download the checkpoint again (all of its files)")
-    if lm_head is not None and not torch.equal(lm_head, state[prefix + "wte.weight"]):
-        raise GPTError(f"{source}: 'lm_head.weight' differs from the token embedding '{prefix}wte.weight' (an untied "
-                       "output layer); our GPT ties them, as GPT-2 does, so this checkpoint cannot be represented")
-    return {"transformer." + k.removeprefix(prefix): (v.t() if _is_conv1d(k) else v) for k, v in state.items()}
+    out = {"transformer." + k.removeprefix(prefix): (v.t() if _is_conv1d(k) else v) for k, v in state.items()}
+    if config.tie_embeddings:
+        if lm_head is not None and not torch.equal(lm_head, state[prefix + "wte.weight"]):
+            raise GPTError(f"{source}: 'lm_head.weight' differs from the token embedding '{prefix}wte.weight' but "
+                           "config.json says tie_word_embeddings=true; set it to false (an untied output layer)")
+    else:  # an untied output layer (e.g. a merged LoRA adapter on lm_head): its own tensor
+        if lm_head is None:
+            raise GPTError(f"{source} is missing tensor 'lm_head.weight' (config.json says tie_word_embeddings=false); "
+                           "download the checkpoint again (all of its files)")
+        check_tensors({"lm_head.weight": tuple(out["transformer.wte.weight"].shape)}, {"lm_head.weight": lm_head}, source)
+        out["lm_head.weight"] = lm_head
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,7 +127,8 @@ def config_from_hf(raw: dict, source: str) -> GPTConfig:
                      n_embd=hf.n_embd, bias=True, layer_norm_eps=hf.layer_norm_epsilon,
                      activation=ACTIVATION_FROM_HF[hf.activation_function],
                      # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
-                     dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)))
+                     dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
+                     tie_embeddings=bool(hf.tie_word_embeddings))
 
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
@@ -130,7 +139,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
                       activation_function=ACTIVATION_TO_HF[config.activation],
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
                       layer_norm_epsilon=config.layer_norm_eps, bos_token_id=eos, eos_token_id=eos,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=config.tie_embeddings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,7 +246,8 @@ def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) 
     check_output_dir(out_dir, model_path, force)
     model, tokenizer = load_model(model_path)
     state = hf_state_dict(model)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     with torch.device("meta"):  # the weights are ours: no memory for transformers' random initialisation
         hf = GPT2LMHeadModel(hf_config(model.config, tokenizer))
     hf.load_state_dict(state, strict=True, assign=True)  # strict: a key mismatch here is a bug in the mapping

@@ -57,7 +57,14 @@ def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url
                   sha256: Optional[str] = None, name: str = "corpus") -> list[Path]:
     """The corpus files, in this order of preference: an explicit path or glob (`path`);
     `$GPT_DATA_DIR/<relpath>`; a download from `url` into `$GPT_DATA_DIR/<relpath>`, checked against `sha256`.
+    `path` and `relpath` may also be lists (several files make one corpus, in the order given).
     """
+    for many in (path, relpath):
+        if many and not isinstance(many, (str, os.PathLike)):  # a list (or Hydra ListConfig) of paths
+            if url or sha256:
+                raise GPTError(f"{name}: url/sha256 describe one file; drop them when listing several files")
+            key = "path" if many is path else "relpath"
+            return [f for one in many for f in resolve_files(**{key: one}, name=name)]
     if path:
         files = sorted(Path(p) for p in glob(os.path.expanduser(str(path)), recursive=True))
         files = [f for f in files if f.is_file()]

@@ -42,6 +42,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit, same result, slower)
+    tie_embeddings: bool = True  # lm_head shares wte's matrix; False after merging a LoRA adapter on lm_head
 
     def __post_init__(self):
         problems = []
@@ -198,6 +199,16 @@ class KVCache:
     def reset(self):
         self.length, self.valid, self.seen = 0, None, None
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues from row rows[i] (beam search: each new beam extends one old beam)."""
+        n = self.length
+        for layer in range(len(self.k)):
+            if self.k[layer] is not None:
+                self.k[layer][:, :, :n] = self.k[layer][rows, :, :n]
+                self.v[layer][:, :, :n] = self.v[layer][rows, :, :n]
+        if self.valid is not None:
+            self.valid, self.seen = self.valid[rows], self.seen[rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.k[layer] is None or self.k[layer].dtype != k.dtype:  # allocated lazily: autocast decides dtype
             B, H, _, D = k.shape
@@ -231,7 +242,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out share one matrix (fewer parameters, and it
         # helps small models). The state dict still lists both names; they are the same tensor.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # GPT-2: residual projections are scaled by 1/√(2·n_layer) so the residual stream's variance does
@@ -341,7 +353,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens: int, *, attention_mask=None, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
-                 on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+                 on_token: Optional[Callable[[torch.Tensor], object]] = None,
+                 no_repeat_ngram_size: int = 0) -> torch.Tensor:
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
 
         Batches of different-length prompts are left-padded with attention_mask marking real tokens.
@@ -349,8 +362,13 @@ class GPT(nn.Module):
         and generation ends when every row has. When the context (block_size) is full: "stop" ends
         generation there; "slide" keeps the most recent 3/4 of the context, re-encodes it in one pass
         and goes on (what nanoGPT's crop-to-block_size does, without recomputing on every token).
+        on_token(new_tokens) may return True (stop now) or a (B,) bool tensor (these rows are done).
+        no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
+        prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+            raise GPTError(f"no_repeat_ngram_size must be an integer >= 0 (got {no_repeat_ngram_size!r}); 0 = off")
         if on_context_full not in ("slide", "stop"):
             raise GPTError(f"on_context_full must be 'slide' or 'stop' (got {on_context_full!r})")
         B, T = idx.shape
@@ -372,15 +390,21 @@ class GPT(nn.Module):
         logits = self(idx, attention_mask=attention_mask, cache=cache, only_last=True).logits[:, -1]
         n = T
         for step in range(max_new_tokens):
+            if no_repeat_ngram_size:
+                logits = ban_repeated_ngrams(logits, tokens[:, T:n], no_repeat_ngram_size)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished |= nxt == eos_token_id
             tokens[:, n] = nxt
             n += 1
-            if on_token is not None:
-                on_token(nxt)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if on_token is not None:  # True: stop now; a (B,) bool tensor: these rows are done
+                stop = on_token(nxt)
+                if stop is True:
+                    break
+                if isinstance(stop, torch.Tensor):
+                    finished |= stop
+            if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             if cache.length < block:
                 logits = self(nxt[:, None], cache=cache, only_last=True).logits[:, -1]
@@ -393,6 +417,95 @@ class GPT(nn.Module):
                 logits = self(tokens[:, n - keep:n], attention_mask=window_mask, cache=cache,
                               only_last=True).logits[:, -1]
         return tokens[:, T:n]
+
+    @torch.no_grad()
+    def beam_search(self, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
+                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
+        """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
+        tokens, padded with eos_token_id after the end.
+
+        Each row keeps `num_beams` partial continuations. At every step all beams of a row are extended
+        by every token; the `num_beams` best (by summed log-probability) survive, and the KV cache rows
+        follow them. A beam that emits EOS is finished and scored by log-probability / length**length_penalty
+        (so longer outputs are not penalised just for having more terms). A row stops once it holds
+        `num_beams` finished continuations; the best one wins. num_beams=1 is greedy decoding.
+        """
+        check_sampling_args(max_new_tokens, 0.0)
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise GPTError(f"num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
+        B, T = idx.shape
+        K, block = num_beams, self.config.block_size
+        if T + 1 > block:
+            raise GPTError(f"prompt is {T} tokens but the model's context is {block}: shorten the prompt")
+        max_new_tokens = min(max_new_tokens, block - T)
+        rows = torch.arange(B, device=idx.device).repeat_interleave(K)  # beam b*K + k belongs to row b
+        cache = self.new_cache()
+        mask = attention_mask[rows] if attention_mask is not None else None
+        logits = self(idx[rows], attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+        scores = torch.zeros(B, K, device=idx.device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: let only the first one expand at step 0
+        tokens = idx.new_full((B * K, max_new_tokens), eos_token_id)
+        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+        active = [True] * B
+        written = 0  # generated positions filled in `tokens`
+        for step in range(max_new_tokens):
+            if no_repeat_ngram_size:
+                logits = ban_repeated_ngrams(logits, tokens[:, :step], no_repeat_ngram_size)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+            V = logp.size(-1)
+            cand = (scores.view(-1, 1) + logp).view(B, K * V)
+            top_scores, top = cand.topk(2 * K, dim=-1)  # 2K: up to K of them may end in EOS
+            next_beam = torch.zeros(B, K, dtype=torch.long, device=idx.device)
+            next_token = torch.full((B, K), eos_token_id, dtype=torch.long, device=idx.device)
+            next_scores = torch.full((B, K), float("-inf"), device=idx.device)
+            for b in range(B):
+                if not active[b]:
+                    continue
+                kept = 0
+                for score, flat in zip(top_scores[b].tolist(), top[b].tolist()):
+                    beam, token = divmod(flat, V)
+                    if score == float("-inf"):
+                        break
+                    if token == eos_token_id:  # a finished continuation
+                        seq = tokens[b * K + beam, :step]
+                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq.clone()))
+                    else:
+                        next_beam[b, kept], next_token[b, kept], next_scores[b, kept] = beam, token, score
+                        kept += 1
+                    if kept == K:
+                        break
+                if len(finished[b]) >= K or kept == 0:
+                    active[b] = False
+            src = (torch.arange(B, device=idx.device)[:, None] * K + next_beam).view(-1)
+            tokens = tokens[src]
+            tokens[:, step] = next_token.view(-1)
+            written, scores = step + 1, next_scores
+            if not any(active) or step == max_new_tokens - 1:
+                break
+            cache.reorder(src)
+            logits = self(next_token.view(-1, 1), cache=cache, only_last=True).logits[:, -1]
+
+        out = idx.new_full((B, max_new_tokens), eos_token_id)
+        for b in range(B):
+            if not finished[b]:  # nothing ended within max_new_tokens: take the best running beam
+                finished[b].append((0.0, tokens[b * K + int(scores[b].argmax()), :written]))
+            best = max(finished[b], key=lambda hyp: hyp[0])[1]
+            out[b, :len(best)] = best
+        return out
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """-inf for each token that would complete an n-gram already in its row of `generated` (B, L)."""
+    B, L = generated.shape
+    if L < n:
+        return logits
+    ngrams = generated.unfold(1, n, 1)  # (B, L - n + 1, n): every n-gram so far
+    last = generated[:, L - n + 1:]  # (B, n - 1): what the next token would extend
+    seen = (ngrams[:, :, :-1] == last[:, None, :]).all(-1)  # n-grams that start the same way
+    rows, at = seen.nonzero(as_tuple=True)
+    logits = logits.clone()
+    logits[rows, ngrams[rows, at, -1]] = float("-inf")
+    return logits
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
@@ -106,10 +106,35 @@ def left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return idx.to(device), (None if bool(mask.all()) else mask.to(device))
 
 
+class StopStrings:
+    """For `generate(on_token=...)` on a batch: marks the rows whose continuation contains a stop string,
+    so generation ends once every row has stopped (the text after the stop is cut off later)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], batch_size: int):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[list[int]] = [[] for _ in range(batch_size)]
+        self.done = torch.zeros(batch_size, dtype=torch.bool)
+        # a stop string of n characters lies within the last 4n + 1 tokens (a token is at least one byte)
+        self.window = 4 * max((len(s) for s in self.stops), default=0) + 1
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        for row, token in enumerate(tokens.tolist()):
+            if not self.done[row]:
+                self.ids[row].append(token)
+                tail = self.tokenizer.decode(self.ids[row][-self.window:])
+                self.done[row] = any(s in tail for s in self.stops)
+        return self.done.to(tokens.device)
+
+
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
-                   batch_size: int = 32, generator=None, on_context_full="slide") -> list[str]:
-    """Completions for many prompts, batched (sorted by length so batches carry little padding)."""
+                   batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
+                   num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+    """Completions for many prompts, batched (sorted by length so batches carry little padding).
+    num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token)."""
+    if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
+        raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
+                       "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -118,9 +143,16 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
-        new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
-                             generator=generator, on_context_full=on_context_full)
+        if num_beams > 1:
+            new = model.beam_search(idx, max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eos_id,
+                                    attention_mask=mask, length_penalty=length_penalty,
+                                    no_repeat_ngram_size=no_repeat_ngram_size)
+        else:
+            new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
+                                 generator=generator, on_context_full=on_context_full,
+                                 on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
+                                 no_repeat_ngram_size=no_repeat_ngram_size)
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out
@@ -136,10 +168,39 @@ def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> Non
 
 def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
     device = resolve_device(cfg.device)
+    if cfg.get("adapter"):  # a LoRA adapter on its base (the recorded one unless ckpt= says where it is)
+        from gpt.adapter import load_adapter
+
+        model, tokenizer, _ = load_adapter(cfg.adapter, cfg.get("ckpt"), map_location=device)
+        return model, tokenizer, device
     if not cfg.get("ckpt"):
-        raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt>")
+        raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
     model, tokenizer = load_model(cfg.ckpt, map_location=device)
     return model.eval(), tokenizer, device
+
+
+def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
+    """How each prompt is wrapped, and the stop strings that go with it.
+
+    template=auto: with an adapter, its task's template (the way it was trained: a line of input_file
+    becomes the task's input) and the task's stop strings; without one, prompts as they are.
+    template=none: prompts as they are. Anything else: a template with an {input} field.
+    """
+    from gpt.tasks import PromptTemplate
+
+    stops = list(cfg.stop or [])
+    name = cfg.get("template", "auto")
+    if name == "none" or (name == "auto" and not cfg.get("adapter")):
+        return (lambda text: text), stops
+    if name == "auto":
+        from gpt.adapter import read_adapter_record
+
+        task = read_adapter_record(cfg.adapter)["task"]
+        template = PromptTemplate(task["template"], task.get("template_no_input"))
+        field = "instruction" if task.get("format") == "alpaca" else "input"  # what one line of input is
+        return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
+    template = PromptTemplate(name)
+    return (lambda text: template(input=text)), stops
 
 
 def sample(cfg) -> Optional[list[str]]:
@@ -153,6 +214,7 @@ def sample(cfg) -> Optional[list[str]]:
     if cfg.get("attention_map") and cfg.input_file:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
     model, tokenizer, device = load_for_sampling(cfg)
+    wrap, stops = prompt_template(cfg)
     if cfg.get("attention_map"):
         from gpt.viz import check_attention_choice
 
@@ -161,17 +223,18 @@ def sample(cfg) -> Optional[list[str]]:
             raise GPTError(f"attention_max_tokens must be >= 1 (got {cfg.attention_max_tokens})")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    stops = list(cfg.stop or [])
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full)
+                stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
+                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
+    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0))
 
     with autocast(device, cfg.dtype):
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             path = Path(cfg.input_file)
             if not path.is_file():
                 raise GPTError(f"input_file {path} does not exist")
-            prompts = [unescape(line.rstrip("\n")) for line in path.read_text(encoding="utf-8").splitlines()]
-            completions = generate_batch(model, tokenizer, prompts, batch_size=cfg.batch_size, **args)
+            prompts = [wrap(unescape(line.rstrip("\n"))) for line in path.read_text(encoding="utf-8").splitlines()]
+            completions = generate_batch(model, tokenizer, prompts, batch_size=cfg.batch_size, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
             return completions
@@ -179,9 +242,9 @@ def sample(cfg) -> Optional[list[str]]:
         if cfg.prompt_file:
             if not Path(cfg.prompt_file).is_file():
                 raise GPTError(f"prompt_file {cfg.prompt_file} does not exist")
-            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+            prompt = wrap(Path(cfg.prompt_file).read_text(encoding="utf-8"))
         else:
-            prompt = unescape(cfg.prompt)
+            prompt = wrap(unescape(cfg.prompt))
         ids = encode_prompt(tokenizer, prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         samples = []
@@ -191,7 +254,8 @@ def sample(cfg) -> Optional[list[str]]:
             out.write(prompt)
             model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
-                           on_context_full=cfg.on_context_full, on_token=printer)
+                           on_context_full=cfg.on_context_full, on_token=printer,
+                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)

@@ -1,0 +1,163 @@
+"""LoRA adapters through PEFT: which layers get one, adapter directories on disk, merging.
+
+An adapter directory holds PEFT's own files, so `peft.PeftModel.from_pretrained(gpt, dir)` loads it,
+plus what it takes to use it without guessing:
+
+    adapter_config.json         PEFT's LoraConfig (rank, alpha, dropout, target modules)
+    adapter_model.safetensors   the LoRA weights only
+    tokenizer.json              the base model's tokenizer
+    gpt_adapter.json            the base it belongs to (path + sha256 of its model.safetensors) and the
+                                task's prompt template, so sample.py prompts it the way it was trained
+
+An adapter only makes sense on the exact weights it was trained on: loading it onto another base is
+refused, naming both fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from gpt.checkpoint import WEIGHTS_FILE, atomic_dir, load_model_dir, weights_sha256
+from gpt.errors import GPTError
+from gpt.model import GPT
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
+
+RECORD_FILE = "gpt_adapter.json"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+# Friendly target names -> our module names (GPT-2's). PEFT matches a name against the end of a module's
+# dotted path, so "attn.c_proj" hits transformer.h.<i>.attn.c_proj in every block (and not mlp.c_proj).
+TARGETS = {
+    "qkv": ("attn.c_attn",),  # the fused query/key/value projection
+    "attn_out": ("attn.c_proj",),  # attention output projection
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+    "lm_head": ("lm_head",),  # the output projection (tied to the token embedding; see merge)
+}
+
+
+def target_modules(targets: Sequence[str]) -> list[str]:
+    """Friendly names (qkv, attn_out, mlp, lm_head) or module names (mlp.c_fc) -> module names."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise GPTError(f"lora.targets is empty; choose from {list(TARGETS)} (or module names such as mlp.c_fc)")
+    modules: list[str] = []
+    for t in targets:
+        for m in TARGETS.get(t, (t,)):
+            if m not in modules:
+                modules.append(m)
+    return modules
+
+
+def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05,
+                targets: Sequence[str] = ("qkv", "attn_out", "mlp")) -> LoraConfig:
+    """PEFT's LoraConfig from our settings (configs/lora/*.yaml)."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise GPTError(f"lora.rank must be a positive integer (got {rank!r})")
+    if alpha <= 0:
+        raise GPTError(f"lora.alpha must be > 0 (got {alpha!r})")
+    if not (0.0 <= dropout < 1.0):
+        raise GPTError(f"lora.dropout must be in [0, 1) (got {dropout!r})")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(list(targets)),
+                      bias="none")
+
+
+def add_lora(model: GPT, config: LoraConfig) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters (in place: its Linear layers become LoRA layers); only the
+    adapters are trainable."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in config.target_modules:
+        if not any(name == target or name.endswith("." + target) for name in linear):
+            raise GPTError(f"LoRA target {target!r} matches no linear layer of the model; use {list(TARGETS)} "
+                           f"or module names such as {', '.join(sorted({n.split('.', 3)[-1] for n in linear})[:6])}")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: PeftModel) -> tuple[int, int]:
+    """(trainable, total) parameters; tied weights counted once."""
+    return model.get_nb_trainable_parameters()
+
+
+# ----------------------------------------------------------------------------------------------------
+# On disk
+
+
+def base_record(base_dir: str | Path) -> dict:
+    base_dir = Path(base_dir)
+    return {"path": str(base_dir.resolve()), "sha256": weights_sha256(base_dir)}
+
+
+def save_adapter_dir(model: PeftModel, tokenizer: Tokenizer, path: str | Path, record: dict) -> Path:
+    """PEFT's files + tokenizer.json + gpt_adapter.json, written atomically. `record` has at least
+    {"base": base_record(...)}; the task's template and training step go there too."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.peft_config["default"].base_model_name_or_path = record["base"]["path"]
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # we never resize the vocabulary
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    return path
+
+
+def read_adapter_record(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    missing = [f for f in (*PEFT_FILES, RECORD_FILE) if not (adapter_dir / f).is_file()]
+    if not adapter_dir.is_dir() or missing:
+        raise GPTError(f"{adapter_dir} is not an adapter directory (missing {', '.join(missing) or 'the folder'}); "
+                       "point at a fine-tuning run's checkpoints/best")
+    try:
+        return json.loads((adapter_dir / RECORD_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise GPTError(f"{adapter_dir / RECORD_FILE} is not valid JSON ({e}); re-export the adapter") from e
+
+
+def check_base(adapter_dir: str | Path, base_dir: str | Path, record: dict, base_option: str = "ckpt") -> None:
+    """Refuse a base whose weights are not the ones the adapter was trained on."""
+    want = record["base"]
+    if not (Path(base_dir) / WEIGHTS_FILE).is_file():
+        raise GPTError(f"the base for adapter {adapter_dir} must be an exported model directory (with {WEIGHTS_FILE}); "
+                       f"{base_dir} is not one; the adapter was trained on {want['path']}")
+    got = weights_sha256(base_dir)
+    if got != want["sha256"]:
+        raise GPTError(f"adapter {adapter_dir} belongs to a different base: it was trained on {want['path']} "
+                       f"(weights sha256 {want['sha256'][:12]}…) but {base_dir} has sha256 {got[:12]}…; "
+                       f"load it onto its own base ({base_option}={want['path']})")
+
+
+def load_adapter(adapter_dir: str | Path, base: Optional[str | Path] = None,
+                 map_location: str | torch.device = "cpu", base_option: str = "ckpt") -> tuple[PeftModel, Tokenizer, dict]:
+    """The base model (the recorded one unless `base` is given) with the adapter on it, for inference.
+    `base_option` is the command-line name of `base` in error messages. Returns (model, tokenizer, record)."""
+    adapter_dir = Path(adapter_dir)
+    record = read_adapter_record(adapter_dir)
+    base_dir = Path(base) if base else Path(record["base"]["path"])
+    if not base_dir.exists():
+        raise GPTError(f"the base model of adapter {adapter_dir} is not at {base_dir}; pass its location with "
+                       f"{base_option}=<exported model dir> (its weights are checked against the recorded sha256)")
+    check_base(adapter_dir, base_dir, record, base_option)
+    model, tokenizer = load_model_dir(base_dir, map_location)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return peft_model.eval(), tokenizer, record
+
+
+def merge(model: PeftModel) -> GPT:
+    """Fold the adapter into the base weights (in place) and return the plain GPT.
+
+    The LM head shares its matrix with the token embedding. Merging a LoRA update into it would change the
+    input embedding too, so an adapter on lm_head first unties the two (the merged model then carries its
+    own output matrix, `tie_embeddings: false`).
+    """
+    base: GPT = model.get_base_model()
+    head = base.lm_head
+    if hasattr(head, "base_layer") and base.config.tie_embeddings:
+        layer = head.get_base_layer()
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        base.config = replace(base.config, tie_embeddings=False)
+    return model.merge_and_unload()

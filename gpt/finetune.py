@@ -1,0 +1,149 @@
+"""LoRA fine-tuning of an exported base model on a task: `python finetune.py base=<model dir> task=<task>`.
+
+The base is wrapped with PEFT (`LoraConfig`, `get_peft_model`); only the adapter trains, through the same
+LightningModule, Trainer, checkpointing and logging as pretraining. A run directory (runs/<name>/<time>/)
+receives:
+
+    checkpoints/last.ckpt, best.ckpt   Lightning checkpoints (resume with ckpt_path=...)
+    checkpoints/last/, best/           adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base record
+    checkpoints/merged/                with merge=true: base + best adapter as one standalone model directory
+    valid.{base,adapter,copy}.txt      greedy outputs on the valid split
+    metrics.csv, metrics.json          training log; summary with the evaluation side by side
+
+`eval_only=true adapter=<dir>` scores an existing adapter the same way without training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
+from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
+from gpt.cli import build
+from gpt.errors import GPTError
+from gpt.evaluate import check_metrics, evaluate_task
+from gpt.lit import LanguageModel
+from gpt.run import (RunLock, check_run_dir_is_free, fit, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path,
+                     skipped_steps, write_metrics)
+from gpt.tasks import TaskDataModule
+
+log = logging.getLogger(__name__)
+
+
+def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
+    run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    with RunLock(run_dir):
+        return _evaluate_only(cfg, run_dir) if cfg.eval_only else _finetune(cfg, run_dir)
+
+
+def check_base_dir(base) -> Path:
+    if not base:
+        raise GPTError("say which model to fine-tune: base=<exported model dir>, e.g. "
+                       "base=runs/<name>/latest/checkpoints/best")
+    path = Path(base)
+    if not (path / WEIGHTS_FILE).is_file():
+        hint = f" (use the exported directory beside it: {path.with_suffix('')})" if path.suffix == ".ckpt" else ""
+        raise GPTError(f"base={base} is not an exported model directory with {WEIGHTS_FILE}{hint}")
+    return path
+
+
+def build_task(cfg: DictConfig, tokenizer, block_size: int) -> TaskDataModule:
+    datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed)
+    check_metrics(datamodule.metrics)
+    datamodule.prepare_data()
+    return datamodule
+
+
+def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_dir: Path,
+              datamodule: Optional[TaskDataModule] = None) -> dict:
+    model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
+    datamodule = datamodule or build_task(cfg, tokenizer, model.config.block_size)
+    e = cfg.eval
+    return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
+                         max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
+                         precision=cfg.trainer.precision, decoding=dict(num_beams=e.num_beams, length_penalty=e.length_penalty,
+                                                                        no_repeat_ngram_size=e.no_repeat_ngram_size))
+
+
+def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
+    if not cfg.get("adapter"):
+        raise GPTError("eval_only=true needs adapter=<adapter dir> (a fine-tuning run's checkpoints/best)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = _evaluate(cfg, Path(cfg.adapter), Path(cfg.base) if cfg.get("base") else None, run_dir)
+    metrics = {"adapter": str(cfg.adapter), "eval": results, "eval_seconds": round(time.perf_counter() - t0, 1)}
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    check_run_dir_is_free(run_dir, ckpt_path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+    base_dir = check_base_dir(cfg.base)
+    lora = build(cfg.lora)  # option errors before any loading
+    model, tokenizer = load_model_dir(base_dir)
+    datamodule = build_task(cfg, tokenizer, model.config.block_size)
+    peft_model = add_lora(model, lora)
+    trainable, total = count_parameters(peft_model)
+    log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.lora_alpha,
+             ", ".join(sorted(lora.target_modules)), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    module = LanguageModel(peft_model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
+                           compile=cfg.get("compile", False))
+    trainer, speed = make_trainer(cfg, run_dir)
+    record = {"base": base_record(base_dir), "task": datamodule.describe()}
+    module.export_fn = lambda path: save_adapter_dir(peft_model, tokenizer, path, {**record, "step": trainer.global_step})
+    if trainer.is_global_zero:
+        point_latest(run_dir)
+
+    t0 = time.perf_counter()
+    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - t0
+    val = trainer.callback_metrics.get("val/loss")
+    best = trainer.checkpoint_callback.best_model_score
+    adapter_dir = run_dir / "checkpoints" / "best"
+    metrics = {
+        "step": trainer.global_step,
+        "val_loss": float(val) if val is not None else None,
+        "best_val_loss": float(best) if best is not None else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens_per_s": round(speed.tokens_per_s, 1),
+        "train_seconds": round(speed.seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "precision": str(trainer.precision),
+        "data": datamodule.stats,
+        "run_dir": str(run_dir),
+        "adapter": str(adapter_dir),
+        "resumed_from": ckpt_path,
+        "skipped_steps": skipped_steps(trainer),
+    }
+    if not trainer.is_global_zero:
+        return metrics
+    if trainer.interrupted or not adapter_dir.is_dir():
+        log.info("stopped at step %d before a best adapter was saved; nothing to evaluate", trainer.global_step)
+        write_metrics(run_dir, metrics)
+        return metrics
+    if cfg.merge:
+        merged_model, _, _ = load_adapter(adapter_dir, base_dir)
+        metrics["merged"] = str(save_model_dir(merge(merged_model), tokenizer, run_dir / "checkpoints" / "merged",
+                                               extra={"merged_from": record["base"], "adapter": str(adapter_dir)}))
+    if cfg.eval.enabled:
+        t1 = time.perf_counter()
+        metrics["eval"] = _evaluate(cfg, adapter_dir, base_dir, run_dir, datamodule)
+        metrics["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    write_metrics(run_dir, metrics)
+    log.info("adapter: %s", adapter_dir)
+    log.info("use it: python sample.py adapter=%s prompt=\"...\"", adapter_dir)
+    return metrics

@@ -1,0 +1,476 @@
+"""Task datasets for fine-tuning: rows of (instruction, input, output), a prompt template, and batches in
+which only the response counts.
+
+    parallel text: a source file + a target file, line-aligned          \\
+    Alpaca JSON / JSONL: {"instruction", "input", "output"} per record    |-> rows -> template -> tokens
+    prompt/response JSON / JSONL: {"prompt", "response"} per record      |   -> batches padded to the
+    a Hugging Face hub dataset with either layout                        /      longest in the batch
+
+Every example is `prompt + response + <|endoftext|>`. The labels are -100 on the prompt (and on padding),
+so the loss counts the response tokens and the end-of-text token only. Examples longer than the context
+are cut at the context length and counted; an example whose prompt alone fills the context has nothing
+left to learn from and is dropped (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gpt.errors import GPTError
+from gpt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("instruction", "input", "output")  # the normalised row every format is read into
+FORMATS = {
+    # format -> {our field: default key in the file / column in the hub dataset}; fields not listed are ""
+    "parallel": {"input": "source", "output": "target"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+    "prompt_response": {"input": "prompt", "output": "response"},
+}
+REQUIRED = ("output",)  # a row without a response teaches nothing; `input` may be empty (Alpaca)
+ON_BAD_ROW = ("error", "skip")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+class BadRows:
+    """What to do with a malformed row: raise at once (naming file and line), or skip it and count it."""
+
+    def __init__(self, policy: str, task: str):
+        if policy not in ON_BAD_ROW:
+            raise GPTError(f"task.on_bad_row must be one of {list(ON_BAD_ROW)} (got {policy!r})")
+        self.policy, self.task = policy, task
+        self.skipped: list[str] = []
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.policy == "error":
+            raise GPTError(f"{where}: {problem}; fix the row, or pass task.on_bad_row=skip to skip bad rows")
+        self.skipped.append(f"{where}: {problem}")
+
+    def report(self, split: str) -> int:
+        if self.skipped:
+            log.warning("%s %s: skipped %d malformed rows (first: %s)", self.task, split, len(self.skipped),
+                        self.skipped[0])
+        n, self.skipped = len(self.skipped), []
+        return n
+
+
+def check_file(path: Path, task: str) -> Path:
+    if not path.is_file():
+        raise GPTError(f"task {task}: {path} not found; check the path (task.root / task.train / task.valid, "
+                       "or $GPT_DATA_DIR for named tasks)")
+    return path
+
+
+def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
+    """A record with the file's keys -> {instruction, input, output} strings, or None if it is malformed."""
+    row = {}
+    for ours in FIELDS:
+        key = fields.get(ours)
+        value = record.get(key) if key is not None else ""
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            return bad(where, f"field {key!r} must be a string (got {type(value).__name__})")
+        if ours in REQUIRED and (key not in record or not value.strip()):
+            return bad(where, f"missing or empty field {key!r} (the record has {sorted(record)})")
+        row[ours] = value
+    if fields.get("instruction") and not row["instruction"].strip():  # Alpaca: the instruction is the task
+        return bad(where, f"missing or empty field {fields['instruction']!r} (the record has {sorted(record)})")
+    return row
+
+
+def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[dict]:
+    """Two line-aligned text files (through `datasets`' text loader) -> rows. Empty lines are bad rows."""
+    from datasets import load_dataset
+
+    sides = []
+    for path in (source, target):
+        check_file(path, task)
+        sides.append(load_dataset("text", data_files=str(path), split="train")["text"])
+    if len(sides[0]) != len(sides[1]):
+        raise GPTError(f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
+                       f"{len(sides[1])}; every source line needs exactly one target line")
+    rows = []
+    for i, (src, tgt) in enumerate(zip(*sides), start=1):
+        src, tgt = src.rstrip("\r"), tgt.rstrip("\r")
+        if not src.strip() or not tgt.strip():
+            bad(f"{source if not src.strip() else target}:{i}", "empty line in a parallel file")
+            continue
+        rows.append({"instruction": "", "input": src, "output": tgt})
+    return rows
+
+
+def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list[dict]:
+    """A JSON array of records or JSON Lines (one record per line) -> rows; errors name file and line.
+
+    Read by hand rather than with `datasets`' json loader, which can neither say which line is broken nor
+    skip it.
+    """
+    check_file(path, task)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GPTError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file (a JSON array of "
+                           "records, or one JSON record per line)") from None
+        located = [(f"{path} record {i}", r) for i, r in enumerate(records, start=1)]
+    else:  # JSON Lines
+        located = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"{path}:{i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad(f"{path}:{i}", f"not valid JSON ({e.msg})")
+    rows = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            bad(where, f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
+                       f"got {type(record).__name__}")
+            continue
+        row = normalise(record, fields, where, bad)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> list[dict]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(hub["name"], hub.get("config"), split=split)
+    except Exception as e:
+        raise GPTError(f"task {task}: could not open hub dataset {hub['name']!r} split {split!r} "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline? use local files "
+                       "(task.train=...)") from e
+    missing = [key for key in fields.values() if key and key not in ds.column_names]
+    if missing:
+        raise GPTError(f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
+                       "map the columns with task.fields.<instruction|input|output>=<column>")
+    rows = []
+    for i, record in enumerate(ds):
+        row = normalise(record, fields, f"{hub['name']}[{split}] row {i}", bad)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and tokens
+
+
+class PromptTemplate:
+    """`template` with {instruction} and {input} fields; `template_no_input` for rows with an empty input
+    (Alpaca's two prompts). The response follows the rendered prompt directly."""
+
+    def __init__(self, template: str, template_no_input: Optional[str] = None):
+        for t in (template, template_no_input):
+            if t is None:
+                continue
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(t) if name is not None}
+            except ValueError as e:
+                raise GPTError(f"prompt template {t!r} is malformed ({e}); write literal braces as {{{{ }}}}") from None
+            unknown = names - {"instruction", "input"}
+            if unknown:
+                raise GPTError(f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "
+                               "only {instruction} and {input} are filled in")
+        self.template, self.template_no_input = template, template_no_input
+
+    def __call__(self, instruction: str = "", input: str = "") -> str:
+        t = self.template_no_input if (self.template_no_input is not None and not input.strip()) else self.template
+        return t.format(instruction=instruction, input=input)
+
+    def to_dict(self) -> dict:
+        return {"template": self.template, "template_no_input": self.template_no_input}
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is wanted
+    truncated: bool
+
+
+def encode_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, block_size: int) -> Encoded:
+    """prompt + response + EOS, shifted for next-token prediction, the prompt's positions masked.
+
+    Prompt and response are tokenized separately, exactly as at generation time (the prompt is encoded
+    alone and the model continues it). Longer than block_size + 1 tokens: the end is cut off.
+    """
+    ids = prompt_ids + response_ids + [eos_id]
+    truncated = len(ids) > block_size + 1
+    ids = ids[:block_size + 1]
+    # labels[i] is the token after position i; it counts only when it belongs to the response
+    n_prompt = len(prompt_ids)
+    labels = [tok if i + 1 >= n_prompt else -100 for i, tok in enumerate(ids[1:])]
+    return Encoded(ids[:-1], labels, truncated)
+
+
+def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad to the longest example in the batch (not to the context length).
+
+    No attention mask is needed: attention is causal, so a real token never sees the padding after it,
+    and its position ids are the same as unpadded. Padding only gets label -100.
+    """
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(e["input_ids"])
+        labels[i, :n] = torch.as_tensor(e["labels"])
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class LengthGroupedBatches:
+    """Batches of similar length, so little compute goes into padding.
+
+    Each epoch shuffles the examples (seeded by (seed, epoch)), sorts them by length within groups of
+    `group` batches, cuts the groups into batches and shuffles the batches: random like plain shuffling,
+    but each batch holds examples of nearly the same length.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, group: int = 50):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.group = np.asarray(lengths), batch_size, seed, shuffle, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:  # validation: longest first, in a fixed order
+            order = np.argsort(-self.lengths, kind="stable")
+            yield from (order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size))
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.group
+        batches = []
+        for g in range(0, len(order), span):
+            chunk = order[g:g + span]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        for b in rng.permutation(len(batches)):
+            yield batches[b]
+
+
+class EpochStream(IterableDataset):
+    """The training batches of a whole run: epoch after epoch of `batches` (reshuffled per epoch), counted in
+    micro-batches, so that micro-batch i is a function of (seed, i) alone. A run resumed at step s starts the
+    stream at s * accumulate and sees exactly the batches the uninterrupted run would have, mid-epoch too.
+    Data-parallel rank r of world_size takes global batch i * world_size + r.
+    """
+
+    def __init__(self, data: list, batches: LengthGroupedBatches, collate, start: int = 0, stop: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1):
+        self.data, self.batches, self.collate = data, batches, collate
+        self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+
+    def __len__(self):  # the whole run, as RandomWindows (Lightning compares its restored counter with it)
+        if self.stop is None:
+            raise TypeError("endless stream")
+        return self.stop
+
+    def __iter__(self):
+        worker = get_worker_info()
+        step, first = (1, self.start) if worker is None else (worker.num_workers, self.start + worker.id)
+        n, epoch, order = len(self.batches), None, []
+        i = first
+        while self.stop is None or i < self.stop:
+            e, pos = divmod(i * self.world_size + self.rank, n)
+            if e != epoch:
+                self.batches.set_epoch(e)
+                epoch, order = e, list(self.batches)
+            yield self.collate([self.data[j] for j in order[pos]])
+            i += step
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LightningDataModule
+
+
+class TaskDataModule(L.LightningDataModule):
+    """A fine-tuning task: reads rows, renders prompts, tokenizes, serves padded batches.
+
+    See configs/task/*.yaml for the options. `tokenizer` and `block_size` come from the base model.
+    """
+
+    def __init__(self, name: str, format: str, template: str, tokenizer: Tokenizer, block_size: int,
+                 batch_size: int = 16, train=None, valid=None, root: Optional[str] = None,
+                 hub: Optional[dict] = None, fields: Optional[dict] = None, template_no_input: Optional[str] = None,
+                 valid_fraction: float = 0.05, on_bad_row: str = "error", group_by_length: bool = True,
+                 metrics: Sequence[str] = ("loss",), stop: Sequence[str] = (), max_new_tokens: int = 128,
+                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0):
+        super().__init__()
+        if format not in FORMATS:
+            raise GPTError(f"task.format must be one of {list(FORMATS)} (got {format!r})")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise GPTError(f"task.batch_size must be a positive integer (got {batch_size!r})")
+        if train is None and not (hub and hub.get("name")):
+            raise GPTError(f"task {name}: say where the training data is: task.train=<file> "
+                           "(parallel: task.train=[source,target]) or task.hub.name=<dataset>")
+        self.name, self.format, self.tokenizer, self.block_size = name, format, tokenizer, block_size
+        self.batch_size, self.train_spec, self.valid_spec, self.root = batch_size, train, valid, root
+        self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
+        self.hub = dict(hub) if hub and hub.get("name") else None
+        self.template = PromptTemplate(template, template_no_input)
+        self.valid_fraction, self.seed, self.num_workers = valid_fraction, seed, num_workers
+        self.bad = BadRows(on_bad_row, name)
+        self.group_by_length, self.metrics, self.stop = group_by_length, list(metrics), list(stop)
+        self.max_new_tokens = max_new_tokens
+        if not (0.0 <= copy_pairs <= 1.0):
+            raise GPTError(f"task.copy_pairs must be in [0, 1] (got {copy_pairs})")
+        self.copy_pairs = copy_pairs
+        self.rows: dict[str, list[dict]] = {}
+        self.data: dict[str, list[dict]] = {}
+        self.stats: dict[str, dict] = {}
+
+    # -- rows ----------------------------------------------------------------------------------------
+
+    def _path(self, p) -> Path:
+        p = Path(str(p)).expanduser()
+        return p if p.is_absolute() or not self.root else Path(self.root).expanduser() / p
+
+    def _read(self, split: str) -> Optional[list[dict]]:
+        """The rows of one split, or None when the task does not provide that split."""
+        if self.hub:
+            hub_split = self.hub.get(f"{split}_split", "train" if split == "train" else None)
+            return read_hub(dict(self.hub), hub_split, self.fields, self.name, self.bad) if hub_split else None
+        spec = self.train_spec if split == "train" else self.valid_spec
+        if spec is None:
+            return None
+        if self.format == "parallel":
+            if isinstance(spec, str) or len(spec) != 2:
+                raise GPTError(f"task {self.name}: a parallel split is two files, [source, target] (got {spec!r})")
+            return read_parallel(self._path(spec[0]), self._path(spec[1]), self.name, self.bad)
+        if not isinstance(spec, str):
+            raise GPTError(f"task {self.name}: a {self.format} split is one .json or .jsonl file (got {spec!r})")
+        return read_json_records(self._path(spec), self.fields, self.name, self.bad)
+
+    def load_rows(self) -> dict[str, list[dict]]:
+        """The train and valid rows (valid held out from train when the task has no valid split)."""
+        if self.rows:
+            return self.rows
+        train = self._read("train")
+        skipped = {"train": self.bad.report("train")}
+        valid = self._read("valid")
+        skipped["valid"] = self.bad.report("valid")
+        if valid is None:
+            if not (0.0 < self.valid_fraction < 1.0):
+                raise GPTError(f"task.valid_fraction must be in (0, 1) (got {self.valid_fraction})")
+            order = np.random.default_rng(self.seed).permutation(len(train))
+            n_valid = max(1, int(len(train) * self.valid_fraction))
+            valid, train = [train[i] for i in sorted(order[:n_valid])], [train[i] for i in sorted(order[n_valid:])]
+        for split, rows in (("train", train), ("valid", valid)):
+            if not rows:
+                raise GPTError(f"task {self.name}: the {split} split has no usable rows")
+        self.rows = {"train": train, "valid": valid}
+        self.stats = {s: {"rows": len(r), "skipped": skipped[s]} for s, r in self.rows.items()}
+        return self.rows
+
+    def training_rows(self) -> list[dict]:
+        """The train rows, plus (task.copy_pairs > 0) that share of them again with their output as input.
+
+        "Copied corpus" augmentation (Currey et al., 2017): pairs whose answer is their input teach the model
+        to carry words over from the prompt, which a task like modern -> Shakespeare mostly consists of.
+        """
+        rows = self.load_rows()["train"]
+        if not self.copy_pairs:
+            return rows
+        rng = np.random.default_rng([self.seed, 1])
+        picked = sorted(rng.choice(len(rows), size=int(len(rows) * self.copy_pairs), replace=False))
+        return rows + [{**rows[i], "input": rows[i]["output"]} for i in picked]
+
+    def prompt(self, row: dict) -> str:
+        return self.template(row["instruction"], row["input"])
+
+    # -- tokens --------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.data:
+            return
+        from datasets import Dataset
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # a bar per split and step says nothing here; the summary line below does
+        if self.tokenizer.eos_id is None:
+            raise GPTError("the tokenizer has no <|endoftext|> token, so responses cannot be terminated")
+
+        for split, rows in (("train", self.training_rows()), ("valid", self.load_rows()["valid"])):
+            ds = Dataset.from_dict({"prompt": [self.prompt(r) for r in rows], "response": [r["output"] for r in rows]})
+            ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
+            kept = ds.filter(lambda n: n > 0, input_columns="n_targets")
+            self.data[split] = kept.with_format(None).to_list()
+            self.stats[split].update(examples=len(kept), copy_pairs=len(rows) - len(self.rows[split]), truncated=int(sum(ds["truncated"])),
+                                     dropped=len(ds) - len(kept), tokens=int(sum(ds["length"])))
+            log.info("%s %s: %d examples (%d copy pairs), %d truncated to the context (%d tokens), %d dropped (prompt fills the "
+                     "context), %d malformed rows skipped", self.name, split, len(kept), self.stats[split]["copy_pairs"],
+                     self.stats[split]["truncated"],
+                     self.block_size, self.stats[split]["dropped"], self.stats[split]["skipped"])
+            if not kept:
+                raise GPTError(f"task {self.name}: every {split} prompt fills the model's context "
+                               f"({self.block_size} tokens); shorten the prompts or use a model with a longer context")
+
+    def _encode(self, batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
+        prompts, responses = self.tokenizer.encode_batch(batch["prompt"]), self.tokenizer.encode_batch(batch["response"])
+        for prompt, response in zip(prompts, responses):
+            e = encode_example(prompt, response, self.tokenizer.eos_id, self.block_size)
+            out["input_ids"].append(e.input_ids)
+            out["labels"].append(e.labels)
+            out["truncated"].append(e.truncated)
+            out["length"].append(len(e.input_ids))
+            out["n_targets"].append(sum(label != -100 for label in e.labels))
+        return out
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare_data()
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.data["train"]
+        # Without group_by_length: groups of one batch, i.e. plain shuffling.
+        batches = LengthGroupedBatches([e["length"] for e in data], self.batch_size, self.seed,
+                                       group=50 if self.group_by_length else 1)
+        start, stop, rank, world_size, trainer = 0, len(batches), 0, 1, self.trainer  # no trainer: one epoch
+        if trainer is not None:
+            if not trainer.max_steps or trainer.max_steps < 0:
+                raise GPTError("fine-tuning counts optimizer steps: set trainer.max_steps (one epoch is "
+                               f"{len(batches)} batches of {self.batch_size})")
+            # Resume: continue at the batch the interrupted run would have drawn next.
+            start = trainer.global_step * trainer.accumulate_grad_batches
+            stop = trainer.max_steps * trainer.accumulate_grad_batches
+            rank, world_size = trainer.global_rank, trainer.world_size
+        stream = EpochStream(data, batches, partial(pad_batch, pad_id=self.tokenizer.eos_id), start=start, stop=stop,
+                             rank=rank, world_size=world_size)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        data = self.data["valid"]
+        sampler = LengthGroupedBatches([e["length"] for e in data], self.batch_size, self.seed, shuffle=False)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=partial(pad_batch, pad_id=self.tokenizer.eos_id))
+
+    def describe(self) -> dict:
+        """What an adapter records about its task, so sample.py can prompt it the same way."""
+        return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop}

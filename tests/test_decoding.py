@@ -1,0 +1,93 @@
+"""Decoding options used for evaluation: no-repeat n-grams, beam search, stop strings on batches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt.errors import GPTError
+from gpt.model import GPT, GPTConfig, ban_repeated_ngrams
+
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=48, vocab_size=23, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # a peaked, repetitive distribution, so loops and beam choices actually happen
+        m.lm_head.weight.mul_(8)
+    return m
+
+
+def prompts():
+    torch.manual_seed(1)
+    idx = torch.randint(1, 23, (4, 9))
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, :3] = mask[3, :5] = False  # left padding
+    return idx, mask
+
+
+def sequence_logprob(model, prompt, new):
+    """log p(new | prompt) by one full forward pass (no cache), up to and including the first EOS."""
+    if (new == EOS).any():
+        new = new[: int((new == EOS).nonzero()[0]) + 1]
+    ids = torch.cat([prompt, new])[None]
+    logp = F.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+    return float(logp.gather(-1, new[:, None]).sum().detach())
+
+
+def test_no_repeat_ngram_off_is_plain_greedy_and_on_never_repeats(model):
+    idx, mask = prompts()
+    plain = model.generate(idx, 30, attention_mask=mask, temperature=0)
+    assert torch.equal(model.generate(idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=0), plain)
+    for n in (2, 3):
+        out = model.generate(idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=n)
+        for row in out.tolist():
+            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, row)
+    # the unconstrained model does loop here, so the constraint changed something
+    assert any(len({tuple(r[i:i + 2]) for i in range(len(r) - 1)}) < len(r) - 1 for r in plain.tolist())
+
+
+def test_ban_repeated_ngrams_bans_exactly_the_completing_tokens():
+    logits = torch.zeros(1, 10)
+    generated = torch.tensor([[3, 4, 5, 3, 4, 7, 3]])  # bigrams starting with 3: (3,4) twice
+    banned = ban_repeated_ngrams(logits, generated, 2)
+    assert torch.isinf(banned[0]).nonzero().flatten().tolist() == [4]
+    banned = ban_repeated_ngrams(logits, generated, 3)  # trigrams (x, 3, ?) where x = 7: none seen
+    assert not torch.isinf(banned).any()
+
+
+def test_beam_search_with_one_beam_is_greedy(model):
+    idx, mask = prompts()
+    greedy = model.generate(idx, 20, attention_mask=mask, temperature=0, eos_token_id=EOS)
+    beam = model.beam_search(idx, 20, num_beams=1, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
+    n = min(greedy.size(1), beam.size(1))
+    assert torch.equal(beam[:, :n], greedy[:, :n])
+
+
+def test_wide_beam_search_finds_the_exact_most_likely_output():
+    """With beams enough to keep every prefix, beam search is exhaustive: it must return the best of all
+    outputs of up to 3 tokens (+ EOS), found here by brute force without the KV cache."""
+    import itertools
+
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(block_size=16, vocab_size=5, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    idx = torch.randint(1, 5, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, :2] = False  # one left-padded row
+    beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
+    for row in range(3):
+        prompt = idx[row][mask[row]]
+        outputs = [torch.tensor([*body, EOS]) for n in range(3) for body in itertools.product(range(1, 5), repeat=n)]
+        best = max(outputs, key=lambda out: sequence_logprob(model, prompt, out))
+        got = beam[row][: int((beam[row] == EOS).nonzero()[0]) + 1]
+        assert got.tolist() == best.tolist(), row
+
+
+def test_beam_search_needs_greedy_settings(model):
+    idx, _ = prompts()
+    with pytest.raises(GPTError, match="num_beams"):
+        model.beam_search(idx, 5, num_beams=0, eos_token_id=EOS)

@@ -1,0 +1,371 @@
+"""LoRA fine-tuning: task data (masking, padding, truncation, bad rows), PEFT adapters (merge, base check,
+reload in a fresh process), evaluation against sacrebleu, and finetune.py / sample.py end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from conftest import assert_user_error, run_cli
+from faults import assert_resumed_run_matches, kill_then_resume
+
+from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter_dir, base_record
+from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save_model_dir
+from gpt.data import data_dir
+from gpt.errors import GPTError
+from gpt.evaluate import score
+from gpt.model import GPT, GPTConfig
+from gpt.sample import cut_at_stop, generate_batch
+from gpt.tasks import TaskDataModule, encode_example, pad_batch, read_json_records, BadRows
+from gpt.tokenizer import Tokenizer
+
+PAIRS = "shakespeare_modern"
+
+
+def real_pairs(split: str, n: int) -> tuple[list[str], list[str]]:
+    root = data_dir() / PAIRS
+    if not (root / f"{split}.modern").is_file():
+        pytest.fail(f"{root} is missing: set GPT_DATA_DIR to the folder with shakespeare_modern/")
+    src = (root / f"{split}.modern").read_text(encoding="utf-8").splitlines()
+    tgt = (root / f"{split}.original").read_text(encoding="utf-8").splitlines()
+    return src[:n], tgt[:n]
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """300 train and 24 valid pairs of the real task, as the user's own parallel files."""
+    d = tmp_path_factory.mktemp("pairs")
+    for split, n in (("train", 300), ("valid", 24)):
+        src, tgt = real_pairs(split, n)
+        (d / f"{split}.src").write_text("\n".join(src) + "\n")
+        (d / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_dir(task_files, tmp_path_factory):
+    """A tiny randomly initialised GPT with a character tokenizer, exported as a base model directory."""
+    chars = set()
+    for f in task_files.iterdir():
+        chars.update(f.read_text())
+    tok = Tokenizer.char_level(chars)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
+    return save_model_dir(model, tok, tmp_path_factory.mktemp("base") / "base")
+
+
+def task(task_files, tokenizer, block_size=160, **kw) -> TaskDataModule:
+    args = dict(name="pairs", format="parallel", template="{input}\n", tokenizer=tokenizer, block_size=block_size,
+                batch_size=8, root=str(task_files), train=["train.src", "train.tgt"], valid=["valid.src", "valid.tgt"],
+                metrics=["loss", "bleu", "chrf"], stop=["\n"], max_new_tokens=24)
+    args.update(kw)
+    return TaskDataModule(**args)
+
+
+def randomise_lora(model: PeftModel) -> None:
+    """LoRA's B starts at zero (the adapter starts as a no-op); give it weights so merging means something."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+
+
+# -- task data ---------------------------------------------------------------------------------------
+
+def test_labels_mask_the_prompt_and_the_padding_exactly():
+    prompts, responses = [[5, 6, 7], [5, 6]], [[8, 9], [10, 11, 12, 13]]
+    batch = pad_batch([vars(encode_example(p, r, 0, block_size=32)) for p, r in zip(prompts, responses)], pad_id=0)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        full = p + r + [0]  # + EOS
+        n = len(full) - 1
+        assert batch["input_ids"][row, :n].tolist() == full[:-1]
+        # the token predicted at position i is full[i+1]; it counts iff it is part of the response (or EOS)
+        expected = [-100] * (len(p) - 1) + full[len(p):] + [-100] * (batch["labels"].size(1) - n)
+        assert batch["labels"][row].tolist() == expected
+
+
+def test_the_loss_ignores_prompt_positions_and_padding(task_files, base_dir):
+    model, tok = load_model_dir(base_dir)
+    dm = task(task_files, tok)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    out = model(batch["input_ids"])
+    logits = out.logits.detach().requires_grad_(True)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    loss.backward()
+    counted = batch["labels"] != -100
+    # nothing flows back from prompt or padding positions; every response position contributes
+    assert logits.grad[~counted].abs().max() == 0
+    assert (logits.grad[counted].abs().amax(-1) > 0).all()
+    assert torch.allclose(model(batch["input_ids"], batch["labels"]).loss, loss)
+    # the masked positions are exactly the prompts and the padding: count them from the raw rows
+    rows = dm.load_rows()["valid"]
+    n_response = sum(max(0, min(len(tok.encode(r["output"])) + 1, 160 + 1 - len(tok.encode(dm.prompt(r)))))
+                     for r in rows)
+    assert sum(int((b["labels"] != -100).sum()) for b in dm.val_dataloader()) == n_response
+
+
+def test_batches_are_padded_to_their_longest_example(task_files, base_dir):
+    _, tok = load_model_dir(base_dir)
+    dm = task(task_files, tok)
+    dm.setup()
+    by_len = {}
+    for e in dm.data["train"]:
+        by_len.setdefault(tuple(e["input_ids"]), len(e["input_ids"]))
+    widths, padding = [], 0
+    for batch in dm.train_dataloader():
+        lengths = [int((row != -100).nonzero().max()) + 1 for row in batch["labels"]]  # last counted position
+        assert batch["input_ids"].size(1) == max(lengths)
+        widths.append(batch["input_ids"].size(1))
+        padding += sum(batch["input_ids"].size(1) - n for n in lengths)
+    assert min(widths) < max(widths) <= 160  # not padded to the context
+    # grouping by length: far less padding than batches drawn at random would carry
+    plain = task(task_files, tok, group_by_length=False)
+    plain.setup()
+    random_padding = sum(b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
+                         for b in plain.train_dataloader())
+    grouped_padding = sum(b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
+                          for b in dm.train_dataloader())
+    assert grouped_padding < 0.8 * random_padding
+
+
+def test_long_examples_are_truncated_and_counted(task_files, base_dir):
+    _, tok = load_model_dir(base_dir)
+    dm = task(task_files, tok, block_size=48)
+    dm.setup()
+    rows = dm.load_rows()["train"]
+    lengths = [(len(tok.encode(dm.prompt(r))), len(tok.encode(r["output"])) + 1) for r in rows]
+    expect_truncated = sum(p + r > 49 for p, r in lengths)
+    expect_dropped = sum(p >= 49 for p, _ in lengths)  # the prompt alone fills the context: nothing to learn
+    assert dm.stats["train"]["truncated"] == expect_truncated > 0
+    assert dm.stats["train"]["dropped"] == expect_dropped > 0
+    assert len(dm.data["train"]) == len(rows) - expect_dropped
+    assert max(len(e["input_ids"]) for e in dm.data["train"]) == 48
+
+
+def test_mismatched_parallel_files_name_both_files_and_counts(tmp_path, base_dir):
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "b.txt").write_text("uno\ndos\n")
+    proc = run_cli("finetune.py", f"base={base_dir}", "task=parallel", f"task.root={tmp_path}", "task.train=[a.txt,b.txt]",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(proc, f"{tmp_path / 'a.txt'} has 3 lines", f"{tmp_path / 'b.txt'} has 2")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"instruction": "Add", "input": "1 2", "output": "3"}\n'
+                 '{"instruction": "Add", "input": "2 2" "output": "4"}\n'  # line 2: a missing comma
+                 '{"instruction": "Say hi", "output": "hi"}\n'  # no input: fine for Alpaca
+                 '{"instruction": "Add", "input": "5 5"}\n'  # line 4: no output
+                 '["not", "an", "object"]\n')  # line 5
+    fields = {"instruction": "instruction", "input": "input", "output": "output"}
+    with pytest.raises(GPTError, match=f"{f}:2: not valid JSON"):
+        read_json_records(f, fields, "t", BadRows("error", "t"))
+    bad = BadRows("skip", "t")
+    rows = read_json_records(f, fields, "t", bad)
+    assert rows == [{"instruction": "Add", "input": "1 2", "output": "3"},
+                    {"instruction": "Say hi", "input": "", "output": "hi"}]
+    assert [s.split(": ")[0] for s in bad.skipped] == [f"{f}:2", f"{f}:4", f"{f}:5"]
+    assert "'output'" in bad.skipped[1]
+    assert bad.report("train") == 3
+
+
+def test_json_array_and_prompt_response_with_own_keys(tmp_path):
+    f = tmp_path / "qa.json"
+    f.write_text(json.dumps([{"question": "2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris"},
+                             {"question": "Empty?", "answer": ""}]))
+    fields = {"input": "question", "output": "answer"}
+    with pytest.raises(GPTError, match=f"{f} record 3: missing or empty field 'answer'"):
+        read_json_records(f, fields, "qa", BadRows("error", "qa"))
+    rows = read_json_records(f, fields, "qa", BadRows("skip", "qa"))
+    assert rows == [{"instruction": "", "input": "2+2?", "output": "4"},
+                    {"instruction": "", "input": "Capital of France?", "output": "Paris"}]
+
+
+def test_alpaca_task_through_the_cli_names_the_bad_line(tmp_path, base_dir):
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n{"instruction": "Say hi"\n')
+    proc = run_cli("finetune.py", f"base={base_dir}", "task=alpaca", f"task.train={data}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_user_error(proc, f"{data}:2", "on_bad_row=skip")
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+
+def test_lora_targets_map_to_our_module_names(base_dir):
+    model, _ = load_model_dir(base_dir)
+    peft_model = add_lora(model, lora_config(rank=4, targets=["qkv", "attn_out", "mlp", "lm_head"]))
+    wrapped = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and n.count("lora_") == 0)
+    assert [n.split("model.", 2)[-1] for n in wrapped] == sorted(
+        [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        + ["lm_head"])
+    with pytest.raises(GPTError, match="matches no linear layer"):
+        add_lora(load_model_dir(base_dir)[0], lora_config(targets=["q_proj"]))
+
+
+@pytest.mark.parametrize("targets", [["qkv", "attn_out", "mlp"], ["qkv", "lm_head"]])
+def test_merged_equals_unmerged_and_exports_standalone(base_dir, tmp_path, targets):
+    model, tok = load_model_dir(base_dir)
+    peft_model = add_lora(model, lora_config(rank=4, targets=targets)).eval()
+    randomise_lora(peft_model)
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        unmerged = peft_model(x).logits
+        with peft_model.disable_adapter():
+            base = peft_model(x).logits
+        merged_model = merge(peft_model)
+        merged = merged_model(x).logits
+    assert type(merged_model) is GPT
+    assert (unmerged - base).abs().max() > 1e-2  # the adapter does change the output
+    assert (merged - unmerged).abs().max() <= 1e-5
+    # the merged model is a plain model directory that reloads to the same logits
+    reloaded, _ = load_model(save_model_dir(merged_model, tok, tmp_path / "merged"))
+    with torch.no_grad():
+        assert (reloaded.eval()(x).logits - unmerged).abs().max() <= 1e-5
+    # an adapter on the (tied) LM head must not leak into the input embedding
+    original, _ = load_model_dir(base_dir)
+    assert torch.equal(reloaded.transformer.wte.weight, original.transformer.wte.weight)
+    # and the merged model exports to Hugging Face like any other (an untied lm_head when it was adapted)
+    from transformers import GPT2LMHeadModel
+
+    from gpt.convert import export_hf
+
+    hf = GPT2LMHeadModel.from_pretrained(str(export_hf(tmp_path / "merged", tmp_path / "hf"))).eval()
+    assert hf.config.tie_word_embeddings == ("lm_head" not in targets)
+    with torch.no_grad():
+        assert (hf(x).logits - unmerged).abs().max() <= 1e-5
+
+
+def test_adapter_dir_loads_with_peft_and_refuses_another_base(base_dir, tmp_path):
+    model, tok = load_model_dir(base_dir)
+    peft_model = add_lora(model, lora_config(rank=4)).eval()
+    randomise_lora(peft_model)
+    adapter = save_adapter_dir(peft_model, tok, tmp_path / "adapter", {"base": base_record(base_dir), "task": {}})
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                    "tokenizer.json", "gpt_adapter.json"}
+    x = torch.randint(0, tok.vocab_size, (1, 30))
+    plain = PeftModel.from_pretrained(load_model_dir(base_dir)[0], str(adapter)).eval()  # PEFT's own loader
+    ours, _, record = load_adapter(adapter)
+    with torch.no_grad():
+        expected = peft_model(x).logits
+        assert torch.equal(plain(x).logits, expected) and torch.equal(ours(x).logits, expected)
+    assert record["base"]["path"] == str(Path(base_dir).resolve())
+
+    other = GPT(GPTConfig(block_size=160, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
+    other_dir = save_model_dir(other, tok, tmp_path / "other")
+    with pytest.raises(GPTError, match="belongs to a different base") as e:
+        load_adapter(adapter, other_dir)
+    assert str(Path(base_dir).resolve()) in str(e.value) and record["base"]["sha256"][:12] in str(e.value)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+def test_scores_are_sacrebleus():
+    hyps = ["the cat sat on the mat .", "thou art a villain", "good morrow , sir"]
+    refs = ["the cat sat upon the mat .", "thou art a villain !", "good morrow"]
+    got = score(hyps, refs, ["bleu", "chrf", "exact_match"])
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=0.005)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=0.005)
+    assert got["exact_match"] == pytest.approx(0.0)
+    assert score(["4", " Paris "], ["4", "Paris"], ["exact_match"])["exact_match"] == 100.0
+
+
+def test_copy_baseline_on_the_full_valid_split_is_the_published_figure():
+    src, tgt = real_pairs("valid", 10_000)
+    assert len(src) == len(tgt) == 1218
+    assert score(src, tgt, ["bleu"])["bleu"] == pytest.approx(16.5, abs=0.05)  # the issue's figure
+
+
+def test_stop_strings_end_generation_early_with_the_same_text(base_dir):
+    model, tok = load_model_dir(base_dir)
+    prompts = ["Good morrow", "I am", "What light through yonder window breaks"]
+    args = dict(max_new_tokens=40, temperature=0.0, batch_size=8)
+    full = generate_batch(model.eval(), tok, prompts, **args)
+    stopped = generate_batch(model, tok, prompts, stops=[" "], **args)
+    assert stopped == [cut_at_stop(t, [" "])[0] for t in full]
+
+
+# -- end to end through finetune.py and sample.py -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finetuned(task_files, base_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ft") / "run"
+    proc = run_cli("finetune.py", f"base={base_dir}", "task=parallel", f"task.root={task_files}",
+                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
+                   "task.batch_size=16", "task.max_new_tokens=24", "trainer.max_steps=40", "trainer.val_check_interval=20",
+                   "optim.lr=1e-2", "optim.warmup_steps=5", "lora.rank=8", "lora.targets=[qkv,attn_out,mlp,lm_head]",
+                   "merge=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_finetune_trains_only_the_adapter_and_reports_it(finetuned, base_dir):
+    run_dir, proc = finetuned
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
+    assert f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters" in proc.stdout + proc.stderr
+    ev = metrics["eval"]
+    assert ev["examples"] == 24 and set(ev) >= {"base", "adapter", "copy"}
+    assert ev["adapter"]["val_loss"] < ev["base"]["val_loss"] - 0.5  # it learned something
+    assert ev["copy"]["bleu"] == pytest.approx(score(*real_pairs("valid", 24), ["bleu"])["bleu"])
+    # the base weights are the same after fine-tuning: compare the trained module's frozen tensors
+    state = read_lightning_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    base, _ = load_model_dir(base_dir)
+    frozen = {k.replace("model.base_model.model.", "").replace(".base_layer", ""): v
+              for k, v in state.items() if "lora_" not in k}
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(frozen[name], tensor), name
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # while the adapter did train
+
+
+def test_adapter_reproduces_its_greedy_outputs_in_a_fresh_process(finetuned, task_files, tmp_path):
+    run_dir, _ = finetuned
+    out = tmp_path / "out.txt"
+    proc = run_cli("sample.py", f"adapter={run_dir / 'checkpoints' / 'best'}", f"input_file={task_files / 'valid.src'}",
+                   f"output_file={out}", "temperature=0", "max_new_tokens=24", "batch_size=64")
+    assert proc.returncode == 0, proc.stderr
+    expected = (run_dir / "valid.adapter.txt").read_text().splitlines()
+    assert [line.strip() for line in out.read_text().splitlines()] == expected
+    assert any(expected)
+
+
+def test_merged_export_matches_the_adapter(finetuned):
+    run_dir, _ = finetuned
+    adapter, tok, _ = load_adapter(run_dir / "checkpoints" / "best")
+    merged, _ = load_model(run_dir / "checkpoints" / "merged")
+    x = torch.tensor([tok.encode("I have half a mind to hit you.\n")])
+    with torch.no_grad():
+        assert (merged.eval()(x).logits - adapter(x).logits).abs().max() <= 1e-5
+
+
+def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_files):
+    run_dir, _ = finetuned
+    adapter = run_dir / "checkpoints" / "best"
+    wrong = run_dir / "checkpoints" / "merged"  # a valid model directory, but not the adapter's base
+    proc = run_cli("sample.py", f"adapter={adapter}", f"ckpt={wrong}", "prompt=Hello")
+    assert_user_error(proc, "belongs to a different base", str(wrong))
+    proc = run_cli("finetune.py", "eval_only=true", f"adapter={adapter}", "task=parallel", f"task.root={task_files}",
+                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
+                   "task.max_new_tokens=24", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval"]
+    first = json.loads((run_dir / "metrics.json").read_text())["eval"]
+    for system in ("base", "adapter", "copy"):
+        assert again[system]["bleu"] == first[system]["bleu"]
+
+
+def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir, tmp_path):
+    """SIGKILL in the middle of writing the step-30 checkpoint, resume with ckpt_path=last: the same losses,
+    step by step, and the same best adapter as a run never stopped (mid-epoch and across epochs: 19 batches
+    an epoch)."""
+    args = [f"base={base_dir}", "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
+            "task.valid=[valid.src,valid.tgt]", "task.batch_size=16", "trainer.max_steps=40",
+            "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "optim.warmup_steps=5", "lora.rank=4",
+            "lora.dropout=0.1", "eval.enabled=false", "trainer.enable_progress_bar=false", "name=ft-resume"]
+    ref, killed, resumed = kill_then_resume("finetune.py", args, tmp_path)
+    assert_resumed_run_matches(resumed, ref, resumed_at=20, steps=40)
