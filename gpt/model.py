@@ -354,7 +354,7 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
                  on_token: Optional[Callable[[torch.Tensor], object]] = None,
-                 no_repeat_ngram_size: int = 0) -> torch.Tensor:
+                 no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
 
         Batches of different-length prompts are left-padded with attention_mask marking real tokens.
@@ -365,6 +365,7 @@ class GPT(nn.Module):
         on_token(new_tokens) may return True (stop now) or a (B,) bool tensor (these rows are done).
         no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
         prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
+        logit_bias (B, V) is added to every step's logits (e.g. a bonus for the words of each row's input).
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
@@ -390,6 +391,8 @@ class GPT(nn.Module):
         logits = self(idx, attention_mask=attention_mask, cache=cache, only_last=True).logits[:, -1]
         n = T
         for step in range(max_new_tokens):
+            if logit_bias is not None:
+                logits = logits + logit_bias
             if no_repeat_ngram_size:
                 logits = ban_repeated_ngrams(logits, tokens[:, T:n], no_repeat_ngram_size)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -420,7 +423,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
-                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
+                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                    logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
         tokens, padded with eos_token_id after the end.
 
@@ -448,7 +452,10 @@ class GPT(nn.Module):
         finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
         active = [True] * B
         written = 0  # generated positions filled in `tokens`
+        bias = logit_bias[rows] if logit_bias is not None else None
         for step in range(max_new_tokens):
+            if bias is not None:
+                logits = logits + bias
             if no_repeat_ngram_size:
                 logits = ban_repeated_ngrams(logits, tokens[:, :step], no_repeat_ngram_size)
             logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)

@@ -126,12 +126,30 @@ class StopStrings:
         return self.done.to(tokens.device)
 
 
+def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: int, bonus: float,
+                      device) -> torch.Tensor:
+    """(B, V): `bonus` at the tokens of each text, 0 elsewhere. Each text is encoded as it is and after a
+    space, because a byte-level BPE spells a word differently at the start of a text and after a space."""
+    bias = torch.zeros(len(texts), vocab_size, device=device)
+    for row, ids in enumerate(tokenizer.encode_batch([t for text in texts for t in (text, " " + text)])):
+        bias[row // 2, ids] = bonus
+    return bias
+
+
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
-                   num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+                   num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
+                   sources: Optional[Sequence[str]] = None) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
-    num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token)."""
+    num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token).
+    copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
+    line a task template wraps; default the prompt itself), so words are carried over more readily: for
+    tasks whose output mostly repeats the input (style transfer, correction)."""
+    if copy_bonus < 0:
+        raise GPTError(f"copy_bonus must be >= 0 (got {copy_bonus}); 0 = off")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
         raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
                        "and stop_at_eos=true; or use num_beams=1 to sample")
@@ -143,16 +161,20 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
+        bias = None
+        if copy_bonus:
+            texts = [(sources or prompts)[i] for i in chunk]
+            bias = source_token_bias(tokenizer, texts, model.config.vocab_size, copy_bonus, device)
         if num_beams > 1:
             new = model.beam_search(idx, max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eos_id,
                                     attention_mask=mask, length_penalty=length_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size)
+                                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias)
         else:
             new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
                                  generator=generator, on_context_full=on_context_full,
                                  on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
-                                 no_repeat_ngram_size=no_repeat_ngram_size)
+                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias)
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out
@@ -226,15 +248,17 @@ def sample(cfg) -> Optional[list[str]]:
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
                 no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
-    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0))
+    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0),
+                 copy_bonus=cfg.get("copy_bonus", 0.0))
 
     with autocast(device, cfg.dtype):
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             path = Path(cfg.input_file)
             if not path.is_file():
                 raise GPTError(f"input_file {path} does not exist")
-            prompts = [wrap(unescape(line.rstrip("\n"))) for line in path.read_text(encoding="utf-8").splitlines()]
-            completions = generate_batch(model, tokenizer, prompts, batch_size=cfg.batch_size, **args, **beams)
+            lines = [unescape(line.rstrip("\n")) for line in path.read_text(encoding="utf-8").splitlines()]
+            completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
+                                         sources=lines, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
             return completions
@@ -242,10 +266,13 @@ def sample(cfg) -> Optional[list[str]]:
         if cfg.prompt_file:
             if not Path(cfg.prompt_file).is_file():
                 raise GPTError(f"prompt_file {cfg.prompt_file} does not exist")
-            prompt = wrap(Path(cfg.prompt_file).read_text(encoding="utf-8"))
+            raw = Path(cfg.prompt_file).read_text(encoding="utf-8")
         else:
-            prompt = wrap(unescape(cfg.prompt))
+            raw = unescape(cfg.prompt)
+        prompt = wrap(raw)
         ids = encode_prompt(tokenizer, prompt)
+        bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
+            if beams["copy_bonus"] else None
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         samples = []
         for i in range(cfg.num_samples):
@@ -255,7 +282,7 @@ def sample(cfg) -> Optional[list[str]]:
             model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
                            on_context_full=cfg.on_context_full, on_token=printer,
-                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
+                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), logit_bias=bias)
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)
