@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -424,7 +424,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def beam_search(self, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
                     length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                    logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    logit_bias: Optional[torch.Tensor] = None, stop_token_ids: Sequence[int] = ()) -> torch.Tensor:
         """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
         tokens, padded with eos_token_id after the end.
 
@@ -433,6 +433,7 @@ class GPT(nn.Module):
         follow them. A beam that emits EOS is finished and scored by log-probability / length**length_penalty
         (so longer outputs are not penalised just for having more terms). A row stops once it holds
         `num_beams` finished continuations; the best one wins. num_beams=1 is greedy decoding.
+        A token of `stop_token_ids` (e.g. one that contains a stop string) also finishes a beam, and is kept.
         """
         check_sampling_args(max_new_tokens, 0.0)
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -453,6 +454,7 @@ class GPT(nn.Module):
         active = [True] * B
         written = 0  # generated positions filled in `tokens`
         bias = logit_bias[rows] if logit_bias is not None else None
+        ends = set(stop_token_ids)
         for step in range(max_new_tokens):
             if bias is not None:
                 logits = logits + bias
@@ -473,9 +475,10 @@ class GPT(nn.Module):
                     beam, token = divmod(flat, V)
                     if score == float("-inf"):
                         break
-                    if token == eos_token_id:  # a finished continuation
-                        seq = tokens[b * K + beam, :step]
-                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq.clone()))
+                    if token == eos_token_id or token in ends:  # a finished continuation
+                        seq = tokens[b * K + beam, :step + (token != eos_token_id)].clone()
+                        seq[step:] = token  # (nothing for EOS)
+                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq))
                     else:
                         next_beam[b, kept], next_token[b, kept], next_scores[b, kept] = beam, token, score
                         kept += 1

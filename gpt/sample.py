@@ -158,6 +158,9 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    # Beam search ends a beam at a token that holds a stop string (the text is cut there below).
+    stop_ids = [i for i in range(tokenizer.vocab_size) if any(s in tokenizer.decode([i]) for s in stops)] \
+        if num_beams > 1 and stops else []
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
@@ -168,7 +171,8 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
         if num_beams > 1:
             new = model.beam_search(idx, max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eos_id,
                                     attention_mask=mask, length_penalty=length_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias)
+                                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias,
+                                    stop_token_ids=stop_ids)
         else:
             new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,

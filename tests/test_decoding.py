@@ -87,6 +87,28 @@ def test_wide_beam_search_finds_the_exact_most_likely_output():
         assert got.tolist() == best.tolist(), row
 
 
+def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output():
+    """A stop token ends a beam like EOS but stays in the output: the best of all outputs of up to 3 tokens
+    that end in EOS or in the stop token (4), by brute force."""
+    import itertools
+
+    torch.manual_seed(11)
+    model = GPT(GPTConfig(block_size=16, vocab_size=5, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    idx = torch.randint(1, 5, (4, 5))
+    beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, length_penalty=0.0, stop_token_ids=[4])
+    found_stop = False
+    for row in range(4):
+        outputs = [torch.tensor([*body, end]) for n in range(3) for body in itertools.product(range(1, 4), repeat=n)
+                   for end in (EOS, 4)]
+        best = max(outputs, key=lambda out: sequence_logprob(model, idx[row], out))
+        end = int(((beam[row] == EOS) | (beam[row] == 4)).nonzero()[0])
+        assert beam[row][: end + 1].tolist() == best.tolist(), row
+        found_stop |= best[-1].item() == 4
+    assert found_stop  # the case where the stop token matters happened
+
+
 def test_beam_search_needs_greedy_settings(model):
     idx, _ = prompts()
     with pytest.raises(GPTError, match="num_beams"):
