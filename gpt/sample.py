@@ -274,6 +274,10 @@ def sample(cfg) -> Optional[list[str]]:
         else:
             raw = unescape(cfg.prompt)
         prompt = wrap(raw)
+        if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
+            text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], **args, **beams)[0]
+            sys.stdout.write(prompt + text + "\n---------------\n")
+            return [text]
         ids = encode_prompt(tokenizer, prompt)
         bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
             if beams["copy_bonus"] else None
