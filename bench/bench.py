@@ -3,6 +3,8 @@
     python bench/bench.py                    # every case for this device; table + bench/results/<host>-<date>.json
     python bench/bench.py --cases gen_b1     # some cases
     python bench/bench.py --quick            # fewer repeats (a smoke run, figures not for quoting)
+    python bench/bench.py --cases train_baby trainer.precision=32-true compile=true   # ours with other settings
+    python bench/bench.py --cases gen_b1 sample.dtype=float32 sample.compile=true       # (sample.yaml keys)
 
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that case alone and no warm cache leaks between contenders. Every figure is the median of
@@ -62,13 +64,18 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_train_config():
-    """The project's default training config for this device (what `python train.py` would use)."""
+OVERRIDES: list[str] = []  # key=value overrides of configs/train.yaml (sample.key=value: sample.yaml) for "ours"
+
+
+def default_config(name="train"):
+    """The project's default config for this device (what `python train.py` / `sample.py` would use)."""
     from hydra import compose, initialize_config_dir
 
-    overrides = ["trainer=gpu"] if device_name() == "cuda" else []
+    overrides = (["trainer=gpu"] if device_name() == "cuda" and name == "train" else [])
+    prefix = "sample." if name == "sample" else ""
+    overrides += [o[len(prefix):] for o in OVERRIDES if o.startswith(prefix) and (prefix or not o.startswith("sample."))]
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        return compose(name, overrides=overrides)
 
 
 def peak_memory_mb() -> float:
@@ -193,7 +200,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         tokens = batch * block * steps
         gcfg = GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         if impl.startswith("ours"):
-            cfg = default_train_config()
+            cfg = default_config()
             precision, compile_model = cfg.trainer.precision, bool(cfg.compile)
             model = GPT(gcfg)
             n_params = model.num_params()
@@ -227,18 +234,23 @@ def child(case: str, impl: str, quick: bool) -> dict:
         tok = Tokenizer.char_level("".join(chr(33 + i) for i in range(VOCAB - 2)))  # 63 chars + EOS + UNK = 65
         hf = hf_model(6, 6, 384, block, eos=tok.eos_id).eval()
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
-        if impl == "ours":
+        if impl == "ours":  # sample.py's defaults (configs/sample.yaml): dtype, compiled decode step
             from gpt.convert import import_hf
+            from gpt.sample import autocast, resolve_dtype
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
                 hf.save_pretrained(Path(tmp) / "hf")
                 tok.save(Path(tmp) / "hf")
                 _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
             model = model.to(device).eval()
+            scfg = default_config("sample")
+            precision = resolve_dtype(torch.device(device), scfg.dtype)
 
             def step():
-                model.generate(prompt.to(device), GEN_NEW, temperature=0)
+                with autocast(torch.device(device), precision):
+                    model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=scfg.compile)
         else:
+            precision = "fp32"
             hf = hf.to(device)
 
             def step():
@@ -246,9 +258,13 @@ def child(case: str, impl: str, quick: bool) -> dict:
                     hf.generate(prompt.to(device), max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
                                 pad_token_id=0, eos_token_id=None)
 
+        t0 = time.perf_counter()
+        step()  # the first call (compilation, when on), timed on its own
+        first_s = time.perf_counter() - t0
         times = time_repeats(step, 1, repeats, 1 if quick else 2)
         n_params = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=6, n_head=6, n_embd=384)).num_params()
-        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision="fp32")
+        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision=precision,
+                   first_call_s=round(first_s, 2), compile=bool(impl == "ours" and scfg.compile))
 
     elif case == "gpt2":
         n_layer, n_head, n_embd, block = GPU_CASE[1]
@@ -292,7 +308,7 @@ def measure_peak_flops(device) -> dict:
 
 
 def run_child(case, impl, quick) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else []) + OVERRIDES
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"case": case, "impl": impl, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -307,7 +323,7 @@ def plan(cases, device):
         elif case in GEN_CASES:
             contenders += [(case, "ours"), (case, "hf")]
         elif case == "lora":
-            contenders += [(case, "ours"), (case, "hf_fp32")]
+            contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
         elif case == "gpt2":
             contenders += [(case, "ours")]
     return contenders
@@ -327,7 +343,7 @@ def summarize(results, peak):
                 continue
             med = statistics.median(r["times"])
             tps = r["tokens_per_repeat"] / med
-            kind = "bf16" if "bf16" in str(r.get("precision")) else "fp32"
+            kind = "bf16" if any(k in str(r.get("precision")) for k in ("bf16", "bfloat16")) else "fp32"
             denom = peak.get(kind) if peak else None
             mfu = tps * r["flops_per_token"] / denom if denom else None
             rows.append({
@@ -363,7 +379,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/train.yaml (sample.key=value: "
+                    "configs/sample.yaml) for ours")
     args = ap.parse_args()
+    OVERRIDES.extend(args.overrides)
 
     if args.child:
         print(json.dumps(child(*args.child, quick=args.quick)))
@@ -390,7 +409,7 @@ def main():
     report = {
         "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
         "device": device, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "peak_flops": peak, "descriptions": descriptions,
+        "torch": torch.__version__, "quick": args.quick, "overrides": OVERRIDES, "peak_flops": peak, "descriptions": descriptions,
         "results": rows, "raw": results, "seconds": round(time.time() - t0, 1),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"

@@ -29,14 +29,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(device: torch.device, dtype: str) -> str:
+    """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
+    token), else float32."""
+    if dtype == "auto":
+        return "bfloat16" if has_fast_bf16(device) else "float32"
+    return dtype
+
+
 def autocast(device: torch.device, dtype: str):
+    """The autocast context for `dtype` (see resolve_dtype)."""
+    dtype = resolve_dtype(device, dtype)
     if dtype in ("float32", "fp32", "32"):
         return contextlib.nullcontext()
     if dtype in ("bfloat16", "bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if dtype in ("float16", "fp16", "16"):
         return torch.autocast(device.type, dtype=torch.float16)
-    raise GPTError(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+    raise GPTError(f"dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
 
 
 def unescape(line: str) -> str:
@@ -129,7 +146,7 @@ class StopStrings:
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
-                   num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+                   num_beams: int = 1, length_penalty: float = 1.0, compile: bool = False) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
     num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token)."""
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
@@ -152,7 +169,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
                                  generator=generator, on_context_full=on_context_full,
                                  on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
-                                 no_repeat_ngram_size=no_repeat_ngram_size)
+                                 no_repeat_ngram_size=no_repeat_ngram_size, compile=compile)
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out
@@ -225,7 +242,7 @@ def sample(cfg) -> Optional[list[str]]:
     generator.manual_seed(cfg.seed)
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
-                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
+                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
     beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0))
 
     with autocast(device, cfg.dtype):
@@ -255,7 +272,7 @@ def sample(cfg) -> Optional[list[str]]:
             model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
                            on_context_full=cfg.on_context_full, on_token=printer,
-                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
+                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)
