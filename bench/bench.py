@@ -236,18 +236,19 @@ def child(case: str, impl: str, quick: bool) -> dict:
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
         if impl == "ours":  # sample.py's defaults (configs/sample.yaml): dtype, compiled decode step
             from gpt.convert import import_hf
-            from gpt.sample import autocast, resolve_dtype
+            from gpt.sample import resolve_dtype
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
                 hf.save_pretrained(Path(tmp) / "hf")
                 tok.save(Path(tmp) / "hf")
                 _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
-            model = model.to(device).eval()
             scfg = default_config("sample")
-            precision = resolve_dtype(torch.device(device), scfg.dtype)
+            dtype = resolve_dtype(torch.device(device), scfg.dtype)  # as gpt.sample.load_for_sampling
+            model = model.to(device, dtype).eval()
+            precision = str(dtype).removeprefix("torch.")
 
             def step():
-                with autocast(torch.device(device), precision):
+                with torch.inference_mode():
                     model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=scfg.compile)
         else:
             precision = "fp32"

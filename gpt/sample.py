@@ -36,24 +36,24 @@ def has_fast_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_dtype(device: torch.device, dtype: str) -> str:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
+
+
+def resolve_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
     token), else float32."""
     if dtype == "auto":
-        return "bfloat16" if has_fast_bf16(device) else "float32"
-    return dtype
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise GPTError(f"dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+    return DTYPES[dtype]
 
 
 def autocast(device: torch.device, dtype: str):
-    """The autocast context for `dtype` (see resolve_dtype)."""
+    """The autocast context for `dtype` (see resolve_dtype): the weights stay as they are."""
     dtype = resolve_dtype(device, dtype)
-    if dtype in ("float32", "fp32", "32"):
-        return contextlib.nullcontext()
-    if dtype in ("bfloat16", "bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if dtype in ("float16", "fp16", "16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    raise GPTError(f"dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def unescape(line: str) -> str:
@@ -189,11 +189,13 @@ def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
         from gpt.adapter import load_adapter
 
         model, tokenizer, _ = load_adapter(cfg.adapter, cfg.get("ckpt"), map_location=device)
-        return model, tokenizer, device
-    if not cfg.get("ckpt"):
-        raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
-    model, tokenizer = load_model(cfg.ckpt, map_location=device)
-    return model.eval(), tokenizer, device
+    else:
+        if not cfg.get("ckpt"):
+            raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
+        model, tokenizer = load_model(cfg.ckpt, map_location=device)
+    # Sampling reads every weight once per token: weights stored in the sampling dtype (not autocast, which
+    # would convert them again on every step) halve the bytes in bf16.
+    return model.to(resolve_dtype(device, cfg.dtype)).eval(), tokenizer, device
 
 
 def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
@@ -245,7 +247,7 @@ def sample(cfg) -> Optional[list[str]]:
                 no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
     beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0))
 
-    with autocast(device, cfg.dtype):
+    with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             path = Path(cfg.input_file)
             if not path.is_file():
