@@ -71,6 +71,8 @@ def default_config(name="train"):
     """The project's default config for this device (what `python train.py` / `sample.py` would use)."""
     from hydra import compose, initialize_config_dir
 
+    import gpt.cli  # noqa: F401 (registers the config's resolvers)
+
     overrides = (["trainer=gpu"] if device_name() == "cuda" and name == "train" else [])
     prefix = "sample." if name == "sample" else ""
     overrides += [o[len(prefix):] for o in OVERRIDES if o.startswith(prefix) and (prefix or not o.startswith("sample."))]
@@ -392,7 +394,7 @@ def main():
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    default = [*TRAIN_CASES, *GEN_CASES, "lora"] + (["gpt2"] if device == "cuda" else [])
+    default = [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]  # gpt2 is skipped, with the reason, off CUDA
     cases = args.cases.split(",") if args.cases else default
     descriptions = {**{k: v[0] for k, v in TRAIN_CASES.items()}, **{k: v[0] for k, v in GEN_CASES.items()},
                     "lora": LORA_CASE[0], "gpt2": GPU_CASE[0]}
@@ -400,6 +402,11 @@ def main():
     peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
     results = []
     for case, impl in plan(cases, device):
+        if case == "gpt2" and device != "cuda":
+            reason = "skipped: needs a CUDA GPU (GPT-2 124M at block 1024 with bf16-mixed, compile, fused AdamW, flash SDPA)"
+            print(f"{case}: {reason}; this device is {device}", file=sys.stderr, flush=True)
+            results.append({"case": case, "impl": impl, "error": reason})
+            continue
         print(f"running {case} / {impl} ...", file=sys.stderr, flush=True)
         results.append(run_child(case, impl, args.quick))
     rows = summarize(results, peak)
@@ -409,14 +416,43 @@ def main():
               f"({peak.get('source')})")
     report = {
         "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "overrides": OVERRIDES, "peak_flops": peak, "descriptions": descriptions,
-        "results": rows, "raw": results, "seconds": round(time.time() - t0, 1),
+        "device": device, "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "quick": args.quick, "overrides": OVERRIDES, "peak_flops": peak,
+        "cases": cases, "descriptions": descriptions, "results": rows, "raw": results,
+        "seconds": round(time.time() - t0, 1),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(merge_earlier(out, report, cases), indent=2))
     print(f"wrote {out}")
+
+
+def merge_earlier(out: Path, report: dict, cases: list[str]) -> dict:
+    """A run of some cases (--cases) into an existing file of the same host, device and settings keeps that
+    file's other cases, so a full table can be measured in parts (each part with its own peak and date)."""
+    if not out.is_file():
+        return report
+    old = json.loads(out.read_text())
+    same = all(old.get(k) == report[k] for k in ("host", "device", "torch", "quick", "overrides"))
+    if not same:
+        return report
+    keep = [r for r in old.get("parts", [old]) if not set(r["cases"]) <= set(cases)]
+    part = {"cases": cases, "date": report["date"], "peak_flops": report["peak_flops"], "seconds": report["seconds"]}
+    report["parts"] = [{k: r[k] for k in ("cases", "date", "peak_flops", "seconds")} for r in keep] + [part]
+    report["results"] = [r for r in old["results"] if r["case"] not in cases] + report["results"]
+    report["raw"] = [r for r in old["raw"] if r["case"] not in cases] + report["raw"]
+    return report
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 features (what decides the CPU defaults)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({', '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in flags) or 'no native bf16'})"
 
 
 if __name__ == "__main__":
