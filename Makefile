@@ -38,7 +38,7 @@ shakespeare-lora: $(STAMP)
 	$(PY) finetune.py experiment=shakespeare_modern_lora
 
 bench: $(STAMP)
-	$(PY) -m gpt.bench
+	$(PY) bench/bench.py
 
 clean:
 	rm -rf $(VENV) .cache runs multirun .pytest_cache

@@ -3,6 +3,8 @@
     python bench/bench.py                    # every case for this device; table + bench/results/<host>-<date>.json
     python bench/bench.py --cases gen_b1     # some cases
     python bench/bench.py --quick            # fewer repeats (a smoke run, figures not for quoting)
+    python bench/bench.py --cases train_baby trainer.precision=32-true compile=true   # ours with other settings
+    python bench/bench.py --cases gen_b1 sample.dtype=float32 sample.compile=true       # (sample.yaml keys)
 
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that case alone and no warm cache leaks between contenders. Every figure is the median of
@@ -62,13 +64,20 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_train_config():
-    """The project's default training config for this device (what `python train.py` would use)."""
+OVERRIDES: list[str] = []  # key=value overrides of configs/train.yaml (sample.key=value: sample.yaml) for "ours"
+
+
+def default_config(name="train"):
+    """The project's default config for this device (what `python train.py` / `sample.py` would use)."""
     from hydra import compose, initialize_config_dir
 
-    overrides = ["trainer=gpu"] if device_name() == "cuda" else []
+    import gpt.cli  # noqa: F401 (registers the config's resolvers)
+
+    overrides = (["trainer=gpu"] if device_name() == "cuda" and name == "train" else [])
+    prefix = "sample." if name == "sample" else ""
+    overrides += [o[len(prefix):] for o in OVERRIDES if o.startswith(prefix) and (prefix or not o.startswith("sample."))]
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        return compose(name, overrides=overrides)
 
 
 def peak_memory_mb() -> float:
@@ -193,7 +202,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         tokens = batch * block * steps
         gcfg = GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         if impl.startswith("ours"):
-            cfg = default_train_config()
+            cfg = default_config()
             precision, compile_model = cfg.trainer.precision, bool(cfg.compile)
             model = GPT(gcfg)
             n_params = model.num_params()
@@ -227,18 +236,24 @@ def child(case: str, impl: str, quick: bool) -> dict:
         tok = Tokenizer.char_level("".join(chr(33 + i) for i in range(VOCAB - 2)))  # 63 chars + EOS + UNK = 65
         hf = hf_model(6, 6, 384, block, eos=tok.eos_id).eval()
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
-        if impl == "ours":
+        if impl == "ours":  # sample.py's defaults (configs/sample.yaml): dtype, compiled decode step
             from gpt.convert import import_hf
+            from gpt.sample import resolve_dtype
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
                 hf.save_pretrained(Path(tmp) / "hf")
                 tok.save(Path(tmp) / "hf")
                 _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
-            model = model.to(device).eval()
+            scfg = default_config("sample")
+            dtype = resolve_dtype(torch.device(device), scfg.dtype)  # as gpt.sample.load_for_sampling
+            model = model.to(device, dtype).eval()
+            precision = str(dtype).removeprefix("torch.")
 
             def step():
-                model.generate(prompt.to(device), GEN_NEW, temperature=0)
+                with torch.inference_mode():
+                    model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=scfg.compile)
         else:
+            precision = "fp32"
             hf = hf.to(device)
 
             def step():
@@ -246,9 +261,13 @@ def child(case: str, impl: str, quick: bool) -> dict:
                     hf.generate(prompt.to(device), max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
                                 pad_token_id=0, eos_token_id=None)
 
+        t0 = time.perf_counter()
+        step()  # the first call (compilation, when on), timed on its own
+        first_s = time.perf_counter() - t0
         times = time_repeats(step, 1, repeats, 1 if quick else 2)
         n_params = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=6, n_head=6, n_embd=384)).num_params()
-        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision="fp32")
+        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision=precision,
+                   first_call_s=round(first_s, 2), compile=bool(impl == "ours" and scfg.compile))
 
     elif case == "gpt2":
         n_layer, n_head, n_embd, block = GPU_CASE[1]
@@ -292,7 +311,7 @@ def measure_peak_flops(device) -> dict:
 
 
 def run_child(case, impl, quick) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else []) + OVERRIDES
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"case": case, "impl": impl, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -307,7 +326,7 @@ def plan(cases, device):
         elif case in GEN_CASES:
             contenders += [(case, "ours"), (case, "hf")]
         elif case == "lora":
-            contenders += [(case, "ours"), (case, "hf_fp32")]
+            contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
         elif case == "gpt2":
             contenders += [(case, "ours")]
     return contenders
@@ -327,7 +346,7 @@ def summarize(results, peak):
                 continue
             med = statistics.median(r["times"])
             tps = r["tokens_per_repeat"] / med
-            kind = "bf16" if "bf16" in str(r.get("precision")) else "fp32"
+            kind = "bf16" if any(k in str(r.get("precision")) for k in ("bf16", "bfloat16")) else "fp32"
             denom = peak.get(kind) if peak else None
             mfu = tps * r["flops_per_token"] / denom if denom else None
             rows.append({
@@ -363,7 +382,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/train.yaml (sample.key=value: "
+                    "configs/sample.yaml) for ours")
     args = ap.parse_args()
+    OVERRIDES.extend(args.overrides)
 
     if args.child:
         print(json.dumps(child(*args.child, quick=args.quick)))
@@ -372,7 +394,7 @@ def main():
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    default = [*TRAIN_CASES, *GEN_CASES, "lora"] + (["gpt2"] if device == "cuda" else [])
+    default = [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]  # gpt2 is skipped, with the reason, off CUDA
     cases = args.cases.split(",") if args.cases else default
     descriptions = {**{k: v[0] for k, v in TRAIN_CASES.items()}, **{k: v[0] for k, v in GEN_CASES.items()},
                     "lora": LORA_CASE[0], "gpt2": GPU_CASE[0]}
@@ -380,6 +402,11 @@ def main():
     peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
     results = []
     for case, impl in plan(cases, device):
+        if case == "gpt2" and device != "cuda":
+            reason = "skipped: needs a CUDA GPU (GPT-2 124M at block 1024 with bf16-mixed, compile, fused AdamW, flash SDPA)"
+            print(f"{case}: {reason}; this device is {device}", file=sys.stderr, flush=True)
+            results.append({"case": case, "impl": impl, "error": reason})
+            continue
         print(f"running {case} / {impl} ...", file=sys.stderr, flush=True)
         results.append(run_child(case, impl, args.quick))
     rows = summarize(results, peak)
@@ -389,14 +416,43 @@ def main():
               f"({peak.get('source')})")
     report = {
         "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "peak_flops": peak, "descriptions": descriptions,
-        "results": rows, "raw": results, "seconds": round(time.time() - t0, 1),
+        "device": device, "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "quick": args.quick, "overrides": OVERRIDES, "peak_flops": peak,
+        "cases": cases, "descriptions": descriptions, "results": rows, "raw": results,
+        "seconds": round(time.time() - t0, 1),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(merge_earlier(out, report, cases), indent=2))
     print(f"wrote {out}")
+
+
+def merge_earlier(out: Path, report: dict, cases: list[str]) -> dict:
+    """A run of some cases (--cases) into an existing file of the same host, device and settings keeps that
+    file's other cases, so a full table can be measured in parts (each part with its own peak and date)."""
+    if not out.is_file():
+        return report
+    old = json.loads(out.read_text())
+    same = all(old.get(k) == report[k] for k in ("host", "device", "torch", "quick", "overrides"))
+    if not same:
+        return report
+    keep = [r for r in old.get("parts", [old]) if not set(r["cases"]) <= set(cases)]
+    part = {"cases": cases, "date": report["date"], "peak_flops": report["peak_flops"], "seconds": report["seconds"]}
+    report["parts"] = [{k: r[k] for k in ("cases", "date", "peak_flops", "seconds")} for r in keep] + [part]
+    report["results"] = [r for r in old["results"] if r["case"] not in cases] + report["results"]
+    report["raw"] = [r for r in old["raw"] if r["case"] not in cases] + report["raw"]
+    return report
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 features (what decides the CPU defaults)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({', '.join(f for f in ('avx512_bf16', 'amx_bf16') if f in flags) or 'no native bf16'})"
 
 
 if __name__ == "__main__":

@@ -15,10 +15,26 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from omegaconf import OmegaConf
+
 from gpt.errors import GPTError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
+
+
+def cpu_precision() -> str:
+    """`${cpu_precision:}` in configs/trainer/cpu.yaml: bf16-mixed (fp32 master weights) where the CPU
+    multiplies bf16 natively (AVX512-BF16 or AMX; see README, Benchmark), else 32-true (emulated bf16 is
+    slower than fp32)."""
+    import torch
+
+    from gpt.sample import has_fast_bf16
+
+    return "bf16-mixed" if has_fast_bf16(torch.device("cpu")) else "32-true"
+
+
+OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
 
 
 def verbose() -> bool:

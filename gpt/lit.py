@@ -22,8 +22,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -167,8 +168,8 @@ class LanguageModel(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         device_type = params[0].device.type
         fused = self.fused if self.fused is not None else device_type in ("cuda", "cpu")
-        if fused and self.trainer.gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision):
-            fused = False  # Lightning refuses to clip for a fused optimizer under AMP (bf16-mixed, 16-mixed)
+        if fused and self.trainer.gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None):
+            fused = False  # fp16's loss scaling: a fused optimizer unscales inside its step, too late to clip
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = self.decay_steps or self.trainer.max_steps
         if not decay_steps or decay_steps <= 0:
@@ -177,6 +178,19 @@ class LanguageModel(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        plugin = self.trainer.precision_plugin
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
+        if (type(plugin) in (Precision, MixedPrecision) and getattr(plugin, "scaler", None) is None and gradient_clip_val
+                and algorithm == GradClipAlgorithmType.NORM):
+            # fp32 or bf16-mixed (no loss scaling: the gradients are true): clip by the norm in one foreach pass
+            # (Lightning's clip loops over the tensors in Python on a CPU), and for a fused AdamW too: Lightning's
+            # AMP plugin refuses to clip for any fused optimizer, a rule meant for fp16's scaled gradients.
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings and dicts only, so the .ckpt loads with torch.load(weights_only=True).

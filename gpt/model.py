@@ -132,7 +132,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
 
         weights = None
-        if need_weights or not self.use_sdpa:
+        # One query (a decode step) takes the explicit product: the fused kernel saves nothing there, and
+        # on CPUs its bf16 version is several times slower than these three small ops.
+        if need_weights or not self.use_sdpa or T == 1:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
             if is_causal:  # query i (of T) may see keys 0..i; the T queries are the last T of S keys
                 S = k.size(-2)
@@ -193,11 +195,23 @@ class KVCache:
         self.k: list[Optional[torch.Tensor]] = [None] * n_layer
         self.v: list[Optional[torch.Tensor]] = [None] * n_layer
         self.length = 0  # positions filled
-        self.valid: Optional[torch.Tensor] = None  # (B, max_len) bool, only once padding has been seen
-        self.seen: Optional[torch.Tensor] = None  # (B,) real tokens per row, only with padding
+        self.valid: Optional[torch.Tensor] = None  # (B, max_len) bool, once padding was seen or decoding began
+        self.seen: Optional[torch.Tensor] = None  # (B,) real tokens per row, likewise
+        self.slot: Optional[torch.Tensor] = None  # (1,) the next column, as a tensor: for GPT.decode_step
 
     def reset(self):
-        self.length, self.valid, self.seen = 0, None, None
+        self.length, self.valid, self.seen, self.slot = 0, None, None, None
+
+    def start_decoding(self) -> None:
+        """Keep the state of one-token decoding in tensors (which columns hold real tokens, each row's count
+        of real tokens, the next column), so that every decode step has the same shapes and reads no
+        changing Python number: one compiled graph then serves every step (see GPT.decode_step)."""
+        B, device = self.k[0].size(0), self.k[0].device
+        if self.valid is None:
+            self.valid = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
+            self.seen = torch.full((B,), self.length, dtype=torch.long, device=device)
+        self.valid[:, self.length:] = False  # not written yet: decode_step attends over the whole buffer
+        self.slot = torch.tensor([self.length], device=device)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i continues from row rows[i] (beam search: each new beam extends one old beam)."""
@@ -210,6 +224,10 @@ class KVCache:
             self.valid, self.seen = self.valid[rows], self.seen[rows]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.slot is not None:  # a decode step: one new column, attention over the whole (masked) buffer
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         if self.k[layer] is None or self.k[layer].dtype != k.dtype:  # allocated lazily: autocast decides dtype
             B, H, _, D = k.shape
             self.k[layer] = k.new_zeros(B, H, self.max_len, D)
@@ -282,6 +300,8 @@ class GPT(nn.Module):
         are appended after the cached ones.
         """
         B, T = idx.shape
+        if cache is not None:
+            cache.slot = None  # variable-length calls append after `length`; decode_step needs start_decoding()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise GPTError(
@@ -307,6 +327,25 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return GPTOutput(logits, loss, attentions)
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab) of one new token per row (idx: (B, 1)) that follows the cached ones.
+
+        forward() with a cache does the same with shapes that grow by one every token. Here they never
+        change: the new keys/values go to column cache.slot, attention runs over the whole buffer under
+        the mask of filled columns (cache.valid), and the bookkeeping (slot, valid, per-row positions
+        cache.seen) moves in place in tensors. So torch.compile makes one graph for all steps, with no
+        Python per layer (generate(compile=True)). Call cache.start_decoding() first; the caller counts
+        cache.length.
+        """
+        cache.valid.index_fill_(1, cache.slot, True)
+        x = self.transformer.wte(idx) + self.transformer.wpe(cache.seen[:, None])
+        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): each row sees its filled, real columns
+        for layer, block in enumerate(self.transformer.h):
+            x, _ = block(x, mask, False, cache, layer)
+        cache.seen.add_(1)
+        cache.slot.add_(1)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     @staticmethod
     def _positions_and_mask(B, T, start, attention_mask, cache, device):
@@ -354,7 +393,8 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
                  on_token: Optional[Callable[[torch.Tensor], object]] = None,
-                 no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None,
+                 compile: bool = False) -> torch.Tensor:
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
 
         Batches of different-length prompts are left-padded with attention_mask marking real tokens.
@@ -366,6 +406,8 @@ class GPT(nn.Module):
         no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
         prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
         logit_bias (B, V) is added to every step's logits (e.g. a bonus for the words of each row's input).
+        The prompt is read in one pass; each new token then takes one fixed-shape decode_step, compiled
+        with compile=True (worth its one-off compilation time when many tokens are generated).
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
@@ -389,6 +431,8 @@ class GPT(nn.Module):
 
         cache = self.new_cache()
         logits = self(idx, attention_mask=attention_mask, cache=cache, only_last=True).logits[:, -1]
+        cache.start_decoding()
+        decode_step = compiled_decode_step() if compile else GPT.decode_step
         n = T
         for step in range(max_new_tokens):
             if logit_bias is not None:
@@ -410,7 +454,8 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             if cache.length < block:
-                logits = self(nxt[:, None], cache=cache, only_last=True).logits[:, -1]
+                logits = decode_step(self, nxt[:, None], cache)
+                cache.length += 1
             elif on_context_full == "stop":
                 break
             else:
@@ -419,6 +464,7 @@ class GPT(nn.Module):
                 window_mask = None if real is None else real[:, n - keep:n]
                 logits = self(tokens[:, n - keep:n], attention_mask=window_mask, cache=cache,
                               only_last=True).logits[:, -1]
+                cache.start_decoding()
         return tokens[:, T:n]
 
     @torch.no_grad()
@@ -502,6 +548,18 @@ class GPT(nn.Module):
             best = max(finished[b], key=lambda hyp: hyp[0])[1]
             out[b, :len(best)] = best
         return out
+
+
+_COMPILED_DECODE_STEP = None
+
+
+def compiled_decode_step():
+    """GPT.decode_step through torch.compile, made once per process and shared by all models (Dynamo
+    re-specialises, within its cache limit, when a model or batch shape differs)."""
+    global _COMPILED_DECODE_STEP
+    if _COMPILED_DECODE_STEP is None:
+        _COMPILED_DECODE_STEP = torch.compile(GPT.decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED_DECODE_STEP
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:

@@ -29,14 +29,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
+
+
+def resolve_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
+    token), else float32."""
+    if dtype == "auto":
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise GPTError(f"dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+    return DTYPES[dtype]
+
+
 def autocast(device: torch.device, dtype: str):
-    if dtype in ("float32", "fp32", "32"):
-        return contextlib.nullcontext()
-    if dtype in ("bfloat16", "bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if dtype in ("float16", "fp16", "16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    raise GPTError(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+    """The autocast context for `dtype` (see resolve_dtype): the weights stay as they are."""
+    dtype = resolve_dtype(device, dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def unescape(line: str) -> str:
@@ -140,7 +157,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
                    num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
-                   sources: Optional[Sequence[str]] = None) -> list[str]:
+                   sources: Optional[Sequence[str]] = None, compile: bool = False) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
     num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token).
     copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
@@ -178,7 +195,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
                                  generator=generator, on_context_full=on_context_full,
                                  on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
-                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias)
+                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias, compile=compile)
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out
@@ -198,11 +215,13 @@ def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
         from gpt.adapter import load_adapter
 
         model, tokenizer, _ = load_adapter(cfg.adapter, cfg.get("ckpt"), map_location=device)
-        return model, tokenizer, device
-    if not cfg.get("ckpt"):
-        raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
-    model, tokenizer = load_model(cfg.ckpt, map_location=device)
-    return model.eval(), tokenizer, device
+    else:
+        if not cfg.get("ckpt"):
+            raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
+        model, tokenizer = load_model(cfg.ckpt, map_location=device)
+    # Sampling reads every weight once per token: weights stored in the sampling dtype (not autocast, which
+    # would convert them again on every step) halve the bytes in bf16.
+    return model.to(resolve_dtype(device, cfg.dtype)).eval(), tokenizer, device
 
 
 def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
@@ -251,11 +270,11 @@ def sample(cfg) -> Optional[list[str]]:
     generator.manual_seed(cfg.seed)
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
-                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0))
+                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
     beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0),
                  copy_bonus=cfg.get("copy_bonus", 0.0))
 
-    with autocast(device, cfg.dtype):
+    with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             path = Path(cfg.input_file)
             if not path.is_file():
@@ -290,7 +309,8 @@ def sample(cfg) -> Optional[list[str]]:
             model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
                            on_context_full=cfg.on_context_full, on_token=printer,
-                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), logit_bias=bias)
+                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), logit_bias=bias,
+                           compile=cfg.get("compile", False))
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)

@@ -327,7 +327,8 @@ def test_adapter_reproduces_its_greedy_outputs_in_a_fresh_process(finetuned, tas
     run_dir, _ = finetuned
     out = tmp_path / "out.txt"
     proc = run_cli("sample.py", f"adapter={run_dir / 'checkpoints' / 'best'}", f"input_file={task_files / 'valid.src'}",
-                   f"output_file={out}", "temperature=0", "max_new_tokens=24", "batch_size=64")
+                   f"output_file={out}", "temperature=0", "max_new_tokens=24", "batch_size=64",
+                   "dtype=float32")  # what the evaluation generated in (eval.dtype)
     assert proc.returncode == 0, proc.stderr
     expected = (run_dir / "valid.adapter.txt").read_text().splitlines()
     assert [line.strip() for line in out.read_text().splitlines()] == expected

@@ -178,6 +178,42 @@ def test_cache_gives_the_same_tokens_and_logits_as_recompute():
     assert torch.equal(model.generate(prompt, 20, temperature=0), ref_idx[:, 5:])
 
 
+def padded_prompts(lengths, vocab=61):
+    torch.manual_seed(2)
+    T = max(lengths)
+    idx = torch.randint(0, vocab, (len(lengths), T))
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = True
+    return idx, mask
+
+
+def test_decode_step_logits_equal_a_full_recompute_with_left_padding():
+    """The fixed-shape step (whole buffer, mask of filled columns) = the model on each row's real tokens."""
+    model = tiny()
+    idx, mask = padded_prompts([3, 7, 5])
+    cache = model.new_cache()
+    model(idx, attention_mask=mask, cache=cache)
+    cache.start_decoding()
+    rows = [idx[i][mask[i]] for i in range(3)]
+    for t in range(6):
+        nxt = torch.randint(0, 61, (3,))
+        logits = model.decode_step(nxt[:, None], cache)
+        cache.length += 1
+        for i in range(3):
+            rows[i] = torch.cat([rows[i], nxt[i:i + 1]])
+            ref = model(rows[i][None]).logits[0, -1]
+            assert (logits[i] - ref).abs().max().item() <= 1e-5, (t, i)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    model = tiny()
+    idx, mask = padded_prompts([4, 9])
+    eager = model.generate(idx, 12, attention_mask=mask, temperature=0)
+    compiled = model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
+
+
 def test_batched_prompts_of_different_lengths_match_one_by_one():
     model = tiny()
     prompts = [torch.randint(0, 61, (n,)) for n in (3, 9, 6)]

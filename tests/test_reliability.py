@@ -207,10 +207,29 @@ def test_resuming_with_another_model_or_vocabulary_is_refused(experiment, train,
         train("other-vocab", f"ckpt_path={last}", f"data.path={corpus}")
 
 
-def test_bf16_mixed_with_gradient_clipping_trains(train):
-    """AMP with the default clipping: Lightning refuses to clip for a fused AdamW, so it must not be fused."""
-    metrics = train("bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.val_check_interval=2")
+class GradNormAtStep(Callback):
+    """(fused?, gradient norm) as the optimizer sees them, after clipping, at every step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        def record(opt, *_):
+            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            self.seen.append((opt.defaults["fused"], float(torch.nn.utils.get_total_norm(grads))))
+        trainer.optimizers[0].register_step_post_hook(record)  # grads are computed inside step()
+
+
+def test_bf16_mixed_clips_gradients_for_a_fused_adamw(train):
+    """bf16-mixed scales no loss: the AdamW stays fused and still gets clipped gradients (Lightning's AMP
+    plugin alone refuses to clip for any fused optimizer, a rule for fp16's scaled gradients)."""
+    norms = GradNormAtStep()
+    with injected(norms):
+        metrics = train("bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                        "trainer.gradient_clip_val=0.05")
     assert metrics["step"] == 4 and metrics["precision"] == "bf16-mixed" and metrics["val_loss"] < 4.5
+    assert [fused for fused, _ in norms.seen] == [True] * 4
+    assert all(norm <= 0.05 * 1.001 for _, norm in norms.seen), norms.seen  # unclipped norms are ~1 here
 
 
 # -- a model directory replaced while a kill strikes -------------------------------------------------
