@@ -65,7 +65,8 @@ def validation_loss(model: torch.nn.Module, tokenizer: Tokenizer, datamodule: Ta
 
 
 def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int, stops: Sequence[str],
-                       batch_size: int, dtype: str, decoding: Optional[dict] = None) -> list[str]:
+                       batch_size: int, dtype: str, decoding: Optional[dict] = None,
+                       sources: Optional[list[str]] = None) -> list[str]:
     """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache. A prompt that
     leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
     device = next(model.parameters()).device
@@ -77,7 +78,9 @@ def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_n
     outs = [""] * len(prompts)
     with autocast(device, dtype):
         done = generate_batch(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
-                              temperature=0.0, stops=stops, batch_size=batch_size, **(decoding or {})) if fits else []
+                              temperature=0.0, stops=stops, batch_size=batch_size,
+                              sources=[sources[i] for i in fits] if sources is not None else None,
+                              **(decoding or {})) if fits else []
     for i, text in zip(fits, done):
         outs[i] = text.strip()
     return outs
@@ -110,7 +113,8 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
                     entry["val_loss"] = validation_loss(model, tokenizer, datamodule, accelerator, precision)
                 outputs = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                              stops=datamodule.stop, batch_size=batch_size, dtype=dtype,
-                                             decoding=decoding) if gen_metrics else []
+                                             decoding=decoding, sources=[r["input"] or r["instruction"] for r in rows]
+                                             ) if gen_metrics else []
         entry.update(score(outputs, references, gen_metrics) if gen_metrics else {})
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results[system] = entry

@@ -69,7 +69,8 @@ def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_
     return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
                          max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
                          precision=cfg.trainer.precision, decoding=dict(num_beams=e.num_beams, length_penalty=e.length_penalty,
-                                                                        no_repeat_ngram_size=e.no_repeat_ngram_size))
+                                                                        no_repeat_ngram_size=e.no_repeat_ngram_size,
+                                                                        copy_bonus=e.get("copy_bonus", 0.0)))
 
 
 def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -393,7 +393,8 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
                  on_token: Optional[Callable[[torch.Tensor], object]] = None,
-                 no_repeat_ngram_size: int = 0, compile: bool = False) -> torch.Tensor:
+                 no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None,
+                 compile: bool = False) -> torch.Tensor:
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
 
         Batches of different-length prompts are left-padded with attention_mask marking real tokens.
@@ -404,6 +405,7 @@ class GPT(nn.Module):
         on_token(new_tokens) may return True (stop now) or a (B,) bool tensor (these rows are done).
         no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
         prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
+        logit_bias (B, V) is added to every step's logits (e.g. a bonus for the words of each row's input).
         The prompt is read in one pass; each new token then takes one fixed-shape decode_step, compiled
         with compile=True (worth its one-off compilation time when many tokens are generated).
         """
@@ -433,6 +435,8 @@ class GPT(nn.Module):
         decode_step = compiled_decode_step() if compile else GPT.decode_step
         n = T
         for step in range(max_new_tokens):
+            if logit_bias is not None:
+                logits = logits + logit_bias
             if no_repeat_ngram_size:
                 logits = ban_repeated_ngrams(logits, tokens[:, T:n], no_repeat_ngram_size)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -465,7 +469,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
-                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
+                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                    logit_bias: Optional[torch.Tensor] = None, stop_token_ids: Sequence[int] = ()) -> torch.Tensor:
         """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
         tokens, padded with eos_token_id after the end.
 
@@ -474,6 +479,7 @@ class GPT(nn.Module):
         follow them. A beam that emits EOS is finished and scored by log-probability / length**length_penalty
         (so longer outputs are not penalised just for having more terms). A row stops once it holds
         `num_beams` finished continuations; the best one wins. num_beams=1 is greedy decoding.
+        A token of `stop_token_ids` (e.g. one that contains a stop string) also finishes a beam, and is kept.
         """
         check_sampling_args(max_new_tokens, 0.0)
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -493,7 +499,11 @@ class GPT(nn.Module):
         finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
         active = [True] * B
         written = 0  # generated positions filled in `tokens`
+        bias = logit_bias[rows] if logit_bias is not None else None
+        ends = set(stop_token_ids)
         for step in range(max_new_tokens):
+            if bias is not None:
+                logits = logits + bias
             if no_repeat_ngram_size:
                 logits = ban_repeated_ngrams(logits, tokens[:, :step], no_repeat_ngram_size)
             logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
@@ -511,9 +521,10 @@ class GPT(nn.Module):
                     beam, token = divmod(flat, V)
                     if score == float("-inf"):
                         break
-                    if token == eos_token_id:  # a finished continuation
-                        seq = tokens[b * K + beam, :step]
-                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq.clone()))
+                    if token == eos_token_id or token in ends:  # a finished continuation
+                        seq = tokens[b * K + beam, :step + (token != eos_token_id)].clone()
+                        seq[step:] = token  # (nothing for EOS)
+                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq))
                     else:
                         next_beam[b, kept], next_token[b, kept], next_scores[b, kept] = beam, token, score
                         kept += 1

@@ -143,12 +143,30 @@ class StopStrings:
         return self.done.to(tokens.device)
 
 
+def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: int, bonus: float,
+                      device) -> torch.Tensor:
+    """(B, V): `bonus` at the tokens of each text, 0 elsewhere. Each text is encoded as it is and after a
+    space, because a byte-level BPE spells a word differently at the start of a text and after a space."""
+    bias = torch.zeros(len(texts), vocab_size, device=device)
+    for row, ids in enumerate(tokenizer.encode_batch([t for text in texts for t in (text, " " + text)])):
+        bias[row // 2, ids] = bonus
+    return bias
+
+
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
-                   num_beams: int = 1, length_penalty: float = 1.0, compile: bool = False) -> list[str]:
+                   num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
+                   sources: Optional[Sequence[str]] = None, compile: bool = False) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
-    num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token)."""
+    num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token).
+    copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
+    line a task template wraps; default the prompt itself), so words are carried over more readily: for
+    tasks whose output mostly repeats the input (style transfer, correction)."""
+    if copy_bonus < 0:
+        raise GPTError(f"copy_bonus must be >= 0 (got {copy_bonus}); 0 = off")
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
         raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
                        "and stop_at_eos=true; or use num_beams=1 to sample")
@@ -157,19 +175,27 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    # Beam search ends a beam at a token that holds a stop string (the text is cut there below).
+    stop_ids = [i for i in range(tokenizer.vocab_size) if any(s in tokenizer.decode([i]) for s in stops)] \
+        if num_beams > 1 and stops else []
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
+        bias = None
+        if copy_bonus:
+            texts = [(sources or prompts)[i] for i in chunk]
+            bias = source_token_bias(tokenizer, texts, model.config.vocab_size, copy_bonus, device)
         if num_beams > 1:
             new = model.beam_search(idx, max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eos_id,
                                     attention_mask=mask, length_penalty=length_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size)
+                                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias,
+                                    stop_token_ids=stop_ids)
         else:
             new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
                                  generator=generator, on_context_full=on_context_full,
                                  on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
-                                 no_repeat_ngram_size=no_repeat_ngram_size, compile=compile)
+                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias, compile=compile)
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out
@@ -245,15 +271,17 @@ def sample(cfg) -> Optional[list[str]]:
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
                 no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
-    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0))
+    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0),
+                 copy_bonus=cfg.get("copy_bonus", 0.0))
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             path = Path(cfg.input_file)
             if not path.is_file():
                 raise GPTError(f"input_file {path} does not exist")
-            prompts = [wrap(unescape(line.rstrip("\n"))) for line in path.read_text(encoding="utf-8").splitlines()]
-            completions = generate_batch(model, tokenizer, prompts, batch_size=cfg.batch_size, **args, **beams)
+            lines = [unescape(line.rstrip("\n")) for line in path.read_text(encoding="utf-8").splitlines()]
+            completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
+                                         sources=lines, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
             return completions
@@ -261,10 +289,17 @@ def sample(cfg) -> Optional[list[str]]:
         if cfg.prompt_file:
             if not Path(cfg.prompt_file).is_file():
                 raise GPTError(f"prompt_file {cfg.prompt_file} does not exist")
-            prompt = wrap(Path(cfg.prompt_file).read_text(encoding="utf-8"))
+            raw = Path(cfg.prompt_file).read_text(encoding="utf-8")
         else:
-            prompt = wrap(unescape(cfg.prompt))
+            raw = unescape(cfg.prompt)
+        prompt = wrap(raw)
+        if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
+            text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], **args, **beams)[0]
+            sys.stdout.write(prompt + text + "\n---------------\n")
+            return [text]
         ids = encode_prompt(tokenizer, prompt)
+        bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
+            if beams["copy_bonus"] else None
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         samples = []
         for i in range(cfg.num_samples):
@@ -274,7 +309,8 @@ def sample(cfg) -> Optional[list[str]]:
             model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
                            on_context_full=cfg.on_context_full, on_token=printer,
-                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
+                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), logit_bias=bias,
+                           compile=cfg.get("compile", False))
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)

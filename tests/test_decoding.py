@@ -87,7 +87,54 @@ def test_wide_beam_search_finds_the_exact_most_likely_output():
         assert got.tolist() == best.tolist(), row
 
 
+def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output():
+    """A stop token ends a beam like EOS but stays in the output: the best of all outputs of up to 3 tokens
+    that end in EOS or in the stop token (4), by brute force."""
+    import itertools
+
+    torch.manual_seed(11)
+    model = GPT(GPTConfig(block_size=16, vocab_size=5, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    idx = torch.randint(1, 5, (4, 5))
+    beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, length_penalty=0.0, stop_token_ids=[4])
+    found_stop = False
+    for row in range(4):
+        outputs = [torch.tensor([*body, end]) for n in range(3) for body in itertools.product(range(1, 4), repeat=n)
+                   for end in (EOS, 4)]
+        best = max(outputs, key=lambda out: sequence_logprob(model, idx[row], out))
+        end = int(((beam[row] == EOS) | (beam[row] == 4)).nonzero()[0])
+        assert beam[row][: end + 1].tolist() == best.tolist(), row
+        found_stop |= best[-1].item() == 4
+    assert found_stop  # the case where the stop token matters happened
+
+
 def test_beam_search_needs_greedy_settings(model):
     idx, _ = prompts()
     with pytest.raises(GPTError, match="num_beams"):
         model.beam_search(idx, 5, num_beams=0, eos_token_id=EOS)
+
+
+def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
+    from gpt.sample import generate_batch, source_token_bias
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.char_level("abcdefghij :")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts, sources = ["abc: ", "hij: "], ["bad", "jig"]
+    bias = source_token_bias(tok, sources, tok.vocab_size, 2.5, "cpu")
+    assert [sorted(tok.decode([i]) for i in row.nonzero().flatten().tolist()) for row in bias] == \
+        [[" ", "a", "b", "d"], [" ", "g", "i", "j"]]
+    assert set(bias.unique().tolist()) == {0.0, 2.5}
+    args = dict(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    plain = generate_batch(m, tok, prompts, **args)
+    assert generate_batch(m, tok, prompts, copy_bonus=0.0, sources=sources, **args) == plain
+    for beams in (1, 3):
+        steered = generate_batch(m, tok, prompts, copy_bonus=1e4, sources=sources, num_beams=beams,
+                                 **{**args, "stop_at_eos": beams > 1})
+        for text, source in zip(steered, sources):  # nothing but the source's characters (and the space)
+            assert text and set(text) <= set(source) | {" "}, (text, source)
+    assert steered != plain
+    with pytest.raises(GPTError, match="copy_bonus must be >= 0"):
+        generate_batch(m, tok, prompts, copy_bonus=-1.0, **args)
