@@ -298,7 +298,10 @@ def finetuned(task_files, base_dir, tmp_path_factory):
                    "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
                    "task.batch_size=16", "task.max_new_tokens=24", "trainer.max_steps=40", "trainer.val_check_interval=20",
                    "optim.lr=1e-2", "optim.warmup_steps=5", "lora.rank=8", "lora.targets=[qkv,attn_out,mlp,lm_head]",
-                   "merge=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+                   "merge=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+                   # fp32 (the CPU default may be bf16-mixed): this 40-step toy adapter then answers with text,
+                   # not only EOS, so reproducing its outputs below compares something
+                   "trainer.precision=32-true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
