@@ -71,7 +71,7 @@ def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_n
     leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
     device = next(model.parameters()).device
     block = model.config.block_size
-    fits = [i for i, p in enumerate(prompts) if len(tokenizer.encode(p)) < block]
+    fits = [i for i, ids in enumerate(tokenizer.encode_batch(prompts)) if len(ids) < block]
     if len(fits) < len(prompts):
         log.warning("%d of %d prompts fill the model's context (%d tokens): their responses are empty",
                     len(prompts) - len(fits), len(prompts), block)

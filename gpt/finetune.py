@@ -22,16 +22,14 @@ from typing import Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.cli import build
 from gpt.errors import GPTError
 from gpt.evaluate import check_metrics, evaluate_task
-from gpt.lit import LanguageModel
-from gpt.run import (RunLock, check_run_dir_is_free, fit, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path,
-                     skipped_steps, write_metrics)
+from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -100,36 +98,12 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.lora_alpha,
              ", ".join(sorted(lora.target_modules)), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    module = LanguageModel(peft_model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
-                           compile=cfg.get("compile", False))
-    trainer, speed = make_trainer(cfg, run_dir)
     record = {"base": base_record(base_dir), "task": datamodule.describe()}
-    module.export_fn = lambda path: save_adapter_dir(peft_model, tokenizer, path, {**record, "step": trainer.global_step})
-    if trainer.is_global_zero:
-        point_latest(run_dir)
-
-    t0 = time.perf_counter()
-    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
-    wall = time.perf_counter() - t0
-    val = trainer.callback_metrics.get("val/loss")
-    best = trainer.checkpoint_callback.best_model_score
+    trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path,
+                             export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
+                                                                         {**record, "step": t.global_step}))
     adapter_dir = run_dir / "checkpoints" / "best"
-    metrics = {
-        "step": trainer.global_step,
-        "val_loss": float(val) if val is not None else None,
-        "best_val_loss": float(best) if best is not None else None,
-        "trainable_params": trainable,
-        "total_params": total,
-        "tokens_per_s": round(speed.tokens_per_s, 1),
-        "train_seconds": round(speed.seconds, 2),
-        "wall_seconds": round(wall, 2),
-        "precision": str(trainer.precision),
-        "data": datamodule.stats,
-        "run_dir": str(run_dir),
-        "adapter": str(adapter_dir),
-        "resumed_from": ckpt_path,
-        "skipped_steps": skipped_steps(trainer),
-    }
+    metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats, adapter=str(adapter_dir))
     if not trainer.is_global_zero:
         return metrics
     if trainer.interrupted or not adapter_dir.is_dir():

@@ -522,8 +522,9 @@ class GPT(nn.Module):
                     if score == float("-inf"):
                         break
                     if token == eos_token_id or token in ends:  # a finished continuation
-                        seq = tokens[b * K + beam, :step + (token != eos_token_id)].clone()
-                        seq[step:] = token  # (nothing for EOS)
+                        seq = tokens[b * K + beam, :step].clone()
+                        if token != eos_token_id:  # a stop token is part of the text
+                            seq = torch.cat([seq, seq.new_tensor([token])])
                         finished[b].append((score / max(1, step + 1) ** length_penalty, seq))
                     else:
                         next_beam[b, kept], next_token[b, kept], next_scores[b, kept] = beam, token, score

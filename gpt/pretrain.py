@@ -9,22 +9,19 @@ A run directory (runs/<name>/<time>/, `runs/<name>/latest` points at the newest)
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt.checkpoint import save_model_dir
 from gpt.cli import build
 from gpt.errors import GPTError
-from gpt.lit import LanguageModel
 from gpt.model import GPT, GPTConfig
-from gpt.run import (RunLock, check_run_dir_is_free, fit, hydra_run_dir, make_trainer, point_latest, resolve_ckpt_path,
-                     skipped_steps, write_metrics)
+from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,40 +57,14 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
              config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size,
              model.num_params() / 1e6)
 
-    module = LanguageModel(model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
-                           compile=cfg.get("compile", False))
-    trainer, speed = make_trainer(cfg, run_dir)
-    module.export_fn = lambda path: save_model_dir(
-        module.model, tokenizer, path, extra={"step": trainer.global_step, "data": datamodule.name})
-    if trainer.is_global_zero:
-        point_latest(run_dir)
-
-    t0 = time.perf_counter()
-    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
-    wall = time.perf_counter() - t0
-
-    val = trainer.callback_metrics.get("val/loss")
-    best = trainer.checkpoint_callback.best_model_score
-    metrics = {
-        "step": trainer.global_step,
-        "val_loss": float(val) if val is not None else None,
-        "val_ppl": float(torch.exp(val)) if val is not None else None,
-        "best_val_loss": float(best) if best is not None else None,
-        "tokens_per_s": round(speed.tokens_per_s, 1),
-        "train_seconds": round(speed.seconds, 2),
-        "wall_seconds": round(wall, 2),
-        "params": model.num_params(),
-        "precision": str(trainer.precision),
-        "run_dir": str(run_dir),
-        "best_model": str(run_dir / "checkpoints" / "best"),
-        "resumed_from": ckpt_path,
-        "skipped_steps": skipped_steps(trainer),
-    }
+    trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, export_fn=lambda t, path:
+                             save_model_dir(model, tokenizer, path, extra={"step": t.global_step, "data": datamodule.name}))
+    metrics.update(params=model.num_params(), best_model=str(run_dir / "checkpoints" / "best"))
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         log.info("step %d: val loss %s, %s tokens/s, %.1f s", metrics["step"],
                  f"{metrics['val_loss']:.4f}" if metrics["val_loss"] is not None else "n/a",
-                 f"{metrics['tokens_per_s']:,.0f}", wall)
+                 f"{metrics['tokens_per_s']:,.0f}", metrics["wall_seconds"])
         log.info("exported model: %s", metrics["best_model"])
         log.info("sample from it: python sample.py ckpt=%s", metrics["best_model"])
     return metrics

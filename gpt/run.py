@@ -10,9 +10,10 @@ import fcntl
 import json
 import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from hydra.errors import InstantiationException
@@ -27,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from gpt.checkpoint import atomic_file, remove_stale_temps
 from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError
-from gpt.lit import (ExportingCheckpoint, FinalSamples, LossCurve, NonFiniteGuard, SaveOnInterrupt, SpeedMonitor,
-                     StepProgressBar, quiet_lightning)
+from gpt.lit import (ExportingCheckpoint, FinalSamples, LanguageModel, LossCurve, NonFiniteGuard, SaveOnInterrupt,
+                     SpeedMonitor, StepProgressBar, quiet_lightning)
 
 
 def hydra_run_dir() -> Path:
@@ -205,6 +206,37 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_pat
     except SIGTERMException:
         stop = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         raise SystemExit(128 + (stop.signum if stop and stop.signum else 15)) from None
+
+
+def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, datamodule,
+          export_fn: Callable[[L.Trainer, Path], Any], ckpt_path: Optional[str] = None) -> tuple[L.Trainer, dict]:
+    """What pretraining and fine-tuning share: the LightningModule around `model` (cfg.optim, cfg.compile),
+    the Trainer, the exported directory beside each checkpoint (export_fn(trainer, path)), the fit, and
+    the summary every run reports in metrics.json (each verb adds its own keys)."""
+    module = LanguageModel(model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
+                           compile=cfg.get("compile", False))
+    trainer, speed = make_trainer(cfg, run_dir)
+    module.export_fn = lambda path: export_fn(trainer, path)
+    if trainer.is_global_zero:
+        point_latest(run_dir)
+    t0 = time.perf_counter()
+    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - t0
+    val = trainer.callback_metrics.get("val/loss")
+    best = trainer.checkpoint_callback.best_model_score
+    return trainer, {
+        "step": trainer.global_step,
+        "val_loss": float(val) if val is not None else None,
+        "val_ppl": float(torch.exp(val)) if val is not None else None,
+        "best_val_loss": float(best) if best is not None else None,
+        "tokens_per_s": round(speed.tokens_per_s, 1),
+        "train_seconds": round(speed.seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "precision": str(trainer.precision),
+        "run_dir": str(run_dir),
+        "resumed_from": ckpt_path,
+        "skipped_steps": skipped_steps(trainer),
+    }
 
 
 def skipped_steps(trainer: L.Trainer) -> int:
