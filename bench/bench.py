@@ -236,7 +236,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         tok = Tokenizer.char_level("".join(chr(33 + i) for i in range(VOCAB - 2)))  # 63 chars + EOS + UNK = 65
         hf = hf_model(6, 6, 384, block, eos=tok.eos_id).eval()
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
-        if impl == "ours":  # sample.py's defaults (configs/sample.yaml): dtype, compiled decode step
+        if impl.startswith("ours"):  # sample.py's defaults; ours_compiled: compile=true; ours_int8: + quantize=int8
             from gpt.convert import import_hf
             from gpt.sample import resolve_dtype
 
@@ -245,13 +245,18 @@ def child(case: str, impl: str, quick: bool) -> dict:
                 tok.save(Path(tmp) / "hf")
                 _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
             scfg = default_config("sample")
+            compile_step = bool(scfg.compile) or impl in ("ours_compiled", "ours_int8")
             dtype = resolve_dtype(torch.device(device), scfg.dtype)  # as gpt.sample.load_for_sampling
             model = model.to(device, dtype).eval()
             precision = str(dtype).removeprefix("torch.")
+            if impl == "ours_int8":
+                from gpt.sample import quantize_weights
+
+                model, precision = quantize_weights(model, "int8"), "int8+" + precision
 
             def step():
                 with torch.inference_mode():
-                    model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=scfg.compile)
+                    model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=compile_step)
         else:
             precision = "fp32"
             hf = hf.to(device)
@@ -267,7 +272,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         times = time_repeats(step, 1, repeats, 1 if quick else 2)
         n_params = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=6, n_head=6, n_embd=384)).num_params()
         out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision=precision,
-                   first_call_s=round(first_s, 2), compile=bool(impl == "ours" and scfg.compile))
+                   first_call_s=round(first_s, 2), compile=impl.startswith("ours") and compile_step)
 
     elif case == "gpt2":
         n_layer, n_head, n_embd, block = GPU_CASE[1]
@@ -324,7 +329,7 @@ def plan(cases, device):
         if case in TRAIN_CASES:
             contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
         elif case in GEN_CASES:
-            contenders += [(case, "ours"), (case, "hf")]
+            contenders += [(case, "ours"), (case, "ours_compiled"), (case, "ours_int8"), (case, "hf")]
         elif case == "lora":
             contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
         elif case == "gpt2":
@@ -338,8 +343,8 @@ def summarize(results, peak):
     for r in results:
         by_case.setdefault(r["case"], []).append(r)
     for case, rs in by_case.items():
-        ours = next((r for r in rs if r["impl"] == "ours" and "times" in r), None)
-        ours_tps = ours["tokens_per_repeat"] / statistics.median(ours["times"]) if ours else None
+        ours = {r["impl"]: r["tokens_per_repeat"] / statistics.median(r["times"])
+                for r in rs if r["impl"].startswith("ours") and "times" in r}
         for r in rs:
             if "error" in r:
                 rows.append({"case": case, "impl": r["impl"], "error": r["error"]})
@@ -349,30 +354,33 @@ def summarize(results, peak):
             kind = "bf16" if any(k in str(r.get("precision")) for k in ("bf16", "bfloat16")) else "fp32"
             denom = peak.get(kind) if peak else None
             mfu = tps * r["flops_per_token"] / denom if denom else None
+            peer = not r["impl"].startswith("ours")
             rows.append({
                 "case": case, "impl": r["impl"], "precision": r.get("precision"), "compile": r.get("compile"),
                 "tokens_per_s": round(tps, 1), "median_s": round(med, 5),
                 "min_max_s": [round(min(r["times"]), 5), round(max(r["times"]), 5)],
                 "peak_mem_mb": round(r["peak_mem_mb"], 1), "mfu": round(mfu, 4) if mfu else None,
-                "ours_vs_this": round(ours_tps / tps, 2) if ours_tps and r["impl"] != "ours" else None,
+                "first_call_s": r.get("first_call_s"),
+                # each of our contenders (default settings; compiled) against this peer
+                **{f"{o}_vs_this": round(o_tps / tps, 2) if peer else None for o, o_tps in ours.items()},
             })
     return rows
 
 
 def print_table(rows, descriptions):
-    print(f"\n{'case':<11} {'impl':<8} {'prec':<10} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7} {'ours/this':>9}")
+    print(f"\n{'case':<11} {'impl':<14} {'prec':<10} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7}  ours/this (ours [/ ours_compiled / ours_int8])")
     last = None
     for r in rows:
         if r["case"] != last:
             print(f"-- {descriptions.get(r['case'], r['case'])}")
             last = r["case"]
         if "error" in r:
-            print(f"{r['case']:<11} {r['impl']:<8} error: {r['error']}")
+            print(f"{r['case']:<11} {r['impl']:<14} error: {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        ratio = f"{r['ours_vs_this']:.2f}x" if r["ours_vs_this"] else ""
-        print(f"{r['case']:<11} {r['impl']:<8} {str(r['precision']):<10} {r['tokens_per_s']:>10,.0f} "
-              f"{r['peak_mem_mb']:>9,.0f} {mfu:>7} {ratio:>9}")
+        ratio = " / ".join(f"{v:.2f}x" for k, v in r.items() if k.endswith("_vs_this") and v)
+        print(f"{r['case']:<11} {r['impl']:<14} {str(r['precision']):<10} {r['tokens_per_s']:>10,.0f} "
+              f"{r['peak_mem_mb']:>9,.0f} {mfu:>7}  {ratio}")
 
 
 def main():

@@ -9,6 +9,7 @@ HYDRA_FULL_ERROR=1) to get the full traceback instead. Anything else is a bug an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,12 @@ from gpt.errors import GPTError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
+
+# torchao (sample.py's quantize=int8), which PEFT and transformers import whenever it is installed, logs its
+# CUDA-only kernels as missing on a CPU build of torch, and torch warns about torchao's enum registrations:
+# four lines of noise at the start of every run that has nothing to do with it.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def cpu_precision() -> str:

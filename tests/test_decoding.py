@@ -138,3 +138,24 @@ def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
     assert steered != plain
     with pytest.raises(GPTError, match="copy_bonus must be >= 0"):
         generate_batch(m, tok, prompts, copy_bonus=-1.0, **args)
+
+
+def test_int8_weights_stay_close_to_the_model_and_compile_to_the_same_tokens(model, monkeypatch):
+    import copy
+
+    from gpt.sample import quantize_weights
+
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "0")  # see test_model's compiled-step test
+    quantized = quantize_weights(copy.deepcopy(model), "int8")
+    linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 1 and all(m.weight.qdata.dtype == torch.int8 for m in linears)
+    idx, mask = prompts()
+    with torch.no_grad():
+        exact, approx = model(idx).logits, quantized(idx).logits
+    # one scale per output row: each weight is off by at most half a step (max |row| / 254)
+    assert (approx - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert not torch.equal(approx, exact)
+    eager = quantized.generate(idx, 10, attention_mask=mask, temperature=0)
+    assert torch.equal(quantized.generate(idx, 10, attention_mask=mask, temperature=0, compile=True), eager)
+    with pytest.raises(GPTError, match="quantize must be null or int8"):
+        quantize_weights(copy.deepcopy(model), "int4")

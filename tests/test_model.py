@@ -215,6 +215,13 @@ def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
     eager = model.generate(idx, 12, attention_mask=mask, temperature=0)
     compiled = model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(compiled, eager)
+    # The compiled step holds the weights as constants (freezing): an in-place change must reach it.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    changed = model.generate(idx, 12, attention_mask=mask, temperature=0)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True), changed)
 
 
 def test_batched_prompts_of_different_lengths_match_one_by_one():
