@@ -135,8 +135,10 @@ class CausalSelfAttention(nn.Module):
 
         weights = None
         # One query (a decode step) takes the explicit product: the fused kernel saves nothing there, and
-        # on CPUs its bf16 version is several times slower than these three small ops.
-        if need_weights or not self.use_sdpa or T == 1:
+        # on CPUs its bf16 version is several times slower than these three small ops. So is its bf16
+        # backward pass for training-sized blocks on CPUs (2-5x at T = 64..256; it wins from T ~ 512 on).
+        slow_fused = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T < 512
+        if need_weights or not self.use_sdpa or T == 1 or slow_fused:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
             if is_causal:  # query i (of T) may see keys 0..i; the T queries are the last T of S keys
                 S = k.size(-2)
