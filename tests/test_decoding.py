@@ -140,22 +140,26 @@ def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
         generate_batch(m, tok, prompts, copy_bonus=-1.0, **args)
 
 
-def test_int8_weights_stay_close_to_the_model_and_compile_to_the_same_tokens(model, monkeypatch):
+def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation(model):
     import copy
 
     from gpt.sample import quantize_weights
 
-    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "0")  # see test_model's compiled-step test
     quantized = quantize_weights(copy.deepcopy(model), "int8")
     linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 4 + 1 and all(m.weight.qdata.dtype == torch.int8 for m in linears)
-    idx, mask = prompts()
+    idx, _ = prompts()
     with torch.no_grad():
         exact, approx = model(idx).logits, quantized(idx).logits
     # one scale per output row: each weight is off by at most half a step (max |row| / 254)
     assert (approx - exact).abs().max() <= 0.02 * exact.abs().max()
     assert not torch.equal(approx, exact)
-    eager = quantized.generate(idx, 10, attention_mask=mask, temperature=0)
-    assert torch.equal(quantized.generate(idx, 10, attention_mask=mask, temperature=0, compile=True), eager)
+    # greedy decoding with the cache still equals full recomputation on the quantized weights
+    new = quantized.generate(idx[:1], 6, temperature=0)
+    seq = idx[:1]
+    for t in range(6):
+        with torch.no_grad():
+            assert quantized(seq).logits[0, -1].argmax() == new[0, t]
+        seq = torch.cat([seq, new[:, t:t + 1]], 1)
     with pytest.raises(GPTError, match="quantize must be null or int8"):
         quantize_weights(copy.deepcopy(model), "int4")
