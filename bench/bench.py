@@ -238,7 +238,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
         if impl.startswith("ours"):  # sample.py's defaults; ours_compiled: compile=true; ours_int8: + quantize=int8
             from gpt.convert import import_hf
-            from gpt.sample import resolve_dtype
+            from gpt.sample import prepare_for_sampling
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
                 hf.save_pretrained(Path(tmp) / "hf")
@@ -246,13 +246,10 @@ def child(case: str, impl: str, quick: bool) -> dict:
                 _, model = import_hf(Path(tmp) / "hf", Path(tmp) / "ours")
             scfg = default_config("sample")
             compile_step = bool(scfg.compile) or impl in ("ours_compiled", "ours_int8")
-            dtype = resolve_dtype(torch.device(device), scfg.dtype)  # as gpt.sample.load_for_sampling
-            model = model.to(device, dtype).eval()
-            precision = str(dtype).removeprefix("torch.")
-            if impl == "ours_int8":
-                from gpt.sample import quantize_weights
-
-                model, precision = quantize_weights(model, "int8"), "int8+" + precision
+            quantize = "int8" if impl == "ours_int8" else scfg.get("quantize")
+            model = prepare_for_sampling(model, torch.device(device), scfg.dtype, quantize)
+            precision = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+            precision = f"{quantize}+{precision}" if quantize else precision
 
             def step():
                 with torch.inference_mode():

@@ -219,12 +219,15 @@ def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
         if not cfg.get("ckpt"):
             raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
         model, tokenizer = load_model(cfg.ckpt, map_location=device)
-    # Sampling reads every weight once per token: weights stored in the sampling dtype (not autocast, which
-    # would convert them again on every step) halve the bytes in bf16.
-    model = model.to(resolve_dtype(device, cfg.dtype)).eval()
-    if cfg.get("quantize"):
-        model = quantize_weights(model, cfg.quantize)
-    return model, tokenizer, device
+    return prepare_for_sampling(model, device, cfg.dtype, cfg.get("quantize")), tokenizer, device
+
+
+def prepare_for_sampling(model, device: torch.device, dtype: str = "auto", quantize: Optional[str] = None):
+    """The model as sample.py runs it: in eval mode, on `device`, its weights stored in the sampling dtype (a
+    token reads every weight once: not autocast, which would convert them again on every step; bf16 halves
+    the bytes), optionally quantized (see quantize_weights)."""
+    model = model.to(device, resolve_dtype(device, dtype)).eval()
+    return quantize_weights(model, quantize) if quantize else model
 
 
 def quantize_weights(model, how: str) -> GPT:
