@@ -411,6 +411,54 @@ class SpeedMonitor(Callback):
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class FrozenLinearsInAutocastDtype(Callback):
+    """Under bf16-mixed (or 16-mixed), hold the weights of frozen Linear layers (LoRA's base model) in the
+    autocast dtype while fitting.
+
+    Autocast converts an fp32 weight to bf16 at every forward and keeps the copy only for weights that
+    require grad, so a frozen base is converted again at each step (9% of a 6L/384 LoRA step on a CPU).
+    The matmul sees the same bf16 values either way: the losses and adapters are bit-identical. The fp32
+    originals are kept, written into every checkpoint in place of the copies, and put back when training
+    ends (so sampling, merging and export see them). A weight shared with another module (the LM head tied
+    to the token embedding) keeps its dtype; FSDP's flat parameters are left alone.
+    """
+
+    def __init__(self):
+        self.held: list[tuple[torch.nn.Module, str, str, torch.nn.Parameter]] = []  # module, attr, state key, fp32
+
+    def on_fit_start(self, trainer, pl_module):
+        plugin = trainer.precision_plugin
+        if type(plugin) is not MixedPrecision or isinstance(trainer.strategy, FSDPStrategy):
+            return
+        dtype = torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.float16
+        shared = {id(p) for m in pl_module.modules() if not isinstance(m, torch.nn.Linear)
+                  for p in m.parameters(recurse=False)}
+        for prefix, module in pl_module.named_modules():
+            params = list(module.named_parameters(recurse=False))
+            if (isinstance(module, torch.nn.Linear) and params and not any(p.requires_grad for _, p in params)
+                    and all(p.dtype == torch.float32 and id(p) not in shared for _, p in params)):
+                for attr, p in params:
+                    self.held.append((module, attr, f"{prefix}.{attr}", p))
+                    setattr(module, attr, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        state = checkpoint.get("state_dict", {})
+        for _, _, key, original in self.held:
+            if key in state:
+                state[key] = original.detach()
+
+    def restore(self) -> None:
+        for module, attr, _, original in self.held:
+            setattr(module, attr, original)
+        self.held = []
+
+    def on_train_end(self, trainer, pl_module):
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore()
+
+
 def csv_log_path(trainer: "L.Trainer") -> Optional[Path]:
     """The run's metrics.csv, flushed to disk (Lightning's CSV logger writes it in batches)."""
     for logger in trainer.loggers:
