@@ -7,10 +7,11 @@
     python bench/bench.py --cases gen_b1 sample.dtype=float32 sample.compile=true       # (sample.yaml keys)
 
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
-CUDA) belongs to that case alone and no warm cache leaks between contenders. Every figure is the median of
->= 5 timed repeats after warm-up. MFU = model FLOPs per second / the device's peak, where the CPU peak is a
-matmul rate measured in the same run (fp32 for fp32 work, bf16 for bf16 work) and the GPU peak is the
-card's dense bf16 datasheet figure.
+CUDA) belongs to that case alone and no warm cache leaks between contenders. Each contender runs --rounds times
+(default 2), interleaved with its peers (ours, peer, peer, ours, peer, peer), and every figure is the median of
+all its timed repeats (5 per run, after warm-up). MFU = model FLOPs per second / the device's peak, where the
+CPU peak is a matmul rate measured in the same run (fp32 for fp32 work, bf16 for bf16 work) and the GPU peak
+is the card's dense bf16 datasheet figure.
 
 Peers: Hugging Face `transformers.GPT2LMHeadModel` with identical dimensions (same weights for generation,
 imported through gpt.convert), trained with the same AdamW settings in a plain PyTorch loop, in fp32 eager
@@ -150,7 +151,7 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, IterableDataset
 
-    from gpt.lit import LanguageModel, quiet_lightning
+    from gpt.lit import FrozenLinearsInAutocastDtype, LanguageModel, quiet_lightning
     from gpt.tokenizer import Tokenizer
 
     quiet_lightning()
@@ -178,7 +179,8 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
     total = warmup + steps_per_repeat * repeats
     trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=total, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+                        gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[timer, FrozenLinearsInAutocastDtype()])  # as gpt.run.make_trainer
     trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=None))
     s = timer.stamps
     return [s[warmup - 1 + (r + 1) * steps_per_repeat] - s[warmup - 1 + r * steps_per_repeat] for r in range(repeats)]
@@ -320,6 +322,17 @@ def run_child(case, impl, quick) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def pool(runs: list[dict]) -> dict:
+    """One contender's rounds as one result: all timed repeats together (the first error, if any)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    pooled = dict(runs[0], times=[t for r in runs for t in r["times"]],
+                  peak_mem_mb=max(r["peak_mem_mb"] for r in runs))
+    pooled["round_medians_s"] = [round(statistics.median(r["times"]), 5) for r in runs]
+    return pooled
+
+
 def plan(cases, device):
     contenders = []
     for case in cases:
@@ -385,6 +398,7 @@ def main():
     ap.add_argument("--cases", default=None, help="comma-separated: " + ",".join(
         [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]))
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each contender, interleaved (default 2)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/train.yaml (sample.key=value: "
@@ -406,14 +420,21 @@ def main():
     t0 = time.time()
     peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
     results = []
-    for case, impl in plan(cases, device):
+    for case in cases:
+        contenders = plan([case], device)
         if case == "gpt2" and device != "cuda":
             reason = "skipped: needs a CUDA GPU (GPT-2 124M at block 1024 with bf16-mixed, compile, fused AdamW, flash SDPA)"
             print(f"{case}: {reason}; this device is {device}", file=sys.stderr, flush=True)
-            results.append({"case": case, "impl": impl, "error": reason})
+            results += [{"case": case, "impl": impl, "error": reason} for _, impl in contenders]
             continue
-        print(f"running {case} / {impl} ...", file=sys.stderr, flush=True)
-        results.append(run_child(case, impl, args.quick))
+        # Rounds: ours, peer, peer, ours, peer, peer, ... so that every contender sees the machine as it was
+        # in each round (a shared VM's speed drifts by tens of % over minutes); the repeats of all rounds pool.
+        runs = {impl: [] for _, impl in contenders}
+        for r in range(args.rounds):
+            for _, impl in contenders:
+                print(f"running {case} / {impl} (round {r + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
+                runs[impl].append(run_child(case, impl, args.quick))
+        results += [pool(rs) for rs in runs.values()]
     rows = summarize(results, peak)
     print_table(rows, descriptions)
     if peak:
@@ -422,7 +443,7 @@ def main():
     report = {
         "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
         "device": device, "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "overrides": OVERRIDES, "peak_flops": peak,
+        "torch": torch.__version__, "quick": args.quick, "rounds": args.rounds, "overrides": OVERRIDES, "peak_flops": peak,
         "cases": cases, "descriptions": descriptions, "results": rows, "raw": results,
         "seconds": round(time.time() - t0, 1),
     }
