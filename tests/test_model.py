@@ -1,7 +1,7 @@
 """The model: shapes refused, math path = SDPA path, cache = no cache, padding = no padding, sampling."""
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
