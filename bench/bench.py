@@ -151,7 +151,7 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, IterableDataset
 
-    from gpt.lit import FrozenLinearsInAutocastDtype, LanguageModel, quiet_lightning
+    from gpt.lit import LeanAutocastForLoRA, LanguageModel, quiet_lightning
     from gpt.tokenizer import Tokenizer
 
     quiet_lightning()
@@ -180,7 +180,7 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
     trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=total, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[timer, FrozenLinearsInAutocastDtype()])  # as gpt.run.make_trainer
+                        callbacks=[timer, LeanAutocastForLoRA()])  # as gpt.run.make_trainer
     trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=None))
     s = timer.stamps
     return [s[warmup - 1 + (r + 1) * steps_per_repeat] - s[warmup - 1 + r * steps_per_repeat] for r in range(repeats)]

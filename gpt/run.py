@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt.checkpoint import atomic_file, remove_stale_temps
 from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError
-from gpt.lit import (ExportingCheckpoint, FinalSamples, FrozenLinearsInAutocastDtype, LanguageModel, LossCurve,
+from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
                      NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, quiet_lightning)
 
 
@@ -166,7 +166,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     # The progress bar first: on an exception it ends its line before the others print theirs.
     callbacks = ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []) + [
         checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), LossCurve(),
-        FrozenLinearsInAutocastDtype(), *extra_callbacks]  # before FinalSamples: it samples with the fp32 weights
+        LeanAutocastForLoRA(), *extra_callbacks]  # before FinalSamples: it samples with the fp32 weights
     try:
         trainer = build(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                         logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))

@@ -240,52 +240,58 @@ def test_merged_equals_unmerged_and_exports_standalone(base_dir, tmp_path, targe
         assert (hf(x).logits - unmerged).abs().max() <= 1e-5
 
 
-def test_bf16_base_weights_train_the_same_adapter_and_checkpoint_in_fp32(base_dir, tmp_path):
-    """FrozenLinearsInAutocastDtype: under bf16-mixed the frozen base linears are held in bf16 while fitting;
-    the adapter and the losses are bit-identical to training without it, the checkpoint keeps the fp32 base,
-    and the fp32 originals are back afterwards."""
+def test_lean_autocast_trains_the_same_adapter_and_checkpoints_the_fp32_base(base_dir, tmp_path):
+    """LeanAutocastForLoRA: under bf16-mixed the frozen base linears are held in bf16 and PEFT's input casts
+    are off while fitting; the losses and the adapter are bit-identical to training without it, a checkpoint
+    taken mid-fit holds the fp32 base, and afterwards the fp32 originals and PEFT's casts are back."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from gpt.lit import FrozenLinearsInAutocastDtype, LanguageModel
+    from gpt.lit import LeanAutocastForLoRA, LanguageModel
 
     data = torch.randint(0, 50, (6, 4, 33), generator=torch.Generator().manual_seed(3))
     batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in data]
 
+    def input_casts(model) -> set:
+        return {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
+
     class Probe(Callback):
         def __init__(self, ckpt):
-            self.losses, self.dtypes, self.ckpt = [], set(), ckpt
+            self.losses, self.dtypes, self.casts, self.ckpt = [], set(), set(), ckpt
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(outputs["loss"].item())
             self.dtypes |= {m.weight.dtype for n, m in pl_module.named_modules() if n.endswith("c_fc.base_layer")}
+            self.casts |= input_casts(pl_module)
             if batch_idx == 2:  # a checkpoint in the middle of the fit
                 trainer.save_checkpoint(self.ckpt)
 
-    def fit(hold: bool):
+    def fit(lean: bool):
         model, tok = load_model_dir(base_dir)
         torch.manual_seed(0)  # LoRA's A starts random
         peft_model = add_lora(model, lora_config(rank=4, dropout=0.0, targets=["qkv", "attn_out", "mlp", "lm_head"]))
         before = {n: p.clone() for n, p in peft_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        probe = Probe(tmp_path / f"hold{hold}.ckpt")
+        probe = Probe(tmp_path / f"lean{lean}.ckpt")
         trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=6, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[probe] + ([FrozenLinearsInAutocastDtype()] if hold else []))
+                            callbacks=[probe] + ([LeanAutocastForLoRA()] if lean else []))
         module = LanguageModel(peft_model, tok, lr=1e-2, warmup_steps=0)
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         return peft_model, probe, before
 
     plain, plain_probe, _ = fit(False)
-    held, held_probe, before = fit(True)
-    assert plain_probe.dtypes == {torch.float32} and held_probe.dtypes == {torch.bfloat16}
-    assert held_probe.losses == plain_probe.losses and len(set(held_probe.losses)) > 1
+    lean, lean_probe, before = fit(True)
+    assert plain_probe.dtypes == {torch.float32} and lean_probe.dtypes == {torch.bfloat16}
+    assert plain_probe.casts == {True} and lean_probe.casts == {False} and input_casts(lean) == {True}
+    assert lean_probe.losses == plain_probe.losses and len(set(lean_probe.losses)) > 1
     adapters = {n: p for n, p in plain.named_parameters() if p.requires_grad}
-    for name, p in held.named_parameters():
+    for name, p in lean.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, adapters[name]), name
         else:  # fp32 again and untouched, the tied head/embedding included
             assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
-    state = read_lightning_ckpt(tmp_path / "holdTrue.ckpt")["state_dict"]
+    state = read_lightning_ckpt(tmp_path / "leanTrue.ckpt")["state_dict"]
     base = {k: v for k, v in state.items() if "base_layer" in k}
     assert base and all(torch.equal(v, before[k.removeprefix("model.")]) for k, v in base.items())
 
