@@ -7,9 +7,9 @@
     python bench/bench.py --cases gen_b1 sample.dtype=float32 sample.compile=true       # (sample.yaml keys)
 
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
-CUDA) belongs to that case alone and no warm cache leaks between contenders. Each contender runs --rounds times
-(default 2), interleaved with its peers (ours, peer, peer, ours, peer, peer), and every figure is the median of
-all its timed repeats (5 per run, after warm-up). MFU = model FLOPs per second / the device's peak, where the
+CUDA) belongs to that case alone and no warm cache leaks between contenders. The contenders of a case warm up
+one after the other, then take turns: one timed repeat each, ours, peer, peer, ours, ... (the others wait
+idle), so that the machine's drift hits all of them alike. Every figure is the median of 5 timed repeats. MFU = model FLOPs per second / the device's peak, where the
 CPU peak is a matmul rate measured in the same run (fp32 for fp32 work, bf16 for bf16 work) and the GPU peak
 is the card's dense bf16 datasheet figure.
 
@@ -96,6 +96,17 @@ def random_batches(n, batch, block, vocab=VOCAB, seed=0):
     return [torch.randint(0, vocab, (batch, block + 1), generator=g) for _ in range(n)]
 
 
+TAKE_TURNS = False  # set in a child of an interleaved run (--child ... --turns)
+
+
+def wait_turn() -> None:
+    """In an interleaved run, before each timed repeat: tell the parent this child is ready, and wait until
+    the parent says go (it lets one contender of the case run at a time, in turn)."""
+    if TAKE_TURNS:
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+
 def time_repeats(step, steps_per_repeat, repeats, warmup):
     """Run `step` warmup times, then `repeats` blocks of steps_per_repeat; seconds per block."""
     import torch
@@ -106,6 +117,7 @@ def time_repeats(step, steps_per_repeat, repeats, warmup):
     sync()
     times = []
     for _ in range(repeats):
+        wait_turn()
         t0 = time.perf_counter()
         for _ in range(steps_per_repeat):
             step()
@@ -165,13 +177,21 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
                 i += 1
 
     class Timer(Callback):
+        """Seconds per block of steps_per_repeat optimizer steps, after `warmup` steps."""
+
         def __init__(self):
-            self.stamps = []
+            self.steps, self.start, self.times = 0, None, []
 
         def on_train_batch_end(self, trainer, *args):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
+            self.steps += 1
+            done = self.steps - warmup
+            if done > 0 and done % steps_per_repeat == 0:
+                self.times.append(time.perf_counter() - self.start)
+            if 0 <= done < steps_per_repeat * repeats and done % steps_per_repeat == 0:
+                wait_turn()  # a repeat starts (in an interleaved run: when it is this contender's turn)
+                self.start = time.perf_counter()
 
     timer = Timer()
     module = LanguageModel(model, Tokenizer.char_level("ab"), lr=1e-3, min_lr=1e-4, warmup_steps=10,
@@ -182,8 +202,7 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
                         gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[timer, LeanAutocastForLoRA()])  # as gpt.run.make_trainer
     trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=None))
-    s = timer.stamps
-    return [s[warmup - 1 + (r + 1) * steps_per_repeat] - s[warmup - 1 + r * steps_per_repeat] for r in range(repeats)]
+    return timer.times
 
 
 def child(case: str, impl: str, quick: bool) -> dict:
@@ -314,23 +333,56 @@ def measure_peak_flops(device) -> dict:
 # the parent: run every contender in its own process, then compare
 
 
+def child_cmd(case, impl, quick, *extra) -> list[str]:
+    return [sys.executable, __file__, "--child", case, impl, *extra] + (["--quick"] if quick else []) + OVERRIDES
+
+
 def run_child(case, impl, quick) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, impl] + (["--quick"] if quick else []) + OVERRIDES
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(child_cmd(case, impl, quick), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"case": case, "impl": impl, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def pool(runs: list[dict]) -> dict:
-    """One contender's rounds as one result: all timed repeats together (the first error, if any)."""
-    failed = [r for r in runs if "error" in r]
-    if failed:
-        return failed[0]
-    pooled = dict(runs[0], times=[t for r in runs for t in r["times"]],
-                  peak_mem_mb=max(r["peak_mem_mb"] for r in runs))
-    pooled["round_medians_s"] = [round(statistics.median(r["times"]), 5) for r in runs]
-    return pooled
+def run_in_turns(case, impls, quick) -> list[dict]:
+    """Every contender of a case in its own process, started one after the other (each warms up, and
+    compiles, alone); then their timed repeats run one at a time, in turn: ours, peer, peer, ours, peer, ...
+    A shared VM's speed drifts by tens of % within minutes; taking turns gives every contender the same
+    share of each phase, where contenders run back to back would each meet a different one."""
+    children = {}
+    for impl in impls:
+        print(f"starting {case} / {impl} ...", file=sys.stderr, flush=True)
+        err = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(child_cmd(case, impl, quick, "--turns"), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        children[impl] = (proc, err, [])
+        read_until_ready(proc, children[impl][2])  # warm, waiting for its first turn
+    live = [impl for impl in impls if children[impl][0].poll() is None]
+    while live:
+        for impl in list(live):
+            proc, _, lines = children[impl]
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            if not read_until_ready(proc, lines):  # its last repeat: it wrote its result and exited
+                live.remove(impl)
+    results = []
+    for impl, (proc, err, lines) in children.items():
+        proc.wait()
+        err.seek(0)
+        if proc.returncode != 0 or not lines:
+            results.append({"case": case, "impl": impl, "error": (err.read().strip().splitlines() or ["failed"])[-1]})
+        else:
+            results.append(json.loads(lines[-1]))
+    return results
+
+
+def read_until_ready(proc, lines: list) -> bool:
+    """Read the child's output up to its next "ready" (True) or its end (False); other lines go to `lines`."""
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return True
+        lines.append(line)
+    return False
 
 
 def plan(cases, device):
@@ -398,15 +450,17 @@ def main():
     ap.add_argument("--cases", default=None, help="comma-separated: " + ",".join(
         [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]))
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each contender, interleaved (default 2)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # a child that takes turns
     ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/train.yaml (sample.key=value: "
                     "configs/sample.yaml) for ours")
     args = ap.parse_args()
     OVERRIDES.extend(args.overrides)
 
     if args.child:
+        global TAKE_TURNS
+        TAKE_TURNS = args.turns
         print(json.dumps(child(*args.child, quick=args.quick)))
         return
 
@@ -427,14 +481,7 @@ def main():
             print(f"{case}: {reason}; this device is {device}", file=sys.stderr, flush=True)
             results += [{"case": case, "impl": impl, "error": reason} for _, impl in contenders]
             continue
-        # Rounds: ours, peer, peer, ours, peer, peer, ... so that every contender sees the machine as it was
-        # in each round (a shared VM's speed drifts by tens of % over minutes); the repeats of all rounds pool.
-        runs = {impl: [] for _, impl in contenders}
-        for r in range(args.rounds):
-            for _, impl in contenders:
-                print(f"running {case} / {impl} (round {r + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
-                runs[impl].append(run_child(case, impl, args.quick))
-        results += [pool(rs) for rs in runs.values()]
+        results += run_in_turns(case, [impl for _, impl in contenders], args.quick)
     rows = summarize(results, peak)
     print_table(rows, descriptions)
     if peak:
@@ -443,7 +490,7 @@ def main():
     report = {
         "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
         "device": device, "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "rounds": args.rounds, "overrides": OVERRIDES, "peak_flops": peak,
+        "torch": torch.__version__, "quick": args.quick, "interleaved": True, "overrides": OVERRIDES, "peak_flops": peak,
         "cases": cases, "descriptions": descriptions, "results": rows, "raw": results,
         "seconds": round(time.time() - t0, 1),
     }
