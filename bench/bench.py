@@ -9,9 +9,9 @@
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that case alone and no warm cache leaks between contenders. The contenders of a case warm up
 one after the other, then take turns: one timed repeat each, ours, peer, peer, ours, ... (the others wait
-idle), so that the machine's drift hits all of them alike. Every figure is the median of 5 timed repeats. MFU = model FLOPs per second / the device's peak, where the
-CPU peak is a matmul rate measured in the same run (fp32 for fp32 work, bf16 for bf16 work) and the GPU peak
-is the card's dense bf16 datasheet figure.
+idle), so that the machine's drift hits all of them alike. Every figure is the median of 5 timed repeats.
+MFU = model FLOPs per second / the device's peak, where the CPU peak is a matmul rate measured in the same run
+(fp32 for fp32 work, bf16 for bf16 work) and the GPU peak is the card's dense bf16 datasheet figure.
 
 Peers: Hugging Face `transformers.GPT2LMHeadModel` with identical dimensions (same weights for generation,
 imported through gpt.convert), trained with the same AdamW settings in a plain PyTorch loop, in fp32 eager

@@ -74,6 +74,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def writes_logs_now(trainer: "L.Trainer") -> bool:
+    """Whether Lightning writes this training step's metrics to the loggers (every trainer.log_every_n_steps).
+    Per-step values are logged only then: each self.log is ~0.3 ms of Python, and three of them were 4% of
+    the CPU recipe's 21 ms step. The loggers get the same rows; the progress bar shows the latest of them."""
+    return trainer._logger_connector.should_update_logs
+
+
 def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at decay_steps, then flat (nanoGPT's schedule)."""
     if step < warmup_steps:
@@ -130,8 +137,9 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        if writes_logs_now(self.trainer):
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
     def on_validation_epoch_start(self):
@@ -353,7 +361,7 @@ class NonFiniteGuard(Callback):
         log.warning("non-finite loss or gradients at step %d: optimizer step skipped (%d so far)", step, self.skipped)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.action == "skip":
+        if self.action == "skip" and writes_logs_now(trainer):
             pl_module.log("train/skipped_steps", float(self.skipped))
 
     def state_dict(self) -> dict:  # saved in the .ckpt: a resumed run keeps counting
@@ -404,7 +412,8 @@ class SpeedMonitor(Callback):
         n = (int(mask.sum()) if mask is not None else batch["input_ids"].numel()) * trainer.world_size
         self.tokens += n
         self.seconds += dt
-        pl_module.log("train/tokens_per_s", n / max(dt, 1e-9), prog_bar=True)
+        if writes_logs_now(trainer):
+            pl_module.log("train/tokens_per_s", n / max(dt, 1e-9), prog_bar=True)
 
     @property
     def tokens_per_s(self) -> float:

@@ -34,6 +34,13 @@ def test_training_lowers_the_loss_and_writes_the_run(trained):
     # nats; a model that uses its context must go well below both, and keep improving.
     assert val[-1] < 2.7 and val[-1] < val[0] - 0.05, val
     assert abs(metrics["val_loss"] - val[-1]) < 1e-6
+    # train metrics every trainer.log_every_n_steps (10 in trainer/cpu.yaml): logged only on the steps that
+    # Lightning writes (gpt.lit.writes_logs_now), so none may be missing
+    for key in ("train/loss", "train/lr", "train/tokens_per_s"):
+        assert [int(r["step"]) for r in rows if r.get(key)] == list(range(9, 300, 10)), key
+    # and each row holds its own step's values: step 9 of a 20-step linear warmup to 3e-3 ran at 3e-3 * 10/21
+    lr_at_9 = next(float(r["train/lr"]) for r in rows if r["step"] == "9" and r.get("train/lr"))
+    assert lr_at_9 == pytest.approx(3e-3 * 10 / 21)
     for name in ("best", "last"):
         assert (trained / "checkpoints" / f"{name}.ckpt").is_file()
         assert {p.name for p in (trained / "checkpoints" / name).iterdir()} == {
