@@ -114,6 +114,7 @@ class LanguageModel(L.LightningModule):
         # How to write an exported model directory beside a checkpoint (set by pretrain / finetune).
         self.export_fn = export_fn
         self._val_sum = self._val_count = None
+        self._grad_norm: Optional[torch.Tensor] = None
         self._resumed_rng: Optional[dict] = None
 
     @property
@@ -187,6 +188,17 @@ class LanguageModel(L.LightningModule):
             optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_after_backward(self):
+        self._grad_norm = None  # the gradients changed
+
+    def grad_norm(self, optimizer) -> Optional[torch.Tensor]:
+        """The total L2 norm of the gradients `optimizer` is about to apply (None: no gradients), computed
+        once per step: the NaN guard checks it and norm clipping scales by it."""
+        if self._grad_norm is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+        return self._grad_norm
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         plugin = self.trainer.precision_plugin
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
@@ -196,7 +208,8 @@ class LanguageModel(L.LightningModule):
             # (Lightning's clip loops over the tensors in Python on a CPU), and for a fused AdamW too: Lightning's
             # AMP plugin refuses to clip for any fused optimizer, a rule meant for fp16's scaled gradients.
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+            if params:  # none when the NaN guard dropped this step's gradients
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self.grad_norm(optimizer), foreach=True)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -339,10 +352,10 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         bad, self._bad = self._bad, None
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # fp16's GradScaler expects inf gradients now and then and skips those steps itself.
-        if grads and getattr(trainer.precision_plugin, "scaler", None) is None:
-            grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+        norm = pl_module.grad_norm(optimizer) if getattr(trainer.precision_plugin, "scaler", None) is None else None
+        if norm is not None:  # the same norm that clipping then uses
+            grad_bad = ~torch.isfinite(norm)
             bad = grad_bad if bad is None else bad | grad_bad
         if bad is None or not bool(bad):  # one device sync per optimizer step
             self._in_a_row = 0
@@ -382,6 +395,17 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    _drawn = 0.0
+
+    def _should_update(self, current: int, total) -> bool:
+        # Redraw at most 10 times a second, and at the end: drawing the bar and its metrics after every step
+        # cost ~0.4 ms, 2% of a small model's step on a CPU.
+        now = time.monotonic()
+        if current != total and now - self._drawn < 0.1:
+            return False
+        self._drawn = now
+        return self.is_enabled
 
     def on_exception(self, trainer, pl_module, exception):
         # End the bars' line, so that the one-line error (or a traceback) starts on a line of its own.
