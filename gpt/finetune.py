@@ -83,7 +83,7 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, cfg.trainer.get("max_steps"))
     check_run_dir_is_free(run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -103,7 +103,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
                              export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
                                                                          {**record, "step": t.global_step}))
     adapter_dir = run_dir / "checkpoints" / "best"
-    metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats, adapter=str(adapter_dir))
+    metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats,
+                   adapter=str(adapter_dir) if adapter_dir.is_dir() else None)
     if not trainer.is_global_zero:
         return metrics
     if trainer.interrupted or not adapter_dir.is_dir():

@@ -279,6 +279,15 @@ class ExportingCheckpoint(ModelCheckpoint):
                     copy_atomically(carried.with_suffix(""), Path(self.best_model_path).with_suffix(""))
             trainer.strategy.barrier()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning validates (and so saves) every val_check_interval steps only: with a max_steps that is
+        # not a multiple of it, the steps after the last validation would be trained and then lost, and a run
+        # shorter than one interval would end with no best model at all. Asking the loop to stop at the last
+        # step makes Lightning validate there (a stop request always does), and the checkpoints follow.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
     def save_last_now(self, trainer: "L.Trainer") -> Path:
         """Write last.ckpt (and last/) now, between validations (on SIGTERM)."""
         path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)

@@ -42,7 +42,7 @@ def pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
 
 
 def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, cfg.trainer.get("max_steps"))
     check_run_dir_is_free(run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
@@ -59,12 +59,18 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
 
     trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, export_fn=lambda t, path:
                              save_model_dir(model, tokenizer, path, extra={"step": t.global_step, "data": datamodule.name}))
-    metrics.update(params=model.num_params(), best_model=str(run_dir / "checkpoints" / "best"))
+    best = run_dir / "checkpoints" / "best"
+    metrics.update(params=model.num_params(), best_model=str(best) if best.is_dir() else None)
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         log.info("step %d: val loss %s, %s tokens/s, %.1f s", metrics["step"],
                  f"{metrics['val_loss']:.4f}" if metrics["val_loss"] is not None else "n/a",
                  f"{metrics['tokens_per_s']:,.0f}", metrics["wall_seconds"])
-        log.info("exported model: %s", metrics["best_model"])
-        log.info("sample from it: python sample.py ckpt=%s", metrics["best_model"])
+        exported = next((d for d in (best, best.with_name("last")) if d.is_dir()), None)
+        if exported is not None:
+            log.info("exported model: %s", exported)
+            log.info("sample from it: python sample.py ckpt=%s", exported)
+        else:
+            log.info("no model exported: no validation ran (trainer.limit_val_batches=0?) and the run saved no "
+                     "checkpoint")
     return metrics

@@ -74,8 +74,9 @@ class RunLock:
             self.fd = None
 
 
-def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """`last` means the newest last.ckpt among this experiment's earlier runs (siblings of run_dir)."""
+def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path, max_steps: Optional[int] = None) -> Optional[str]:
+    """`last` means the newest last.ckpt among this experiment's earlier runs (siblings of run_dir). A checkpoint
+    that has already reached max_steps is refused: the resumed run would train nothing."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
@@ -95,7 +96,21 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives; a cut-off one has no directory
         raise GPTError(f"ckpt_path={ckpt_path} is not a whole checkpoint (truncated, or not written by train.py); "
                        "resume from another .ckpt, e.g. the run's best.ckpt")
+    step = saved_step(ckpt_path)
+    if step is not None and max_steps is not None and 0 < max_steps <= step:
+        raise GPTError(f"ckpt_path={ckpt_path} is already at step {step} and trainer.max_steps={max_steps}: nothing "
+                       f"is left to train; raise trainer.max_steps to go on (e.g. trainer.max_steps={2 * step})")
     return ckpt_path
+
+
+def saved_step(ckpt_path: str) -> Optional[int]:
+    """The global step a Lightning .ckpt was saved at (memory-mapped: nothing else is read), None if unreadable
+    here (fit then reports what is wrong with the file)."""
+    try:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:
+        return None
+    return step if isinstance(step, int) else None
 
 
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:

@@ -200,11 +200,36 @@ def test_data_parallel_workers_share_the_run_directory(tmp_path, shakespeare):
 def test_resuming_with_another_model_or_vocabulary_is_refused(experiment, train, tmp_path):
     last = experiment / "ref" / "checkpoints" / "last.ckpt"
     with pytest.raises(GPTError, match="model.n_embd=64, this run has 32"):
-        train("other-shape", f"ckpt_path={last}", "model.n_embd=32")
+        train("other-shape", f"ckpt_path={last}", "model.n_embd=32", "trainer.max_steps=50")
     corpus = tmp_path / "other.txt"
     corpus.write_text("".join(chr(c) for c in range(0x400, 0x4a0)) * 40)  # another alphabet: another vocabulary
     with pytest.raises(GPTError, match="model.vocab_size=67"):
-        train("other-vocab", f"ckpt_path={last}", f"data.path={corpus}")
+        train("other-vocab", f"ckpt_path={last}", f"data.path={corpus}", "trainer.max_steps=50")
+
+
+def test_the_last_step_is_validated_and_saved_whatever_the_val_check_interval(experiment, train):
+    """Validation every 10 steps: a 15-step run validates and saves step 15 (the 5 steps after step 10 are not
+    lost), a 5-step run still ends with a best model, and a 40-step run validates step 40 once."""
+    assert sorted(logged(experiment / "ref", "val/loss")) == [9, 19, 29, 39]
+    metrics = train("odd", "trainer.max_steps=15")
+    run = experiment / "odd"
+    assert sorted(logged(run, "val/loss")) == [9, 14]
+    assert metrics["val_loss"] == pytest.approx(logged(run, "val/loss")[14], abs=1e-6)
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 15
+    assert json.loads((run / "checkpoints" / "last" / CONFIG_FILE).read_text())["gpt"]["step"] == 15
+    metrics = train("short", "trainer.max_steps=5")
+    run = experiment / "short"
+    assert sorted(logged(run, "val/loss")) == [4]
+    assert metrics["best_model"] == str(run / "checkpoints" / "best") and (run / "checkpoints" / "best").is_dir()
+    assert ckpt_step(run / "checkpoints" / "best.ckpt") == 5
+
+
+def test_resuming_a_finished_run_is_refused_with_the_fix(experiment, train):
+    last = experiment / "ref" / "checkpoints" / "last.ckpt"
+    with pytest.raises(GPTError, match="already at step 40 and trainer.max_steps=40: nothing is left to train; "
+                                       "raise trainer.max_steps"):
+        train("finished", f"ckpt_path={last}")
+    assert not (experiment / "finished" / "checkpoints").exists()
 
 
 class GradNormAtStep(Callback):
