@@ -260,7 +260,9 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     """
     from gpt.tasks import PromptTemplate
 
-    stops = list(cfg.stop or [])
+    stop = cfg.stop or []
+    # \n and \t are unescaped as in prompts (a shell hands them over as two characters); one string is one stop
+    stops = [unescape(str(s)) for s in ([stop] if isinstance(stop, str) else stop)]
     name = cfg.get("template", "auto")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
@@ -271,7 +273,7 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
         template = PromptTemplate(task["template"], task.get("template_no_input"))
         field = "instruction" if task.get("format") == "alpaca" else "input"  # what one line of input is
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
-    template = PromptTemplate(name)
+    template = PromptTemplate(unescape(name))
     return (lambda text: template(input=text)), stops
 
 

@@ -86,6 +86,20 @@ def test_batch_mode_one_completion_per_line(trained, tmp_path):
     assert out.read_text().splitlines() == lines
 
 
+def test_stop_strings_typed_with_backslash_escapes_stop_the_sample(trained):
+    """stop='["\\n"]' (a shell passes backslash + n) stops at a newline, as the README writes it; a single
+    string is one stop string, not a list of characters."""
+    args = [f"ckpt={trained / 'checkpoints' / 'best'}", "prompt=ROMEO:\\n", "max_new_tokens=120", "seed=1"]
+    full = run_cli("sample.py", *args, "stop_at_eos=false")  # seeded: the stop changes nothing before it
+    assert full.returncode == 0, full.stderr
+    first_line = full.stdout[:full.stdout.index("\n", len("ROMEO:\n"))]  # the prompt + the first completed line
+    assert len(first_line) > len("ROMEO:\n")
+    for stop in ('stop=["\\n"]', "stop=\\n"):
+        stopped = run_cli("sample.py", *args, "stop_at_eos=false", stop)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.rstrip("\n").rstrip("-").rstrip("\n") == first_line, stop  # less the sample separator
+
+
 # Bad input through the entry scripts (every row of the README's error table): tests/test_errors.py
 
 
