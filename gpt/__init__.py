@@ -1,6 +1,15 @@
 """gpt: pretrain, fine-tune and sample decoder-only GPTs (PyTorch + Lightning + Hydra + Hugging Face)."""
 
-from gpt.model import GPT, GPTConfig, PRESETS
+import logging
+
+# torchao (sample.py's quantize=int8), which PEFT and transformers import whenever it is installed, logs its
+# CUDA-only kernels as missing on a CPU build of torch, and torch warns about torchao's enum registrations:
+# four lines of noise at the start of every command that has nothing to do with it. Set here, before any
+# of our modules imports those libraries.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from gpt.model import GPT, GPTConfig, PRESETS  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "PRESETS"]
 __version__ = "0.1.0"

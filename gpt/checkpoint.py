@@ -263,11 +263,17 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not path.exists():
         raise GPTError(f"{path} does not exist; point at an exported model directory or a .ckpt file")
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():  # PEFT's file: finetune.py's output, not a whole model
+            raise GPTError(f"{path} holds a LoRA adapter, not a whole model; sample with adapter={path} (its base "
+                           "model is found from the adapter's record), or fine-tune with merge=true for a whole model")
         return load_model_dir(path, map_location)
     ckpt = read_lightning_ckpt(path)
     meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
     if not meta or "state_dict" not in ckpt:
         raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
+    if any("lora_A" in key for key in ckpt["state_dict"]):
+        raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
+                       f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
     config = GPTConfig.from_dict(meta["config"])
     model = GPT(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

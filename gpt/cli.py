@@ -9,7 +9,6 @@ HYDRA_FULL_ERROR=1) to get the full traceback instead. Anything else is a bug an
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
@@ -22,13 +21,6 @@ from gpt.errors import GPTError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
-
-# torchao (sample.py's quantize=int8), which PEFT and transformers import whenever it is installed, logs its
-# CUDA-only kernels as missing on a CPU build of torch, and torch warns about torchao's enum registrations:
-# four lines of noise at the start of every run that has nothing to do with it.
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-
 
 def cpu_precision() -> str:
     """`${cpu_precision:}` in configs/trainer/cpu.yaml: bf16-mixed (fp32 master weights) where the CPU
@@ -80,12 +72,27 @@ def precheck_overrides(config_name: str, args: list[str]) -> None:
     overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")
                  and not _is_sweep(a.split("=", 1)[1])]
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=overrides)
+    except OverrideParseException:
+        if verbose():
+            raise
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser, bad = OverridesParser.create(), "?"
+        for arg in overrides:
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                bad = arg
+                break
+        key = bad.split("=", 1)[0].lstrip("+~")
+        fail(f"cannot read the command-line setting {bad!r} (Hydra's override syntax): check it for a typo; a value "
+             f"with spaces, non-ASCII letters or brackets needs quotes: '{key}=\"...\"' (single quotes for the shell)")
     except (HydraException, OmegaConfBaseException) as e:
         if verbose():
             raise

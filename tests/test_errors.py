@@ -95,6 +95,15 @@ def evil_ckpt(tmp) -> Path:
     return tmp / "evil.ckpt"
 
 
+def lora_ckpt(world, tmp) -> Path:
+    """What finetune.py's best.ckpt holds: the base model's weights under PEFT's names, plus LoRA factors."""
+    ckpt = torch.load(world / "runs/tiny/done/checkpoints/last.ckpt", weights_only=True)
+    state = {k.replace("model.", "model.base_model.model.", 1): v for k, v in ckpt["state_dict"].items()}
+    state["model.base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"] = torch.zeros(8, 64)
+    torch.save({**ckpt, "state_dict": state}, tmp / "best.ckpt")
+    return tmp / "best.ckpt"
+
+
 # (README row, id, how to make the mistake: f(world, tmp) -> (script, *args) or (script, *args, {env}), needles)
 CASES = [
     ("unknown config key", "typo'd key", lambda w, t: train(t, "model.n_layr=3"),
@@ -157,6 +166,16 @@ CASES = [
      ["model.safetensors is truncated or corrupt"]),
     ("has shape", "weights of another vocabulary",
      lambda w, t: ("sample.py", f"ckpt={other_vocab(copy_model(w, t))}"), ["transformer.wte.weight", "vocabulary"]),
+    ("cannot read the command-line setting", "an unquoted non-ASCII value", lambda w, t: sample(w, "prompt=日本語"),
+     ["'prompt=日本語'", "'prompt=\"...\"'"]),
+    ("nothing is left to train", "resume a finished run",
+     lambda w, t: train(t, f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", "trainer.max_steps=2"),
+     ["already at step 2 and trainer.max_steps=2", "raise trainer.max_steps"]),
+    ("is a LoRA fine-tuning checkpoint", "sample from a fine-tuning .ckpt",
+     lambda w, t: ("sample.py", f"ckpt={lora_ckpt(w, t)}"), ["LoRA fine-tuning checkpoint", "(sample.py adapter=/", "/best)"]),
+    ("holds a LoRA adapter, not a whole model", "an adapter directory as ckpt=",
+     lambda w, t: ("sample.py", f"ckpt={write(t / 'best' / 'adapter_config.json', '{}').parent}"),
+     ["sample with adapter=/", "/best (its base"]),
     ("exists; choose another output_file", "batch output exists",
      lambda w, t: sample(w, f"input_file={write(t / 'in.txt', 'ROMEO:')}", f"output_file={write(t / 'out.txt', 'x')}"),
      ["out.txt exists", "overwrite=true"]),
