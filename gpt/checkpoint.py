@@ -139,6 +139,9 @@ def atomic_dir(path: str | Path):
             yield tmp
             for f in tmp.rglob("*"):
                 if f.is_file():
+                    # safetensors (and so PEFT) writes through a private temporary file: make the result
+                    # readable like any file the user's umask allows, as config.json and tokenizer.json are
+                    os.chmod(f, 0o666 & ~_umask())
                     _fsync(f)
             _fsync(tmp)
         for leftover in (new, old):  # from an earlier interrupted swap; recover_dir kept what was needed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,10 +29,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gpt.errors import GPTError, storage_errors
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import EOS, Tokenizer
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "GPT_DATA_DIR"
-STORE_VERSION = 1  # bump when the token file layout changes, to invalidate caches
+STORE_VERSION = 2  # bump when the token file layout changes, to invalidate caches
 LINES_PER_BATCH = 1_000
 CHUNK_BYTES = 1 << 20
 
@@ -137,7 +140,12 @@ def check_text_files(files: list[Path]) -> None:
 
 class TextSource:
     """Batches of text from local files (line by line, line breaks kept) or a hub dataset (one row = one
-    document, followed by the end-of-text token). Iterable any number of times, streaming each time."""
+    document). Iterable any number of times, streaming each time.
+
+    Each document ends with the end-of-text token, as in GPT-2's corpora: each hub row is a document, and
+    so is each file of a corpus of several files (a corpus of one file is left as it is). A UTF-8
+    byte-order mark at the start of a file is not text and is dropped.
+    """
 
     def __init__(self, files: Optional[list[Path]] = None, hub: Optional[dict] = None):
         self.files, self.hub = files, hub
@@ -147,25 +155,38 @@ class TextSource:
             return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
         return {"hub": dict(self.hub)}
 
-    def batches(self) -> Iterator[list[str]]:
+    def batches(self, doc_ends: bool = True) -> Iterator[list[str]]:
+        """Lists of strings to tokenize; with doc_ends, an end-of-text token after each document (the
+        tokenizers are built without them: it is a special token, not text)."""
         from datasets import load_dataset  # slow import: only when a corpus is (re)built
 
         if self.files:
-            ds = load_dataset("text", data_files=[str(f) for f in self.files], split="train",
-                              keep_linebreaks=True, streaming=True, chunksize=CHUNK_BYTES)
-            column, doc_end = "text", ""
-        else:
-            hub = self.hub
-            try:
-                ds = load_dataset(hub["name"], hub.get("config"), split=hub.get("split", "train"), streaming=True)
-            except Exception as e:
-                raise GPTError(f"could not open hub dataset {hub['name']!r} ({type(e).__name__}: {e}); "
-                               "offline? download it first or use local files with data.path") from e
-            column, doc_end = hub.get("text_column", "text"), "<|endoftext|>"
+            ds = load_dataset("text", data_files=[str(f) for f in self.files], split="train", keep_linebreaks=True,
+                              streaming=True, chunksize=CHUNK_BYTES)
+            per_file = ds.num_shards == len(self.files)  # the text builder's shards are its files, in order
+            end = [EOS] if doc_ends and per_file and len(self.files) > 1 else []
+            for i in range(ds.num_shards if per_file else 1):
+                first = True
+                shard = ds.shard(num_shards=ds.num_shards, index=i) if per_file else ds
+                for batch in shard.iter(batch_size=LINES_PER_BATCH):
+                    lines = batch["text"]
+                    if first and lines:
+                        lines[0], first = lines[0].removeprefix("\ufeff"), False
+                    yield lines
+                if end:
+                    yield end
+            return
+        hub = self.hub
+        try:
+            ds = load_dataset(hub["name"], hub.get("config"), split=hub.get("split", "train"), streaming=True)
+        except Exception as e:
+            raise GPTError(f"could not open hub dataset {hub['name']!r} ({type(e).__name__}: {e}); "
+                           "offline? download it first or use local files with data.path") from e
+        column = hub.get("text_column", "text")
         for batch in ds.iter(batch_size=LINES_PER_BATCH):
             if column not in batch:
                 raise GPTError(f"hub dataset has no column {column!r} (columns: {sorted(batch)}); set data.hub.text_column")
-            yield [t + doc_end for t in batch[column]] if doc_end else batch[column]
+            yield [t + EOS for t in batch[column]] if doc_ends else batch[column]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,14 +235,18 @@ def build_tokenizer(source: TextSource, kind: str, vocab_size: Optional[int], pa
         return Tokenizer.load(path)
     if kind == "char":
         chars: set[str] = set()
-        for batch in source.batches():
+        for batch in source.batches(doc_ends=False):
             for text in batch:
                 chars.update(text)
         return Tokenizer.char_level(chars)
     if kind == "bpe":
         if not vocab_size:
             raise GPTError("data.tokenizer=bpe needs data.vocab_size (e.g. 2048)")
-        return Tokenizer.train_bpe(source.batches(), vocab_size)
+        tok = Tokenizer.train_bpe(source.batches(doc_ends=False), vocab_size)
+        if tok.vocab_size < vocab_size:  # BpeTrainer stops when no pair of tokens occurs twice
+            log.info("BPE: %d tokens, not the %d asked for: the corpus has no more merges to learn",
+                     tok.vocab_size, vocab_size)
+        return tok
     raise GPTError(f"data.tokenizer must be char, bpe or file (got {kind!r})")
 
 

@@ -1,6 +1,7 @@
 """Exported model directories and .ckpt files: export = reload, and every broken file refused clearly."""
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def test_export_then_reload_gives_identical_logits(model_and_tok, tmp_path):
     assert again.lm_head.weight is again.transformer.wte.weight  # tying survives the round trip
     assert tok2.encode(TEXT) == tok.encode(TEXT)
     assert json.loads((out / "config.json").read_text())["bias"] is False
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ["config.json", "model.safetensors", "tokenizer.json"], 0o666 & ~umask)  # no private (0600) weights
 
 
 def test_export_replaces_an_existing_directory_whole(model_and_tok, tmp_path):

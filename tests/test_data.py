@@ -152,6 +152,24 @@ def test_token_store_matches_the_text_and_is_cached(shakespeare, tmp_path):
     assert other.root != store.root and other.meta["n_train"] == int(n * 0.8)
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_several_files_are_documents_ended_by_end_of_text_and_a_bom_is_dropped(tmp_path, tokenizer):
+    texts = ["First file.\nTwo lines.\n", "\ufeffSecond file, saved with a byte-order mark.\n", "Third.\n"]
+    files = [tmp_path / f"{i}.txt" for i in range(3)]
+    for f, text in zip(files, texts):
+        f.write_text(text, encoding="utf-8")
+    store = prepare_corpus(TextSource(files=files), tmp_path / "cache", "docs", tokenizer=tokenizer, vocab_size=300)
+    tok = store.tokenizer
+    ids = np.concatenate([store.tokens("train"), store.tokens("val")]).tolist()
+    docs = [text.removeprefix("\ufeff") for text in texts]
+    assert ids == [i for doc in docs for i in tok.encode(doc) + [tok.eos_id]]  # each file ends with EOS
+    assert tok.decode(ids, skip_special_tokens=False) == "".join(doc + EOS for doc in docs)
+    if tokenizer == "char":  # neither the mark nor the characters of "<|endoftext|>" became text tokens
+        assert tok.vocab_size == len(set("".join(docs))) + 2
+    single = prepare_corpus(TextSource(files=files[1:2]), tmp_path / "cache", "one", tokenizer=tokenizer, vocab_size=300)
+    assert single.tokenizer.decode(single.tokens("train").tolist() + single.tokens("val").tolist()) == docs[1]
+
+
 def test_token_dtype_limits():
     assert token_dtype(65) == np.uint16 and token_dtype(70_000) == np.uint32
     with pytest.raises(GPTError, match="uint32"):
