@@ -62,15 +62,53 @@ def user_errors():
 
 
 def _is_sweep(value: str) -> bool:
-    return "," in value or re.match(r"^(range|choice|glob|interval|tag|sort|shuffle)\(", value) is not None
+    """A value that Hydra reads as several (a,b or choice(...)); a comma inside [..], {..} or quotes is not."""
+    if re.match(r"^(range|choice|glob|interval|tag|sort|shuffle)\(", value):
+        return True
+    depth, quote = 0, None
+    for c in value:
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return True
+    return False
 
 
-def precheck_overrides(config_name: str, args: list[str]) -> None:
-    """Compose the config with the command-line overrides; report a bad key or choice in one line."""
-    if any(a.startswith("-") for a in args):  # --help, --cfg, -m ...: Hydra's own business
-        args = [a for a in args if not a.startswith("-")]
-    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")
-                 and not _is_sweep(a.split("=", 1)[1])]
+GROUPS = frozenset(d.name for d in CONFIG_DIR.iterdir() if d.is_dir())  # model, data, trainer, ...
+# Lightning's settings that take several types (devices=2 or "auto", precision=32 or "bf16-mixed", a fraction
+# or a step count): Lightning checks them itself.
+LOOSE_KEYS = ("trainer.devices", "trainer.precision", "trainer.accelerator", "trainer.strategy", "trainer.num_nodes",
+              "trainer.max_time", "trainer.limit_train_batches", "trainer.limit_val_batches",
+              "trainer.val_check_interval", "trainer.gradient_clip_val")
+
+
+def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
+    """Compose the config with the command-line overrides; report a bad key, choice, value type or a missing
+    required value in one line. Returns the arguments for Hydra, where a bare value for a text or list setting
+    (prompt=5, stop=AB, lora.targets=qkv) is rewritten to mean what it says ('5', ["AB"], ["qkv"])."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    flags = [a for a in args if a.startswith("-")]  # --help, --cfg, -m ...: Hydra's own business
+    for a in args:
+        if a.startswith("-"):
+            continue
+        if "=" not in a and not a.startswith("~"):
+            fail(f"{a!r} is not a setting: write key=value (e.g. optim.lr=1e-3); `--cfg job` lists the keys")
+        if a.startswith("~") and a[1:].split("=", 1)[0] in GROUPS:
+            fail(f"{a!r} would remove the whole {a[1:].split('=', 1)[0]} config; choose another one with "
+                 f"{a[1:].split('=', 1)[0]}=<name> instead")
+        if "=" in a and _is_sweep(a.split("=", 1)[1]) and not multirun:
+            fail(f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
+                 "(quote a value that contains commas: key='a,b')")
+    overrides = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+                 and not ("=" in a and _is_sweep(a.split("=", 1)[1]))]
+    if flags and any(f in ("--help", "-h", "--hydra-help", "--info", "-i") for f in flags):
+        return args
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
@@ -97,9 +135,54 @@ def precheck_overrides(config_name: str, args: list[str]) -> None:
         if verbose():
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
+             f"(`python {config_name}.py --cfg job` shows the settings)")
+    rewritten = check_value_types(config_name, overrides, cfg)
+    args = [rewritten.get(a, a) for a in args]
     run_dir = ([a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
     if run_dir and "${" not in run_dir:
         precheck_run_dir(Path(run_dir), cfg)
+    return args
+
+
+def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, str]:
+    """Each key=value against the type of the key's default (the config with the same group choices, before
+    the values): a word where a number or true/false goes is refused here, in one line, instead of failing
+    deep inside (or, for true/false, silently counting as true). Returns {override: rewritten override}."""
+    from hydra import compose, initialize_config_dir
+
+    choices = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] in GROUPS]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        base = compose(config_name, overrides=choices)
+    rewritten, seen = {}, set()
+    for arg in reversed(overrides):  # the last one of a key wins, as in Hydra
+        if arg.startswith(("+", "~")) or arg in choices or "=" not in arg:
+            continue
+        key, raw = arg.split("=", 1)
+        if key in LOOSE_KEYS or key in seen:
+            continue
+        seen.add(key)
+        default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None or default is None or OmegaConf.is_dict(default):
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                fail(f"{key} is true or false (got {raw!r})")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(f"{key} must be a whole number (got {raw!r})")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(f"{key} must be a number (got {raw!r})")
+        elif isinstance(default, str):
+            if isinstance(value, (bool, int, float)):  # prompt=5, name=2024: text, as typed
+                rewritten[arg] = f"{key}='{raw}'"
+        elif OmegaConf.is_list(default) and not OmegaConf.is_list(value) and not OmegaConf.is_dict(value):
+            rewritten[arg] = f"{key}=[{raw}]"  # one item: stop=AB -> ["AB"], not a list of characters
+    return rewritten
 
 
 def precheck_run_dir(run_dir: Path, cfg) -> None:
@@ -183,7 +266,7 @@ def run_hydra(config_name: str, task: Callable[[Any], Any]) -> None:
 
     sys.argv = [sys.argv[0], *distributed_overrides(config_name, sys.argv[1:])]
     with user_errors():
-        precheck_overrides(config_name, sys.argv[1:])
+        sys.argv = [sys.argv[0], *precheck_overrides(config_name, sys.argv[1:])]
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _main(cfg):

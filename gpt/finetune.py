@@ -35,8 +35,27 @@ from gpt.tasks import TaskDataModule
 log = logging.getLogger(__name__)
 
 
+def check_options(cfg: DictConfig) -> None:
+    """Settings that would otherwise be ignored, or fail only after the training they follow."""
+    if cfg.get("adapter") and not cfg.eval_only:
+        raise GPTError("adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
+                       "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>")
+    e, is_int = cfg.eval, lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    nullable = {"max_examples": "the whole valid split", "max_new_tokens": "the task's default"}
+    for key in ("batch_size", "num_beams", *nullable):
+        value = e.get(key)
+        if (value is not None or key not in nullable) and (not is_int(value) or value < 1):
+            raise GPTError(f"eval.{key} must be a positive integer (got {value!r})"
+                           + (f"; null = {nullable[key]}" if key in nullable else ""))
+    if not is_int(e.get("no_repeat_ngram_size", 0)) or e.get("no_repeat_ngram_size", 0) < 0:
+        raise GPTError(f"eval.no_repeat_ngram_size must be an integer >= 0 (got {e.no_repeat_ngram_size!r})")
+    if not isinstance(e.get("copy_bonus", 0.0), (int, float)) or e.get("copy_bonus", 0.0) < 0:
+        raise GPTError(f"eval.copy_bonus must be a number >= 0 (got {e.copy_bonus!r}); 0 = off")
+
+
 def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
     run_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    check_options(cfg)
     with RunLock(run_dir):
         return _evaluate_only(cfg, run_dir) if cfg.eval_only else _finetune(cfg, run_dir)
 

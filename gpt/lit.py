@@ -108,6 +108,13 @@ class LanguageModel(L.LightningModule):
             raise GPTError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (got lr={lr}, min_lr={min_lr})")
         if warmup_steps < 0:
             raise GPTError(f"optim.warmup_steps must be >= 0 (got {warmup_steps})")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise GPTError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {list(betas)})")
+        if eps <= 0 or weight_decay < 0:
+            raise GPTError(f"need optim.eps > 0 and optim.weight_decay >= 0 (got eps={eps}, weight_decay={weight_decay})")
+        if decay_steps is not None and decay_steps <= 0:
+            raise GPTError(f"optim.decay_steps must be a positive number of steps, or null for trainer.max_steps "
+                           f"(got {decay_steps})")
         self.model, self.tokenizer = model, tokenizer
         self.lr, self.min_lr, self.warmup_steps, self.decay_steps = lr, min_lr, warmup_steps, decay_steps
         self.weight_decay, self.betas, self.eps, self.fused = weight_decay, tuple(betas), eps, fused
@@ -183,7 +190,8 @@ class LanguageModel(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = self.decay_steps or self.trainer.max_steps
         if not decay_steps or decay_steps <= 0:
-            raise GPTError("set trainer.max_steps (or optim.decay_steps) so the LR schedule knows when to end")
+            raise GPTError(f"trainer.max_steps must be a positive number of steps (got {self.trainer.max_steps}); the LR "
+                           "schedule decays over it (or over optim.decay_steps)")
         ratio = self.min_lr / self.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))

@@ -613,11 +613,12 @@ def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -
 def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise GPTError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
-    if temperature is None or temperature < 0:
-        raise GPTError(f"temperature must be >= 0 (got {temperature!r}); use 0 for greedy decoding")
-    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not number(temperature) or not 0 <= temperature < math.inf:
+        raise GPTError(f"temperature must be a number >= 0 (got {temperature!r}); use 0 for greedy decoding")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise GPTError(f"top_k must be a positive integer or null (got {top_k!r})")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
+    if top_p is not None and not (number(top_p) and 0.0 < top_p <= 1.0):
         raise GPTError(f"top_p must be in (0, 1] or null (got {top_p!r})")
 
 

@@ -171,6 +171,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers,
     the loss curve and, with cfg.log_samples, samples from the final model."""
     quiet_lightning()
+    check_trainer_settings(cfg.trainer)
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
@@ -193,6 +194,18 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     for logger in trainer.loggers[1:]:  # the resolved config as the run's hyperparameters (W&B config,
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # TensorBoard hparams); CSV has .hydra/
     return trainer, speed
+
+
+def check_trainer_settings(t: DictConfig) -> None:
+    """What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
+    no validation interval, no micro-batch per step."""
+    clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
+        raise GPTError(f"trainer.val_check_interval must be a positive number of steps (got {interval!r})")
+    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
+        raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")
 
 
 def check_launch(trainer: L.Trainer) -> None:

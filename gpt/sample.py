@@ -8,8 +8,11 @@ completion are written as the two characters `\\n` so that lines stay lines.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
@@ -277,24 +280,91 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     return (lambda text: template(input=text)), stops
 
 
-def sample(cfg) -> Optional[list[str]]:
+DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: unescaped when used)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_options(cfg) -> None:
+    """sample.py's settings, all checked before the model is loaded; nothing given is silently ignored."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    if cfg.num_samples <= 0:
-        raise GPTError(f"num_samples must be >= 1 (got {cfg.num_samples})")
+    positive = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size, "num_beams": cfg.get("num_beams", 1),
+                "attention_max_tokens": cfg.get("attention_max_tokens", 64)}
+    for key, value in positive.items():
+        if not is_int(value) or value < 1:
+            raise GPTError(f"{key} must be a positive integer (got {value!r})")
+    if not is_int(cfg.get("no_repeat_ngram_size", 0)) or cfg.get("no_repeat_ngram_size", 0) < 0:
+        raise GPTError(f"no_repeat_ngram_size must be an integer >= 0 (got {cfg.no_repeat_ngram_size!r}); 0 = off")
+    if not isinstance(cfg.get("copy_bonus", 0.0), (int, float)) or not 0 <= cfg.get("copy_bonus", 0.0) < math.inf:
+        raise GPTError(f"copy_bonus must be a number >= 0 (got {cfg.copy_bonus!r}); 0 = off")
+    head = cfg.get("attention_head")
+    if not (head is None or is_int(head)) or not is_int(cfg.get("attention_layer", -1)):
+        raise GPTError(f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
+                       f"(got {cfg.get('attention_layer')!r}, {head!r})")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.device)):
+        raise GPTError(f"device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+    if cfg.on_context_full not in ("slide", "stop"):
+        raise GPTError(f"on_context_full must be slide or stop (got {cfg.on_context_full!r})")
     if cfg.input_file and not cfg.output_file:
         raise GPTError("batch mode needs output_file=<path> beside input_file")
-    if cfg.output_file and Path(cfg.output_file).exists() and not cfg.overwrite:
-        raise GPTError(f"{cfg.output_file} exists; choose another output_file or pass overwrite=true")
+    if cfg.output_file and not cfg.input_file:
+        raise GPTError("output_file is for batch mode: give input_file=<prompts, one per line> too (a single "
+                       "prompt's sample goes to stdout: redirect it with > file)")
+    if cfg.input_file and cfg.prompt_file:
+        raise GPTError("give input_file (batch mode: one prompt per line) or prompt_file (one prompt), not both")
+    if (cfg.input_file or cfg.prompt_file) and cfg.prompt != DEFAULT_PROMPT:
+        raise GPTError(f"prompt= and {'input_file' if cfg.input_file else 'prompt_file'}= both give the prompt; "
+                       "keep one of them")
+    for key in ("input_file", "prompt_file"):
+        if cfg.get(key) and not Path(cfg[key]).is_file():
+            what = "is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
+            raise GPTError(f"{key} {cfg[key]} {what}; point it at a UTF-8 text file")
+    for key, suffix_ok in (("output_file", True), ("attention_map", False)):
+        out = cfg.get(key)
+        if not out:
+            continue
+        out = Path(out)
+        if out.is_dir():
+            raise GPTError(f"{key}={out} is a directory; give a file name" + ("" if suffix_ok else ", e.g. attn.png"))
+        if out.exists() and not cfg.overwrite:
+            raise GPTError(f"{out} exists; choose another {key} or pass overwrite=true")
+        if not suffix_ok:
+            from matplotlib.figure import Figure
+
+            formats = Figure().canvas.get_supported_filetypes()
+            if out.suffix.lstrip(".").lower() not in formats:
+                raise GPTError(f"attention_map={out}: the name must end in an image type, e.g. .png "
+                               f"({', '.join(sorted(formats))})")
+        parent = out.parent if out.parent != Path("") else Path(".")
+        existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
+        try:  # can a file be made there? (what the write will do; permission bits alone do not tell, e.g. as root)
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise GPTError(f"cannot write {key}={out}: no file can be made in {existing} ({e.strerror}); choose another "
+                           "path") from None
     if cfg.get("attention_map") and cfg.input_file:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
+
+
+def read_text_file(path: str | Path, key: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GPTError(f"{key} {path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. "
+                       f"iconv -f latin1 -t utf-8") from e
+
+
+def sample(cfg) -> Optional[list[str]]:
+    check_options(cfg)
     model, tokenizer, device = load_for_sampling(cfg)
     wrap, stops = prompt_template(cfg)
     if cfg.get("attention_map"):
         from gpt.viz import check_attention_choice
 
         check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
-        if cfg.attention_max_tokens < 1:
-            raise GPTError(f"attention_max_tokens must be >= 1 (got {cfg.attention_max_tokens})")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -305,10 +375,7 @@ def sample(cfg) -> Optional[list[str]]:
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
-            path = Path(cfg.input_file)
-            if not path.is_file():
-                raise GPTError(f"input_file {path} does not exist")
-            lines = [unescape(line.rstrip("\n")) for line in path.read_text(encoding="utf-8").splitlines()]
+            lines = [unescape(line.rstrip("\n")) for line in read_text_file(cfg.input_file, "input_file").splitlines()]
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
                                          sources=lines, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
@@ -316,11 +383,9 @@ def sample(cfg) -> Optional[list[str]]:
             return completions
 
         if cfg.prompt_file:
-            if not Path(cfg.prompt_file).is_file():
-                raise GPTError(f"prompt_file {cfg.prompt_file} does not exist")
-            raw = Path(cfg.prompt_file).read_text(encoding="utf-8")
+            raw = read_text_file(cfg.prompt_file, "prompt_file")
         else:
-            raw = unescape(cfg.prompt)
+            raw = unescape(str(cfg.prompt))
         prompt = wrap(raw)
         if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
             text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], **args, **beams)[0]

@@ -71,8 +71,13 @@ class BadRows:
 
 def check_file(path: Path, task: str) -> Path:
     if not path.is_file():
-        raise GPTError(f"task {task}: {path} not found; check the path (task.root / task.train / task.valid, "
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
                        "or $GPT_DATA_DIR for named tasks)")
+    if path.stat().st_size:
+        from gpt.data import check_text_files
+
+        check_text_files([path])  # binary or not UTF-8: one line naming the file (and the offset)
     return path
 
 
@@ -86,7 +91,9 @@ def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[
             value = ""
         if not isinstance(value, str):
             return bad(where, f"field {key!r} must be a string (got {type(value).__name__})")
-        if ours in REQUIRED and (key not in record or not value.strip()):
+        # the response is always needed; the input too unless an instruction says what to do (Alpaca)
+        required = ours in REQUIRED or (ours == "input" and not fields.get("instruction"))
+        if required and (key not in record or not value.strip()):
             return bad(where, f"missing or empty field {key!r} (the record has {sorted(record)})")
         row[ours] = value
     if fields.get("instruction") and not row["instruction"].strip():  # Alpaca: the instruction is the task
@@ -192,6 +199,9 @@ class PromptTemplate:
             if unknown:
                 raise GPTError(f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "
                                "only {instruction} and {input} are filled in")
+            if not names:
+                raise GPTError(f"prompt template {t!r} has no {{input}} field, so the prompt would be dropped; "
+                               "put {input} where it goes, e.g. 'Q: {input}\\nA: '")
         self.template, self.template_no_input = template, template_no_input
 
     def __call__(self, instruction: str = "", input: str = "") -> str:

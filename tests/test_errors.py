@@ -156,7 +156,7 @@ CASES = [
     ("must be a positive integer", "max_new_tokens=0", lambda w, t: sample(w, "max_new_tokens=0"),
      ["max_new_tokens must be a positive integer"]),
     ("must be a positive integer", "temperature<0", lambda w, t: sample(w, "temperature=-1"),
-     ["temperature must be >= 0"]),
+     ["temperature must be a number >= 0"]),
     ("must be a positive integer", "top_p>1", lambda w, t: sample(w, "top_p=1.5"), ["top_p must be in (0, 1]"]),
     ("must be a positive integer", "top_p=0", lambda w, t: sample(w, "top_p=0"), ["top_p must be in (0, 1]"]),
     ("is not a model directory", "a directory that is not a model",
@@ -177,7 +177,8 @@ CASES = [
      lambda w, t: ("sample.py", f"ckpt={write(t / 'best' / 'adapter_config.json', '{}').parent}"),
      ["sample with adapter=/", "/best (its base"]),
     ("exists; choose another output_file", "batch output exists",
-     lambda w, t: sample(w, f"input_file={write(t / 'in.txt', 'ROMEO:')}", f"output_file={write(t / 'out.txt', 'x')}"),
+     lambda w, t: ("sample.py", f"ckpt={w / 'model'}", "max_new_tokens=5", f"input_file={write(t / 'in.txt', 'ROMEO:')}",
+                   f"output_file={write(t / 'out.txt', 'x')}"),
      ["out.txt exists", "overwrite=true"]),
 ]
 # Rows tested elsewhere: a fault the command line cannot make, or another verb's own tests.
