@@ -196,6 +196,11 @@ def precheck_run_dir(run_dir: Path, cfg) -> None:
 
         with user_errors(), RunLock(run_dir):
             check_run_dir_is_free(run_dir, cfg.ckpt_path)
+            resumes_it = cfg.ckpt_path and Path(cfg.ckpt_path).resolve().is_relative_to(run_dir.resolve())
+            others = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
+            if others and not resumes_it and is_launch_rank_zero():  # a run writes metrics.json, .hydra/, ... there
+                raise GPTError(f"hydra.run.dir={run_dir} is not empty (it holds {', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
 
 
 def describe_config_error(msg: str, config_name: str) -> str:

@@ -22,6 +22,7 @@ from gpt.pretrain import pretrain
 from gpt.tokenizer import EOS, Tokenizer
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+LINES = "".join(f"line {i}\n" for i in range(40))
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 LATIN_1 = "café au lait\n".encode("latin-1")
 
@@ -176,6 +177,18 @@ CASES = [
     ("holds a LoRA adapter, not a whole model", "an adapter directory as ckpt=",
      lambda w, t: ("sample.py", f"ckpt={write(t / 'best' / 'adapter_config.json', '{}').parent}"),
      ["sample with adapter=/", "/best (its base"]),
+    ("is true or false (got", "a word for a true/false setting", lambda w, t: train(t, "compile=no"),
+     ["compile is true or false (got 'no')"]),
+    ("must be a number (got", "a word for a number", lambda w, t: train(t, "optim.lr=fast"),
+     ["optim.lr must be a number (got 'fast')"]),
+    ("is not empty (it holds", "a run into a directory with other files",
+     lambda w, t: (*train(t), f"hydra.run.dir={write(t / 'mine' / 'metrics.json', '{}').parent}"),
+     ["is not empty (it holds metrics.json)", "new or empty directory"]),
+    ("is a pretraining checkpoint", "fine-tuning resumed from a pretraining .ckpt",
+     lambda w, t: ("finetune.py", f"base={w / 'runs/tiny/done/checkpoints/best'}", "task=parallel",
+                   f"task.train=[{write(t / 'a.src', LINES)},{write(t / 'a.tgt', LINES)}]", "trainer.max_steps=50",
+                   f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", f"hydra.run.dir={t / 'run'}"),
+     ["pretraining checkpoint", "base=<its exported directory>"]),
     ("exists; choose another output_file", "batch output exists",
      lambda w, t: ("sample.py", f"ckpt={w / 'model'}", "max_new_tokens=5", f"input_file={write(t / 'in.txt', 'ROMEO:')}",
                    f"output_file={write(t / 'out.txt', 'x')}"),
