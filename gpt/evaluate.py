@@ -92,9 +92,9 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
                   decoding: Optional[dict] = None, systems: Sequence[str] = ("base", "adapter", "copy")) -> dict:
     """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt."""
     metrics = check_metrics(datamodule.metrics)
-    rows = datamodule.load_rows()["valid"]
+    rows = all_rows = datamodule.load_rows()["valid"]
     if max_examples:
-        rows = rows[:max_examples]
+        rows = rows[:max_examples]  # generation is the slow part; the loss (teacher-forced) takes them all
     prompts = [datamodule.prompt(r) for r in rows]
     references = [r["output"] for r in rows]
     max_new_tokens = max_new_tokens or datamodule.max_new_tokens
@@ -121,7 +121,10 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
         if out_dir is not None and outputs:
             write_lines_atomically(Path(out_dir) / f"valid.{system}.txt", [o.replace("\n", "\\n") for o in outputs], True)
     results["examples"] = len(rows)
-    log.info("%s valid (%d examples):\n%s", datamodule.name, len(rows), format_table(results, systems))
+    if "loss" in metrics:
+        results["val_loss_examples"] = len(all_rows)
+    loss_note = f"; val_loss on all {len(all_rows)}" if "loss" in metrics and len(all_rows) != len(rows) else ""
+    log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))
     return results
 
 
