@@ -265,6 +265,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     path = recover_dir(path)
     if not path.exists():
         raise GPTError(f"{path} does not exist; point at an exported model directory or a .ckpt file")
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
+        raise GPTError(f"{path} is one file of a model directory; point at the directory itself: {path.parent}")
     if path.is_dir():
         if (path / "adapter_config.json").is_file():  # PEFT's file: finetune.py's output, not a whole model
             raise GPTError(f"{path} holds a LoRA adapter, not a whole model; sample with adapter={path} (its base "

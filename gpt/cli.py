@@ -262,6 +262,11 @@ def build(node, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e.__cause__ or e))
+        if unknown:  # +model.n_layr=3: added on purpose, but the target has no such parameter
+            target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+            raise GPTError(f"{target} has no setting {unknown.group(1)!r} (a typo in a +key=... override?); "
+                           "`--cfg job` shows the settings it takes") from e
         raise
 
 

@@ -307,6 +307,10 @@ def check_output_dir(out: Path, source: Path, force: bool) -> None:
         raise GPTError(f"writing to {out} would replace the input {source}; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPTError(f"cannot create {out} ({e.strerror}: {e.filename}); choose a directory you can write to") from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url
         files = sorted(Path(p) for p in glob(os.path.expanduser(str(path)), recursive=True))
         files = [f for f in files if f.is_file()]
         if not files:
+            if Path(os.path.expanduser(str(path))).is_dir():
+                raise GPTError(f"data.path={path!r} is a directory; name its files with a glob, e.g. "
+                               f"data.path='{str(path).rstrip('/')}/*.txt'")
             raise GPTError(f"no corpus file matches data.path={path!r}: check the path (globs like 'dir/*.txt' work)")
         return files
     if not relpath:

@@ -641,5 +641,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    try:
+        choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    except RuntimeError as e:  # NaN/Inf logits: the weights themselves are broken
+        if "probability tensor" not in str(e):
+            raise
+        raise GPTError("the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf (a diverged "
+                       "run?); sample from another checkpoint, e.g. the run's checkpoints/best") from None
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

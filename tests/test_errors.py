@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
@@ -94,6 +95,13 @@ def evil_ckpt(tmp) -> Path:
     """A real torch zip archive whose pickle calls Path.touch(tmp/pwned) when unpickled without weights_only."""
     torch.save({"state_dict": {}, "gpt": Payload(tmp / "pwned")}, tmp / "evil.ckpt", pickle_protocol=2)
     return tmp / "evil.ckpt"
+
+
+def nan_model(world, tmp) -> Path:
+    model = copy_model(world, tmp)
+    weights = {k: torch.full_like(v, float("nan")) for k, v in load_file(model / "model.safetensors").items()}
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    return model
 
 
 def lora_ckpt(world, tmp) -> Path:
@@ -189,6 +197,16 @@ CASES = [
                    f"task.train=[{write(t / 'a.src', LINES)},{write(t / 'a.tgt', LINES)}]", "trainer.max_steps=50",
                    f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", f"hydra.run.dir={t / 'run'}"),
      ["pretraining checkpoint", "base=<its exported directory>"]),
+    ("is a directory; name its files with a glob", "a folder as data.path",
+     lambda w, t: train(t, "data=text", f"data.path={write(t / 'corpus' / 'a.txt', TEXT).parent}"),
+     [f"/corpus/*.txt'"]),
+    ("has no setting", "a typo in a +key= override", lambda w, t: train(t, "+model.n_layr=3"),
+     ["GPTConfig has no setting 'n_layr'"]),
+    ("is one file of a model directory", "ckpt= a file inside a model directory",
+     lambda w, t: ("sample.py", f"ckpt={w / 'model' / 'config.json'}"), ["point at the directory itself"]),
+    ("probabilities are NaN or Inf", "a model with NaN weights",
+     lambda w, t: ("sample.py", f"ckpt={nan_model(w, t)}", "prompt=ROMEO:", "max_new_tokens=5"),
+     ["its weights hold NaN/Inf", "checkpoints/best"]),
     ("exists; choose another output_file", "batch output exists",
      lambda w, t: ("sample.py", f"ckpt={w / 'model'}", "max_new_tokens=5", f"input_file={write(t / 'in.txt', 'ROMEO:')}",
                    f"output_file={write(t / 'out.txt', 'x')}"),
