@@ -14,6 +14,15 @@ class GPTError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
 
 
+def is_int(x) -> bool:
+    """An integer setting's value (True/False are ints to Python, not to a user)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _disk_full(error: BaseException) -> bool:
     """Whether `error` (or what caused it) is a full disk or quota. torch.save reports the OSError as a
     RuntimeError whose __context__ is the OSError; safetensors as text ending in "(os error 28)"."""

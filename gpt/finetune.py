@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.cli import build
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_int, is_number
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 from gpt.tasks import TaskDataModule
@@ -40,7 +40,7 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.get("adapter") and not cfg.eval_only:
         raise GPTError("adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
                        "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>")
-    e, is_int = cfg.eval, lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    e = cfg.eval
     nullable = {"max_examples": "the whole valid split", "max_new_tokens": "the task's default"}
     for key in ("batch_size", "num_beams", *nullable):
         value = e.get(key)
@@ -49,7 +49,7 @@ def check_options(cfg: DictConfig) -> None:
                            + (f"; null = {nullable[key]}" if key in nullable else ""))
     if not is_int(e.get("no_repeat_ngram_size", 0)) or e.get("no_repeat_ngram_size", 0) < 0:
         raise GPTError(f"eval.no_repeat_ngram_size must be an integer >= 0 (got {e.no_repeat_ngram_size!r})")
-    if not isinstance(e.get("copy_bonus", 0.0), (int, float)) or e.get("copy_bonus", 0.0) < 0:
+    if not is_number(e.get("copy_bonus", 0.0)) or e.get("copy_bonus", 0.0) < 0:
         raise GPTError(f"eval.copy_bonus must be a number >= 0 (got {e.copy_bonus!r}); 0 = off")
 
 

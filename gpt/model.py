@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_int, is_number
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -613,12 +613,11 @@ def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -
 def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise GPTError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    if not number(temperature) or not 0 <= temperature < math.inf:
+    if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise GPTError(f"temperature must be a number >= 0 (got {temperature!r}); use 0 for greedy decoding")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise GPTError(f"top_k must be a positive integer or null (got {top_k!r})")
-    if top_p is not None and not (number(top_p) and 0.0 < top_p <= 1.0):
+    if top_p is not None and not (is_number(top_p) and 0.0 < top_p <= 1.0):
         raise GPTError(f"top_p must be in (0, 1] or null (got {top_p!r})")
 
 

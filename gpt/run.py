@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps
 from gpt.cli import build, is_launch_rank_zero
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_int, is_number
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
                      NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, quiet_lightning)
 
@@ -200,11 +200,11 @@ def check_trainer_settings(t: DictConfig) -> None:
     """What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
     no validation interval, no micro-batch per step."""
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+    if clip is not None and (not is_number(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
+    if interval is not None and (not is_number(interval) or interval <= 0):
         raise GPTError(f"trainer.val_check_interval must be a positive number of steps (got {interval!r})")
-    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
+    if accumulate is not None and (not is_int(accumulate) or accumulate < 1):
         raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")
 
 

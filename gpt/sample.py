@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, TextIO
 import torch
 
 from gpt.checkpoint import atomic_file, load_model
-from gpt.errors import GPTError, storage_errors
+from gpt.errors import GPTError, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args
 from gpt.tokenizer import Tokenizer
 
@@ -283,10 +283,6 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
 DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: unescaped when used)
 
 
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def check_options(cfg) -> None:
     """sample.py's settings, all checked before the model is loaded; nothing given is silently ignored."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -297,7 +293,7 @@ def check_options(cfg) -> None:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
     if not is_int(cfg.get("no_repeat_ngram_size", 0)) or cfg.get("no_repeat_ngram_size", 0) < 0:
         raise GPTError(f"no_repeat_ngram_size must be an integer >= 0 (got {cfg.no_repeat_ngram_size!r}); 0 = off")
-    if not isinstance(cfg.get("copy_bonus", 0.0), (int, float)) or not 0 <= cfg.get("copy_bonus", 0.0) < math.inf:
+    if not is_number(cfg.get("copy_bonus", 0.0)) or not 0 <= cfg.get("copy_bonus", 0.0) < math.inf:
         raise GPTError(f"copy_bonus must be a number >= 0 (got {cfg.copy_bonus!r}); 0 = off")
     head = cfg.get("attention_head")
     if not (head is None or is_int(head)) or not is_int(cfg.get("attention_layer", -1)):
