@@ -111,8 +111,9 @@ def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
     os.replace(tmp, dest)
 
 
-def check_text_files(files: list[Path]) -> None:
-    """Refuse empty, binary and non-UTF-8 files up front, naming the file (one fast streaming read)."""
+def check_text_files(files: list[Path], allow_empty: bool = False) -> None:
+    """Refuse binary and non-UTF-8 files (and, for a corpus, an empty one) up front, naming the file (one fast
+    streaming read)."""
     total = 0
     for f in files:
         size = f.stat().st_size
@@ -120,7 +121,7 @@ def check_text_files(files: list[Path]) -> None:
         with open(f, "rb") as fh:
             head = fh.read(8192)
             if b"\x00" in head:
-                raise GPTError(f"{f} looks binary (it contains NUL bytes); the corpus must be UTF-8 text")
+                raise GPTError(f"{f} looks binary (it contains NUL bytes); it must be UTF-8 text")
             fh.seek(0)
             decoder = codecs.getincrementaldecoder("utf-8")()
             offset = 0
@@ -133,7 +134,7 @@ def check_text_files(files: list[Path]) -> None:
                         f"`iconv -f latin1 -t utf-8 {f} > {f.stem}.utf8.txt`"
                     ) from None
                 offset += len(chunk)
-    if total == 0:
+    if total == 0 and not allow_empty:
         raise GPTError(f"the corpus is empty ({', '.join(map(str, files))}); point data.path at a file with text")
 
 

@@ -345,12 +345,12 @@ def check_options(cfg) -> None:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
 
 
-def read_text_file(path: str | Path, key: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GPTError(f"{key} {path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. "
-                       f"iconv -f latin1 -t utf-8") from e
+def read_text_file(path: str | Path) -> str:
+    """A prompt file's text; a binary or non-UTF-8 file is refused as a corpus file is."""
+    from gpt.data import check_text_files
+
+    check_text_files([Path(path)], allow_empty=True)
+    return Path(path).read_text(encoding="utf-8")
 
 
 def sample(cfg) -> Optional[list[str]]:
@@ -371,7 +371,7 @@ def sample(cfg) -> Optional[list[str]]:
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
-            lines = [unescape(line.rstrip("\n")) for line in read_text_file(cfg.input_file, "input_file").splitlines()]
+            lines = [unescape(line.rstrip("\n")) for line in read_text_file(cfg.input_file).splitlines()]
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
                                          sources=lines, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
@@ -379,7 +379,7 @@ def sample(cfg) -> Optional[list[str]]:
             return completions
 
         if cfg.prompt_file:
-            raw = read_text_file(cfg.prompt_file, "prompt_file")
+            raw = read_text_file(cfg.prompt_file)
         else:
             raw = unescape(str(cfg.prompt))
         prompt = wrap(raw)

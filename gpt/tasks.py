@@ -74,10 +74,9 @@ def check_file(path: Path, task: str) -> Path:
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
                        "or $GPT_DATA_DIR for named tasks)")
-    if path.stat().st_size:
-        from gpt.data import check_text_files
+    from gpt.data import check_text_files
 
-        check_text_files([path])  # binary or not UTF-8: one line naming the file (and the offset)
+    check_text_files([path], allow_empty=True)  # binary or not UTF-8: one line naming the file (and the offset)
     return path
 
 
