@@ -263,9 +263,9 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     """
     from gpt.tasks import PromptTemplate
 
-    stop = cfg.stop or []
-    # \n and \t are unescaped as in prompts (a shell hands them over as two characters); one string is one stop
-    stops = [unescape(str(s)) for s in ([stop] if isinstance(stop, str) else stop)]
+    # \n and \t are unescaped as in prompts (a shell hands them over as two characters). A bare stop=AB is
+    # already ["AB"] here (gpt.cli reads a bare value for a list setting as one item).
+    stops = [unescape(str(s)) for s in cfg.stop or []]
     name = cfg.get("template", "auto")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
@@ -381,7 +381,7 @@ def sample(cfg) -> Optional[list[str]]:
         if cfg.prompt_file:
             raw = read_text_file(cfg.prompt_file)
         else:
-            raw = unescape(str(cfg.prompt))
+            raw = unescape(cfg.prompt)
         prompt = wrap(raw)
         if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
             text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], **args, **beams)[0]
