@@ -192,13 +192,12 @@ def precheck_run_dir(run_dir: Path, cfg) -> None:
     except OSError as e:
         fail(f"cannot create hydra.run.dir={run_dir} ({e.strerror}); choose a directory you can write to")
     if "ckpt_path" in cfg:  # a training run: refuse a directory in use, or holding a run it does not resume
-        from gpt.run import RunLock, check_run_dir_is_free
+        from gpt.run import RunLock, check_run_dir_is_free, resumes_run_in
 
         with user_errors(), RunLock(run_dir):
             check_run_dir_is_free(run_dir, cfg.ckpt_path)
-            resumes_it = cfg.ckpt_path and Path(cfg.ckpt_path).resolve().is_relative_to(run_dir.resolve())
             others = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
-            if others and not resumes_it and is_launch_rank_zero():  # a run writes metrics.json, .hydra/, ... there
+            if others and not resumes_run_in(run_dir, cfg.ckpt_path) and is_launch_rank_zero():  # .hydra/, metrics...
                 raise GPTError(f"hydra.run.dir={run_dir} is not empty (it holds {', '.join(others[:3])}"
                                f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
 

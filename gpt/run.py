@@ -113,10 +113,14 @@ def saved_step(ckpt_path: str) -> Optional[int]:
     return step if isinstance(step, int) else None
 
 
+def resumes_run_in(run_dir: Path, ckpt_path: Optional[str]) -> bool:
+    """Whether ckpt_path is a checkpoint of the run in run_dir (resuming it in place)."""
+    return bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
+
+
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
     """A directory that holds a finished or interrupted run is only reused to resume that run."""
-    resumes_it = ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
-    if is_launch_rank_zero() and (run_dir / "checkpoints").exists() and not resumes_it:
+    if is_launch_rank_zero() and (run_dir / "checkpoints").exists() and not resumes_run_in(run_dir, ckpt_path):
         raise GPTError(f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
                        f"ckpt_path={run_dir}/checkpoints/last.ckpt")
 
