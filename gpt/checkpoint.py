@@ -260,6 +260,11 @@ def read_lightning_ckpt(path: str | Path) -> dict:
     return torch_load_safely(path, "only load checkpoints written by this tool")
 
 
+def holds_lora(names) -> bool:
+    """Whether these parameter / state-dict names include PEFT's LoRA factors (a fine-tuning checkpoint)."""
+    return any("lora_A" in name for name in names)
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """A model and its tokenizer from an exported directory or a Lightning `.ckpt` written by train.py."""
     path = recover_dir(path)
@@ -276,7 +281,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
     if not meta or "state_dict" not in ckpt:
         raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
-    if any("lora_A" in key for key in ckpt["state_dict"]):
+    if holds_lora(ckpt["state_dict"]):
         raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
                        f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
     config = GPTConfig.from_dict(meta["config"])

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gpt.checkpoint import copy_atomically
+from gpt.checkpoint import copy_atomically, holds_lora
 from gpt.errors import GPTError
 from gpt.tokenizer import Tokenizer
 
@@ -231,8 +231,8 @@ class LanguageModel(L.LightningModule):
         # Resuming (trainer.fit(ckpt_path=...)): refuse a checkpoint of another model or vocabulary in one
         # line, before Lightning's load_state_dict fails with a page of shape mismatches.
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
-        saved_lora = any("lora_A" in key for key in checkpoint.get("state_dict") or {})
-        if saved_lora != any("lora_A" in name for name, _ in self.model.named_parameters()):
+        saved_lora = holds_lora(checkpoint.get("state_dict") or {})
+        if saved_lora != holds_lora(name for name, _ in self.model.named_parameters()):
             raise GPTError("the checkpoint is a LoRA fine-tuning checkpoint: resume it with finetune.py ckpt_path=..."
                            if saved_lora else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
                            "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
