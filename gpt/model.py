@@ -443,6 +443,7 @@ class GPT(nn.Module):
         # of this loop change none of them, so they skip the check (~0.1 ms per token). (set_stance takes
         # effect when called, so each step calls it in its `with`; eager decoding never loads Dynamo.)
         guards = contextlib.nullcontext
+        skip_guards = functools.partial(torch.compiler.set_stance, skip_guard_eval_unsafe=True) if compile else guards
         n = T
         for step in range(max_new_tokens):
             if logit_bias is not None:
@@ -466,8 +467,7 @@ class GPT(nn.Module):
             if cache.length < block:
                 with guards():
                     logits = decode_step(self, nxt[:, None], cache)
-                if compile:
-                    guards = functools.partial(torch.compiler.set_stance, skip_guard_eval_unsafe=True)
+                guards = skip_guards
                 cache.length += 1
             elif on_context_full == "stop":
                 break
