@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.cli import build
-from gpt.errors import GPTError, is_int, is_number
+from gpt.errors import GPTError, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
+from gpt.sample import check_decoding
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,12 @@ def check_options(cfg: DictConfig) -> None:
                        "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>")
     e = cfg.eval
     nullable = {"max_examples": "the whole valid split", "max_new_tokens": "the task's default"}
-    for key in ("batch_size", "num_beams", *nullable):
+    for key in ("batch_size", *nullable):
         value = e.get(key)
         if (value is not None or key not in nullable) and (not is_int(value) or value < 1):
             raise GPTError(f"eval.{key} must be a positive integer (got {value!r})"
                            + (f"; null = {nullable[key]}" if key in nullable else ""))
-    if not is_int(e.get("no_repeat_ngram_size", 0)) or e.get("no_repeat_ngram_size", 0) < 0:
-        raise GPTError(f"eval.no_repeat_ngram_size must be an integer >= 0 (got {e.no_repeat_ngram_size!r})")
-    if not is_number(e.get("copy_bonus", 0.0)) or e.get("copy_bonus", 0.0) < 0:
-        raise GPTError(f"eval.copy_bonus must be a number >= 0 (got {e.copy_bonus!r}); 0 = off")
+    check_decoding(e.get("num_beams", 1), e.get("no_repeat_ngram_size", 0), e.get("copy_bonus", 0.0), prefix="eval.")
 
 
 def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:

@@ -156,6 +156,16 @@ def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: in
     return bias
 
 
+def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, prefix: str = "") -> None:
+    """The decoding settings sample.py and fine-tuning's evaluation share (`prefix`: "eval." for the latter)."""
+    if not is_int(num_beams) or num_beams < 1:
+        raise GPTError(f"{prefix}num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
+    if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+        raise GPTError(f"{prefix}no_repeat_ngram_size must be an integer >= 0 (got {no_repeat_ngram_size!r}); 0 = off")
+    if not is_number(copy_bonus) or not 0 <= copy_bonus < math.inf:
+        raise GPTError(f"{prefix}copy_bonus must be >= 0 (got {copy_bonus!r}); 0 = off")
+
+
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
@@ -166,8 +176,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
     line a task template wraps; default the prompt itself), so words are carried over more readily: for
     tasks whose output mostly repeats the input (style transfer, correction)."""
-    if copy_bonus < 0:
-        raise GPTError(f"copy_bonus must be >= 0 (got {copy_bonus}); 0 = off")
+    check_decoding(num_beams, no_repeat_ngram_size, copy_bonus)
     if sources is not None and len(sources) != len(prompts):
         raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
@@ -286,15 +295,12 @@ DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: un
 def check_options(cfg) -> None:
     """sample.py's settings, all checked before the model is loaded; nothing given is silently ignored."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    positive = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size, "num_beams": cfg.get("num_beams", 1),
+    positive = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size,
                 "attention_max_tokens": cfg.get("attention_max_tokens", 64)}
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
-    if not is_int(cfg.get("no_repeat_ngram_size", 0)) or cfg.get("no_repeat_ngram_size", 0) < 0:
-        raise GPTError(f"no_repeat_ngram_size must be an integer >= 0 (got {cfg.no_repeat_ngram_size!r}); 0 = off")
-    if not is_number(cfg.get("copy_bonus", 0.0)) or not 0 <= cfg.get("copy_bonus", 0.0) < math.inf:
-        raise GPTError(f"copy_bonus must be a number >= 0 (got {cfg.copy_bonus!r}); 0 = off")
+    check_decoding(cfg.get("num_beams", 1), cfg.get("no_repeat_ngram_size", 0), cfg.get("copy_bonus", 0.0))
     head = cfg.get("attention_head")
     if not (head is None or is_int(head)) or not is_int(cfg.get("attention_layer", -1)):
         raise GPTError(f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
