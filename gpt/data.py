@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gpt.errors import GPTError, storage_errors
-from gpt.tokenizer import EOS, Tokenizer
+from gpt.tokenizer import EOS, UNK, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -267,24 +267,30 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache_dir) / f"{name}-{key}"
     if (final / "meta.json").is_file():
-        return TokenStore(final)
+        return warn_unknown(TokenStore(final))
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         tok = build_tokenizer(source, tokenizer, vocab_size, tokenizer_path)
         np_dtype = token_dtype(tok.vocab_size, dtype)
-        n = 0
+        n, n_unknown, unknown = 0, 0, set()
         with open(tmp / "tokens.bin", "wb") as out:
             for batch in source.batches():
-                ids = [i for seq in tok.encode_batch(batch) for i in seq]
-                np.asarray(ids, dtype=np_dtype).tofile(out)
+                ids = np.asarray([i for seq in tok.encode_batch(batch) for i in seq], dtype=np_dtype)
+                ids.tofile(out)
                 n += len(ids)
+                if tok.unk_id is not None:  # a fixed char vocabulary meeting characters it was not built from
+                    hits = int(np.count_nonzero(ids == tok.unk_id))
+                    if hits and len(unknown) < 20:
+                        unknown.update(c for text in batch for c in text if tok.hf.token_to_id(c) is None)
+                    n_unknown += hits
         if n == 0:
             raise GPTError("the corpus holds no text; point data.path at a file with text")
         tok.save(tmp / "tokenizer.json")
         meta = {**spec, "name": name, "n_tokens": n, "n_train": int(n * (1 - val_fraction)),
-                "dtype": np_dtype.name, "vocab_size_actual": tok.vocab_size, "tokenizer_kind": tok.kind}
+                "dtype": np_dtype.name, "vocab_size_actual": tok.vocab_size, "tokenizer_kind": tok.kind,
+                "n_unknown": n_unknown, "unknown_chars": "".join(sorted(unknown)[:20])}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, final)  # atomic: a reader sees no store or a whole one
@@ -293,7 +299,17 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return TokenStore(final)
+    return warn_unknown(TokenStore(final))
+
+
+def warn_unknown(store: TokenStore) -> TokenStore:
+    """Say so (on every run, cached store or not) when a fixed char vocabulary turned text into <|unk|>."""
+    n_unknown, n = store.meta.get("n_unknown", 0), store.meta["n_tokens"]
+    if n_unknown:
+        log.warning("%d of %d tokens (%.2f%%) are characters the tokenizer has never seen (%s); they train as %s. "
+                    "To keep them, build the vocabulary from this corpus (data.tokenizer=char) or use BPE",
+                    n_unknown, n, 100 * n_unknown / n, repr(store.meta.get("unknown_chars", "")), UNK)
+    return store
 
 
 # ----------------------------------------------------------------------------------------------------

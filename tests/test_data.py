@@ -170,6 +170,27 @@ def test_several_files_are_documents_ended_by_end_of_text_and_a_bom_is_dropped(t
     assert single.tokenizer.decode(single.tokens("train").tolist() + single.tokens("val").tolist()) == docs[1]
 
 
+def test_characters_a_fixed_vocabulary_lacks_are_counted_and_reported(tmp_path, caplog):
+    """data.tokenizer=file with a char tokenizer from another corpus: the unseen characters train as <|unk|>;
+    the run says how many and which (on every run, cached store or not)."""
+    Tokenizer.char_level("abc \n").save(tmp_path)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abc cab\nbéa ñ\n", encoding="utf-8")
+    for attempt in range(2):  # built, then reused from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpt.data"):
+            store = prepare_corpus(TextSource(files=[corpus]), tmp_path / "cache", "c", tokenizer="file",
+                                   tokenizer_path=str(tmp_path / "tokenizer.json"))
+        ids = np.concatenate([store.tokens("train"), store.tokens("val")])
+        assert int((ids == store.tokenizer.unk_id).sum()) == store.meta["n_unknown"] == 2
+        warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warning) == 1 and "2 of 14 tokens" in warning[0] and "'éñ'" in warning[0], warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpt.data"):  # its own vocabulary: nothing unknown, nothing said
+        own = prepare_corpus(TextSource(files=[corpus]), tmp_path / "cache", "own", tokenizer="char")
+    assert own.meta["n_unknown"] == 0 and not caplog.records
+
+
 def test_token_dtype_limits():
     assert token_dtype(65) == np.uint16 and token_dtype(70_000) == np.uint32
     with pytest.raises(GPTError, match="uint32"):
