@@ -231,9 +231,12 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
             "model such as runs/<name>/latest/checkpoints/best, or at a Lightning .ckpt file"
         )
     try:
-        config = GPTConfig.from_dict({k: v for k, v in json.loads((path / CONFIG_FILE).read_text()).items() if k != "gpt"})
+        raw = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
         raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
+    if not isinstance(raw, dict):
+        raise GPTError(f"{path / CONFIG_FILE} is not a model config (a JSON object); re-export the model")
+    config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
     state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
@@ -284,7 +287,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if holds_lora(ckpt["state_dict"]):
         raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
                        f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
-    config = GPTConfig.from_dict(meta["config"])
+    config = GPTConfig.from_dict(meta["config"], f"{path}'s model config")
     model = GPT(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_weights(model, state, str(path))

@@ -83,11 +83,18 @@ class GPTConfig:
         return replace(PRESETS[name], **overrides)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict, source: str = "model config") -> "GPTConfig":
+        """A saved config (`to_dict`'s output). Every key that shapes the weights or the math must be there:
+        a default in its place (say GELU's tanh form for a model trained with the exact one) would load the
+        weights and silently compute something else."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - {"model_type"})
         if unknown:
-            raise GPTError(f"model config has unknown keys {unknown}; expected a subset of {sorted(known)}")
+            raise GPTError(f"{source} has unknown keys {unknown}; expected a subset of {sorted(known)}")
+        missing = sorted(known - set(d) - {"attn_impl", "dropout"})  # those two do not change a trained model
+        if missing or d.get("vocab_size") is None:
+            raise GPTError(f"{source} lacks {missing or ['vocab_size']}; it was not written by this tool or was "
+                           "edited: re-export the model (a Hugging Face GPT-2 comes in through python -m gpt.convert import-hf)")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:

@@ -113,6 +113,23 @@ def test_weights_from_a_different_vocabulary(model_and_tok, tmp_path):
         load_model(out)
 
 
+@pytest.mark.parametrize("key", ["activation", "n_embd", "bias", "tie_embeddings", "vocab_size"])
+def test_a_config_missing_a_key_that_changes_the_math_is_refused(model_and_tok, tmp_path, key):
+    """A default in its place would load the weights and compute something else (e.g. GELU's tanh form for
+    a model trained with the exact one) or fail far from the cause."""
+    model, tok = model_and_tok
+    out = save_model_dir(model, tok, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg[key]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GPTError, match=f"config.json lacks \\['{key}'\\]; .*re-export"):
+        load_model(out)
+    cfg.pop("attn_impl"), cfg.pop("dropout")  # run-time choices, not part of the trained function
+    cfg[key] = model.config.to_dict()[key]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(load_model(out)[0].transformer.wte.weight, model.transformer.wte.weight)
+
+
 def test_tokenizer_bigger_than_the_model(model_and_tok, tmp_path):
     model, tok = model_and_tok
     out = save_model_dir(model, tok, tmp_path / "m")
