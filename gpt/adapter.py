@@ -16,12 +16,14 @@ refused, naming both fingerprints.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 
 from gpt.checkpoint import WEIGHTS_FILE, atomic_dir, load_model_dir, weights_sha256
 from gpt.errors import GPTError
@@ -113,9 +115,14 @@ def read_adapter_record(adapter_dir: str | Path) -> dict:
         raise GPTError(f"{adapter_dir} is not an adapter directory (missing {', '.join(missing) or 'the folder'}); "
                        "point at a fine-tuning run's checkpoints/best")
     try:
-        return json.loads((adapter_dir / RECORD_FILE).read_text())
+        record = json.loads((adapter_dir / RECORD_FILE).read_text())
     except json.JSONDecodeError as e:
         raise GPTError(f"{adapter_dir / RECORD_FILE} is not valid JSON ({e}); re-export the adapter") from e
+    base = record.get("base") if isinstance(record, dict) else None
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("path", "sha256")):
+        raise GPTError(f"{adapter_dir / RECORD_FILE} does not record the adapter's base model (base.path, base.sha256); "
+                       "it was edited or not written by finetune.py: re-run the fine-tuning")
+    return record
 
 
 def check_base(adapter_dir: str | Path, base_dir: str | Path, record: dict, base_option: str = "ckpt") -> None:
@@ -143,7 +150,21 @@ def load_adapter(adapter_dir: str | Path, base: Optional[str | Path] = None,
                        f"{base_option}=<exported model dir> (its weights are checked against the recorded sha256)")
     check_base(adapter_dir, base_dir, record, base_option)
     model, tokenizer = load_model_dir(base_dir, map_location)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    try:
+        with warnings.catch_warnings():  # checked below, as an error
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        # PEFT's own errors for a truncated weights file, a broken adapter_config.json, or factors whose
+        # shapes are not the config's rank / the base's layers
+        raise GPTError(f"{adapter_dir} holds a truncated or corrupt adapter ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); re-run finetune.py to write it again") from e
+    # PEFT only warns when the file lacks some factors: those layers would run without their adapter
+    with safe_open(str(adapter_dir / PEFT_FILES[1]), "pt") as f:
+        missing = sorted(set(get_peft_model_state_dict(peft_model, save_embedding_layers=False)) - set(f.keys()))
+    if missing:
+        raise GPTError(f"{adapter_dir / PEFT_FILES[1]} lacks {len(missing)} LoRA tensors its adapter_config.json asks "
+                       f"for (e.g. {missing[0]}); it was edited or belongs to another config: re-run finetune.py")
     return peft_model.eval(), tokenizer, record
 
 

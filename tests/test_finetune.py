@@ -9,6 +9,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from conftest import assert_user_error, run_cli
 from faults import assert_resumed_run_matches, kill_then_resume
@@ -316,6 +317,38 @@ def test_adapter_dir_loads_with_peft_and_refuses_another_base(base_dir, tmp_path
     with pytest.raises(GPTError, match="belongs to a different base") as e:
         load_adapter(adapter, other_dir)
     assert str(Path(base_dir).resolve()) in str(e.value) and record["base"]["sha256"][:12] in str(e.value)
+
+
+def _break_weights_file(adapter: Path) -> None:
+    (adapter / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:100])
+
+
+def _drop_first_block(adapter: Path) -> None:
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".h.0." not in k}, str(adapter / "adapter_model.safetensors"))
+
+
+def _other_rank(adapter: Path) -> None:
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in state.items()}, str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_break_weights_file, "truncated or corrupt adapter (SafetensorError"),
+    (lambda a: (a / "adapter_config.json").write_text("{x"), "truncated or corrupt adapter (JSONDecodeError"),
+    (lambda a: (a / "gpt_adapter.json").write_text("[]"), "does not record the adapter's base model"),
+    (_drop_first_block, "lacks 2 LoRA tensors"),  # PEFT itself would only warn, and run block 0 bare
+    (_other_rank, "truncated or corrupt adapter (RuntimeError"),
+], ids=["truncated weights", "broken adapter_config", "record without base", "missing factors", "other rank"])
+def test_a_damaged_adapter_directory_is_refused_naming_the_fix(base_dir, tmp_path, damage, needle):
+    model, tok = load_model_dir(base_dir)
+    peft_model = add_lora(model, lora_config(rank=4, targets=["qkv"]))
+    adapter = save_adapter_dir(peft_model, tok, tmp_path / "adapter", {"base": base_record(base_dir), "task": {}})
+    load_adapter(adapter)  # whole, it loads
+    damage(adapter)
+    with pytest.raises(GPTError, match="re-run (finetune.py|the fine-tuning)") as e:
+        load_adapter(adapter)
+    assert needle in str(e.value)
 
 
 # -- evaluation --------------------------------------------------------------------------------------
