@@ -202,6 +202,28 @@ def precheck_run_dir(run_dir: Path, cfg) -> None:
                                f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
 
 
+@contextlib.contextmanager
+def removed_if_refused(own_dir: bool):
+    """A run refused with a GPTError before it wrote anything of its own takes the directory Hydra made
+    for it (holding only .hydra/, its log and the lock) away with it, so runs/<name>/ lists runs, not
+    attempts. A directory the user named (hydra.run.dir=...) is left alone."""
+    try:
+        yield
+    except GPTError:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        scaffolding = {".hydra", ".lock", f"{HydraConfig.get().job.name}.log"}
+        if own_dir and is_launch_rank_zero() and run_dir.resolve() != Path.cwd().resolve() and run_dir.is_dir() \
+                and all(p.name in scaffolding for p in run_dir.iterdir()):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # runs/<name>/ too, when this was its only attempt
+        raise
+
+
 def describe_config_error(msg: str, config_name: str) -> str:
     m = re.search(r"Could not override '([^']+)'", msg)
     if m and ("not in struct" in msg or "To append to your config" in msg):
@@ -277,9 +299,11 @@ def run_hydra(config_name: str, task: Callable[[Any], Any]) -> None:
     with user_errors():
         sys.argv = [sys.argv[0], *precheck_overrides(config_name, sys.argv[1:])]
 
+    explicit_dir = any(a.startswith("hydra.run.dir=") for a in sys.argv[1:])
+
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _main(cfg):
-        with user_errors():
+        with user_errors(), removed_if_refused(not explicit_dir):
             return task(cfg)
 
     _main()

@@ -50,6 +50,9 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
 
     config: GPTConfig = build(cfg.model)  # shape errors before any data work
     datamodule = build(cfg.data)
+    if datamodule.block_size > config.block_size:  # the model has no position embedding past its block_size
+        raise GPTError(f"data.block_size={datamodule.block_size} is longer than the model's context "
+                       f"(model.block_size={config.block_size}); raise model.block_size or lower data.block_size")
     tokenizer = datamodule.tokenizer  # builds (or reuses) the token store
     config = complete_model_config(config, tokenizer.vocab_size)
     model = GPT(config)

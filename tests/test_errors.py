@@ -199,9 +199,11 @@ CASES = [
      ["pretraining checkpoint", "base=<its exported directory>"]),
     ("is a directory; name its files with a glob", "a folder as data.path",
      lambda w, t: train(t, "data=text", f"data.path={write(t / 'corpus' / 'a.txt', TEXT).parent}"),
-     [f"/corpus/*.txt'"]),
+     ["/corpus/*.txt'"]),
     ("has no setting", "a typo in a +key= override", lambda w, t: train(t, "+model.n_layr=3"),
      ["GPTConfig has no setting 'n_layr'"]),
+    ("is longer than the model's context", "data.block_size above model.block_size",
+     lambda w, t: train(t, "data.block_size=64"), ["data.block_size=64", "model.block_size=32"]),
     ("is one file of a model directory", "ckpt= a file inside a model directory",
      lambda w, t: ("sample.py", f"ckpt={w / 'model' / 'config.json'}"), ["point at the directory itself"]),
     ("probabilities are NaN or Inf", "a model with NaN weights",
@@ -216,6 +218,9 @@ CASES = [
 ELSEWHERE = {
     "no space left on device": "tests/test_reliability.py::test_full_disk_while_*",
     "is missing tensor": "tests/test_checkpoint.py::test_missing_and_extra_tensors_are_named",
+    "config.json lacks": "tests/test_checkpoint.py::test_a_config_missing_a_key_that_changes_the_math_is_refused",
+    "holds a truncated or corrupt adapter":
+        "tests/test_finetune.py::test_a_damaged_adapter_directory_is_refused_naming_the_fix",
     "describes model_type": "tests/test_convert.py::test_mismatches_are_refused_naming_the_key",
     "exists and is not empty": "tests/test_convert.py::test_cli_refuses_to_overwrite_without_force",
     "attention_layer=5 but the model has 4 layers":
@@ -245,6 +250,22 @@ def test_each_mistake_gets_one_line_and_changes_nothing(world, tmp_path, row, ma
     assert_user_error(proc, *needles)
     assert snapshot(world, tmp_path).items() >= before.items()  # every file that was there is unchanged
     assert not (tmp_path / "pwned").exists()  # no pickle was executed
+
+
+def test_a_refused_run_leaves_no_directory_behind_but_a_named_one_stays(tmp_path):
+    """runs/<name>/ lists runs, not attempts: the directory Hydra made for a run refused before it wrote
+    anything goes with it (a sibling run is untouched); one the user named with hydra.run.dir stays."""
+    empty = write(tmp_path / "empty.txt", "")
+    earlier = write(tmp_path / "runs" / "b" / "earlier" / "metrics.json", "{}")
+    for name in ("a", "b"):
+        proc = run_cli("train.py", *TINY, f"name={name}", "data=text", f"data.path={empty}", cwd=tmp_path)
+        assert_user_error(proc, "empty")
+    assert not (tmp_path / "runs" / "a").exists()
+    assert [p.name for p in (tmp_path / "runs" / "b").iterdir()] == ["earlier"] and earlier.read_text() == "{}"
+    named = tmp_path / "mine"
+    assert_user_error(run_cli("train.py", *TINY, "data=text", f"data.path={empty}", f"hydra.run.dir={named}",
+                              cwd=tmp_path), "empty")
+    assert (named / ".hydra" / "config.yaml").is_file()
 
 
 def test_the_code_carrying_pickle_is_live(tmp_path):
