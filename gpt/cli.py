@@ -219,9 +219,24 @@ def removed_if_refused(own_dir: bool):
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
+            unpoint_latest(run_dir)
             with contextlib.suppress(OSError):
                 run_dir.parent.rmdir()  # runs/<name>/ too, when this was its only attempt
         raise
+
+
+def unpoint_latest(run_dir: Path) -> None:
+    """runs/<name>/latest, if it named this (removed) run, goes back to the newest run with checkpoints."""
+    link = run_dir.parent / "latest"
+    if not link.is_symlink() or os.readlink(link) != run_dir.name:
+        return
+    runs = [p for p in run_dir.parent.iterdir() if not p.is_symlink() and (p / "checkpoints").is_dir()]
+    if runs:
+        from gpt.run import point_latest
+
+        point_latest(max(runs, key=lambda p: p.stat().st_mtime))
+    else:
+        link.unlink(missing_ok=True)
 
 
 def describe_config_error(msg: str, config_name: str) -> str:

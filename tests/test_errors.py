@@ -252,16 +252,23 @@ def test_each_mistake_gets_one_line_and_changes_nothing(world, tmp_path, row, ma
     assert not (tmp_path / "pwned").exists()  # no pickle was executed
 
 
-def test_a_refused_run_leaves_no_directory_behind_but_a_named_one_stays(tmp_path):
+def test_a_refused_run_leaves_no_directory_behind_but_a_named_one_stays(world, tmp_path):
     """runs/<name>/ lists runs, not attempts: the directory Hydra made for a run refused before it wrote
-    anything goes with it (a sibling run is untouched); one the user named with hydra.run.dir stays."""
+    anything goes with it (a sibling run is untouched, and `latest` goes back to the newest run if it had
+    already moved); one the user named with hydra.run.dir stays."""
     empty = write(tmp_path / "empty.txt", "")
-    earlier = write(tmp_path / "runs" / "b" / "earlier" / "metrics.json", "{}")
+    earlier = write(tmp_path / "runs" / "b" / "earlier" / "checkpoints" / "last.ckpt", "x")
+    os.symlink("earlier", tmp_path / "runs" / "b" / "latest")
     for name in ("a", "b"):
         proc = run_cli("train.py", *TINY, f"name={name}", "data=text", f"data.path={empty}", cwd=tmp_path)
         assert_user_error(proc, "empty")
+    # refused after `latest` moved to it: resuming with another vocabulary
+    proc = run_cli("train.py", *TINY, "name=b", "data=text", f"data.path={write(tmp_path / 'c.txt', TEXT * 20)}",
+                   f"ckpt_path={world / 'runs/tiny/done/checkpoints/last.ckpt'}", cwd=tmp_path)
+    assert_user_error(proc, "model.vocab_size=67")
     assert not (tmp_path / "runs" / "a").exists()
-    assert [p.name for p in (tmp_path / "runs" / "b").iterdir()] == ["earlier"] and earlier.read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "runs" / "b").iterdir()) == ["earlier", "latest"]
+    assert os.readlink(tmp_path / "runs" / "b" / "latest") == "earlier" and earlier.read_text() == "x"
     named = tmp_path / "mine"
     assert_user_error(run_cli("train.py", *TINY, "data=text", f"data.path={empty}", f"hydra.run.dir={named}",
                               cwd=tmp_path), "empty")
