@@ -236,6 +236,9 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
         raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
     if not isinstance(raw, dict):
         raise GPTError(f"{path / CONFIG_FILE} is not a model config (a JSON object); re-export the model")
+    if raw.get("model_type", "gpt") != "gpt" or "architectures" in raw:  # transformers' config.json
+        raise GPTError(f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
+                       f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory")
     config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
     state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)

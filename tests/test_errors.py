@@ -104,6 +104,13 @@ def nan_model(world, tmp) -> Path:
     return model
 
 
+def hf_dir(tmp) -> Path:
+    """What save_pretrained writes for a GPT-2 (the config's start; the weights are not read)."""
+    write(tmp / "hf" / "model.safetensors", b"x")
+    return write(tmp / "hf" / "config.json", json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                          "n_embd": 16})).parent
+
+
 def lora_ckpt(world, tmp) -> Path:
     """What finetune.py's best.ckpt holds: the base model's weights under PEFT's names, plus LoRA factors."""
     ckpt = torch.load(world / "runs/tiny/done/checkpoints/last.ckpt", weights_only=True)
@@ -204,6 +211,9 @@ CASES = [
      ["GPTConfig has no setting 'n_layr'"]),
     ("is longer than the model's context", "data.block_size above model.block_size",
      lambda w, t: train(t, "data.block_size=64"), ["data.block_size=64", "model.block_size=32"]),
+    ("is a Hugging Face model directory", "a transformers directory as ckpt=",
+     lambda w, t: ("sample.py", f"ckpt={hf_dir(t)}", "prompt=hi"),
+     ["model_type 'gpt2'", "python -m gpt.convert import-hf"]),
     ("is one file of a model directory", "ckpt= a file inside a model directory",
      lambda w, t: ("sample.py", f"ckpt={w / 'model' / 'config.json'}"), ["point at the directory itself"]),
     ("probabilities are NaN or Inf", "a model with NaN weights",
