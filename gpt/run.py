@@ -80,7 +80,9 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path, max_steps: Option
     if not ckpt_path:
         return None
     if ckpt_path == "last":
-        candidates = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        # runs/<name>/latest is a link to one of these runs, not a run: it is about to move to this new one
+        candidates = sorted((c for c in run_dir.parent.glob("*/checkpoints/last.ckpt") if not c.parent.parent.is_symlink()),
+                            key=lambda p: p.stat().st_mtime)
         candidates = [c for c in candidates if c.parent.parent.resolve() != run_dir.resolve()] or candidates
         if not candidates:
             raise GPTError(f"ckpt_path=last: no earlier run with checkpoints/last.ckpt under {run_dir.parent}; "

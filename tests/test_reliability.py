@@ -25,7 +25,7 @@ from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_lightning
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig
 from gpt.pretrain import pretrain
-from gpt.run import RunLock
+from gpt.run import RunLock, resolve_ckpt_path
 from gpt.tokenizer import Tokenizer
 
 RUN = [*TINY, "trainer.max_steps=40", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
@@ -310,3 +310,23 @@ def test_a_kill_at_any_point_of_an_export_leaves_a_loadable_model(tmp_path, even
     save_model_dir(new, tok, tmp_path / "m")  # and the next export cleans up whatever was left
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"])
+
+
+def test_ckpt_path_last_is_the_newest_run_and_never_the_latest_link(tmp_path):
+    """`latest` links to the newest run and moves to the new run as soon as that starts. Resuming through
+    the link read the new, empty run's checkpoint (FileNotFoundError) whenever the directory listing put
+    the link after the run it names: an order of the file system's (hashed names on ext4), so the case is
+    set up under 40 run names."""
+    import zipfile
+
+    for n in range(40):
+        name, run = tmp_path / "runs" / f"x{n}", f"2026-11-21_16-{n:02d}-05"
+        ckpt = name / run / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        with zipfile.ZipFile(ckpt, "w") as z:  # what resolve_ckpt_path checks: a whole zip archive
+            z.writestr("data.pkl", b"")
+        os.symlink(run, name / "latest")
+        (name / "2026-11-21_17-00-00").mkdir()  # the new run's directory, which Hydra has made by then
+        assert resolve_ckpt_path("last", name / "2026-11-21_17-00-00") == str(ckpt)
+    with pytest.raises(GPTError, match="no earlier run"):
+        resolve_ckpt_path("last", tmp_path / "runs" / "y" / "new")
