@@ -224,7 +224,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> t
     if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
         raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
                        "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
-    check_output_dir(out_dir, hf_dir, force)
+    out_dir = check_output_dir(out_dir, hf_dir, force)
     raw = _read_json(hf_dir / CONFIG_FILE)
     config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
     tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
@@ -243,7 +243,7 @@ def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) 
     if (model_path / ADAPTER_FILE).is_file():
         raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_FILE}), not a whole model; merge it into its "
                        "base model first and export the merged model directory")
-    check_output_dir(out_dir, model_path, force)
+    out_dir = check_output_dir(out_dir, model_path, force)
     model, tokenizer = load_model(model_path)
     state = hf_state_dict(model)
     if model.config.tie_embeddings:
@@ -299,18 +299,31 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_output_dir(out: Path, source: Path, force: bool) -> None:
-    """Nothing is replaced by mistake: not the input, not a non-empty directory unless --force."""
+def check_output_dir(out: Path, source: Path, force: bool) -> Path:
+    """Nothing is replaced by mistake: not the input, not the working directory, not a non-empty directory
+    unless --force, and with --force only a model directory (config.json and files, no subfolders): never a
+    folder of runs or of the user's own files. Returns the output path, resolved."""
+    out = out.resolve()  # "." and "sub/.." name real directories too
+    if not source.exists():
+        raise GPTError(f"{source} does not exist; point at a model directory")
     if out.exists() and not out.is_dir():
         raise GPTError(f"{out} is a file; give a directory path for the output")
-    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+    if out == source.resolve() or out in source.resolve().parents:
         raise GPTError(f"writing to {out} would replace the input {source}; choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise GPTError(f"{out} is the working directory or holds it; choose a new directory for the output")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not force:
         raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
+    if entries and (not (out / CONFIG_FILE).is_file() or any(p.is_dir() for p in entries)):
+        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise GPTError(f"{out} is not a model directory (it holds {shown}); --force only replaces a model "
+                       "directory: choose a new directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GPTError(f"cannot create {out} ({e.strerror}: {e.filename}); choose a directory you can write to") from None
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ def test_cli_import_then_sample(hf_dir, tmp_path):
     assert proc.stdout.startswith("Juliet") and len(proc.stdout) > len("Juliet")
 
 
-def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, capsys):
+def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, capsys, monkeypatch):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -396,11 +396,26 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
     assert err.count("error:") == 1 and "--force" in err and "Traceback" not in err
     assert (out / "notes.txt").read_text() == "mine"
 
-    main(["export-hf", str(imported[0]), str(out), "--force"])  # asked for: replaced whole
+    with pytest.raises(SystemExit):  # --force replaces a model directory, never a folder of other things
+        main(["export-hf", str(imported[0]), str(out), "--force"])
+    assert "is not a model directory (it holds notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    main(["export-hf", str(imported[0]), str(out)])
+    (out / "notes.txt").write_text("stale")
+    main(["export-hf", str(imported[0]), str(out), "--force"])  # asked for, on a model directory: replaced whole
     assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    (out / "runs").mkdir()
+    with pytest.raises(SystemExit):  # a subfolder: not a model directory (say runs/<name>/ with its runs)
+        main(["export-hf", str(imported[0]), str(out), "--force"])
+    assert "is not a model directory (it holds config.json" in capsys.readouterr().err and (out / "runs").is_dir()
     with pytest.raises(SystemExit):  # never the input itself, even with --force
         main(["export-hf", str(out), str(out), "--force"])
     assert "would replace the input" in capsys.readouterr().err
+    monkeypatch.chdir(out / "runs")
+    with pytest.raises(SystemExit):  # nor the directory the user is in, or one holding it
+        main(["export-hf", str(imported[0]), ".", "--force"])
+    assert "is the working directory or holds it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needles", [
