@@ -317,8 +317,8 @@ def check_output_dir(out: Path, source: Path, force: bool) -> Path:
         raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
     if entries and (not (out / CONFIG_FILE).is_file() or any(p.is_dir() for p in entries)):
         shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise GPTError(f"{out} is not a model directory (it holds {shown}); --force only replaces a model "
-                       "directory: choose a new directory")
+        raise GPTError(f"{out} holds {shown}: not a model; --force only replaces a model directory, so choose a "
+                       "new directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

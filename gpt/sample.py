@@ -29,6 +29,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GPTError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise GPTError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+                       "use device=cuda")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise GPTError("device=mps but this PyTorch build or machine has no Apple GPU (MPS); use device=cpu")
     return torch.device(name)
 
 
@@ -314,6 +319,12 @@ def check_options(cfg) -> None:
     if cfg.output_file and not cfg.input_file:
         raise GPTError("output_file is for batch mode: give input_file=<prompts, one per line> too (a single "
                        "prompt's sample goes to stdout: redirect it with > file)")
+    if cfg.input_file and cfg.output_file and Path(cfg.output_file).resolve() == Path(cfg.input_file).resolve():
+        raise GPTError(f"output_file={cfg.output_file} is the input_file: the completions would replace the prompts; "
+                       "choose another output_file")
+    if cfg.input_file and cfg.num_samples != 1:
+        raise GPTError("num_samples is for a single prompt; in batch mode each line of input_file gets one completion "
+                       "(repeat a line to get several)")
     if cfg.input_file and cfg.prompt_file:
         raise GPTError("give input_file (batch mode: one prompt per line) or prompt_file (one prompt), not both")
     if (cfg.input_file or cfg.prompt_file) and cfg.prompt != DEFAULT_PROMPT:

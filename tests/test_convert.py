@@ -398,7 +398,7 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
 
     with pytest.raises(SystemExit):  # --force replaces a model directory, never a folder of other things
         main(["export-hf", str(imported[0]), str(out), "--force"])
-    assert "is not a model directory (it holds notes.txt)" in capsys.readouterr().err
+    assert "holds notes.txt: not a model; --force only replaces a model directory" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     main(["export-hf", str(imported[0]), str(out)])
@@ -408,7 +408,7 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
     (out / "runs").mkdir()
     with pytest.raises(SystemExit):  # a subfolder: not a model directory (say runs/<name>/ with its runs)
         main(["export-hf", str(imported[0]), str(out), "--force"])
-    assert "is not a model directory (it holds config.json" in capsys.readouterr().err and (out / "runs").is_dir()
+    assert "holds config.json, " in capsys.readouterr().err and (out / "runs").is_dir()
     with pytest.raises(SystemExit):  # never the input itself, even with --force
         main(["export-hf", str(out), str(out), "--force"])
     assert "would replace the input" in capsys.readouterr().err
