@@ -339,6 +339,10 @@ class TaskDataModule(L.LightningDataModule):
         if train is None and not (hub and hub.get("name")):
             raise GPTError(f"task {name}: say where the training data is: task.train=<file> "
                            "(parallel: task.train=[source,target]) or task.hub.name=<dataset>")
+        if hub and hub.get("name") and (train is not None or valid is not None):
+            given = "task.train" if train is not None else "task.valid"
+            raise GPTError(f"task {name}: both {given} (files) and task.hub.name={hub['name']} give the data; keep one: "
+                           f"{given}=null to use the hub dataset, or drop task.hub.name")
         self.name, self.format, self.tokenizer, self.block_size = name, format, tokenizer, block_size
         self.batch_size, self.train_spec, self.valid_spec, self.root = batch_size, train, valid, root
         self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
@@ -385,7 +389,8 @@ class TaskDataModule(L.LightningDataModule):
         skipped = {"train": self.bad.report("train")}
         valid = self._read("valid")
         skipped["valid"] = self.bad.report("valid")
-        if valid is None:
+        held_out = valid is None
+        if held_out:
             if not (0.0 < self.valid_fraction < 1.0):
                 raise GPTError(f"task.valid_fraction must be in (0, 1) (got {self.valid_fraction})")
             order = np.random.default_rng(self.seed).permutation(len(train))
@@ -393,7 +398,10 @@ class TaskDataModule(L.LightningDataModule):
             valid, train = [train[i] for i in sorted(order[:n_valid])], [train[i] for i in sorted(order[n_valid:])]
         for split, rows in (("train", train), ("valid", valid)):
             if not rows:
-                raise GPTError(f"task {self.name}: the {split} split has no usable rows")
+                why = (f" (all {skipped[split]} rows were skipped as malformed: task.on_bad_row=skip)" if skipped[split]
+                       else f" (its {len(valid)} row(s) went to the valid split that task.valid_fraction holds out: add "
+                            "rows, or give a valid split of its own)" if split == "train" and held_out and valid else "")
+                raise GPTError(f"task {self.name}: the {split} split has no usable rows{why}")
         self.rows = {"train": train, "valid": valid}
         self.stats = {s: {"rows": len(r), "skipped": skipped[s]} for s, r in self.rows.items()}
         return self.rows

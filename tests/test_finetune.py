@@ -188,6 +188,23 @@ def test_json_array_and_prompt_response_with_own_keys(tmp_path):
                     {"instruction": "", "input": "Capital of France?", "output": "Paris"}]
 
 
+def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp_path):
+    tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz0123456789 ?")
+    task = lambda **kw: TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok,  # noqa: E731
+                                       block_size=64, **kw)
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "2 2?", "response": "4"}\n')
+    with pytest.raises(GPTError, match=r"the train split has no usable rows \(its 1 row\(s\) went to the valid split"):
+        task(train=str(one)).load_rows()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "2 2?"}\n{"prompt": "3 3?"}\n')
+    with pytest.raises(GPTError, match=r"no usable rows \(all 2 rows were skipped as malformed"):
+        task(train=str(bad), on_bad_row="skip").load_rows()
+    with pytest.raises(GPTError, match="both task.train .files. and task.hub.name=someone/qa give the data; keep one"):
+        task(train=str(one), hub={"name": "someone/qa"})
+    assert task(train=str(one), valid=str(one)).load_rows()["train"][0]["output"] == "4"
+
+
 def test_alpaca_task_through_the_cli_names_the_bad_line(tmp_path, base_dir):
     data = tmp_path / "alpaca.jsonl"
     data.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n{"instruction": "Say hi"\n')
