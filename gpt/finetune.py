@@ -92,11 +92,24 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.get("adapter"):
         raise GPTError("eval_only=true needs adapter=<adapter dir> (a fine-tuning run's checkpoints/best)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    results = _evaluate(cfg, Path(cfg.adapter), Path(cfg.base) if cfg.get("base") else None, run_dir)
-    metrics = {"adapter": str(cfg.adapter), "eval": results, "eval_seconds": round(time.perf_counter() - t0, 1)}
+    base = Path(cfg.base) if cfg.get("base") else None
+    metrics = {"adapter": str(cfg.adapter)}
+    if cfg.merge:  # an existing adapter folded into its base: the way to merge one after the fact
+        metrics["merged"] = str(save_merged(Path(cfg.adapter), base, run_dir))
+        log.info("merged model: %s", metrics["merged"])
+    if cfg.eval.enabled:
+        t0 = time.perf_counter()
+        metrics.update(eval=_evaluate(cfg, Path(cfg.adapter), base, run_dir),
+                       eval_seconds=round(time.perf_counter() - t0, 1))
     write_metrics(run_dir, metrics)
     return metrics
+
+
+def save_merged(adapter_dir: Path, base_dir: Optional[Path], run_dir: Path) -> Path:
+    """checkpoints/merged/: the base with the adapter folded in, one standalone model directory."""
+    model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
+    return save_model_dir(merge(model), tokenizer, run_dir / "checkpoints" / "merged",
+                          extra={"merged_from": record["base"], "adapter": str(adapter_dir)})
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
@@ -129,9 +142,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         write_metrics(run_dir, metrics)
         return metrics
     if cfg.merge:
-        merged_model, _, _ = load_adapter(adapter_dir, base_dir)
-        metrics["merged"] = str(save_model_dir(merge(merged_model), tokenizer, run_dir / "checkpoints" / "merged",
-                                               extra={"merged_from": record["base"], "adapter": str(adapter_dir)}))
+        metrics["merged"] = str(save_merged(adapter_dir, base_dir, run_dir))
     if cfg.eval.enabled:
         t1 = time.perf_counter()
         metrics["eval"] = _evaluate(cfg, adapter_dir, base_dir, run_dir, datamodule)

@@ -467,6 +467,14 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     first = json.loads((run_dir / "metrics.json").read_text())["eval"]
     for system in ("base", "adapter", "copy"):
         assert again[system]["bleu"] == first[system]["bleu"]
+    # merge=true with eval_only folds the existing adapter into its base: the training run's merged model
+    proc = run_cli("finetune.py", "eval_only=true", "merge=true", "eval.enabled=false", f"adapter={adapter}",
+                   "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
+                   f"hydra.run.dir={tmp_path / 'merge'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged, trained = load_file(tmp_path / "merge/checkpoints/merged/model.safetensors"), load_file(wrong / "model.safetensors")
+    assert merged.keys() == trained.keys() and all(torch.equal(merged[k], trained[k]) for k in merged)
+    assert "eval" not in json.loads((tmp_path / "merge" / "metrics.json").read_text())
 
 
 def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir, tmp_path):
