@@ -260,6 +260,13 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
     """Tokenize the corpus once into `cache_dir/<name>-<key>/` (or reuse it) and return the store."""
     if not (0.0 < val_fraction < 1.0):
         raise GPTError(f"data.val_fraction must be in (0, 1) (got {val_fraction})")
+    if vocab_size is not None and tokenizer != "bpe":  # e.g. data=hub (vocab_size 8192) data.tokenizer=char
+        log.warning("data.vocab_size=%s is not used: it sizes a BPE vocabulary to learn, and data.tokenizer=%s %s",
+                    vocab_size, tokenizer, "takes one token per character of the corpus" if tokenizer == "char"
+                    else "uses the vocabulary of the given tokenizer")
+    if tokenizer_path and not Path(tokenizer_path).exists():
+        raise GPTError(f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a model "
+                       "directory holding one")
     spec = {"version": STORE_VERSION, "source": source.fingerprint(), "tokenizer": tokenizer,
             "vocab_size": vocab_size, "val_fraction": val_fraction, "dtype": dtype,
             "tokenizer_file": sha256_file(Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir()

@@ -191,6 +191,15 @@ def test_characters_a_fixed_vocabulary_lacks_are_counted_and_reported(tmp_path, 
     assert own.meta["n_unknown"] == 0 and not caplog.records
 
 
+def test_a_vocab_size_the_tokenizer_does_not_use_is_said(tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abc cab\n" * 20)
+    with caplog.at_level("WARNING", logger="gpt.data"):  # data=hub (vocab_size 8192) data.tokenizer=char
+        store = prepare_corpus(TextSource(files=[corpus]), tmp_path / "cache", "c", tokenizer="char", vocab_size=100)
+    assert store.tokenizer.vocab_size == 7  # a, b, c, space, newline + <|endoftext|>, <|unk|>: not 100
+    assert any("data.vocab_size=100 is not used" in r.getMessage() for r in caplog.records)
+
+
 def test_token_dtype_limits():
     assert token_dtype(65) == np.uint16 and token_dtype(70_000) == np.uint32
     with pytest.raises(GPTError, match="uint32"):
