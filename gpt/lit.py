@@ -228,8 +228,13 @@ class LanguageModel(L.LightningModule):
         checkpoint["rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Resuming (trainer.fit(ckpt_path=...)): refuse a checkpoint of another model or vocabulary in one
-        # line, before Lightning's load_state_dict fails with a page of shape mismatches.
+        self.check_resumable(checkpoint)
+        self._resumed_rng = checkpoint.get("rng")
+
+    def check_resumable(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of the other verb, another model or another vocabulary in one line, before
+        Lightning's load_state_dict fails with a page of shape mismatches. run.train asks before the Trainer
+        exists (so before Lightning prints anything); on_load_checkpoint asks again."""
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
         saved_lora = holds_lora(checkpoint.get("state_dict") or {})
         if saved_lora != holds_lora(name for name, _ in self.model.named_parameters()):
@@ -244,7 +249,6 @@ class LanguageModel(L.LightningModule):
         if saved.get("tokenizer") not in (None, self.tokenizer.to_str()):
             raise GPTError("the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
                            "resume with the data settings it was trained with")
-        self._resumed_rng = checkpoint.get("rng")
 
 
 class ExportingCheckpoint(ModelCheckpoint):

@@ -105,13 +105,26 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path, max_steps: Option
     return ckpt_path
 
 
-def saved_step(ckpt_path: str) -> Optional[int]:
-    """The global step a Lightning .ckpt was saved at (memory-mapped: nothing else is read), None if unreadable
-    here (fit then reports what is wrong with the file)."""
+def peek_checkpoint(ckpt_path: str) -> Optional[dict]:
+    """A Lightning .ckpt memory-mapped (its tensors are not read), None if unreadable here (fit then reports
+    what is wrong with the file). A pickle that would run code is refused (never run)."""
     try:
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise unsafe_checkpoint(ckpt_path, e) from e
     except Exception:
         return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def unsafe_checkpoint(ckpt_path, e: Exception) -> GPTError:
+    return GPTError(f"{ckpt_path} cannot be loaded safely ({str(e).splitlines()[0][:150]}); it carries code or objects "
+                    "a checkpoint never holds; only resume from checkpoints written by this tool")
+
+
+def saved_step(ckpt_path: str) -> Optional[int]:
+    """The global step a Lightning .ckpt was saved at, None if unknown."""
+    step = (peek_checkpoint(ckpt_path) or {}).get("global_step")
     return step if isinstance(step, int) else None
 
 
@@ -177,7 +190,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers,
     the loss curve and, with cfg.log_samples, samples from the final model."""
     quiet_lightning()
-    check_trainer_settings(cfg.trainer)
+    check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
@@ -202,10 +215,14 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     return trainer, speed
 
 
-def check_trainer_settings(t: DictConfig) -> None:
+def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
     """What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
-    no validation interval, no micro-batch per step."""
+    no validation interval, no micro-batch per step, no end for the LR schedule."""
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
+    max_steps = t.get("max_steps")
+    if not decay_steps and (not is_int(max_steps) or max_steps <= 0):
+        raise GPTError(f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
+                       "decays over it (or over optim.decay_steps)")
     if clip is not None and (not is_number(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
     if interval is not None and (not is_number(interval) or interval <= 0):
@@ -235,8 +252,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_pat
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise GPTError(f"{ckpt_path} cannot be loaded safely ({str(e).splitlines()[0][:150]}); it carries code "
-                       "or objects a checkpoint never holds; only resume from checkpoints written by this tool") from e
+        raise unsafe_checkpoint(ckpt_path, e) from e
     except SIGTERMException:
         stop = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         raise SystemExit(128 + (stop.signum if stop and stop.signum else 15)) from None
@@ -249,6 +265,8 @@ def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, dat
     the summary every run reports in metrics.json (each verb adds its own keys)."""
     module = LanguageModel(model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
                            compile=cfg.get("compile", False))
+    if ckpt_path and (ckpt := peek_checkpoint(ckpt_path)) is not None:
+        module.check_resumable(ckpt)  # before the Trainer prints its banner
     trainer, speed = make_trainer(cfg, run_dir)
     module.export_fn = lambda path: export_fn(trainer, path)
     if trainer.is_global_zero:
