@@ -6,7 +6,9 @@ import logging
 # CUDA-only kernels as missing on a CPU build of torch, and torch warns about torchao's enum registrations:
 # four lines of noise at the start of every command that has nothing to do with it. Set here, before any
 # of our modules imports those libraries.
-for _name in ("torchao", "torch.utils._pytree"):
+# huggingface_hub logs two lines per retry of a hub request (ten offline, before the request fails and our
+# one-line error says what to do).
+for _name in ("torchao", "torch.utils._pytree", "huggingface_hub.utils._http"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 from gpt.model import GPT, GPTConfig, PRESETS  # noqa: E402
