@@ -63,6 +63,10 @@ def check_base_dir(base) -> Path:
         raise GPTError("say which model to fine-tune: base=<exported model dir>, e.g. "
                        "base=runs/<name>/latest/checkpoints/best")
     path = Path(base)
+    if (path / "adapter_config.json").is_file():
+        raise GPTError(f"base={base} is a LoRA adapter, not a whole model; fine-tune its base (recorded in "
+                       f"{path / 'gpt_adapter.json'}), or merge it first (finetune.py eval_only=true merge=true "
+                       f"adapter={base}) and use the merged model as base")
     if not (path / WEIGHTS_FILE).is_file():
         hint = f" (use the exported directory beside it: {path.with_suffix('')})" if path.suffix == ".ckpt" else ""
         raise GPTError(f"base={base} is not an exported model directory with {WEIGHTS_FILE}{hint}")

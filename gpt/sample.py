@@ -389,6 +389,8 @@ def sample(cfg) -> Optional[list[str]]:
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             lines = [unescape(line.rstrip("\n")) for line in read_text_file(cfg.input_file).splitlines()]
+            if not lines:
+                raise GPTError(f"input_file {cfg.input_file} is empty: batch mode completes one prompt per line")
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
                                          sources=lines, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)

@@ -439,7 +439,7 @@ class TaskDataModule(L.LightningDataModule):
             ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
             kept = ds.filter(lambda n: n > 0, input_columns="n_targets")
             self.data[split] = kept.with_format(None).to_list()
-            self.stats[split].update(examples=len(kept), copy_pairs=len(rows) - len(self.rows[split]), truncated=int(sum(ds["truncated"])),
+            self.stats[split].update(examples=len(kept), copy_pairs=len(rows) - len(self.rows[split]), truncated=int(sum(kept["truncated"])),
                                      dropped=len(ds) - len(kept), tokens=int(sum(ds["length"])))
             log.info("%s %s: %d examples (%d copy pairs), %d truncated to the context (%d tokens), %d dropped (prompt fills the "
                      "context), %d malformed rows skipped", self.name, split, len(kept), self.stats[split]["copy_pairs"],

@@ -140,8 +140,8 @@ def test_long_examples_are_truncated_and_counted(task_files, base_dir):
     dm.setup()
     rows = dm.load_rows()["train"]
     lengths = [(len(tok.encode(dm.prompt(r))), len(tok.encode(r["output"])) + 1) for r in rows]
-    expect_truncated = sum(p + r > 49 for p, r in lengths)
     expect_dropped = sum(p >= 49 for p, _ in lengths)  # the prompt alone fills the context: nothing to learn
+    expect_truncated = sum(p + r > 49 for p, r in lengths if p < 49)  # kept, with their response cut
     assert dm.stats["train"]["truncated"] == expect_truncated > 0
     assert dm.stats["train"]["dropped"] == expect_dropped > 0
     assert len(dm.data["train"]) == len(rows) - expect_dropped
