@@ -16,6 +16,7 @@ refused, naming both fingerprints.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,8 @@ from gpt.checkpoint import WEIGHTS_FILE, atomic_dir, load_model_dir, weights_sha
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
+
+log = logging.getLogger(__name__)
 
 RECORD_FILE = "gpt_adapter.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -78,6 +81,13 @@ def add_lora(model: GPT, config: LoraConfig) -> PeftModel:
         if not any(name == target or name.endswith("." + target) for name in linear):
             raise GPTError(f"LoRA target {target!r} matches no linear layer of the model; use {list(TARGETS)} "
                            f"or module names such as {', '.join(sorted({n.split('.', 3)[-1] for n in linear})[:6])}")
+    full = sorted({name.split(".", 3)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and any(name == t or name.endswith("." + t) for t in config.target_modules)
+                   and config.r >= min(m.in_features, m.out_features)})
+    if full:  # allowed (it trains), but nothing low-rank is left: as many weights as full fine-tuning or more
+        log.warning("lora.rank=%d is not below the width of %s: the adapter can hold any update there and has "
+                    "as many weights as the layer or more; a rank well below the width is what LoRA is for",
+                    config.r, ", ".join(full))
     return get_peft_model(model, config)
 
 

@@ -214,6 +214,17 @@ def test_alpaca_task_through_the_cli_names_the_bad_line(tmp_path, base_dir):
 
 # -- adapters ----------------------------------------------------------------------------------------
 
+def test_a_rank_as_wide_as_the_layer_is_said(caplog):
+    def warnings_for(rank):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpt.adapter"):
+            add_lora(GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=32)), lora_config(rank=rank))
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings_for(31) == []  # below the narrowest side (32) of every targeted layer
+    assert len(warnings_for(32)) == 1 and "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj" in warnings_for(32)[0]
+
+
 def test_lora_targets_map_to_our_module_names(base_dir):
     model, _ = load_model_dir(base_dir)
     peft_model = add_lora(model, lora_config(rank=4, targets=["qkv", "attn_out", "mlp", "lm_head"]))
