@@ -404,7 +404,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, attention_mask=None, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, on_context_full: str = "slide",
+                 generator=None, on_context_full: str = "slide",
                  on_token: Optional[Callable[[torch.Tensor], object]] = None,
                  no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None,
                  compile: bool = False) -> torch.Tensor:
@@ -419,6 +419,7 @@ class GPT(nn.Module):
         no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
         prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
         logit_bias (B, V) is added to every step's logits (e.g. a bonus for the words of each row's input).
+        generator: a torch.Generator for the batch, or a list of B (each row its own random stream).
         The prompt is read in one pass; each new token then takes one fixed-shape decode_step, compiled
         with compile=True (worth its one-off compilation time when many tokens are generated).
         """
@@ -632,7 +633,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     """One token per row from (B, vocab) logits. Greedy at temperature 0.
 
     top-k uses `topk` (no full sort); top-p sorts only when asked, and only the top-k survivors if both
-    are given.
+    are given. `generator`: one for the batch, or a list of B (each row its own random stream).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -648,7 +649,12 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(drop, float("-inf"))
     try:
-        choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        probs = F.softmax(logits, dim=-1)
+        if isinstance(generator, (list, tuple)):
+            choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+        else:
+            choice = torch.multinomial(probs, 1, generator=generator)
+        choice = choice.squeeze(-1)
     except RuntimeError as e:  # NaN/Inf logits: the weights themselves are broken
         if "probability tensor" not in str(e):
             raise

@@ -177,6 +177,8 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                    num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
                    sources: Optional[Sequence[str]] = None, compile: bool = False) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
+    Sampling (temperature > 0) draws prompt i's tokens from its own random stream, seeded by the generator's
+    seed and i: a completion does not depend on batch_size or on the other prompts.
     num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token).
     copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
     line a task template wraps; default the prompt itself), so words are carried over more readily: for
@@ -208,9 +210,12 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                                     no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias,
                                     stop_token_ids=stop_ids)
         else:
+            rows = None if generator is None or temperature == 0 else [
+                torch.Generator(device=generator.device).manual_seed((generator.initial_seed() * 1_000_003 + i) % 2**63)
+                for i in chunk]
             new = model.generate(idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
-                                 generator=generator, on_context_full=on_context_full,
+                                 generator=rows, on_context_full=on_context_full,
                                  on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
                                  no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias, compile=compile)
         for row, i in enumerate(chunk):

@@ -163,3 +163,23 @@ def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation
         seq = torch.cat([seq, new[:, t:t + 1]], 1)
     with pytest.raises(GPTError, match="quantize must be null or int8"):
         quantize_weights(copy.deepcopy(model), "int4")
+
+
+def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
+    """Each prompt samples from its own stream (seed, prompt index): the same seed gives each prompt the same
+    completion in batches of 1, 2 or 5, and whatever the other prompts are; two runs of one prompt differ."""
+    from gpt.sample import generate_batch
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.char_level("abcdefghij :")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = ["abc: ", "hij: ", "a", "abc: ", "jihgfedcba "]  # different lengths: sorted, padded batches
+    args = dict(max_new_tokens=20, temperature=1.0, top_k=8, stop_at_eos=False)
+    runs = [generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7), **args)
+            for b in (1, 2, 5)]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] != runs[0][3]  # the same prompt twice: two draws, not one copied
+    alone = generate_batch(m, tok, prompts[3:4], generator=torch.Generator().manual_seed(7), **args)
+    assert alone == [runs[0][0]]  # the stream belongs to the line number: alone, "abc: " is line 0 again
+    assert generate_batch(m, tok, prompts, generator=torch.Generator().manual_seed(8), **args) != runs[0]
