@@ -88,15 +88,35 @@ LOOSE_KEYS = ("trainer.devices", "trainer.precision", "trainer.accelerator", "tr
               "trainer.val_check_interval", "trainer.gradient_clip_val")
 
 
+# Hydra's flags that take the next argument as their value (--cfg job, -p model, -cn other ...); --info takes
+# one only from its list.
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the key=value settings), from the command line's arguments."""
+    flags, settings, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            takes = a in VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS)
+            flags += args[i:i + 1 + takes]
+            i += 1 + takes
+        else:
+            settings.append(a)
+            i += 1
+    return flags, settings
+
+
 def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     """Compose the config with the command-line overrides; report a bad key, choice, value type or a missing
     required value in one line. Returns the arguments for Hydra, where a bare value for a text or list setting
     (prompt=5, stop=AB, lora.targets=qkv) is rewritten to mean what it says ('5', ["AB"], ["qkv"])."""
     multirun = any(a in ("-m", "--multirun") for a in args)
-    flags = [a for a in args if a.startswith("-")]  # --help, --cfg, -m ...: Hydra's own business
-    for a in args:
-        if a.startswith("-"):
-            continue
+    flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
+    for a in settings:
         if "=" not in a and not a.startswith("~"):
             fail(f"{a!r} is not a setting: write key=value (e.g. optim.lr=1e-3); `--cfg job` lists the keys")
         if a.startswith("~") and a[1:].split("=", 1)[0] in GROUPS:
@@ -105,9 +125,10 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if "=" in a and _is_sweep(a.split("=", 1)[1]) and not multirun:
             fail(f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
                  "(quote a value that contains commas: key='a,b')")
-    overrides = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+    overrides = [a for a in settings if not a.lstrip("+~").startswith("hydra")
                  and not ("=" in a and _is_sweep(a.split("=", 1)[1]))]
-    if flags and any(f in ("--help", "-h", "--hydra-help", "--info", "-i") for f in flags):
+    if any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "-sc", "--shell-completion",
+                 "--experimental-rerun") for f in flags):
         return args
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, OverrideParseException

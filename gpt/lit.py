@@ -601,6 +601,9 @@ class FinalSamples(Callback):
         try:
             with torch.no_grad(), (stance("force_eager") if stance else contextlib.nullcontext()):
                 texts = generate_batch(model, pl_module.tokenizer, [prompt] * self.n, generator=generator, **self.args)
+        except GPTError as e:  # e.g. a diverged model's NaN logits: the run's checkpoints and metrics still count
+            log.warning("log_samples: no samples from the final model: %s", e)
+            return
         finally:
             model.train(was_training)
         samples = [prompt + t for t in texts]

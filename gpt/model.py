@@ -658,6 +658,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     except RuntimeError as e:  # NaN/Inf logits: the weights themselves are broken
         if "probability tensor" not in str(e):
             raise
-        raise GPTError("the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf (a diverged "
-                       "run?); sample from another checkpoint, e.g. the run's checkpoints/best") from None
+        raise GPTError("the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf, or values so "
+                       "large that the logits overflow (a diverged run?); sample from another checkpoint, e.g. the "
+                       "run's checkpoints/best") from None
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

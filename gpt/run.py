@@ -231,17 +231,22 @@ def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
         raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")
 
 
+def in_sweep() -> bool:
+    """Whether this is one job of a Hydra sweep (-m)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def check_launch(trainer: L.Trainer) -> None:
     """Lightning's DDP launcher starts the other ranks by re-running this command line; under a Hydra sweep
     (-m) that would start a whole sweep per rank."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes * launcher.num_nodes > 1
-            and not launcher.cluster_environment.creates_processes_externally
-            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            and not launcher.cluster_environment.creates_processes_externally and in_sweep()):
         raise GPTError("a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
                        "command, or start the processes with torchrun / srun (see README, Multi-GPU)")
 
@@ -269,7 +274,7 @@ def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, dat
         module.check_resumable(ckpt)  # before the Trainer prints its banner
     trainer, speed = make_trainer(cfg, run_dir)
     module.export_fn = lambda path: export_fn(trainer, path)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not in_sweep():  # a sweep's jobs are numbered dirs of one sweep, not runs of a name
         point_latest(run_dir)
     t0 = time.perf_counter()
     fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)

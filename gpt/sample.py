@@ -191,6 +191,11 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                        "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size]
+    if too_long:
+        i = too_long[0]
+        raise GPTError(f"prompt {i + 1} (line {i + 1} of a batch input) is {len(encoded[i])} tokens but the model's "
+                       f"context is {model.config.block_size}: shorten it ({len(too_long)} prompt(s) are too long)")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -412,6 +417,9 @@ def sample(cfg) -> Optional[list[str]]:
             sys.stdout.write(prompt + text + "\n---------------\n")
             return [text]
         ids = encode_prompt(tokenizer, prompt)
+        if len(ids) > model.config.block_size:  # before any of it is printed
+            raise GPTError(f"prompt is {len(ids)} tokens but the model's context is {model.config.block_size}: "
+                           "shorten the prompt")
         bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
             if beams["copy_bonus"] else None
         idx = torch.tensor([ids], dtype=torch.long, device=device)

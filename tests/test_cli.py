@@ -134,3 +134,15 @@ def test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_conf
     assert e.value.code == 2 and "hydra.run.dir=" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed_overrides("train", ["model=tiny"]) == ["model=tiny"]
+
+
+def test_hydra_flags_with_a_value_are_not_taken_for_settings():
+    """`--cfg job` (how the README and every error message say to list the keys) was refused as a bare word."""
+    from gpt.cli import split_flags
+
+    assert split_flags(["--cfg", "job", "-p", "model", "a=1", "-m", "--info", "config", "b=2", "--info"]) == \
+        (["--cfg", "job", "-p", "model", "-m", "--info", "config", "--info"], ["a=1", "b=2"])
+    for script in ("train.py", "finetune.py", "sample.py"):
+        proc = run_cli(script, "--cfg", "job", "seed=7")
+        assert proc.returncode == 0 and "\nseed: 7\n" in "\n" + proc.stdout, (script, proc.stderr[-2000:])
+    assert_user_error(run_cli("train.py", "--cfg", "job", "model.n_layr=2"), "unknown config key 'model.n_layr'")

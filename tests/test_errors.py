@@ -278,6 +278,8 @@ def test_each_mistake_gets_one_line_and_changes_nothing(world, tmp_path, row, ma
     assert_user_error(proc, *needles)
     if row != "non-finite loss":  # found while training, after training's own output; every other one before it
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # nothing else on stderr around it
+    if row == "prompt is N tokens":
+        assert proc.stdout == ""  # refused before any of the prompt is streamed
     assert snapshot(world, tmp_path).items() >= before.items()  # every file that was there is unchanged
     assert not (tmp_path / "pwned").exists()  # no pickle was executed
 

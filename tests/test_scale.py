@@ -174,6 +174,7 @@ def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
         assert any(h.get("samples/_type") == "table-file" and h.get("samples/nrows") == 2 for h in history)
         run_ids.update(r.run.run_id for r in records if r.HasField("run"))
     assert len(run_ids) == 2  # one W&B run per sweep job, not one shared
+    assert not (tmp_path / "sweep" / "latest").exists()  # jobs are numbered dirs; no link to list one twice
 
 
 def test_a_sweep_cannot_launch_ddp_processes(tmp_path, shakespeare):
