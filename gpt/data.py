@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gpt.errors import GPTError, storage_errors
+from gpt.errors import GPTError, check_num_workers, storage_errors
 from gpt.tokenizer import EOS, UNK, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -398,6 +398,7 @@ class TextDataModule(L.LightningDataModule):
         self.path, self.relpath, self.url, self.sha256, self.hub = path, relpath, url, sha256, hub
         self.tokenizer_kind, self.vocab_size, self.tokenizer_path = tokenizer, vocab_size, tokenizer_path
         self.val_fraction, self.dtype, self.eval_batches, self.seed = val_fraction, dtype, eval_batches, seed
+        check_num_workers(num_workers, "data.num_workers")
         self.cache_dir, self.num_workers, self.pin_memory = cache_dir, num_workers, pin_memory
         self.store: Optional[TokenStore] = None
         for k in ("batch_size", "block_size", "eval_batches"):

@@ -23,6 +23,17 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def check_seed(value, key: str = "seed") -> None:
+    """A seed every RNG takes (numpy's is the narrowest: 0 .. 2**32 - 1)."""
+    if not is_int(value) or not 0 <= value < 2**32:
+        raise GPTError(f"{key} must be a whole number from 0 to {2**32 - 1} (got {value!r})")
+
+
+def check_num_workers(value, key: str) -> None:
+    if not is_int(value) or value < 0:
+        raise GPTError(f"{key} must be a whole number >= 0 (got {value!r}); 0 loads batches in the main process")
+
+
 def _disk_full(error: BaseException) -> bool:
     """Whether `error` (or what caused it) is a full disk or quota. torch.save reports the OSError as a
     RuntimeError whose __context__ is the OSError; safetensors as text ending in "(os error 28)"."""

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.cli import build
-from gpt.errors import GPTError, is_int
+from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 from gpt.sample import check_decoding
@@ -119,6 +119,7 @@ def save_merged(adapter_dir: Path, base_dir: Optional[Path], run_dir: Path) -> P
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, cfg.trainer.get("max_steps"))
     check_run_dir_is_free(run_dir, ckpt_path)
+    check_seed(cfg.seed)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt.checkpoint import copy_atomically, holds_lora
-from gpt.errors import GPTError
+from gpt.errors import GPTError, check_seed
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -568,6 +568,7 @@ class FinalSamples(Callback):
         from gpt.model import check_sampling_args
 
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        check_seed(seed, "log_samples.seed")
         self.path, self.n, self.prompt, self.seed = Path(path), n, prompt, seed
         self.args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 

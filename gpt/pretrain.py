@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from gpt.checkpoint import save_model_dir
 from gpt.cli import build
-from gpt.errors import GPTError
+from gpt.errors import GPTError, check_seed
 from gpt.model import GPT, GPTConfig
 from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 
@@ -44,6 +44,7 @@ def pretrain(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
 def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, cfg.trainer.get("max_steps"))
     check_run_dir_is_free(run_dir, ckpt_path)
+    check_seed(cfg.seed)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (fp32 master weights stay)

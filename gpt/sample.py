@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, TextIO
 import torch
 
 from gpt.checkpoint import atomic_file, load_model
-from gpt.errors import GPTError, is_int, is_number, storage_errors
+from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args
 from gpt.tokenizer import Tokenizer
 
@@ -310,6 +310,7 @@ DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: un
 def check_options(cfg) -> None:
     """sample.py's settings, all checked before the model is loaded; nothing given is silently ignored."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_seed(cfg.seed)
     positive = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size,
                 "attention_max_tokens": cfg.get("attention_max_tokens", 64)}
     for key, value in positive.items():

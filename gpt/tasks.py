@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, check_num_workers
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ class TaskDataModule(L.LightningDataModule):
         self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
         self.hub = dict(hub) if hub and hub.get("name") else None
         self.template = PromptTemplate(template, template_no_input)
+        check_num_workers(num_workers, "task.num_workers")
         self.valid_fraction, self.seed, self.num_workers = valid_fraction, seed, num_workers
         self.bad = BadRows(on_bad_row, name)
         self.group_by_length, self.metrics, self.stop = group_by_length, list(metrics), list(stop)
