@@ -78,7 +78,7 @@ def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_n
     outs = [""] * len(prompts)
     with autocast(device, dtype):
         done = generate_batch(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
-                              temperature=0.0, stops=stops, batch_size=batch_size,
+                              temperature=0.0, stops=stops, batch_size=batch_size, strict=False,  # as trained
                               sources=[sources[i] for i in fits] if sources is not None else None,
                               **(decoding or {})) if fits else []
     for i, text in zip(fits, done):

@@ -111,8 +111,8 @@ class StreamPrinter:
         return text
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt, strict=True)
+def encode_prompt(tokenizer: Tokenizer, prompt: str, strict: bool = True) -> list[int]:
+    ids = tokenizer.encode(prompt, strict=strict)
     if not ids:  # an empty prompt starts a fresh document
         if tokenizer.eos_id is None:
             raise GPTError("the prompt is empty and the tokenizer has no end-of-text token; give a prompt")
@@ -175,14 +175,15 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                    temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
                    batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
                    num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
-                   sources: Optional[Sequence[str]] = None, compile: bool = False) -> list[str]:
+                   sources: Optional[Sequence[str]] = None, compile: bool = False, strict: bool = True) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
     Sampling (temperature > 0) draws prompt i's tokens from its own random stream, seeded by the generator's
     seed and i: a completion does not depend on batch_size or on the other prompts.
     num_beams > 1: beam search (deterministic: needs temperature=0 and the EOS token).
     copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
     line a task template wraps; default the prompt itself), so words are carried over more readily: for
-    tasks whose output mostly repeats the input (style transfer, correction)."""
+    tasks whose output mostly repeats the input (style transfer, correction).
+    strict=False: characters a char-level tokenizer lacks become <|unk|> (as in training) instead of an error."""
     check_decoding(num_beams, no_repeat_ngram_size, copy_bonus)
     if sources is not None and len(sources) != len(prompts):
         raise ValueError("one source text per prompt")
@@ -190,7 +191,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
         raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
                        "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, strict) for p in prompts]
     too_long = [i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size]
     if too_long:
         i = too_long[0]

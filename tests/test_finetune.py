@@ -205,6 +205,27 @@ def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp
     assert task(train=str(one), valid=str(one)).load_rows()["train"][0]["output"] == "4"
 
 
+def test_task_characters_a_char_base_lacks_are_said_before_training_and_scored_as_trained(tmp_path, caplog):
+    """They train as <|unk|>; the evaluation after training reads them the same way instead of refusing."""
+    from gpt.evaluate import generate_responses
+
+    tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz ?\n")
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in
+                            [("café?", "yes"), ("tea?", "no"), ("naïve?", "sí"), ("milk?", "ok")]))
+    dm = TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok, block_size=64,
+                        train=str(rows), valid=str(rows))
+    with caplog.at_level("WARNING", logger="gpt.tasks"):
+        dm.prepare_data()
+    said = [r.getMessage() for r in caplog.records if "never seen" in r.getMessage()]
+    assert len(said) == 2 and "2 of 4 examples" in said[0] and "'éíï'" in said[0], said  # café, naïve + sí
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = [dm.prompt(r) for r in dm.load_rows()["valid"]]
+    with pytest.raises(GPTError, match="never seen"):  # sample.py's prompts stay strict: a typed prompt is checked
+        generate_batch(model, tok, prompts, max_new_tokens=3, temperature=0.0)
+    assert len(generate_responses(model, tok, prompts, max_new_tokens=3, stops=[], batch_size=4, dtype="float32")) == 4
+
+
 def test_alpaca_task_through_the_cli_names_the_bad_line(tmp_path, base_dir):
     data = tmp_path / "alpaca.jsonl"
     data.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n{"instruction": "Say hi"\n')
