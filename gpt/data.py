@@ -290,7 +290,7 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
                 if tok.unk_id is not None:  # a fixed char vocabulary meeting characters it was not built from
                     hits = int(np.count_nonzero(ids == tok.unk_id))
                     if hits and len(unknown) < 20:
-                        unknown.update(c for text in batch for c in text if tok.hf.token_to_id(c) is None)
+                        unknown.update(*(tok.unknown_chars(text) for text in batch))
                     n_unknown += hits
         if n == 0:
             raise GPTError("the corpus holds no text; point data.path at a file with text")

@@ -436,10 +436,11 @@ class TaskDataModule(L.LightningDataModule):
             raise GPTError("the tokenizer has no <|endoftext|> token, so responses cannot be terminated")
 
         for split, rows in (("train", self.training_rows()), ("valid", self.load_rows()["valid"])):
-            ds = Dataset.from_dict({"prompt": [self.prompt(r) for r in rows], "response": [r["output"] for r in rows]})
+            prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
+            ds = Dataset.from_dict({"prompt": prompts, "response": responses})
             ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
             kept = ds.filter(lambda n: n > 0, input_columns="n_targets")
-            self._warn_unknown(split, rows)
+            self._warn_unknown(split, [p + r for p, r in zip(prompts, responses)])
             self.data[split] = kept.with_format(None).to_list()
             self.stats[split].update(examples=len(kept), copy_pairs=len(rows) - len(self.rows[split]), truncated=int(sum(kept["truncated"])),
                                      dropped=len(ds) - len(kept), tokens=int(sum(ds["length"])))
@@ -451,18 +452,16 @@ class TaskDataModule(L.LightningDataModule):
                 raise GPTError(f"task {self.name}: every {split} prompt fills the model's context "
                                f"({self.block_size} tokens); shorten the prompts or use a model with a longer context")
 
-    def _warn_unknown(self, split: str, rows: list[dict]) -> None:
+    def _warn_unknown(self, split: str, texts: list[str]) -> None:
         """A char-level base meets characters it never saw: they train and are scored as <|unk|>. Said, with
         the characters, before any training."""
-        if self.tokenizer.unk_id is None:
-            return
-        vocab = self.tokenizer.hf.get_vocab()
-        unknown = sorted({c for r in rows for text in (self.prompt(r), r["output"]) for c in text if c not in vocab})
-        if unknown:
-            hit = sum(any(c not in vocab for c in self.prompt(r) + r["output"]) for r in rows)
+        per_row = [self.tokenizer.unknown_chars(text) for text in texts]
+        hit = sum(map(bool, per_row))
+        if hit:
+            unknown = sorted(set().union(*per_row))
             log.warning("%s %s: %d of %d examples hold characters the base model's tokenizer has never seen (%r); "
                         "they become <|unk|>. A base with a BPE tokenizer (or one trained on such text) reads them",
-                        self.name, split, hit, len(rows), "".join(unknown[:20]))
+                        self.name, split, hit, len(texts), "".join(unknown[:20]))
 
     def _encode(self, batch: dict) -> dict:
         out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}

@@ -106,11 +106,18 @@ class Tokenizer:
     def kind(self) -> str:
         return {"WordLevel": "char", "BPE": "bpe"}.get(type(self.hf.model).__name__, type(self.hf.model).__name__)
 
+    def unknown_chars(self, text: str) -> set[str]:
+        """The characters of `text` a char-level tokenizer has no token for (they encode as <|unk|>); none for
+        BPE, which spells anything in bytes."""
+        if self.unk_id is None:
+            return set()
+        return {c for c in set(text) if self.hf.token_to_id(c) is None}
+
     def encode(self, text: str, strict: bool = False) -> list[int]:
         """Token ids of `text`. strict: refuse characters a char-level tokenizer has never seen."""
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if strict and self.unk_id is not None and self.unk_id in ids:
-            unknown = sorted({c for c in text if self.hf.token_to_id(c) is None})
+            unknown = sorted(self.unknown_chars(text))
             raise GPTError(
                 f"text contains characters the tokenizer has never seen: {''.join(unknown)!r}; "
                 "remove them or use a model trained on a corpus that has them (or a BPE tokenizer)"
