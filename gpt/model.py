@@ -431,7 +431,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         block = self.config.block_size
         if T > block:
-            raise GPTError(f"prompt is {T} tokens but the model's context is {block}: shorten the prompt")
+            raise prompt_too_long(T, block)
         if T == 0:
             raise GPTError("prompt is empty: give at least one token (e.g. a newline)")
         # All tokens (prompt + generated) live in one preallocated buffer: sliding needs the recent ones.
@@ -508,7 +508,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         K, block = num_beams, self.config.block_size
         if T + 1 > block:
-            raise GPTError(f"prompt is {T} tokens but the model's context is {block}: shorten the prompt")
+            raise prompt_too_long(T, block)
         max_new_tokens = min(max_new_tokens, block - T)
         rows = torch.arange(B, device=idx.device).repeat_interleave(K)  # beam b*K + k belongs to row b
         cache = self.new_cache()
@@ -616,6 +616,10 @@ def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -
     logits = logits.clone()
     logits[rows, ngrams[rows, at, -1]] = float("-inf")
     return logits
+
+
+def prompt_too_long(n_tokens: int, block_size: int, which: str = "prompt") -> GPTError:
+    return GPTError(f"{which} is {n_tokens} tokens but the model's context is {block_size}: shorten the prompt")
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):

@@ -20,7 +20,7 @@ import torch
 
 from gpt.checkpoint import atomic_file, load_model
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
-from gpt.model import GPT, check_sampling_args
+from gpt.model import GPT, check_sampling_args, prompt_too_long
 from gpt.tokenizer import Tokenizer
 
 
@@ -192,11 +192,10 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                        "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p, strict) for p in prompts]
-    too_long = [i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size]
-    if too_long:
-        i = too_long[0]
-        raise GPTError(f"prompt {i + 1} (line {i + 1} of a batch input) is {len(encoded[i])} tokens but the model's "
-                       f"context is {model.config.block_size}: shorten it ({len(too_long)} prompt(s) are too long)")
+    too_long = next((i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size), None)
+    if too_long is not None:  # named by its line, before any batch runs
+        raise prompt_too_long(len(encoded[too_long]), model.config.block_size, f"prompt {too_long + 1} (line "
+                              f"{too_long + 1} of a batch input)")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -420,8 +419,7 @@ def sample(cfg) -> Optional[list[str]]:
             return [text]
         ids = encode_prompt(tokenizer, prompt)
         if len(ids) > model.config.block_size:  # before any of it is printed
-            raise GPTError(f"prompt is {len(ids)} tokens but the model's context is {model.config.block_size}: "
-                           "shorten the prompt")
+            raise prompt_too_long(len(ids), model.config.block_size)
         bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
             if beams["copy_bonus"] else None
         idx = torch.tensor([ids], dtype=torch.long, device=device)
