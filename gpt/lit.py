@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt.checkpoint import copy_atomically, holds_lora
-from gpt.errors import GPTError, check_seed
+from gpt.errors import GPTError, check_seed, is_number
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,15 @@ def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
         return min_ratio
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+def lr_decay_steps(decay_steps, max_steps) -> int:
+    """The steps the LR schedule decays over: optim.decay_steps, else trainer.max_steps (which must then end)."""
+    steps = decay_steps or max_steps
+    if not is_number(steps) or steps <= 0:
+        raise GPTError(f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
+                       "decays over it (or over optim.decay_steps)")
+    return steps
 
 
 class LanguageModel(L.LightningModule):
@@ -188,10 +197,7 @@ class LanguageModel(L.LightningModule):
         if fused and self.trainer.gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None):
             fused = False  # fp16's loss scaling: a fused optimizer unscales inside its step, too late to clip
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
-        decay_steps = self.decay_steps or self.trainer.max_steps
-        if not decay_steps or decay_steps <= 0:
-            raise GPTError(f"trainer.max_steps must be a positive number of steps (got {self.trainer.max_steps}); the LR "
-                           "schedule decays over it (or over optim.decay_steps)")
+        decay_steps = lr_decay_steps(self.decay_steps, self.trainer.max_steps)
         ratio = self.min_lr / self.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))

@@ -29,7 +29,7 @@ from gpt.checkpoint import atomic_file, remove_stale_temps
 from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError, is_int, is_number
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
-                     NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, quiet_lightning)
+                     NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, lr_decay_steps, quiet_lightning)
 
 
 def hydra_run_dir() -> Path:
@@ -219,10 +219,7 @@ def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
     """What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
     no validation interval, no micro-batch per step, no end for the LR schedule."""
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
-    max_steps = t.get("max_steps")
-    if not decay_steps and (not is_int(max_steps) or max_steps <= 0):
-        raise GPTError(f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
-                       "decays over it (or over optim.decay_steps)")
+    lr_decay_steps(decay_steps, t.get("max_steps"))  # here, before the Trainer prints its banner
     if clip is not None and (not is_number(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
     if interval is not None and (not is_number(interval) or interval <= 0):

@@ -195,6 +195,8 @@ CASES = [
     ("holds a LoRA adapter, not a whole model", "an adapter directory as ckpt=",
      lambda w, t: ("sample.py", f"ckpt={write(t / 'best' / 'adapter_config.json', '{}').parent}"),
      ["sample with adapter=/", "/best (its base"]),
+    ("trainer.max_steps must be a positive number of steps", "a run with no end for the LR schedule",
+     lambda w, t: train(t, "trainer.max_steps=-1"), ["got -1", "optim.decay_steps"]),
     ("seed must be a whole number from 0 to", "a negative seed", lambda w, t: train(t, "seed=-1"), ["4294967295"]),
     ("num_workers must be a whole number >= 0", "negative data loader workers",
      lambda w, t: train(t, "data.num_workers=-1"), ["data.num_workers"]),
