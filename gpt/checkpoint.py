@@ -32,6 +32,7 @@ from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # what PEFT writes beside LoRA weights: an adapter, not a model
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once (unless untied)
 
 
@@ -279,7 +280,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"):
         raise GPTError(f"{path} is one file of a model directory; point at the directory itself: {path.parent}")
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():  # PEFT's file: finetune.py's output, not a whole model
+        if (path / ADAPTER_CONFIG_FILE).is_file():  # finetune.py's output, not a whole model
             raise GPTError(f"{path} holds a LoRA adapter, not a whole model; sample with adapter={path} (its base "
                            "model is found from the adapter's record), or fine-tune with merge=true for a whole model")
         return load_model_dir(path, map_location)

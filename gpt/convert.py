@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from gpt.checkpoint import (CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights, read_safetensors,
-                            save_model_dir, tied_keys, torch_load_safely)
+from gpt.checkpoint import (ADAPTER_CONFIG_FILE, CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights,
+                            read_safetensors, save_model_dir, tied_keys, torch_load_safely)
 from gpt.cli import fail, user_errors
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig
@@ -42,7 +42,6 @@ REQUIRED = {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": Fal
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # a language model, no extra heads
 # In the order looked for: safetensors first, a single file before a sharded one.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-ADAPTER_FILE = "adapter_config.json"  # what PEFT writes beside LoRA weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,8 +239,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> t
 def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """One of our models (exported dir or .ckpt) -> a directory transformers loads as GPT-2."""
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if (model_path / ADAPTER_FILE).is_file():
-        raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_FILE}), not a whole model; merge it into its "
+    if (model_path / ADAPTER_CONFIG_FILE).is_file():
+        raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a whole model; merge it into its "
                        "base model first and export the merged model directory")
     out_dir = check_output_dir(out_dir, model_path, force)
     model, tokenizer = load_model(model_path)

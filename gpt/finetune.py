@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
-from gpt.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.cli import build
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
@@ -63,7 +63,7 @@ def check_base_dir(base) -> Path:
         raise GPTError("say which model to fine-tune: base=<exported model dir>, e.g. "
                        "base=runs/<name>/latest/checkpoints/best")
     path = Path(base)
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         raise GPTError(f"base={base} is a LoRA adapter, not a whole model; fine-tune its base (recorded in "
                        f"{path / 'gpt_adapter.json'}), or merge it first (finetune.py eval_only=true merge=true "
                        f"adapter={base}) and use the merged model as base")
