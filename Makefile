@@ -19,11 +19,16 @@ export GPT_DATA_DIR ?= data
 
 install: $(STAMP)
 
+# The stamp records TORCH_SPEC: another spec reinstalls torch into the existing venv.
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
+.PHONY: $(STAMP)
+endif
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	echo '$(strip $(TORCH_SPEC))' > $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

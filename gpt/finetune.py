@@ -29,7 +29,8 @@ from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, sa
 from gpt.cli import build
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
-from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
+from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
+                     resolve_ckpt_path, train, write_metrics)
 from gpt.sample import check_decoding
 from gpt.tasks import TaskDataModule
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 def check_options(cfg: DictConfig) -> None:
     """Settings that would otherwise be ignored, or fail only after the training they follow."""
+    if cfg.eval_only:
+        check_accelerator(cfg.trainer)  # scoring runs on it too
+    else:
+        check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     if cfg.get("adapter") and not cfg.eval_only:
         raise GPTError("adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
                        "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>")

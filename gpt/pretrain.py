@@ -21,7 +21,8 @@ from gpt.checkpoint import save_model_dir
 from gpt.cli import build
 from gpt.errors import GPTError, check_seed
 from gpt.model import GPT, GPTConfig
-from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
+from gpt.run import (RunLock, check_run_dir_is_free, check_trainer_settings, hydra_run_dir, resolve_ckpt_path, train,
+                     write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, cfg.trainer.get("max_steps"))
     check_run_dir_is_free(run_dir, ckpt_path)
     check_seed(cfg.seed)
+    check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (fp32 master weights stay)

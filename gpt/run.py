@@ -190,7 +190,6 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     dirs) written atomically, a checkpoint on SIGTERM/Ctrl-C, the NaN guard (cfg.on_nan), tokens/s, loggers,
     the loss curve and, with cfg.log_samples, samples from the final model."""
     quiet_lightning()
-    check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
@@ -216,16 +215,28 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
 
 
 def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
-    """What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
-    no validation interval, no micro-batch per step, no end for the LR schedule."""
+    """Checked by each training verb before any data work (and before the Trainer prints its banner).
+    What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
+    no validation interval, no micro-batch per step, no end for the LR schedule; and a GPU this machine lacks."""
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
-    lr_decay_steps(decay_steps, t.get("max_steps"))  # here, before the Trainer prints its banner
+    lr_decay_steps(decay_steps, t.get("max_steps"))
+    check_accelerator(t)
     if clip is not None and (not is_number(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
     if interval is not None and (not is_number(interval) or interval <= 0):
         raise GPTError(f"trainer.val_check_interval must be a positive number of steps (got {interval!r})")
     if accumulate is not None and (not is_int(accumulate) or accumulate < 1):
         raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")
+
+
+def check_accelerator(t: DictConfig) -> None:
+    """A GPU accelerator this machine lacks: Lightning's own words are "No supported gpu backend found!"."""
+    accelerator = str(t.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise GPTError(f"trainer.accelerator={accelerator} but torch {torch.__version__} sees no CUDA GPU on this machine; "
+                       "use trainer=cpu, or install a CUDA build of torch (TORCH_SPEC, README Quick start)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise GPTError("trainer.accelerator=mps but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu")
 
 
 def in_sweep() -> bool:

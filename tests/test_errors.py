@@ -240,6 +240,8 @@ CASES = [
     ("num_samples is for a single prompt", "num_samples in batch mode",
      lambda w, t: ("sample.py", f"ckpt={w / 'model'}", f"input_file={write(t / 'in.txt', 'ROMEO:')}",
                    f"output_file={t / 'out.txt'}", "num_samples=3"), ["repeat a line"]),
+    ("but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu", "a GPU accelerator the machine lacks",
+     lambda w, t: train(t, "trainer.accelerator=mps"), ["trainer.accelerator=mps"]),  # Linux has no MPS
     ("but no CUDA GPU is visible", "a GPU device on a machine without one",
      lambda w, t: sample(w, "device=mps"), ["device=mps", "use device=cpu"]),  # Linux has no MPS
     ("exists; choose another output_file", "batch output exists",
