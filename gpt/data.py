@@ -153,6 +153,14 @@ class TextSource:
 
     def __init__(self, files: Optional[list[Path]] = None, hub: Optional[dict] = None):
         self.files, self.hub = files, hub
+        self._hub_dataset = None
+
+    def open(self) -> None:
+        """Open a hub dataset now (a name that cannot be opened fails here, not inside a tokenizer's trainer)."""
+        if self.hub and self._hub_dataset is None:
+            hub = self.hub
+            self._hub_dataset = load_hub_dataset(hub["name"], hub.get("config"), hub.get("split", "train"),
+                                                 streaming=True, instead="use local files with data.path")
 
     def fingerprint(self) -> dict:
         if self.files:
@@ -180,17 +188,52 @@ class TextSource:
                 if end:
                     yield end
             return
-        hub = self.hub
-        try:
-            ds = load_dataset(hub["name"], hub.get("config"), split=hub.get("split", "train"), streaming=True)
-        except Exception as e:
-            raise GPTError(f"could not open hub dataset {hub['name']!r} ({type(e).__name__}: {e}); "
-                           "offline? download it first or use local files with data.path") from e
-        column = hub.get("text_column", "text")
-        for batch in ds.iter(batch_size=LINES_PER_BATCH):
+        self.open()
+        column = self.hub.get("text_column", "text")
+        for batch in self._hub_dataset.iter(batch_size=LINES_PER_BATCH):
             if column not in batch:
                 raise GPTError(f"hub dataset has no column {column!r} (columns: {sorted(batch)}); set data.hub.text_column")
             yield [t + EOS for t in batch[column]] if doc_ends else batch[column]
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub's host name resolves: a machine without a network fails this at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def load_hub_dataset(name: str, config: Optional[str], split: str, *, streaming: bool = False, instead: str):
+    """datasets.load_dataset for a hub dataset; `instead` says what to use if it cannot be opened.
+
+    Where the hub cannot be reached, the call runs in the libraries' offline mode: a copy in the local cache
+    still loads, and a missing one fails at once instead of after huggingface_hub's five retries (~23 s).
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    online = constants.HF_HUB_OFFLINE is False and hub_reachable()
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    try:
+        if not online:
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if not online:
+            raise GPTError(f"hub dataset {name!r} (split {split!r}) is not in the local cache and the hub cannot be "
+                           f"reached from here ({why}); download it on a machine with a network, or {instead}") from e
+        raise GPTError(f"could not open hub dataset {name!r} split {split!r} ({why}); check the name, "
+                       f"config and split on huggingface.co, or {instead}") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,6 +322,7 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
+        source.open()
         tok = build_tokenizer(source, tokenizer, vocab_size, tokenizer_path)
         np_dtype = token_dtype(tok.vocab_size, dtype)
         n, n_unknown, unknown = 0, 0, set()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gpt.data import load_hub_dataset
 from gpt.errors import GPTError, check_num_workers
 from gpt.tokenizer import Tokenizer
 
@@ -158,14 +159,7 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
 
 
 def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> list[dict]:
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(hub["name"], hub.get("config"), split=split)
-    except Exception as e:
-        raise GPTError(f"task {task}: could not open hub dataset {hub['name']!r} split {split!r} "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline? use local files "
-                       "(task.train=...)") from e
+    ds = load_hub_dataset(hub["name"], hub.get("config"), split, instead="use local files (task.train=...)")
     missing = [key for key in fields.values() if key and key not in ds.column_names]
     if missing:
         raise GPTError(f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "

@@ -200,6 +200,22 @@ def test_a_vocab_size_the_tokenizer_does_not_use_is_said(tmp_path, caplog):
     assert any("data.vocab_size=100 is not used" in r.getMessage() for r in caplog.records)
 
 
+def test_a_hub_corpus_without_a_network_fails_at_once_and_leaves_the_offline_flags_as_they_were(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    import gpt.data
+
+    monkeypatch.setattr(gpt.data, "hub_reachable", lambda: False)  # as on a machine whose DNS finds no huggingface.co
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    with pytest.raises(GPTError, match="'nobody/no-such-corpus' .split 'train'. is not in the local cache and the hub "
+                                       "cannot be reached from here .*OfflineModeIsEnabled.*use local files with data.path"):
+        prepare_corpus(TextSource(hub={"name": "nobody/no-such-corpus"}), tmp_path / "cache", "hub", tokenizer="bpe",
+                       vocab_size=300)
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-built store left
+
+
 def test_token_dtype_limits():
     assert token_dtype(65) == np.uint16 and token_dtype(70_000) == np.uint32
     with pytest.raises(GPTError, match="uint32"):

@@ -242,6 +242,9 @@ CASES = [
                    f"output_file={t / 'out.txt'}", "num_samples=3"), ["repeat a line"]),
     ("but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu", "a GPU accelerator the machine lacks",
      lambda w, t: train(t, "trainer.accelerator=mps"), ["trainer.accelerator=mps"]),  # Linux has no MPS
+    ("is not in the local cache and the hub cannot be reached", "a hub corpus offline",
+     lambda w, t: (*train(t, "data=hub", "data.hub.name=nobody/no-such-corpus"), {"HF_HUB_OFFLINE": "1"}),
+     ["'nobody/no-such-corpus'", "data.path"]),
     ("but no CUDA GPU is visible", "a GPU device on a machine without one",
      lambda w, t: sample(w, "device=mps"), ["device=mps", "use device=cpu"]),  # Linux has no MPS
     ("exists; choose another output_file", "batch output exists",
