@@ -197,12 +197,16 @@ class TextSource:
 
 
 def hub_reachable() -> bool:
-    """Whether the Hugging Face hub's host name resolves: a machine without a network fails this at once."""
+    """Whether the Hugging Face hub's host name resolves: a machine without a network fails this at once.
+    Behind a proxy the proxy resolves it, so then the hub counts as reachable."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
+    proxies = urllib.request.getproxies()
+    if proxies.get("https") or proxies.get("all"):
+        return True
     try:
         socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
     except (OSError, UnicodeError):
