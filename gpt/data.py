@@ -111,6 +111,19 @@ def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
     os.replace(tmp, dest)
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file as `datasets`' text loader reads a corpus: universal newlines (\r\n and \r become
+    \n), without a leading byte-order mark."""
+    return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines as files count them (`wc -l`, `datasets`, sacrebleu): split at \n only, not at the other
+    characters str.splitlines() takes for line breaks (U+2028, form feed, ...), which can be inside a line."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def check_text_files(files: list[Path], allow_empty: bool = False) -> None:
     """Refuse binary and non-UTF-8 files (and, for a corpus, an empty one) up front, naming the file (one fast
     streaming read)."""

@@ -19,8 +19,8 @@ import torch
 from peft import PeftModel
 
 from gpt.errors import GPTError
-from gpt.lit import LanguageModel
-from gpt.sample import autocast, generate_batch, write_lines_atomically
+from gpt.lit import LanguageModel, quiet_lightning
+from gpt.sample import autocast, escape, generate_batch, write_lines_atomically
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
 
@@ -58,8 +58,15 @@ def validation_loss(model: torch.nn.Module, tokenizer: Tokenizer, datamodule: Ta
                     accelerator: str, precision: str) -> float:
     """Token-weighted loss on the valid split's response tokens, through the same LightningModule as
     training (so it is the number training reports as val/loss)."""
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    quiet_lightning()
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)  # "GPU available: ..." is said by the run, not again for each score
+    try:
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    finally:
+        banner.setLevel(level)
     result = trainer.validate(LanguageModel(model, tokenizer), dataloaders=datamodule.val_dataloader(), verbose=False)
     return round(float(result[0]["val/loss"]), 4)
 
@@ -119,11 +126,12 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results[system] = entry
         if out_dir is not None and outputs:
-            write_lines_atomically(Path(out_dir) / f"valid.{system}.txt", [o.replace("\n", "\\n") for o in outputs], True)
+            write_lines_atomically(Path(out_dir) / f"valid.{system}.txt", [escape(o) for o in outputs], True)
     results["examples"] = len(rows)
-    if "loss" in metrics:
-        results["val_loss_examples"] = len(all_rows)
-    loss_note = f"; val_loss on all {len(all_rows)}" if "loss" in metrics and len(all_rows) != len(rows) else ""
+    if "loss" in metrics:  # the examples the loss was taken on: those whose prompt leaves room for a response
+        results["val_loss_examples"] = len(datamodule.data["valid"])
+    loss_note = (f"; val_loss on {len(datamodule.data['valid'])} of {len(all_rows)}"
+                 if "loss" in metrics and len(datamodule.data["valid"]) != len(rows) else "")
     log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))
     return results
 

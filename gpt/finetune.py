@@ -22,7 +22,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
@@ -78,17 +78,32 @@ def check_base_dir(base) -> Path:
     return path
 
 
-def build_task(cfg: DictConfig, tokenizer, block_size: int) -> TaskDataModule:
-    datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed)
+def build_task(cfg: DictConfig, tokenizer, block_size: int, **overrides) -> TaskDataModule:
+    datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
     check_metrics(datamodule.metrics)
     datamodule.prepare_data()
     return datamodule
 
 
+def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
+    """The task's valid split (eval_only), prompted the way the adapter was trained: the template and stop
+    strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
+    is read only when the valid split is held out of it."""
+    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop") if k in record.get("task", {})}
+    differs = {k: v for k, v in trained.items() if cfg.task.get(k) != v}
+    if differs:
+        log.info("scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
+                 ", ".join(f"{k}={v!r}" for k, v in differs.items()), "/".join(differs))
+    overrides = dict(trained, valid_only=True)
+    if OmegaConf.is_missing(cfg.task, "train"):
+        overrides["train"] = None
+    return build_task(cfg, tokenizer, block_size, **overrides)
+
+
 def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_dir: Path,
               datamodule: Optional[TaskDataModule] = None) -> dict:
     model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
-    datamodule = datamodule or build_task(cfg, tokenizer, model.config.block_size)
+    datamodule = datamodule or scoring_task(cfg, tokenizer, model.config.block_size, record)
     e = cfg.eval
     return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
                          max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
@@ -101,8 +116,9 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.get("adapter"):
         raise GPTError("eval_only=true needs adapter=<adapter dir> (a fine-tuning run's checkpoints/best)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir)
     base = Path(cfg.base) if cfg.get("base") else None
-    metrics = {"adapter": str(cfg.adapter)}
+    metrics = {"adapter": str(Path(cfg.adapter).resolve())}
     if cfg.merge:  # an existing adapter folded into its base: the way to merge one after the fact
         metrics["merged"] = str(save_merged(Path(cfg.adapter), base, run_dir))
         log.info("merged model: %s", metrics["merged"])

@@ -69,7 +69,9 @@ def unescape(line: str) -> str:
 
 
 def escape(text: str) -> str:
-    return text.replace("\n", "\\n")
+    """One output line: a line break inside the text is written as \\n (\\r), which keeps line N of the
+    output the completion of line N of the input for every line reader."""
+    return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -191,7 +193,12 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
         raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
                        "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, p, strict) for p in prompts]
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            encoded.append(encode_prompt(tokenizer, prompt, strict))
+        except GPTError as e:  # named by its line
+            raise GPTError(f"prompt {i + 1} (line {i + 1} of a batch input): {e}" if len(prompts) > 1 else str(e)) from None
     too_long = next((i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size), None)
     if too_long is not None:  # named by its line, before any batch runs
         raise prompt_too_long(len(encoded[too_long]), model.config.block_size, f"prompt {too_long + 1} (line "
@@ -325,6 +332,8 @@ def check_options(cfg) -> None:
         raise GPTError(f"device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
     if cfg.on_context_full not in ("slide", "stop"):
         raise GPTError(f"on_context_full must be slide or stop (got {cfg.on_context_full!r})")
+    if cfg.get("unknown_chars", "error") not in ("error", "unk"):
+        raise GPTError(f"unknown_chars must be error or unk (got {cfg.unknown_chars!r})")
     if cfg.input_file and not cfg.output_file:
         raise GPTError("batch mode needs output_file=<path> beside input_file")
     if cfg.output_file and not cfg.input_file:
@@ -374,11 +383,12 @@ def check_options(cfg) -> None:
 
 
 def read_text_file(path: str | Path) -> str:
-    """A prompt file's text; a binary or non-UTF-8 file is refused as a corpus file is."""
-    from gpt.data import check_text_files
+    """A prompt file's text, read as a corpus is (a byte-order mark dropped); a binary or non-UTF-8 file is
+    refused as a corpus file is."""
+    from gpt.data import check_text_files, read_text
 
     check_text_files([Path(path)], allow_empty=True)
-    return Path(path).read_text(encoding="utf-8")
+    return read_text(Path(path))
 
 
 def sample(cfg) -> Optional[list[str]]:
@@ -394,16 +404,19 @@ def sample(cfg) -> Optional[list[str]]:
     args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
                 no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
+    strict = cfg.get("unknown_chars", "error") == "error"
     beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0),
                  copy_bonus=cfg.get("copy_bonus", 0.0))
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
-            lines = [unescape(line.rstrip("\n")) for line in read_text_file(cfg.input_file).splitlines()]
+            from gpt.data import split_lines
+
+            lines = [unescape(line) for line in split_lines(read_text_file(cfg.input_file))]
             if not lines:
                 raise GPTError(f"input_file {cfg.input_file} is empty: batch mode completes one prompt per line")
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
-                                         sources=lines, **args, **beams)
+                                         sources=lines, strict=strict, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
             return completions
@@ -414,10 +427,11 @@ def sample(cfg) -> Optional[list[str]]:
             raw = unescape(cfg.prompt)
         prompt = wrap(raw)
         if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
-            text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], **args, **beams)[0]
+            text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], strict=strict, **args,
+                                  **beams)[0]
             sys.stdout.write(prompt + text + "\n---------------\n")
             return [text]
-        ids = encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, prompt, strict)
         if len(ids) > model.config.block_size:  # before any of it is printed
             raise prompt_too_long(len(ids), model.config.block_size)
         bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gpt.data import load_hub_dataset
+from gpt.data import load_hub_dataset, read_text, split_lines
 from gpt.errors import GPTError, check_num_workers
 from gpt.tokenizer import Tokenizer
 
@@ -108,7 +108,8 @@ def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[d
     sides = []
     for path in (source, target):
         check_file(path, task)
-        sides.append(load_dataset("text", data_files=str(path), split="train")["text"])
+        lines = load_dataset("text", data_files=str(path), split="train")["text"]
+        sides.append([lines[0].removeprefix("\ufeff"), *lines[1:]] if lines else lines)  # as read_text does
     if len(sides[0]) != len(sides[1]):
         raise GPTError(f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
                        f"{len(sides[1])}; every source line needs exactly one target line")
@@ -129,7 +130,7 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
     skip it.
     """
     check_file(path, task)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):  # one JSON array
         try:
             records = json.loads(text)
@@ -139,7 +140,7 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
         located = [(f"{path} record {i}", r) for i, r in enumerate(records, start=1)]
     else:  # JSON Lines
         located = []
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in enumerate(split_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -324,15 +325,22 @@ class TaskDataModule(L.LightningDataModule):
                  hub: Optional[dict] = None, fields: Optional[dict] = None, template_no_input: Optional[str] = None,
                  valid_fraction: float = 0.05, on_bad_row: str = "error", group_by_length: bool = True,
                  metrics: Sequence[str] = ("loss",), stop: Sequence[str] = (), max_new_tokens: int = 128,
-                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0):
+                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False):
+        """valid_only: only the valid split is read and tokenized (scoring an adapter); the train split is
+        then needed only when the valid split is held out of it."""
         super().__init__()
         if format not in FORMATS:
             raise GPTError(f"task.format must be one of {list(FORMATS)} (got {format!r})")
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise GPTError(f"task.batch_size must be a positive integer (got {batch_size!r})")
         if train is None and not (hub and hub.get("name")):
-            raise GPTError(f"task {name}: say where the training data is: task.train=<file> "
-                           "(parallel: task.train=[source,target]) or task.hub.name=<dataset>")
+            if valid_only and valid is None:
+                raise GPTError(f"task {name}: say what to score: task.valid=<file> (parallel: task.valid=[source,"
+                               "target]), or task.train=<file> to hold out task.valid_fraction of it, or "
+                               "task.hub.name=<dataset>")
+            if not valid_only:
+                raise GPTError(f"task {name}: say where the training data is: task.train=<file> "
+                               "(parallel: task.train=[source,target]) or task.hub.name=<dataset>")
         if hub and hub.get("name") and (train is not None or valid is not None):
             given = "task.train" if train is not None else "task.valid"
             raise GPTError(f"task {name}: both {given} (files) and task.hub.name={hub['name']} give the data; keep one: "
@@ -349,7 +357,7 @@ class TaskDataModule(L.LightningDataModule):
         self.max_new_tokens = max_new_tokens
         if not (0.0 <= copy_pairs <= 1.0):
             raise GPTError(f"task.copy_pairs must be in [0, 1] (got {copy_pairs})")
-        self.copy_pairs = copy_pairs
+        self.copy_pairs, self.valid_only = copy_pairs, valid_only
         self.rows: dict[str, list[dict]] = {}
         self.data: dict[str, list[dict]] = {}
         self.stats: dict[str, dict] = {}
@@ -380,7 +388,9 @@ class TaskDataModule(L.LightningDataModule):
         """The train and valid rows (valid held out from train when the task has no valid split)."""
         if self.rows:
             return self.rows
-        train = self._read("train")
+        has_valid = self.hub.get("valid_split") is not None if self.hub else self.valid_spec is not None
+        splits = ("valid",) if self.valid_only and has_valid else ("train", "valid")  # scoring needs no train rows
+        train = self._read("train") if "train" in splits else None
         skipped = {"train": self.bad.report("train")}
         valid = self._read("valid")
         skipped["valid"] = self.bad.report("valid")
@@ -392,12 +402,14 @@ class TaskDataModule(L.LightningDataModule):
             n_valid = max(1, int(len(train) * self.valid_fraction))
             valid, train = [train[i] for i in sorted(order[:n_valid])], [train[i] for i in sorted(order[n_valid:])]
         for split, rows in (("train", train), ("valid", valid)):
+            if split not in splits:
+                continue
             if not rows:
                 why = (f" (all {skipped[split]} rows were skipped as malformed: task.on_bad_row=skip)" if skipped[split]
                        else f" (its {len(valid)} row(s) went to the valid split that task.valid_fraction holds out: add "
                             "rows, or give a valid split of its own)" if split == "train" and held_out and valid else "")
                 raise GPTError(f"task {self.name}: the {split} split has no usable rows{why}")
-        self.rows = {"train": train, "valid": valid}
+        self.rows = {"train": train, "valid": valid} if "train" in splits else {"valid": valid}
         self.stats = {s: {"rows": len(r), "skipped": skipped[s]} for s, r in self.rows.items()}
         return self.rows
 
@@ -429,7 +441,10 @@ class TaskDataModule(L.LightningDataModule):
         if self.tokenizer.eos_id is None:
             raise GPTError("the tokenizer has no <|endoftext|> token, so responses cannot be terminated")
 
-        for split, rows in (("train", self.training_rows()), ("valid", self.load_rows()["valid"])):
+        splits = [("valid", self.load_rows()["valid"])]
+        if not self.valid_only:
+            splits.insert(0, ("train", self.training_rows()))
+        for split, rows in splits:
             prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
             ds = Dataset.from_dict({"prompt": prompts, "response": responses})
             ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])

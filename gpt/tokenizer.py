@@ -120,7 +120,8 @@ class Tokenizer:
             unknown = sorted(self.unknown_chars(text))
             raise GPTError(
                 f"text contains characters the tokenizer has never seen: {''.join(unknown)!r}; "
-                "remove them or use a model trained on a corpus that has them (or a BPE tokenizer)"
+                "remove them, use a model trained on a corpus that has them (or a BPE tokenizer), or read them as "
+                "<|unk|> as fine-tuning does (sample.py unknown_chars=unk)"
             )
         return ids
 

@@ -67,15 +67,20 @@ def test_sampling_is_reproducible_and_seeded(trained):
 
 
 def test_batch_mode_one_completion_per_line(trained, tmp_path):
+    """Lines are what `wc -l` and sacrebleu count: a byte-order mark and \r\n endings are not text, and
+    U+2028 or a form feed inside a line do not split it (str.splitlines would: 4 completions for 3 lines)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("ROMEO:\nJULIET:\\nO\nKING\n")
+    prompts.write_bytes("\ufeffROMEO:\r\nJULIET:\\nO\nKING\u2028QUEEN\x0c\n".encode())
     out = tmp_path / "out.txt"
     args = [f"ckpt={trained / 'checkpoints' / 'best'}", f"input_file={prompts}", f"output_file={out}",
             "max_new_tokens=20", "temperature=0"]
-    proc = run_cli("sample.py", *args)
+    refused = run_cli("sample.py", *args)  # U+2028 and the form feed are not in Tiny Shakespeare
+    assert_user_error(refused, "prompt 3 (line 3 of a batch input)", "never seen", "unknown_chars=unk")
+    proc = run_cli("sample.py", *args, "unknown_chars=unk")  # read as <|unk|>, as fine-tuning reads them
     assert proc.returncode == 0, proc.stderr
-    lines = out.read_text().splitlines()
-    assert len(lines) == 3 and all(lines)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) == 3 and all(lines[:-1])
+    lines = lines[:-1]
     # greedy batch output equals greedy one-by-one output (left padding changes nothing)
     model, tok = load_model(trained / "checkpoints" / "best")
     first = model.eval().generate(torch.tensor([tok.encode("ROMEO:")]), 20, temperature=0)
@@ -83,7 +88,7 @@ def test_batch_mode_one_completion_per_line(trained, tmp_path):
     # and it refuses to overwrite what is there
     again = run_cli("sample.py", *args)
     assert_user_error(again, "exists", "overwrite=true")
-    assert out.read_text().splitlines() == lines
+    assert out.read_text(encoding="utf-8").split("\n")[:-1] == lines
 
 
 def test_stop_strings_typed_with_backslash_escapes_stop_the_sample(trained):

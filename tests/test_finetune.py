@@ -18,10 +18,10 @@ from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter
 from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save_model_dir
 from gpt.data import data_dir
 from gpt.errors import GPTError
-from gpt.evaluate import score
+from gpt.evaluate import evaluate_task, score
 from gpt.model import GPT, GPTConfig
 from gpt.sample import cut_at_stop, generate_batch
-from gpt.tasks import TaskDataModule, encode_example, pad_batch, read_json_records, BadRows
+from gpt.tasks import TaskDataModule, encode_example, pad_batch, read_json_records, read_parallel, BadRows
 from gpt.tokenizer import Tokenizer
 
 PAIRS = "shakespeare_modern"
@@ -146,6 +146,10 @@ def test_long_examples_are_truncated_and_counted(task_files, base_dir):
     assert dm.stats["train"]["dropped"] == expect_dropped > 0
     assert len(dm.data["train"]) == len(rows) - expect_dropped
     assert max(len(e["input_ids"]) for e in dm.data["train"]) == 48
+    # scoring: every row is generated for (a dropped one gets an empty response), the loss counts the kept ones
+    model = GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate_task(model, tok, dm, systems=("adapter",), max_new_tokens=2)
+    assert result["examples"] == len(dm.load_rows()["valid"]) > result["val_loss_examples"] == len(dm.data["valid"]) > 0
 
 
 def test_mismatched_parallel_files_name_both_files_and_counts(tmp_path, base_dir):
@@ -186,6 +190,39 @@ def test_json_array_and_prompt_response_with_own_keys(tmp_path):
     rows = read_json_records(f, fields, "qa", BadRows("skip", "qa"))
     assert rows == [{"instruction": "", "input": "2+2?", "output": "4"},
                     {"instruction": "", "input": "Capital of France?", "output": "Paris"}]
+
+
+def test_task_files_are_read_as_files_count_lines(tmp_path):
+    """A UTF-8 byte-order mark is not text, and U+2028 (which json.dumps(ensure_ascii=False) writes raw) or a
+    form feed inside a record does not end a JSON Lines line: str.splitlines() would break both records."""
+    records = [{"prompt": "a\u2028b", "response": "c\x0cd"}, {"prompt": "e", "response": "f"}]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes(("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)).encode())
+    array = tmp_path / "t.json"
+    array.write_bytes(("\ufeff" + json.dumps(records, ensure_ascii=False)).encode())
+    fields = {"input": "prompt", "output": "response"}
+    for f in (jsonl, array):
+        rows = read_json_records(f, fields, "t", BadRows("error", "t"))
+        assert [(r["input"], r["output"]) for r in rows] == [("a\u2028b", "c\x0cd"), ("e", "f")], f
+    (tmp_path / "s.txt").write_bytes("\ufeffone\r\ntwo\n".encode())
+    (tmp_path / "t.txt").write_bytes("\ufeffuno\ndos\n".encode())
+    rows = read_parallel(tmp_path / "s.txt", tmp_path / "t.txt", "t", BadRows("error", "t"))
+    assert [(r["input"], r["output"]) for r in rows] == [("one", "uno"), ("two", "dos")]
+
+
+def test_scoring_reads_only_the_valid_split(tmp_path):
+    tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz0123456789 ?\n")
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "2 2?", "response": "4"}\n{"prompt": "3 3?", "response": "6"}\n')
+    task = lambda **kw: TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok,  # noqa: E731
+                                       block_size=64, valid_only=True, **kw)
+    dm = task(train=str(tmp_path / "not-there.jsonl"), valid=str(one))  # the train file is never opened
+    dm.prepare_data()
+    assert set(dm.data) == {"valid"} and len(dm.data["valid"]) == 2
+    with pytest.raises(GPTError, match="say what to score: task.valid="):
+        task(train=None)
+    held_out = task(train=str(one), valid_fraction=0.5).load_rows()  # no valid split: held out of train, as trained
+    assert len(held_out["valid"]) == 1
 
 
 def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp_path):
@@ -491,13 +528,18 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     wrong = run_dir / "checkpoints" / "merged"  # a valid model directory, but not the adapter's base
     proc = run_cli("sample.py", f"adapter={adapter}", f"ckpt={wrong}", "prompt=Hello")
     assert_user_error(proc, "belongs to a different base", str(wrong))
+    # Scoring a held-out file: no train split needed, and the prompts are the adapter's (its recorded template
+    # and stop strings), not the task config's: the same figures as the training run's own scoring.
     proc = run_cli("finetune.py", "eval_only=true", f"adapter={adapter}", "task=parallel", f"task.root={task_files}",
-                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
-                   "task.max_new_tokens=24", f"hydra.run.dir={tmp_path / 'eval'}")
+                   "task.valid=[valid.src,valid.tgt]", 'task.template="Q: {input} A:"', "task.stop=[]",
+                   "task.max_new_tokens=24", "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert "scoring with the adapter's own template=" in said and f"run directory: {tmp_path / 'eval'}" in said
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval"]
     first = json.loads((run_dir / "metrics.json").read_text())["eval"]
     for system in ("base", "adapter", "copy"):
+        assert again[system].get("val_loss") == first[system].get("val_loss")
         assert again[system]["bleu"] == first[system]["bleu"]
     # merge=true with eval_only folds the existing adapter into its base: the training run's merged model
     proc = run_cli("finetune.py", "eval_only=true", "merge=true", "eval.enabled=false", f"adapter={adapter}",
