@@ -507,9 +507,9 @@ class GPT(nn.Module):
             raise GPTError(f"num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
         B, T = idx.shape
         K, block = num_beams, self.config.block_size
-        if T + 1 > block:
+        if T > block:
             raise prompt_too_long(T, block)
-        max_new_tokens = min(max_new_tokens, block - T)
+        max_new_tokens = min(max_new_tokens, block - T + 1)  # the last new token is predicted, never fed back
         rows = torch.arange(B, device=idx.device).repeat_interleave(K)  # beam b*K + k belongs to row b
         cache = self.new_cache()
         mask = attention_mask[rows] if attention_mask is not None else None
@@ -565,8 +565,9 @@ class GPT(nn.Module):
 
         out = idx.new_full((B, max_new_tokens), eos_token_id)
         for b in range(B):
-            if not finished[b]:  # nothing ended within max_new_tokens: take the best running beam
-                finished[b].append((0.0, tokens[b * K + int(scores[b].argmax()), :written]))
+            if active[b]:  # max_new_tokens ran out: the running beams compete with the finished ones, scored alike
+                finished[b] += [(score / max(1, written) ** length_penalty, tokens[b * K + k, :written])
+                                for k, score in enumerate(scores[b].tolist()) if score != float("-inf")]
             best = max(finished[b], key=lambda hyp: hyp[0])[1]
             out[b, :len(best)] = best
         return out

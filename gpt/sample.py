@@ -97,9 +97,9 @@ class StreamPrinter:
         self.ids.append(int(token[0]))
         text = self.tokenizer.decode(self.ids)
         text, stopped = cut_at_stop(text, self.stops)
-        end = len(text) if stopped else len(text) - self.holdback
-        if not stopped and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-            end = min(end, len(text) - 1)
+        # Not yet stopped: an incomplete UTF-8 sequence at the end (decoded as U+FFFD) waits for the rest, and
+        # the complete text before it holds back what could begin a stop string.
+        end = len(text) if stopped else len(text.rstrip("\ufffd")) - self.holdback
         if end > self.printed:
             self.out.write(text[self.printed:end])
             self.out.flush()

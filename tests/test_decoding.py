@@ -64,11 +64,43 @@ def test_beam_search_with_one_beam_is_greedy(model):
     beam = model.beam_search(idx, 20, num_beams=1, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
     n = min(greedy.size(1), beam.size(1))
     assert torch.equal(beam[:, :n], greedy[:, :n])
+    # up to the context's end: a prompt of block - 1 tokens has room for 2 new ones, a full one for 1
+    block = model.config.block_size
+    for T, room in ((block - 1, 2), (block, 1)):
+        full = torch.randint(1, 23, (2, T), generator=torch.Generator().manual_seed(T))
+        greedy = model.generate(full, 5, temperature=0, on_context_full="stop")
+        beam = model.beam_search(full, 5, num_beams=1, eos_token_id=EOS, length_penalty=0.0)
+        assert greedy.size(1) == room and torch.equal(beam[:, :room], greedy), T
+
+
+def test_streamed_text_never_shows_what_a_stop_string_cuts():
+    """Byte-level BPE pieces can end inside a character (decoded as U+FFFD): what is printed token by token
+    must always equal the final text, cut at the first stop string."""
+    import io
+
+    from gpt.sample import StreamPrinter, cut_at_stop
+    from gpt.tokenizer import Tokenizer
+
+    corpus = ["héllo wörld — ça va? 日本語のテキスト 😀😀 end\n\nnext para", "naïve café — 東京 😀 ok\n\n"] * 50
+    tok = Tokenizer.train_bpe(iter([corpus]), 300, show_progress=False)
+    for text in ("héllo 日本 😀 wörld\n\nrest", "ab — cd END more", "東京😀END", "😀😀😀 a"):
+        ids = tok.encode(text)
+        for stops in (["\n\n"], ["END"], ["😀E"], ["—"], ["日本"], []):
+            expected = cut_at_stop(tok.decode(ids), stops)[0]
+            out = io.StringIO()
+            printer = StreamPrinter(tok, stops, out)
+            for i in ids:
+                stopped = printer(torch.tensor([i]))
+                assert expected.startswith(out.getvalue()), (text, stops, out.getvalue())  # nothing to take back
+                if stopped:
+                    break
+            assert printer.finish() == expected and out.getvalue() == expected, (text, stops)
 
 
 def test_wide_beam_search_finds_the_exact_most_likely_output():
     """With beams enough to keep every prefix, beam search is exhaustive: it must return the best of all
-    outputs of up to 3 tokens (+ EOS), found here by brute force without the KV cache."""
+    outputs of 3 new tokens, ended by EOS or cut by max_new_tokens (as transformers' beam search counts them),
+    found here by brute force without the KV cache."""
     import itertools
 
     torch.manual_seed(3)
@@ -79,12 +111,17 @@ def test_wide_beam_search_finds_the_exact_most_likely_output():
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, :2] = False  # one left-padded row
     beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
+    cut = False
     for row in range(3):
         prompt = idx[row][mask[row]]
         outputs = [torch.tensor([*body, EOS]) for n in range(3) for body in itertools.product(range(1, 5), repeat=n)]
+        outputs += [torch.tensor(body) for body in itertools.product(range(1, 5), repeat=3)]  # unfinished at the limit
         best = max(outputs, key=lambda out: sequence_logprob(model, prompt, out))
-        got = beam[row][: int((beam[row] == EOS).nonzero()[0]) + 1]
+        ended = (beam[row] == EOS).nonzero()
+        got = beam[row][: int(ended[0]) + 1] if len(ended) else beam[row]
         assert got.tolist() == best.tolist(), row
+        cut |= best[-1].item() != EOS
+    assert cut  # an output cut by max_new_tokens won somewhere: the case this checks happened
 
 
 def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output():
