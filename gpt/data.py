@@ -418,7 +418,10 @@ class RandomWindows(IterableDataset):
                          shape=(self.n_tokens,))
         window = np.arange(self.block_size + 1)
         B, parts = self.batch_size, self.world_size * self.accumulate
-        i = self.start
+        # With DataLoader workers each one makes every num_workers-th micro-batch, and the DataLoader takes
+        # them from the workers in turn: the same sequence as without workers, each batch once.
+        worker = torch.utils.data.get_worker_info()
+        i, stride = (self.start + worker.id, worker.num_workers) if worker else (self.start, 1)
         while self.stop is None or i < self.stop:
             step, micro = divmod(i, self.accumulate)
             rng = np.random.default_rng([self.seed, 0, step])  # the 0 keeps one-process batches as they were
@@ -427,7 +430,7 @@ class RandomWindows(IterableDataset):
             starts = starts[part * B:(part + 1) * B]
             chunk = torch.from_numpy(data[starts[:, None] + window].astype(np.int64))  # one gather from the memmap
             yield {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
-            i += 1
+            i += stride
 
 
 class FixedWindows(Dataset):

@@ -234,6 +234,9 @@ def test_random_windows_are_deterministic_per_batch_index(tmp_path):
         assert b["input_ids"].shape == (4, 16)
     resumed = list(RandomWindows(path, np.uint16, 0, 1000, 16, 4, seed=3, start=6, stop=10))
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches[6:], resumed))
+    # data.num_workers=2: the workers share the stream (each batch once, in order), not each replay it
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert _starts(loader) == _starts(batches)
     # windows never run past the end of the split
     ds = RandomWindows(path, np.uint16, 0, 17, block_size=16, batch_size=64, seed=0, stop=3)
     assert all(int(b["labels"].max()) == 16 for b in ds)
