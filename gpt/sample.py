@@ -209,8 +209,13 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     # Beam search ends a beam at a token that holds a stop string (the text is cut there below).
     stop_ids = [i for i in range(tokenizer.vocab_size) if any(s in tokenizer.decode([i]) for s in stops)] \
         if num_beams > 1 and stops else []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # The context fills by the padded length: a prompt padded beside longer ones would reach it (and slide,
+    # stop, or end its beams) sooner than alone. Batches that can reach it run their prompts one at a time.
+    chunks = [part for chunk in chunks for part in (
+        [[i] for i in chunk] if len({len(encoded[i]) for i in chunk}) > 1
+        and max(len(encoded[i]) for i in chunk) + max_new_tokens > model.config.block_size else [chunk])]
+    for chunk in chunks:
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
         bias = None
         if copy_bonus:

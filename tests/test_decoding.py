@@ -220,3 +220,10 @@ def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
     alone = generate_batch(m, tok, prompts[3:4], generator=torch.Generator().manual_seed(7), **args)
     assert alone == [runs[0][0]]  # the stream belongs to the line number: alone, "abc: " is line 0 again
     assert generate_batch(m, tok, prompts, generator=torch.Generator().manual_seed(8), **args) != runs[0]
+    # past the context (64): each prompt slides (or stops) where it would alone, not where its padded batch does
+    for full in ("slide", "stop"):
+        long = dict(args, max_new_tokens=90, on_context_full=full)
+        alone, batched = (generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7),
+                                         **long) for b in (1, 5))
+        assert batched == alone, full
+    assert len(alone[2]) > len(alone[0])  # stop: "a" goes further than "abc: " before the context is full
