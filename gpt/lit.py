@@ -450,18 +450,23 @@ class StepProgressBar(TQDMProgressBar):
 
 class SpeedMonitor(Callback):
     """Training tokens per second: wall clock from one optimizer-step batch to the next (data loading
-    included), with the time spent in validation left out."""
+    included), with the time spent in validation and in writing its checkpoints left out."""
 
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
         self._last = None
+        self._validated = False
 
     def on_train_start(self, trainer, pl_module):
         self._last = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module):
-        self._last = time.perf_counter()
+        self._validated = True  # the checkpoint callbacks run after this hook: the clock restarts at the next batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._validated:
+            self._last, self._validated = time.perf_counter(), False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()

@@ -330,3 +330,27 @@ def test_ckpt_path_last_is_the_newest_run_and_never_the_latest_link(tmp_path):
         assert resolve_ckpt_path("last", name / "2026-11-21_17-00-00") == str(ckpt)
     with pytest.raises(GPTError, match="no earlier run"):
         resolve_ckpt_path("last", tmp_path / "runs" / "y" / "new")
+
+
+def test_writing_checkpoints_is_not_counted_as_training_time(train, monkeypatch):
+    """train_seconds and tokens/s leave out validation and the checkpoints written after it."""
+    import time as real_time
+
+    import gpt.lit as lit
+
+    ahead = [0.0]
+
+    class Clock:  # gpt.lit's clock, pushed 100 s on by every checkpoint save: as if each took that long
+        perf_counter = staticmethod(lambda: real_time.perf_counter() + ahead[0])
+        monotonic = staticmethod(real_time.monotonic)
+
+    save = lit.ExportingCheckpoint._save_checkpoint
+
+    def slow_save(self, trainer, filepath):
+        save(self, trainer, filepath)
+        ahead[0] += 100.0
+
+    monkeypatch.setattr(lit, "time", Clock)
+    monkeypatch.setattr(lit.ExportingCheckpoint, "_save_checkpoint", slow_save)
+    metrics = train("clock", "trainer.max_steps=20")  # validated and saved (best + last) at steps 10 and 20
+    assert ahead[0] >= 300 and 0 < metrics["train_seconds"] < 100
