@@ -11,7 +11,6 @@ Training reads random windows straight from the memmap.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gpt.errors import GPTError, check_num_workers, storage_errors
+from gpt.textfiles import check_text_files
 from gpt.tokenizer import EOS, UNK, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -109,46 +109,6 @@ def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
     tmp = dest.with_name(dest.name + ".part")
     tmp.write_bytes(payload)
     os.replace(tmp, dest)
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file as `datasets`' text loader reads a corpus: universal newlines (\r\n and \r become
-    \n), without a leading byte-order mark."""
-    return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines as files count them (`wc -l`, `datasets`, sacrebleu): split at \n only, not at the other
-    characters str.splitlines() takes for line breaks (U+2028, form feed, ...), which can be inside a line."""
-    lines = text.split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
-
-
-def check_text_files(files: list[Path], allow_empty: bool = False) -> None:
-    """Refuse binary and non-UTF-8 files (and, for a corpus, an empty one) up front, naming the file (one fast
-    streaming read)."""
-    total = 0
-    for f in files:
-        size = f.stat().st_size
-        total += size
-        with open(f, "rb") as fh:
-            head = fh.read(8192)
-            if b"\x00" in head:
-                raise GPTError(f"{f} looks binary (it contains NUL bytes); it must be UTF-8 text")
-            fh.seek(0)
-            decoder = codecs.getincrementaldecoder("utf-8")()
-            offset = 0
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as e:
-                    raise GPTError(
-                        f"{f} is not UTF-8 text (bad byte at offset {offset + e.start}); convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {f} > {f.stem}.utf8.txt`"
-                    ) from None
-                offset += len(chunk)
-    if total == 0 and not allow_empty:
-        raise GPTError(f"the corpus is empty ({', '.join(map(str, files))}); point data.path at a file with text")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from gpt.checkpoint import atomic_file, load_model
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args, prompt_too_long
+from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import Tokenizer
 
 
@@ -297,14 +298,13 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     becomes the task's input) and the task's stop strings; without one, prompts as they are.
     template=none: prompts as they are. Anything else: a template with an {input} field.
     """
-    from gpt.tasks import PromptTemplate
-
     # \n and \t are unescaped as in prompts (a shell hands them over as two characters). A bare stop=AB is
     # already ["AB"] here (gpt.cli reads a bare value for a list setting as one item).
     stops = [unescape(str(s)) for s in cfg.stop or []]
     name = cfg.get("template", "auto")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
+    from gpt.tasks import PromptTemplate  # (imports Lightning: only when a template is used)
     if name == "auto":
         from gpt.adapter import read_adapter_record
 
@@ -390,8 +390,6 @@ def check_options(cfg) -> None:
 def read_text_file(path: str | Path) -> str:
     """A prompt file's text, read as a corpus is (a byte-order mark dropped); a binary or non-UTF-8 file is
     refused as a corpus file is."""
-    from gpt.data import check_text_files, read_text
-
     check_text_files([Path(path)], allow_empty=True)
     return read_text(Path(path))
 
@@ -415,8 +413,6 @@ def sample(cfg) -> Optional[list[str]]:
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
-            from gpt.data import split_lines
-
             lines = [unescape(line) for line in split_lines(read_text_file(cfg.input_file))]
             if not lines:
                 raise GPTError(f"input_file {cfg.input_file} is empty: batch mode completes one prompt per line")

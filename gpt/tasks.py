@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gpt.data import load_hub_dataset, read_text, split_lines
+from gpt.data import load_hub_dataset
 from gpt.errors import GPTError, check_num_workers
+from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def check_file(path: Path, task: str) -> Path:
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
                        "or $GPT_DATA_DIR for named tasks)")
-    from gpt.data import check_text_files
-
     check_text_files([path], allow_empty=True)  # binary or not UTF-8: one line naming the file (and the offset)
     return path
 
