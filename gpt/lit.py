@@ -471,8 +471,9 @@ class SpeedMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
         dt, self._last = now - self._last, now
-        mask = batch.get("attention_mask")
-        n = (int(mask.sum()) if mask is not None else batch["input_ids"].numel()) * trainer.world_size
+        mask = batch.get("attention_mask")  # real tokens only: fine-tuning batches say how many they hold
+        n = batch.get("n_tokens") or (int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        n *= trainer.world_size
         self.tokens += n
         self.seconds += dt
         if writes_logs_now(trainer):

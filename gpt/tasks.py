@@ -231,7 +231,8 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
     """Right-pad to the longest example in the batch (not to the context length).
 
     No attention mask is needed: attention is causal, so a real token never sees the padding after it,
-    and its position ids are the same as unpadded. Padding only gets label -100.
+    and its position ids are the same as unpadded. Padding only gets label -100. `n_tokens` (a Python int:
+    no device sync to read it) counts the real tokens, for tokens/s.
     """
     T = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -240,7 +241,7 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.as_tensor(e["input_ids"])
         labels[i, :n] = torch.as_tensor(e["labels"])
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "n_tokens": sum(len(e["input_ids"]) for e in examples)}
 
 
 class LengthGroupedBatches:

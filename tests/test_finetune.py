@@ -87,6 +87,7 @@ def test_labels_mask_the_prompt_and_the_padding_exactly():
         # the token predicted at position i is full[i+1]; it counts iff it is part of the response (or EOS)
         expected = [-100] * (len(p) - 1) + full[len(p):] + [-100] * (batch["labels"].size(1) - n)
         assert batch["labels"][row].tolist() == expected
+    assert batch["n_tokens"] == 5 + 6 == batch["input_ids"].numel() - 1  # prompt + response: tokens/s counts no padding
 
 
 def test_the_loss_ignores_prompt_positions_and_padding(task_files, base_dir):
