@@ -130,8 +130,9 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
     results["examples"] = len(rows)
     if "loss" in metrics:  # the examples the loss was taken on: those whose prompt leaves room for a response
         results["val_loss_examples"] = len(datamodule.data["valid"])
-    loss_note = (f"; val_loss on {len(datamodule.data['valid'])} of {len(all_rows)}"
-                 if "loss" in metrics and len(datamodule.data["valid"]) != len(rows) else "")
+    kept = len(datamodule.data["valid"])
+    loss_note = ("" if "loss" not in metrics or kept == len(rows) else
+                 f"; val_loss on all {kept}" if kept == len(all_rows) else f"; val_loss on {kept} of {len(all_rows)}")
     log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))
     return results
 

@@ -41,6 +41,9 @@ def check_options(cfg: DictConfig) -> None:
     """Settings that would otherwise be ignored, or fail only after the training they follow."""
     if cfg.eval_only:
         check_accelerator(cfg.trainer)  # scoring runs on it too
+        if cfg.get("ckpt_path"):
+            raise GPTError("ckpt_path resumes a fine-tuning run; eval_only=true scores an adapter: drop one of them "
+                           "(adapter=<its checkpoints/best> to score it)")
     else:
         check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     if cfg.get("adapter") and not cfg.eval_only:
@@ -119,12 +122,17 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("run directory: %s", run_dir)
     base = Path(cfg.base) if cfg.get("base") else None
     metrics = {"adapter": str(Path(cfg.adapter).resolve())}
+    datamodule = None
+    if cfg.eval.enabled:  # the task's files are read (and their mistakes found) before anything is written
+        model, tokenizer, record = load_adapter(Path(cfg.adapter), base, base_option="base")
+        datamodule = scoring_task(cfg, tokenizer, model.config.block_size, record)
+        del model
     if cfg.merge:  # an existing adapter folded into its base: the way to merge one after the fact
         metrics["merged"] = str(save_merged(Path(cfg.adapter), base, run_dir))
         log.info("merged model: %s", metrics["merged"])
     if cfg.eval.enabled:
         t0 = time.perf_counter()
-        metrics.update(eval=_evaluate(cfg, Path(cfg.adapter), base, run_dir),
+        metrics.update(eval=_evaluate(cfg, Path(cfg.adapter), base, run_dir, datamodule),
                        eval_seconds=round(time.perf_counter() - t0, 1))
     write_metrics(run_dir, metrics)
     return metrics
@@ -134,7 +142,7 @@ def save_merged(adapter_dir: Path, base_dir: Optional[Path], run_dir: Path) -> P
     """checkpoints/merged/: the base with the adapter folded in, one standalone model directory."""
     model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
     return save_model_dir(merge(model), tokenizer, run_dir / "checkpoints" / "merged",
-                          extra={"merged_from": record["base"], "adapter": str(adapter_dir)})
+                          extra={"merged_from": record["base"], "adapter": str(Path(adapter_dir).resolve())})
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:

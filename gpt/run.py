@@ -237,6 +237,9 @@ def check_accelerator(t: DictConfig) -> None:
                        "use trainer=cpu, or install a CUDA build of torch (TORCH_SPEC, README Quick start)")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise GPTError("trainer.accelerator=mps but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):  # tpu, hpu, ...: other packages this project lacks
+        raise GPTError(f"trainer.accelerator={accelerator} is not one this project runs on; use cpu, gpu (cuda), mps "
+                       "or auto")
 
 
 def in_sweep() -> bool:
