@@ -550,6 +550,12 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     merged, trained = load_file(tmp_path / "merge/checkpoints/merged/model.safetensors"), load_file(wrong / "model.safetensors")
     assert merged.keys() == trained.keys() and all(torch.equal(merged[k], trained[k]) for k in merged)
     assert "eval" not in json.loads((tmp_path / "merge" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "merge/checkpoints/merged/config.json").read_text())["gpt"]["adapter"] == str(adapter.resolve())
+    # a mistake in the task is found before anything is written
+    proc = run_cli("finetune.py", "eval_only=true", "merge=true", f"adapter={adapter}", "task=parallel",
+                   f"task.root={task_files}", "task.valid=[valid.src,missing.tgt]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert_user_error(proc, "missing.tgt not found")
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # no merged model (the named directory itself stays)
 
 
 def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir, tmp_path):
