@@ -101,20 +101,17 @@ def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[
 
 
 def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[dict]:
-    """Two line-aligned text files (through `datasets`' text loader) -> rows. Empty lines are bad rows."""
-    from datasets import load_dataset
-
+    """Two line-aligned text files -> rows, line N of one with line N of the other (lines as `wc -l` counts
+    them, as sample.py's batch mode reads its input_file). Empty lines are bad rows."""
     sides = []
     for path in (source, target):
         check_file(path, task)
-        lines = load_dataset("text", data_files=str(path), split="train")["text"]
-        sides.append([lines[0].removeprefix("\ufeff"), *lines[1:]] if lines else lines)  # as read_text does
+        sides.append(split_lines(read_text(path)))
     if len(sides[0]) != len(sides[1]):
         raise GPTError(f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
                        f"{len(sides[1])}; every source line needs exactly one target line")
     rows = []
     for i, (src, tgt) in enumerate(zip(*sides), start=1):
-        src, tgt = src.rstrip("\r"), tgt.rstrip("\r")
         if not src.strip() or not tgt.strip():
             bad(f"{source if not src.strip() else target}:{i}", "empty line in a parallel file")
             continue

@@ -1,7 +1,6 @@
-"""Users' text files (corpora, prompt files, task files), read the way `datasets`' text loader reads a corpus:
-UTF-8 (a binary or other-encoded file is refused up front, naming it), universal newlines, no byte-order mark,
-and lines as `wc -l` counts them. Kept apart from gpt.data so that sample.py reads its files without
-importing Lightning.
+"""Users' text files (prompt files, task files; the checks also for corpora): UTF-8 (a binary or other-encoded
+file is refused up front, naming it), no byte-order mark, and lines as `wc -l` counts them. Kept apart from
+gpt.data so that sample.py reads its files without importing Lightning.
 """
 
 from __future__ import annotations
@@ -13,14 +12,16 @@ from gpt.errors import GPTError
 
 
 def read_text(path: Path) -> str:
-    r"""A UTF-8 text file as `datasets`' text loader reads a corpus: universal newlines (\r\n and \r become
-    \n), without a leading byte-order mark."""
-    return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
+    r"""A UTF-8 text file's text: \r\n line ends read as \n, a lone \r kept (it ends no line for `wc -l`),
+    a leading byte-order mark dropped."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read().removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 def split_lines(text: str) -> list[str]:
-    r"""Lines as files count them (`wc -l`, `datasets`, sacrebleu): split at \n only, not at the other
-    characters str.splitlines() takes for line breaks (U+2028, form feed, ...), which can be inside a line."""
+    r"""Lines as `wc -l` counts them: split at \n only, not at a lone \r or the other characters
+    str.splitlines() takes for line breaks (U+2028, form feed, ...), which can be inside a line. A last line
+    without \n is a line too."""
     lines = text.split("\n")
     return lines[:-1] if lines[-1] == "" else lines
 

@@ -205,10 +205,10 @@ def test_task_files_are_read_as_files_count_lines(tmp_path):
     for f in (jsonl, array):
         rows = read_json_records(f, fields, "t", BadRows("error", "t"))
         assert [(r["input"], r["output"]) for r in rows] == [("a\u2028b", "c\x0cd"), ("e", "f")], f
-    (tmp_path / "s.txt").write_bytes("\ufeffone\r\ntwo\n".encode())
+    (tmp_path / "s.txt").write_bytes("\ufeffone\r\ntwo\rstill two\n".encode())  # a lone \r ends no line (wc -l: 2)
     (tmp_path / "t.txt").write_bytes("\ufeffuno\ndos\n".encode())
     rows = read_parallel(tmp_path / "s.txt", tmp_path / "t.txt", "t", BadRows("error", "t"))
-    assert [(r["input"], r["output"]) for r in rows] == [("one", "uno"), ("two", "dos")]
+    assert [(r["input"], r["output"]) for r in rows] == [("one", "uno"), ("two\rstill two", "dos")]
 
 
 def test_scoring_reads_only_the_valid_split(tmp_path):
