@@ -194,9 +194,16 @@ class PromptTemplate:
                                "put {input} where it goes, e.g. 'Q: {input}\\nA: '")
         self.template, self.template_no_input = template, template_no_input
 
+    def _choose(self, input: str) -> str:
+        return self.template_no_input if (self.template_no_input is not None and not input.strip()) else self.template
+
     def __call__(self, instruction: str = "", input: str = "") -> str:
-        t = self.template_no_input if (self.template_no_input is not None and not input.strip()) else self.template
-        return t.format(instruction=instruction, input=input)
+        return self._choose(input).format(instruction=instruction, input=input)
+
+    def left_out(self, instruction: str = "", input: str = "") -> list[str]:
+        """The fields of a row that hold text but have no place in its template (they would be dropped)."""
+        names = {name for _, name, _, _ in string.Formatter().parse(self._choose(input)) if name is not None}
+        return [k for k, v in (("instruction", instruction), ("input", input)) if v.strip() and k not in names]
 
     def to_dict(self) -> dict:
         return {"template": self.template, "template_no_input": self.template_no_input}
@@ -442,6 +449,7 @@ class TaskDataModule(L.LightningDataModule):
         if not self.valid_only:
             splits.insert(0, ("train", self.training_rows()))
         for split, rows in splits:
+            self._check_fields(split, rows)
             prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
             ds = Dataset.from_dict({"prompt": prompts, "response": responses})
             ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
@@ -457,6 +465,15 @@ class TaskDataModule(L.LightningDataModule):
             if not kept:
                 raise GPTError(f"task {self.name}: every {split} prompt fills the model's context "
                                f"({self.block_size} tokens); shorten the prompts or use a model with a longer context")
+
+    def _check_fields(self, split: str, rows: list[dict]) -> None:
+        """A row's text that the prompt template has no place for would be silently dropped: refused."""
+        lost = [(i, f) for i, r in enumerate(rows) for f in self.template.left_out(r["instruction"], r["input"])]
+        if lost:
+            field = lost[0][1]
+            raise GPTError(f"task {self.name} {split}: {len({i for i, _ in lost})} of {len(rows)} rows have an {{{field}}} "
+                           f"that the prompt template {self.template.template!r} leaves out; use a template with "
+                           f"{{{field}}} (task.template=...), or rows of the format the template was made for")
 
     def _warn_unknown(self, split: str, texts: list[str]) -> None:
         """A char-level base meets characters it never saw: they train and are scored as <|unk|>. Said, with

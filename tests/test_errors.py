@@ -262,6 +262,7 @@ CASES = [
 ]
 # Rows tested elsewhere: a fault the command line cannot make, or another verb's own tests.
 ELSEWHERE = {
+    "that the prompt template": "tests/test_finetune.py::test_row_text_the_template_has_no_place_for_is_refused",
     "no space left on device": "tests/test_reliability.py::test_full_disk_while_*",
     "is missing tensor": "tests/test_checkpoint.py::test_missing_and_extra_tensors_are_named",
     "config.json lacks": "tests/test_checkpoint.py::test_a_config_missing_a_key_that_changes_the_math_is_refused",

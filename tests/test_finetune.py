@@ -211,6 +211,19 @@ def test_task_files_are_read_as_files_count_lines(tmp_path):
     assert [(r["input"], r["output"]) for r in rows] == [("one", "uno"), ("two\rstill two", "dos")]
 
 
+def test_row_text_the_template_has_no_place_for_is_refused(tmp_path):
+    tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz ?:\n")
+    rows = tmp_path / "a.jsonl"
+    rows.write_text('{"instruction": "say hi", "input": "", "output": "hi"}\n'
+                    '{"instruction": "add", "input": "two two", "output": "four"}\n')
+    task = lambda template, **kw: TaskDataModule(name="t", format="alpaca", template=template, tokenizer=tok,  # noqa: E731
+                                                 block_size=64, train=str(rows), valid=str(rows), **kw)
+    with pytest.raises(GPTError, match=r"t train: 2 of 2 rows have an \{instruction\} that the prompt template "
+                                       r"'in: \{input\}\\n' leaves out"):
+        task("in: {input}\n").prepare_data()  # e.g. an adapter trained on parallel text, scored on Alpaca rows
+    task("{instruction}: {input}\n", template_no_input="{instruction}:\n").prepare_data()  # Alpaca's way: all used
+
+
 def test_scoring_reads_only_the_valid_split(tmp_path):
     tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz0123456789 ?\n")
     one = tmp_path / "one.jsonl"
