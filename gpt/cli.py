@@ -170,6 +170,11 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     return args
 
 
+# Settings that name one file or directory: a leading ~ is the home directory, quoted or not.
+PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_file", "attention_map", "ckpt_path",
+             "data.tokenizer_path"}
+
+
 def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, str]:
     """Each key=value against the type of the key's default (the config with the same group choices, before
     the values): a word where a number or true/false goes is refused here, in one line, instead of failing
@@ -189,6 +194,9 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         seen.add(key)
         default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if key in PATH_KEYS and isinstance(value, str) and value.startswith("~") and "'" not in value:
+            rewritten[arg] = f"{key}='{os.path.expanduser(value)}'"  # as the shell does for an unquoted ~
+            continue
         if value is None or default is None or OmegaConf.is_dict(default):
             continue
         if isinstance(default, bool):
