@@ -104,9 +104,8 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
 
 
 def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_dir: Path,
-              datamodule: Optional[TaskDataModule] = None) -> dict:
-    model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
-    datamodule = datamodule or scoring_task(cfg, tokenizer, model.config.block_size, record)
+              datamodule: TaskDataModule) -> dict:
+    model, tokenizer, _ = load_adapter(adapter_dir, base_dir, base_option="base")
     e = cfg.eval
     return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
                          max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
