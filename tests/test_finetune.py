@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, run_cli
+from conftest import ROOT, assert_user_error, run_cli
 from faults import assert_resumed_run_matches, kill_then_resume
 
 from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter_dir, base_record
@@ -76,6 +76,18 @@ def randomise_lora(model: PeftModel) -> None:
 
 
 # -- task data ---------------------------------------------------------------------------------------
+
+def compose_task(name: str, *overrides: str) -> dict:
+    """configs/task/<name>.yaml with overrides, as finetune.py composes it (without _target_)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[f"task={name}", *overrides])
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task.pop("_target_")
+    return task
+
 
 def test_labels_mask_the_prompt_and_the_padding_exactly():
     prompts, responses = [[5, 6, 7], [5, 6]], [[8, 9], [10, 11, 12, 13]]
@@ -209,6 +221,23 @@ def test_task_files_are_read_as_files_count_lines(tmp_path):
     (tmp_path / "t.txt").write_bytes("\ufeffuno\ndos\n".encode())
     rows = read_parallel(tmp_path / "s.txt", tmp_path / "t.txt", "t", BadRows("error", "t"))
     assert [(r["input"], r["output"]) for r in rows] == [("one", "uno"), ("two\rstill two", "dos")]
+
+
+def test_a_parallel_task_reads_the_source_and_target_columns_of_a_hub_dataset(monkeypatch):
+    import datasets
+
+    import gpt.tasks
+
+    def hub(name, config, split, instead):  # what load_dataset returns for a (source, target) dataset
+        assert (name, split) == ("someone/pairs", "train")
+        return datasets.Dataset.from_dict({"source": ["a b", "c"], "target": ["x", "y"], "id": [1, 2]})
+
+    monkeypatch.setattr(gpt.tasks, "load_hub_dataset", hub)
+    composed = compose_task("parallel", "task.hub.name=someone/pairs", "task.hub.valid_split=train")
+    tok = Tokenizer.char_level("abcxy \n")
+    rows = TaskDataModule(**{**composed, "tokenizer": tok, "block_size": 32}).load_rows()
+    assert [(r["input"], r["output"]) for r in rows["valid"]] == [("a b", "x"), ("c", "y")] == \
+        [(r["input"], r["output"]) for r in rows["train"]]
 
 
 def test_row_text_the_template_has_no_place_for_is_refused(tmp_path):
