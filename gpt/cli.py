@@ -157,8 +157,6 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
     missing = sorted(OmegaConf.missing_keys(cfg))
-    if config_name == "finetune" and cfg.get("eval_only") is True:  # scoring reads task.valid (train: see scoring_task)
-        missing = [key for key in missing if key != "task.train"]
     if missing:
         fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
              f"(`python {config_name}.py --cfg job` shows the settings)")

@@ -22,7 +22,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
@@ -97,10 +97,7 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
     if differs:
         log.info("scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
                  ", ".join(f"{k}={v!r}" for k, v in differs.items()), "/".join(differs))
-    overrides = dict(trained, valid_only=True)
-    if OmegaConf.is_missing(cfg.task, "train"):
-        overrides["train"] = None
-    return build_task(cfg, tokenizer, block_size, **overrides)
+    return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
 
 
 def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_dir: Path,
