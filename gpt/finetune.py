@@ -100,9 +100,7 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
     return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
 
 
-def _evaluate(cfg: DictConfig, adapter_dir: Path, base_dir: Optional[Path], run_dir: Path,
-              datamodule: TaskDataModule) -> dict:
-    model, tokenizer, _ = load_adapter(adapter_dir, base_dir, base_option="base")
+def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule) -> dict:
     e = cfg.eval
     return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
                          max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
@@ -118,27 +116,28 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("run directory: %s", run_dir)
     base = Path(cfg.base) if cfg.get("base") else None
     metrics = {"adapter": str(Path(cfg.adapter).resolve())}
-    datamodule = None
-    if cfg.eval.enabled:  # the task's files are read (and their mistakes found) before anything is written
-        model, tokenizer, record = load_adapter(Path(cfg.adapter), base, base_option="base")
-        datamodule = scoring_task(cfg, tokenizer, model.config.block_size, record)
-        del model
-    if cfg.merge:  # an existing adapter folded into its base: the way to merge one after the fact
-        metrics["merged"] = str(save_merged(Path(cfg.adapter), base, run_dir))
-        log.info("merged model: %s", metrics["merged"])
-    if cfg.eval.enabled:
-        t0 = time.perf_counter()
-        metrics.update(eval=_evaluate(cfg, Path(cfg.adapter), base, run_dir, datamodule),
-                       eval_seconds=round(time.perf_counter() - t0, 1))
+    model, tokenizer, record = load_adapter(Path(cfg.adapter), base, base_option="base")
+    # the task's files are read (and their mistakes found) before anything is written
+    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, record) if cfg.eval.enabled else None
+    score_and_merge(cfg, model, tokenizer, record, Path(cfg.adapter), run_dir, datamodule, metrics)
     write_metrics(run_dir, metrics)
     return metrics
 
 
-def save_merged(adapter_dir: Path, base_dir: Optional[Path], run_dir: Path) -> Path:
-    """checkpoints/merged/: the base with the adapter folded in, one standalone model directory."""
-    model, tokenizer, record = load_adapter(adapter_dir, base_dir, base_option="base")
-    return save_model_dir(merge(model), tokenizer, run_dir / "checkpoints" / "merged",
-                          extra={"merged_from": record["base"], "adapter": str(Path(adapter_dir).resolve())})
+def score_and_merge(cfg: DictConfig, model, tokenizer, record: dict, adapter_dir: Path, run_dir: Path,
+                    datamodule: Optional[TaskDataModule], metrics: dict) -> None:
+    """The adapter (loaded once) scored on the task (cfg.eval.enabled), then, with cfg.merge, folded into its
+    base as checkpoints/merged/: one standalone model directory. Merging changes the model in place, so it
+    comes last."""
+    if cfg.eval.enabled:
+        t0 = time.perf_counter()
+        metrics.update(eval=_evaluate(cfg, model, tokenizer, run_dir, datamodule),
+                       eval_seconds=round(time.perf_counter() - t0, 1))
+    if cfg.merge:
+        merged = save_model_dir(merge(model), tokenizer, run_dir / "checkpoints" / "merged",
+                                extra={"merged_from": record["base"], "adapter": str(adapter_dir.resolve())})
+        metrics["merged"] = str(merged)
+        log.info("merged model: %s", merged)
 
 
 def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
@@ -171,12 +170,9 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("stopped at step %d before a best adapter was saved; nothing to evaluate", trainer.global_step)
         write_metrics(run_dir, metrics)
         return metrics
-    if cfg.merge:
-        metrics["merged"] = str(save_merged(adapter_dir, base_dir, run_dir))
-    if cfg.eval.enabled:
-        t1 = time.perf_counter()
-        metrics["eval"] = _evaluate(cfg, adapter_dir, base_dir, run_dir, datamodule)
-        metrics["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    if cfg.eval.enabled or cfg.merge:  # the best adapter, as saved (the model in memory is the last step's)
+        best, tokenizer, saved = load_adapter(adapter_dir, base_dir, base_option="base")
+        score_and_merge(cfg, best, tokenizer, saved, adapter_dir, run_dir, datamodule, metrics)
     write_metrics(run_dir, metrics)
     log.info("adapter: %s", adapter_dir)
     log.info("use it: python sample.py adapter=%s prompt=\"...\"", adapter_dir)
