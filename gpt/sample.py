@@ -195,15 +195,14 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
                        "and stop_at_eos=true; or use num_beams=1 to sample")
     device = next(model.parameters()).device
     encoded = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts):  # every prompt checked before any batch runs; a bad one named by its line
+        line = f"prompt {i + 1} (line {i + 1} of a batch input)" if len(prompts) > 1 else "prompt"
         try:
             encoded.append(encode_prompt(tokenizer, prompt, strict))
-        except GPTError as e:  # named by its line
-            raise GPTError(f"prompt {i + 1} (line {i + 1} of a batch input): {e}" if len(prompts) > 1 else str(e)) from None
-    too_long = next((i for i, ids in enumerate(encoded) if len(ids) > model.config.block_size), None)
-    if too_long is not None:  # named by its line, before any batch runs
-        raise prompt_too_long(len(encoded[too_long]), model.config.block_size, f"prompt {too_long + 1} (line "
-                              f"{too_long + 1} of a batch input)")
+        except GPTError as e:
+            raise GPTError(f"{line}: {e}" if len(prompts) > 1 else str(e)) from None
+        if len(encoded[-1]) > model.config.block_size:
+            raise prompt_too_long(len(encoded[-1]), model.config.block_size, line)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
