@@ -178,6 +178,7 @@ class PromptTemplate:
     (Alpaca's two prompts). The response follows the rendered prompt directly."""
 
     def __init__(self, template: str, template_no_input: Optional[str] = None):
+        self.fields: dict[str, set] = {}  # template -> the fields it fills
         for t in (template, template_no_input):
             if t is None:
                 continue
@@ -192,6 +193,7 @@ class PromptTemplate:
             if not names:
                 raise GPTError(f"prompt template {t!r} has no {{input}} field, so the prompt would be dropped; "
                                "put {input} where it goes, e.g. 'Q: {input}\\nA: '")
+            self.fields[t] = names
         self.template, self.template_no_input = template, template_no_input
 
     def _choose(self, input: str) -> str:
@@ -202,7 +204,7 @@ class PromptTemplate:
 
     def left_out(self, instruction: str = "", input: str = "") -> list[str]:
         """The fields of a row that hold text but have no place in its template (they would be dropped)."""
-        names = {name for _, name, _, _ in string.Formatter().parse(self._choose(input)) if name is not None}
+        names = self.fields[self._choose(input)]
         return [k for k, v in (("instruction", instruction), ("input", input)) if v.strip() and k not in names]
 
     def to_dict(self) -> dict:
