@@ -11,14 +11,18 @@ they drew, so tests (and users) can check the picture against the model.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import matplotlib
+from matplotlib import font_manager
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 
 from gpt.errors import GPTError
 from gpt.tokenizer import Tokenizer
@@ -27,15 +31,35 @@ from gpt.tokenizer import Tokenizer
 VISIBLE = str.maketrans({"\n": "⏎", " ": "·", "\t": "⇥", "\r": "␍"})
 
 
+@functools.lru_cache(maxsize=None)
+def drawable_chars(families: tuple[str, ...]) -> frozenset[int]:
+    """Code points that the label fonts (these families and the fallbacks matplotlib tries after them) can
+    draw. Without this a CJK character or an emoji becomes an empty box when no installed font has it."""
+    chars: set[int] = set()
+    for family in families:
+        names = matplotlib.rcParams.get(f"font.{family}", [family]) if family in font_manager.font_family_aliases \
+            else [family]
+        for name in names:
+            try:
+                path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+            except ValueError:  # not installed
+                continue
+            chars.update(FT2Font(path).get_charmap())
+    return frozenset(chars)
+
+
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    """One readable label per token: its own text (a BPE piece decoded alone), whitespace made visible.
-    A byte-level piece that is only part of a UTF-8 character shows as the tokenizer spells it."""
+    """One readable label per token: its own text (a BPE piece decoded alone), whitespace made visible,
+    a character no installed font can draw as its code point (U+65E5). A byte-level piece that is only part
+    of a UTF-8 character shows as the tokenizer spells it."""
+    fonts = drawable_chars(tuple(matplotlib.rcParams["font.family"]))
     labels = []
     for i in ids:
         text = tokenizer.decode([i], skip_special_tokens=False)
         if not text or "\ufffd" in text:
             text = tokenizer.hf.id_to_token(i) or f"#{i}"
-        labels.append(text.translate(VISIBLE))
+        text = text.translate(VISIBLE)
+        labels.append("".join(c if ord(c) in fonts else f"U+{ord(c):04X}" for c in text))
     return labels
 
 

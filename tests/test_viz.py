@@ -75,6 +75,13 @@ def test_token_labels_are_readable(shakespeare):
     assert "Ġ" not in "".join(labels)  # no byte-level artefacts
 
 
+def test_token_labels_spell_out_characters_no_font_can_draw():
+    # U+10FFFD is a private-use code point: no installed font has a glyph for it, so matplotlib would draw an
+    # empty box; the label names the code point instead. Characters the fonts have stay as they are.
+    tok = Tokenizer.char_level("ab\U0010fffdé\n")
+    assert token_labels(tok, tok.encode("a\U0010fffdé\n")) == ["a", "U+10FFFD", "é", "⏎"]
+
+
 def write_lightning_csv(path, rows):
     keys = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "val/loss", "val/ppl"]
     with open(path, "w", newline="") as f:
