@@ -158,7 +158,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
              ", ".join(sorted(lora.target_modules)), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     record = {"base": base_record(base_dir), "task": datamodule.describe()}
-    trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path,
+    trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path, base=record["base"],
                              export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
                                                                          {**record, "step": t.global_step}))
     adapter_dir = run_dir / "checkpoints" / "best"

@@ -133,6 +133,7 @@ class LanguageModel(L.LightningModule):
         self._val_sum = self._val_count = None
         self._grad_norm: Optional[torch.Tensor] = None
         self._resumed_rng: Optional[dict] = None
+        self.base: Optional[dict] = None  # fine-tuning: the base model's record (path, sha256), set by run.train
 
     @property
     def gpt_config(self):
@@ -198,6 +199,10 @@ class LanguageModel(L.LightningModule):
             fused = False  # fp16's loss scaling: a fused optimizer unscales inside its step, too late to clip
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = lr_decay_steps(self.decay_steps, self.trainer.max_steps)
+        if self.warmup_steps >= decay_steps:
+            log.warning("optim.warmup_steps=%d is not below the %d steps the learning rate decays over: it stays in "
+                        "warmup, below optim.lr, and never decays (lower optim.warmup_steps)", self.warmup_steps,
+                        decay_steps)
         ratio = self.min_lr / self.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))
@@ -230,16 +235,31 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings and dicts only, so the .ckpt loads with torch.load(weights_only=True).
-        checkpoint["gpt"] = {"config": self.gpt_config.to_dict(), "tokenizer": self.tokenizer.to_str()}
+        checkpoint["gpt"] = {"config": self.gpt_config.to_dict(), "tokenizer": self.tokenizer.to_str(),
+                             "settings": self.resume_settings(), "base": self.base}
         checkpoint["rng"] = rng_states()
+
+    def resume_settings(self) -> dict:
+        """The settings a resumed run must share with its checkpoint, by config group: the optimizer's and
+        the schedule's (the optimizer state and the schedule's position are restored, so a changed value
+        would be dropped or mixed in), and LoRA's (the saved adapter weights have its shapes and scale)."""
+        settings = {"optim": {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
+                              "decay_steps": self.decay_steps, "weight_decay": self.weight_decay,
+                              "betas": list(self.betas), "eps": self.eps}}
+        peft_config = getattr(self.model, "peft_config", None)
+        if peft_config:
+            lora = peft_config["default"]
+            settings["lora"] = {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)}
+        return settings
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)
         self._resumed_rng = checkpoint.get("rng")
 
     def check_resumable(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of the other verb, another model or another vocabulary in one line, before
-        Lightning's load_state_dict fails with a page of shape mismatches. run.train asks before the Trainer
+        """Refuse a checkpoint of the other verb, another base, model, vocabulary or resume_settings() in one
+        line, before Lightning's load_state_dict fails with a page of shape mismatches (or, for the optimizer's
+        settings, silently keeps the saved ones). run.train asks before the Trainer
         exists (so before Lightning prints anything); on_load_checkpoint asks again."""
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
         saved_lora = holds_lora(checkpoint.get("state_dict") or {})
@@ -248,6 +268,11 @@ class LanguageModel(L.LightningModule):
                            if saved_lora else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
                            "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
                            "beside the .ckpt)")
+        base = saved.get("base")
+        if base and self.base and base.get("sha256") != self.base.get("sha256"):
+            raise GPTError(f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
+                           f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "
+                           f"{self.base['sha256'][:12]}…; resume with base={base.get('path')}")
         for key, value in (saved.get("config") or {}).items():
             if key not in ("dropout", "attn_impl") and mine.get(key) != value:
                 raise GPTError(f"the checkpoint was trained with model.{key}={value}, this run has {mine.get(key)} "
@@ -255,6 +280,13 @@ class LanguageModel(L.LightningModule):
         if saved.get("tokenizer") not in (None, self.tokenizer.to_str()):
             raise GPTError("the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
                            "resume with the data settings it was trained with")
+        mine = self.resume_settings()
+        for group, values in (saved.get("settings") or {}).items():
+            for key, value in values.items():
+                if (mine.get(group) or {}).get(key, value) != value:
+                    raise GPTError(f"the checkpoint was trained with {group}.{key}={value}, this run has "
+                                   f"{mine[group][key]}; a resumed run continues its saved optimizer, schedule and "
+                                   "weights: resume with the settings it was trained with")
 
 
 class ExportingCheckpoint(ModelCheckpoint):

@@ -275,12 +275,15 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_pat
 
 
 def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, datamodule,
-          export_fn: Callable[[L.Trainer, Path], Any], ckpt_path: Optional[str] = None) -> tuple[L.Trainer, dict]:
+          export_fn: Callable[[L.Trainer, Path], Any], ckpt_path: Optional[str] = None,
+          base: Optional[dict] = None) -> tuple[L.Trainer, dict]:
     """What pretraining and fine-tuning share: the LightningModule around `model` (cfg.optim, cfg.compile),
     the Trainer, the exported directory beside each checkpoint (export_fn(trainer, path)), the fit, and
-    the summary every run reports in metrics.json (each verb adds its own keys)."""
+    the summary every run reports in metrics.json (each verb adds its own keys). base: fine-tuning's record
+    of its base model, kept in the checkpoints so that a resume on another base is refused."""
     module = LanguageModel(model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
                            compile=cfg.get("compile", False))
+    module.base = base
     if ckpt_path and (ckpt := peek_checkpoint(ckpt_path)) is not None:
         module.check_resumable(ckpt)  # before the Trainer prints its banner
     trainer, speed = make_trainer(cfg, run_dir)

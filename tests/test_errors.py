@@ -159,6 +159,10 @@ CASES = [
      lambda w, t: train(t, f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", "data=text",
                         f"data.path={write(t / 'c.txt', TEXT * 20)}"),
      ["model.vocab_size=67", "resume with the settings"]),
+    ("the checkpoint was trained with", "resume with another learning rate",
+     lambda w, t: train(t, f"ckpt_path={w / 'runs/tiny/done/checkpoints/last.ckpt'}", "trainer.max_steps=4",
+                        "optim.lr=0.01"),
+     ["optim.lr=0.0006, this run has 0.01", "resume with the settings"]),
     ("cannot be loaded safely", "resume from a pickle that carries code",
      lambda w, t: train(t, f"ckpt_path={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely"]),
     ("cannot be loaded safely", "sample from a pickle that carries code",
@@ -276,6 +280,8 @@ ELSEWHERE = {
     "parallel files are not line-aligned": "tests/test_finetune.py::test_mismatched_parallel_files_name_both_files_and_counts",
     "not valid JSON (": "tests/test_finetune.py::test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted",
     "belongs to a different base": "tests/test_finetune.py::test_eval_only_and_an_adapter_on_the_wrong_base",
+    "the checkpoint fine-tuned the base":
+        "tests/test_finetune.py::test_a_resume_with_other_lora_settings_or_another_base_is_refused",
     "matches no linear layer": "tests/test_finetune.py::test_lora_targets_map_to_our_module_names",
     "processes of a distributed launch":
         "tests/test_cli.py::test_torchrun_processes_share_one_run_dir_and_only_rank_zero_writes_the_config",

@@ -600,6 +600,21 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     assert not (tmp_path / "bad" / "checkpoints").exists()  # no merged model (the named directory itself stays)
 
 
+def test_a_resume_with_other_lora_settings_or_another_base_is_refused(finetuned, task_files, base_dir, tmp_path):
+    """The checkpoint holds LoRA factors of its rank and the base they were trained on: a resume with another
+    rank (before: a page of state_dict shape errors) or on another base (before: accepted, and the adapter
+    recorded the new base) is refused in one line, before anything is written."""
+    run_dir, _ = finetuned
+    resume = ("finetune.py", "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
+              "task.valid=[valid.src,valid.tgt]", "trainer.max_steps=60", "optim.lr=1e-2", "optim.warmup_steps=5",
+              "lora.targets=[qkv,attn_out,mlp,lm_head]", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    proc = run_cli(*resume, f"base={base_dir}", "lora.rank=4", f"hydra.run.dir={tmp_path / 'rank'}")
+    assert_user_error(proc, "lora.rank=8, this run has 4", "resume with the settings")
+    proc = run_cli(*resume, "lora.rank=8", f"base={run_dir / 'checkpoints' / 'merged'}", f"hydra.run.dir={tmp_path / 'base'}")
+    assert_user_error(proc, "the checkpoint fine-tuned the base", "resume with base=")
+    assert not (tmp_path / "rank" / "checkpoints").exists() and not (tmp_path / "base" / "checkpoints").exists()
+
+
 def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir, tmp_path):
     """SIGKILL in the middle of writing the step-30 checkpoint, resume with ckpt_path=last: the same losses,
     step by step, and the same best adapter as a run never stopped (mid-epoch and across epochs: 19 batches
