@@ -8,6 +8,7 @@ completion are written as the two characters `\\n` so that lines stay lines.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -365,6 +366,11 @@ def check_options(cfg) -> None:
         out = Path(out)
         if out.is_dir():
             raise GPTError(f"{key}={out} is a directory; give a file name" + ("" if suffix_ok else ", e.g. attn.png"))
+        read = next((p for p in files_read(cfg) if out.exists() and os.path.samefile(out, p)), None)
+        if read is not None:  # even with overwrite=true: the run would destroy what it reads
+            what = "a file" if os.path.abspath(out) == os.path.abspath(read) else f"the same file as {read}, a file"
+            raise GPTError(f"{key}={out} is {what} this run reads (the prompts or the model's own files); "
+                           "choose another path")
         if out.exists() and not cfg.overwrite:
             raise GPTError(f"{out} exists; choose another {key} or pass overwrite=true")
         if not suffix_ok:
@@ -384,6 +390,23 @@ def check_options(cfg) -> None:
                            "path") from None
     if cfg.get("attention_map") and cfg.input_file:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
+
+
+def files_read(cfg) -> list[Path]:
+    """The files a sampling run reads: its prompt files, and every file of the model, adapter and base
+    directories (or the .ckpt) it loads."""
+    paths = [Path(cfg[key]) for key in ("input_file", "prompt_file") if cfg.get(key)]
+    sources = [Path(cfg[key]) for key in ("ckpt", "adapter") if cfg.get(key)]
+    if cfg.get("adapter") and not cfg.get("ckpt"):
+        from gpt.adapter import RECORD_FILE
+
+        try:  # the recorded base (a damaged record is reported when the adapter is loaded)
+            sources.append(Path(json.loads((Path(cfg.adapter) / RECORD_FILE).read_text())["base"]["path"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for source in sources:
+        paths += [p for p in source.rglob("*") if p.is_file()] if source.is_dir() else [source]
+    return [p for p in paths if p.exists()]
 
 
 def read_text_file(path: str | Path) -> str:
