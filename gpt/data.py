@@ -287,6 +287,9 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
     if tokenizer_path and not Path(tokenizer_path).exists():
         raise GPTError(f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a model "
                        "directory holding one")
+    if tokenizer_path and Path(tokenizer_path).is_dir() and not (Path(tokenizer_path) / "tokenizer.json").is_file():
+        raise GPTError(f"data.tokenizer_path={tokenizer_path} is a directory without a tokenizer.json; point it at a "
+                       "tokenizer.json or a model directory holding one (e.g. a run's checkpoints/best)")
     spec = {"version": STORE_VERSION, "source": source.fingerprint(), "tokenizer": tokenizer,
             "vocab_size": vocab_size, "val_fraction": val_fraction, "dtype": dtype,
             "tokenizer_file": sha256_file(Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir()

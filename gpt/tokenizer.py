@@ -81,7 +81,8 @@ class Tokenizer:
         try:
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises plain Exception for malformed files
-            raise GPTError(f"{path} is not a valid tokenizer.json ({e}); re-export the model") from e
+            raise GPTError(f"{path} is not a valid tokenizer.json ({e}); use a tokenizer.json saved by Hugging Face "
+                           "tokenizers (a model directory's own: re-export the model)") from e
 
     @classmethod
     def from_str(cls, s: str) -> "Tokenizer":
