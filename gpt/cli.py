@@ -115,6 +115,7 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     required value in one line. Returns the arguments for Hydra, where a bare value for a text or list setting
     (prompt=5, stop=AB, lora.targets=qkv) is rewritten to mean what it says ('5', ["AB"], ["qkv"])."""
     multirun = any(a in ("-m", "--multirun") for a in args)
+    args = [expand_home(a) for a in args]
     flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
     for a in settings:
         if "=" not in a and not a.startswith("~"):
@@ -166,6 +167,16 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     if run_dir and "${" not in run_dir:
         precheck_run_dir(Path(run_dir), cfg)
     return args
+
+
+def expand_home(arg: str) -> str:
+    """key=~/x (the shell leaves ~ alone in quotes, e.g. 'data.path=~/corpus/*.txt'): the home directory, as
+    the shell would have made it. Hydra's override syntax has no unquoted ~ in a value, so this takes nothing
+    that meant something else."""
+    m = re.fullmatch(r"(\+?[A-Za-z_][\w.]*)=(~.*)", arg, flags=re.S)
+    if not m or "'" in m.group(2):
+        return arg
+    return f"{m.group(1)}='{os.path.expanduser(m.group(2))}'"
 
 
 # Settings that name one file or directory: a leading ~ is the home directory, quoted or not.
