@@ -31,7 +31,7 @@ from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
                      resolve_ckpt_path, train, write_metrics)
-from gpt.sample import check_decoding
+from gpt.sample import check_decoding, check_stop_strings
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,12 @@ def check_options(cfg: DictConfig) -> None:
         if (value is not None or key not in nullable) and (not is_int(value) or value < 1):
             raise GPTError(f"eval.{key} must be a positive integer (got {value!r})"
                            + (f"; null = {nullable[key]}" if key in nullable else ""))
-    check_decoding(e.get("num_beams", 1), e.get("no_repeat_ngram_size", 0), e.get("copy_bonus", 0.0), prefix="eval.")
+    check_decoding(e.get("num_beams", 1), e.get("no_repeat_ngram_size", 0), e.get("copy_bonus", 0.0),
+                   e.get("length_penalty", 1.0), e.get("dtype", "auto"), prefix="eval.")
+    if not is_int(cfg.task.get("max_new_tokens", 128)) or cfg.task.get("max_new_tokens", 128) < 1:
+        raise GPTError(f"task.max_new_tokens must be a positive integer (got {cfg.task.get('max_new_tokens')!r}): "
+                       "the longest answer scoring generates")
+    check_stop_strings(cfg.task.get("stop") or [], "task.stop")
 
 
 def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:

@@ -611,7 +611,7 @@ class FinalSamples(Callback):
                  temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None, seed: int = 1337):
         from gpt.model import check_sampling_args
 
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, prefix="log_samples.")
         check_seed(seed, "log_samples.seed")
         self.path, self.n, self.prompt, self.seed = Path(path), n, prompt, seed
         self.args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)

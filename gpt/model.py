@@ -623,15 +623,16 @@ def prompt_too_long(n_tokens: int, block_size: int, which: str = "prompt") -> GP
     return GPTError(f"{which} is {n_tokens} tokens but the model's context is {block_size}: shorten the prompt")
 
 
-def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None):
+def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None, prefix: str = ""):
+    """prefix: where the settings live in the config (e.g. "log_samples."), for the messages."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise GPTError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
+        raise GPTError(f"{prefix}max_new_tokens must be a positive integer (got {max_new_tokens!r})")
     if not is_number(temperature) or not 0 <= temperature < math.inf:
-        raise GPTError(f"temperature must be a number >= 0 (got {temperature!r}); use 0 for greedy decoding")
+        raise GPTError(f"{prefix}temperature must be a number >= 0 (got {temperature!r}); use 0 for greedy decoding")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
-        raise GPTError(f"top_k must be a positive integer or null (got {top_k!r})")
+        raise GPTError(f"{prefix}top_k must be a positive integer or null (got {top_k!r})")
     if top_p is not None and not (is_number(top_p) and 0.0 < top_p <= 1.0):
-        raise GPTError(f"top_p must be in (0, 1] or null (got {top_p!r})")
+        raise GPTError(f"{prefix}top_p must be in (0, 1] or null (got {top_p!r})")
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:

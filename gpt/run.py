@@ -195,6 +195,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
         dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
     samples = cfg.get("log_samples")
+    if samples and (not is_int(samples.get("n", 0)) or samples.get("n", 0) < 0):
+        raise GPTError(f"log_samples.n must be a whole number >= 0 (got {samples.get('n')!r}); 0 = no samples")
     if samples and samples.get("n", 0) > 0:
         extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
     # The progress bar first: on an exception it ends its line before the others print theirs.

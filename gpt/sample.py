@@ -165,14 +165,25 @@ def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: in
     return bias
 
 
-def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, prefix: str = "") -> None:
+def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_penalty=1.0, dtype="auto",
+                   prefix: str = "") -> None:
     """The decoding settings sample.py and fine-tuning's evaluation share (`prefix`: "eval." for the latter)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise GPTError(f"{prefix}dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+    if not is_number(length_penalty) or not math.isfinite(length_penalty):
+        raise GPTError(f"{prefix}length_penalty must be a finite number (got {length_penalty!r}); 1.0 = scores "
+                       "divided by the length, 0 = plain sums")
     if not is_int(num_beams) or num_beams < 1:
         raise GPTError(f"{prefix}num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
     if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
         raise GPTError(f"{prefix}no_repeat_ngram_size must be an integer >= 0 (got {no_repeat_ngram_size!r}); 0 = off")
     if not is_number(copy_bonus) or not 0 <= copy_bonus < math.inf:
         raise GPTError(f"{prefix}copy_bonus must be >= 0 (got {copy_bonus!r}); 0 = off")
+
+
+def check_stop_strings(stops, key: str) -> None:
+    if any(not str(s) for s in stops):
+        raise GPTError(f"{key} holds an empty string, which would end every text at once; drop it ({key}=[] for none)")
 
 
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
@@ -188,7 +199,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     line a task template wraps; default the prompt itself), so words are carried over more readily: for
     tasks whose output mostly repeats the input (style transfer, correction).
     strict=False: characters a char-level tokenizer lacks become <|unk|> (as in training) instead of an error."""
-    check_decoding(num_beams, no_repeat_ngram_size, copy_bonus)
+    check_decoding(num_beams, no_repeat_ngram_size, copy_bonus, length_penalty)
     if sources is not None and len(sources) != len(prompts):
         raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
@@ -328,7 +339,9 @@ def check_options(cfg) -> None:
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
-    check_decoding(cfg.get("num_beams", 1), cfg.get("no_repeat_ngram_size", 0), cfg.get("copy_bonus", 0.0))
+    check_decoding(cfg.get("num_beams", 1), cfg.get("no_repeat_ngram_size", 0), cfg.get("copy_bonus", 0.0),
+                   cfg.get("length_penalty", 1.0), cfg.get("dtype", "auto"))
+    check_stop_strings(cfg.get("stop") or [], "stop")
     head = cfg.get("attention_head")
     if not (head is None or is_int(head)) or not is_int(cfg.get("attention_layer", -1)):
         raise GPTError(f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
