@@ -390,6 +390,13 @@ class TaskDataModule(L.LightningDataModule):
             raise GPTError(f"task {self.name}: a {self.format} split is one .json or .jsonl file (got {spec!r})")
         return read_json_records(self._path(spec), self.fields, self.name, self.bad)
 
+    def _source(self, split: str) -> str:
+        """Where a split's rows come from, for messages."""
+        if self.hub:
+            return f"the hub dataset {self.hub['name']}"
+        spec = self.train_spec if split == "train" else self.valid_spec
+        return " + ".join(str(self._path(p)) for p in ([spec] if isinstance(spec, str) else spec))
+
     def load_rows(self) -> dict[str, list[dict]]:
         """The train and valid rows (valid held out from train when the task has no valid split)."""
         if self.rows:
@@ -414,7 +421,11 @@ class TaskDataModule(L.LightningDataModule):
                 why = (f" (all {skipped[split]} rows were skipped as malformed: task.on_bad_row=skip)" if skipped[split]
                        else f" (its {len(valid)} row(s) went to the valid split that task.valid_fraction holds out: add "
                             "rows, or give a valid split of its own)" if split == "train" and held_out and valid else "")
-                raise GPTError(f"task {self.name}: the {split} split has no usable rows{why}")
+                source = self._source("train" if split == "valid" and held_out else split)
+                rows_are = ("a pair per line" if self.format == "parallel" and not self.hub else
+                            "rows with " + ", ".join(repr(f) for k, f in self.fields.items() if f and k in REQUIRED + ("input",)))
+                raise GPTError(f"task {self.name}: the {split} split has no usable rows{why}; read from {source}: "
+                               f"give it {rows_are}")
         self.rows = {"train": train, "valid": valid} if "train" in splits else {"valid": valid}
         self.stats = {s: {"rows": len(r), "skipped": skipped[s]} for s, r in self.rows.items()}
         return self.rows

@@ -2,6 +2,7 @@
 reload in a fresh process), evaluation against sacrebleu, and finetune.py / sample.py end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,10 @@ def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp
     bad.write_text('{"prompt": "2 2?"}\n{"prompt": "3 3?"}\n')
     with pytest.raises(GPTError, match=r"no usable rows \(all 2 rows were skipped as malformed"):
         task(train=str(bad), on_bad_row="skip").load_rows()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(GPTError, match=re.escape(f"no usable rows; read from {empty}: give it rows with 'prompt', 'response'")):
+        task(train=str(empty)).load_rows()
     with pytest.raises(GPTError, match="both task.train .files. and task.hub.name=someone/qa give the data; keep one"):
         task(train=str(one), hub={"name": "someone/qa"})
     assert task(train=str(one), valid=str(one)).load_rows()["train"][0]["output"] == "4"
