@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -251,15 +253,29 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
     return model.to(map_location), tokenizer
 
 
+def why_unloadable(e: Exception) -> str:
+    """torch.load's reason for refusing a file, short, without its advice to retry with weights_only=False
+    (which would run whatever code the file carries)."""
+    text = str(e).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, flags=re.S)
+    reason = found.group(1) if found else (text.splitlines() or [""])[0]
+    return f"{type(e).__name__}: {' '.join(reason.split())[:150]}"
+
+
+def torch_load(path: str | Path, **kwargs) -> object:
+    """torch.load(weights_only=True), without the weights-only unpickler's warning about pickle protocols."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
+
+
 def torch_load_safely(path: str | Path, advice: str) -> object:
     """torch.load with weights_only=True; a pickle that tries to run code is refused, never executed."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch_load(path)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncated files
-        raise GPTError(
-            f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"it is corrupt, truncated or contains code; {advice}"
-        ) from e
+        raise GPTError(f"{path} cannot be loaded safely ({why_unloadable(e)}); it is corrupt, truncated or "
+                       f"contains code; {advice}") from e
 
 
 def read_lightning_ckpt(path: str | Path) -> dict:

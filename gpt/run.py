@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from gpt.checkpoint import atomic_file, remove_stale_temps
+from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
 from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError, is_int, is_number
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
@@ -109,7 +109,7 @@ def peek_checkpoint(ckpt_path: str) -> Optional[dict]:
     """A Lightning .ckpt memory-mapped (its tensors are not read), None if unreadable here (fit then reports
     what is wrong with the file). A pickle that would run code is refused (never run)."""
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch_load(ckpt_path, mmap=True)
     except pickle.UnpicklingError as e:
         raise unsafe_checkpoint(ckpt_path, e) from e
     except Exception:
@@ -118,8 +118,8 @@ def peek_checkpoint(ckpt_path: str) -> Optional[dict]:
 
 
 def unsafe_checkpoint(ckpt_path, e: Exception) -> GPTError:
-    return GPTError(f"{ckpt_path} cannot be loaded safely ({str(e).splitlines()[0][:150]}); it carries code or objects "
-                    "a checkpoint never holds; only resume from checkpoints written by this tool")
+    return GPTError(f"{ckpt_path} cannot be loaded safely ({why_unloadable(e)}); it carries code or objects a "
+                    "checkpoint never holds; only resume from checkpoints written by this tool")
 
 
 def saved_step(ckpt_path: str) -> Optional[int]:
