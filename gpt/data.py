@@ -264,8 +264,10 @@ def build_tokenizer(source: TextSource, kind: str, vocab_size: Optional[int], pa
                 chars.update(text)
         return Tokenizer.char_level(chars)
     if kind == "bpe":
-        if not vocab_size:
+        if vocab_size is None:
             raise GPTError("data.tokenizer=bpe needs data.vocab_size (e.g. 2048)")
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise GPTError(f"data.vocab_size must be a positive number of BPE tokens, e.g. 2048 (got {vocab_size!r})")
         tok = Tokenizer.train_bpe(source.batches(doc_ends=False), vocab_size)
         if tok.vocab_size < vocab_size:  # BpeTrainer stops when no pair of tokens occurs twice
             log.info("BPE: %d tokens, not the %d asked for: the corpus has no more merges to learn",
