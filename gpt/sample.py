@@ -298,7 +298,11 @@ def quantize_weights(model, how: str) -> GPT:
         model = merge(model)
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+    try:
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+    except (RuntimeError, ValueError) as e:  # e.g. a model with n_embd=1: torchao's kernels need wider rows
+        raise GPTError(f"quantize=int8 cannot quantize this model ({str(e).splitlines()[0][:120]}); sample it "
+                       "without quantize") from e
     return model
 
 
