@@ -33,6 +33,10 @@ def complete_model_config(config: GPTConfig, vocab_size: int) -> GPTConfig:
     if config.vocab_size < vocab_size:
         raise GPTError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
                        "leave it null to take the tokenizer's")
+    if config.vocab_size - vocab_size > 128:  # more than padding to a round size (e.g. 50304 for 50257)
+        log.warning("model.vocab_size=%d is larger than the tokenizer's %d tokens: %s embedding rows will never be "
+                    "used; model.vocab_size=null takes the tokenizer's", config.vocab_size, vocab_size,
+                    f"{config.vocab_size - vocab_size:,}")
     return config
 
 
