@@ -234,12 +234,14 @@ def precheck_run_dir(run_dir: Path, cfg) -> None:
     if "ckpt_path" in cfg:  # a training run: refuse a directory in use, or holding a run it does not resume
         from gpt.run import RunLock, check_run_dir_is_free, resumes_run_in
 
-        with user_errors(), RunLock(run_dir):
+        with user_errors():  # a refused directory is checked before the lock is taken: nothing is added to it
             check_run_dir_is_free(run_dir, cfg.ckpt_path)
             others = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
             if others and not resumes_run_in(run_dir, cfg.ckpt_path) and is_launch_rank_zero():  # .hydra/, metrics...
                 raise GPTError(f"hydra.run.dir={run_dir} is not empty (it holds {', '.join(others[:3])}"
                                f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
+            with RunLock(run_dir):  # refuses a directory another run is writing to
+                pass
 
 
 @contextlib.contextmanager
