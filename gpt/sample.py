@@ -458,7 +458,7 @@ def sample(cfg) -> Optional[list[str]]:
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
                                          sources=lines, strict=strict, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
-            print(f"wrote {len(completions)} completions to {cfg.output_file}", file=sys.stderr)
+            print(f"wrote {len(completions)} completion{'' if len(completions) == 1 else 's'} to {cfg.output_file}", file=sys.stderr)
             return completions
 
         if cfg.prompt_file:
