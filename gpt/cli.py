@@ -9,6 +9,7 @@ HYDRA_FULL_ERROR=1) to get the full traceback instead. Anything else is a bug an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sys
@@ -128,7 +129,9 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
                  "(quote a value that contains commas: key='a,b')")
     overrides = [a for a in settings if not a.lstrip("+~").startswith("hydra")
                  and not ("=" in a and _is_sweep(a.split("=", 1)[1]))]
-    if any(f in ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "-sc", "--shell-completion",
+    if any(f in ("--help", "-h") for f in flags):
+        print_help(config_name, [a for a in overrides if a.split("=", 1)[0].lstrip("+~") in GROUPS])
+    if any(f in ("--hydra-help", "--info", "-i", "--version", "-sc", "--shell-completion",
                  "--experimental-rerun") for f in flags):
         return args
     from hydra import compose, initialize_config_dir
@@ -281,7 +284,38 @@ def unpoint_latest(run_dir: Path) -> None:
         link.unlink(missing_ok=True)
 
 
+def config_groups(config_name: str) -> list[str]:
+    """The config groups a script composes (the groups of its config's defaults list)."""
+    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults") or []
+    return [key for d in defaults if OmegaConf.is_dict(d) for key in d if not str(key).startswith("override")]
+
+
+def print_help(config_name: str, choices: list[str]) -> None:
+    """`python <script>.py --help`: its usage line, its own config groups and their options, and its settings
+    (Hydra's own help would list every group under configs/, also those of the other scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    lines = (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines()
+    print("\n".join(line[1:].strip() for line in itertools.takewhile(lambda line: line.startswith("#"), lines)))
+    groups = config_groups(config_name)
+    if groups:
+        print("\n== Config groups: group=option ==")
+        for group in groups:
+            print(f"{group}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml')))}")
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=choices)
+    print("\n== Settings: key=value (`--cfg job` prints them with every value filled in) ==")
+    print(OmegaConf.to_yaml(cfg).rstrip())
+    print("\nREADME.md has a section per job and a table of errors and what to do.")
+    sys.exit(0)
+
+
 def describe_config_error(msg: str, config_name: str) -> str:
+    m = re.search(r"Could not override '([^']+)'\. No match in the defaults list", msg)
+    if m:
+        groups = config_groups(config_name)
+        return (f"{m.group(1)} is not a config group of {config_name}.py (its groups: "
+                f"{', '.join(groups) or 'none'}); drop it: `python {config_name}.py --help` lists what it takes")
     m = re.search(r"Could not override '([^']+)'", msg)
     if m and ("not in struct" in msg or "To append to your config" in msg):
         key = m.group(1)

@@ -157,3 +157,15 @@ def test_hydra_flags_with_a_value_are_not_taken_for_settings():
         proc = run_cli(script, "--cfg", "job", "seed=7")
         assert proc.returncode == 0 and "\nseed: 7\n" in "\n" + proc.stdout, (script, proc.stderr[-2000:])
     assert_user_error(run_cli("train.py", "--cfg", "job", "model.n_layr=2"), "unknown config key 'model.n_layr'")
+
+
+def test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named():
+    """Hydra's --help lists every group under configs/, the other scripts' too (sample.py showed model/,
+    data/, ...); ours lists the script's own and its settings."""
+    for script, shown, foreign in (("train.py", "model: baby, gpt2", "task: alpaca"),
+                                   ("finetune.py", "task: alpaca, parallel", "data: hub"),
+                                   ("sample.py", "ckpt: null", "model: baby")):
+        proc = run_cli(script, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert shown in proc.stdout and foreign not in proc.stdout and proc.stdout.startswith(("Pretraining", "LoRA", "Sampling"))
+    assert_user_error(run_cli("sample.py", "model=tiny"), "model is not a config group of sample.py", "--help")

@@ -309,6 +309,7 @@ ELSEWHERE = {
     "parallel files are not line-aligned": "tests/test_finetune.py::test_mismatched_parallel_files_name_both_files_and_counts",
     "not valid JSON (": "tests/test_finetune.py::test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted",
     "belongs to a different base": "tests/test_finetune.py::test_eval_only_and_an_adapter_on_the_wrong_base",
+    "is not a config group of": "tests/test_cli.py::test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named",
     "the checkpoint fine-tuned the base":
         "tests/test_finetune.py::test_a_resume_with_other_lora_settings_or_another_base_is_refused",
     "matches no linear layer": "tests/test_finetune.py::test_lora_targets_map_to_our_module_names",
