@@ -256,10 +256,13 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
 def why_unloadable(e: Exception) -> str:
     """torch.load's reason for refusing a file, short, without its advice to retry with weights_only=False
     (which would run whatever code the file carries)."""
-    text = str(e).strip()
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, flags=re.S)
-    reason = found.group(1) if found else (text.splitlines() or [""])[0]
-    return f"{type(e).__name__}: {' '.join(reason.split())[:150]}"
+    reasons = []
+    for paragraph in re.split(r"\n\s*\n", str(e)):
+        paragraph = re.sub(r"^.*WeightsUnpickler error:", "", paragraph, flags=re.S)  # after "please file an issue"
+        paragraph = re.sub(r"Please use `torch\.serialization\.\S+.*", "", paragraph, flags=re.S)  # allow-listing
+        if paragraph.strip() and not paragraph.lstrip().startswith(("Weights only load failed", "Check the documentation")):
+            reasons.append(" ".join(paragraph.split()))
+    return f"{type(e).__name__}: {(reasons or ['a pickle that weights_only=True refuses'])[0][:150]}"
 
 
 def torch_load(path: str | Path, **kwargs) -> object:

@@ -167,9 +167,9 @@ CASES = [
                         "optim.lr=0.01"),
      ["optim.lr=0.0006, this run has 0.01", "resume with the settings"]),
     ("cannot be loaded safely", "resume from a pickle that carries code",
-     lambda w, t: train(t, f"ckpt_path={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely"]),
+     lambda w, t: train(t, f"ckpt_path={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely (UnpicklingError: Trying to load unsupported GLOBAL posix.mkdir"]),
     ("cannot be loaded safely", "sample from a pickle that carries code",
-     lambda w, t: ("sample.py", f"ckpt={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely"]),
+     lambda w, t: ("sample.py", f"ckpt={evil_ckpt(t)}"), ["evil.ckpt cannot be loaded safely (UnpicklingError: Trying to load unsupported GLOBAL posix.mkdir"]),
     ("is not a whole checkpoint", "resume from a truncated .ckpt",
      lambda w, t: train(t, f"ckpt_path={truncated(Path(shutil.copy(w / 'runs/tiny/done/checkpoints/last.ckpt', t)))}"),
      ["not a whole checkpoint"]),
@@ -360,6 +360,17 @@ def test_a_refused_run_leaves_no_directory_behind_but_a_named_one_stays(world, t
     assert_user_error(run_cli("train.py", *TINY, "data=text", f"data.path={empty}", f"hydra.run.dir={named}",
                               cwd=tmp_path), "empty")
     assert (named / ".hydra" / "config.yaml").is_file()
+
+
+def test_a_refused_pickle_is_not_answered_with_torchs_advice_to_load_it_unsafely(tmp_path):
+    from gpt.checkpoint import torch_load_safely
+    from gpt.errors import GPTError
+
+    with pytest.raises(GPTError) as refused:
+        torch_load_safely(evil_ckpt(tmp_path), "only load checkpoints written by this tool")
+    assert "GLOBAL posix.mkdir" in str(refused.value)
+    assert "weights_only" not in str(refused.value) and "Re-running" not in str(refused.value)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_the_code_carrying_pickle_is_live(tmp_path):
