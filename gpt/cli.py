@@ -166,10 +166,15 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
              f"(`python {config_name}.py --cfg job` shows the settings)")
     rewritten = check_value_types(config_name, overrides, cfg)
     args = [rewritten.get(a, a) for a in args]
-    run_dir = ([a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
+    run_dir = ([unquote(a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
     if run_dir and "${" not in run_dir:
         precheck_run_dir(Path(run_dir), cfg)
     return args
+
+
+def unquote(value: str) -> str:
+    """A value as Hydra reads it when it is one quoted string ('x y' or "x y")."""
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
 def expand_home(arg: str) -> str:
@@ -177,14 +182,15 @@ def expand_home(arg: str) -> str:
     the shell would have made it. Hydra's override syntax has no unquoted ~ in a value, so this takes nothing
     that meant something else."""
     m = re.fullmatch(r"(\+?[A-Za-z_][\w.]*)=(~.*)", arg, flags=re.S)
-    if not m or "'" in m.group(2):
+    if not m or m.group(1).lstrip("+") not in PATH_KEYS | GLOB_KEYS or "'" in m.group(2) or _is_sweep(m.group(2)):
         return arg
     return f"{m.group(1)}='{os.path.expanduser(m.group(2))}'"
 
 
 # Settings that name one file or directory: a leading ~ is the home directory, quoted or not.
 PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_file", "attention_map", "ckpt_path",
-             "data.tokenizer_path"}
+             "data.tokenizer_path", "task.root", "hydra.run.dir", "hydra.sweep.dir"}
+GLOB_KEYS = {"data.path"}  # files or a glob (expanded by the data module): only ~ as the shell would
 
 
 def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, str]:
