@@ -26,15 +26,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
-from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, atomic_dir, load_model_dir, weights_sha256
+from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RECORD_FILE, WEIGHTS_FILE, atomic_dir,
+                            load_model_dir, weights_sha256)
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "gpt_adapter.json"
-PEFT_FILES = (ADAPTER_CONFIG_FILE, "adapter_model.safetensors")
+PEFT_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 
 # Friendly target names -> our module names (GPT-2's). PEFT matches a name against the end of a module's
 # dotted path, so "attn.c_proj" hits transformer.h.<i>.attn.c_proj in every block (and not mlp.c_proj).

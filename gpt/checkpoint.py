@@ -35,6 +35,8 @@ from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what PEFT writes beside LoRA weights: an adapter, not a model
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's LoRA weights
+RECORD_FILE = "gpt_adapter.json"  # ours, beside PEFT's files: the adapter's base and task (gpt.adapter)
 TIED = ("lm_head.weight",)  # the same tensor as transformer.wte.weight: stored once (unless untied)
 
 

@@ -19,11 +19,12 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
-from gpt.checkpoint import atomic_file, load_model
+from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE, atomic_file,
+                            load_model)
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args, prompt_too_long
 from gpt.textfiles import check_text_files, read_text, split_lines
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -383,7 +384,7 @@ def check_options(cfg) -> None:
         out = Path(out)
         if out.is_dir():
             raise GPTError(f"{key}={out} is a directory; give a file name" + ("" if suffix_ok else ", e.g. attn.png"))
-        read = next((p for p in files_read(cfg) if out.exists() and os.path.samefile(out, p)), None)
+        read = next((p for p in files_read(cfg) if os.path.samefile(out, p)), None) if out.exists() else None
         if read is not None:  # even with overwrite=true: the run would destroy what it reads
             what = "a file" if os.path.abspath(out) == os.path.abspath(read) else f"the same file as {read}, a file"
             raise GPTError(f"{key}={out} is {what} this run reads (the prompts or the model's own files); "
@@ -409,20 +410,22 @@ def check_options(cfg) -> None:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
 
 
+# What loading a model or adapter directory reads (gpt.checkpoint, gpt.adapter).
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RECORD_FILE)
+
+
 def files_read(cfg) -> list[Path]:
-    """The files a sampling run reads: its prompt files, and every file of the model, adapter and base
-    directories (or the .ckpt) it loads."""
+    """The files a sampling run reads: its prompt files, and the model's, adapter's and base's own files (or
+    the .ckpt). Other files in those directories (earlier outputs, say) are not among them."""
     paths = [Path(cfg[key]) for key in ("input_file", "prompt_file") if cfg.get(key)]
     sources = [Path(cfg[key]) for key in ("ckpt", "adapter") if cfg.get(key)]
     if cfg.get("adapter") and not cfg.get("ckpt"):
-        from gpt.adapter import RECORD_FILE
-
         try:  # the recorded base (a damaged record is reported when the adapter is loaded)
             sources.append(Path(json.loads((Path(cfg.adapter) / RECORD_FILE).read_text())["base"]["path"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass
     for source in sources:
-        paths += [p for p in source.rglob("*") if p.is_file()] if source.is_dir() else [source]
+        paths += [source / name for name in MODEL_FILES] if source.is_dir() else [source]
     return [p for p in paths if p.exists()]
 
 

@@ -367,6 +367,16 @@ def test_a_refused_run_leaves_no_directory_behind_but_a_named_one_stays(world, t
     assert (named / ".hydra" / "config.yaml").is_file()
 
 
+def test_an_earlier_output_beside_the_model_may_be_overwritten(world, tmp_path):
+    """Only the files loading reads are protected: a completions file kept in the model's folder is not one."""
+    model = copy_model(world, tmp_path)
+    for _ in range(2):
+        proc = run_cli("sample.py", f"ckpt={model}", "max_new_tokens=3", f"input_file={write(tmp_path / 'in.txt', 'RO')}",
+                       f"output_file={model / 'completions.txt'}", "overwrite=true")
+        assert proc.returncode == 0, proc.stderr
+    assert (model / "completions.txt").read_text().count("\n") == 1
+
+
 def test_a_refused_pickle_is_not_answered_with_torchs_advice_to_load_it_unsafely(tmp_path):
     from gpt.checkpoint import torch_load_safely
     from gpt.errors import GPTError
