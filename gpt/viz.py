@@ -35,7 +35,8 @@ VISIBLE = str.maketrans({"\n": "⏎", " ": "·", "\t": "⇥", "\r": "␍"})
 def drawable_chars(families: tuple[str, ...]) -> frozenset[int]:
     """Code points that the label fonts (these families and the fallbacks matplotlib tries after them) can
     draw. Without this a CJK character or an emoji becomes an empty box when no installed font has it."""
-    chars: set[int] = set()
+    # the font matplotlib falls back to when none of the families is installed (DejaVu Sans, its own)
+    chars: set[int] = set(FT2Font(font_manager.findfont(font_manager.FontProperties(family=list(families)))).get_charmap())
     for family in families:
         names = matplotlib.rcParams.get(f"font.{family}", [family]) if family in font_manager.font_family_aliases \
             else [family]

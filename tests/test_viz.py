@@ -5,6 +5,7 @@ import csv
 import math
 
 import numpy as np
+import matplotlib
 import pytest
 import torch
 from matplotlib.image import imread
@@ -80,6 +81,9 @@ def test_token_labels_spell_out_characters_no_font_can_draw():
     # empty box; the label names the code point instead. Characters the fonts have stay as they are.
     tok = Tokenizer.char_level("ab\U0010fffdé\n")
     assert token_labels(tok, tok.encode("a\U0010fffdé\n")) == ["a", "U+10FFFD", "é", "⏎"]
+    # a font.family that is not installed: matplotlib draws with its fallback font, and so do the labels
+    with matplotlib.rc_context({"font.family": ["No Such Font Family"]}):
+        assert token_labels(tok, tok.encode("a\U0010fffdé\n")) == ["a", "U+10FFFD", "é", "⏎"]
 
 
 def write_lightning_csv(path, rows):
