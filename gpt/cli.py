@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
@@ -159,7 +159,7 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     except (HydraException, OmegaConfBaseException) as e:
         if verbose():
             raise
-        fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name))
+        fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name, overrides))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
@@ -308,20 +308,31 @@ def print_help(config_name: str, choices: list[str]) -> None:
         print("\n== Config groups: group=option ==")
         for group in groups:
             print(f"{group}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml')))}")
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=choices)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name, choices))
     print("\n== Settings: key=value (`--cfg job` prints them with every value filled in) ==")
     print(OmegaConf.to_yaml(cfg).rstrip())
     print("\nREADME.md has a section per job and a table of errors and what to do.")
     sys.exit(0)
 
 
-def describe_config_error(msg: str, config_name: str) -> str:
+def describe_config_error(msg: str, config_name: str, overrides: Sequence[str] = ()) -> str:
     m = re.search(r"Could not override '([^']+)'\. No match in the defaults list", msg)
     if m:
-        groups = config_groups(config_name)
-        return (f"{m.group(1)} is not a config group of {config_name}.py (its groups: "
-                f"{', '.join(groups) or 'none'}); drop it: `python {config_name}.py --help` lists what it takes")
+        group, groups = m.group(1), ", ".join(config_groups(config_name)) or "none"
+        given = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] == group]
+        chosen = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] in GROUPS and a not in given]
+        if not given and chosen:  # set by a chosen config, e.g. another script's experiment
+            return (f"{' '.join(chosen)} sets {group}, which is not a config group of {config_name}.py (its groups: "
+                    f"{groups}): it is meant for another script; drop it (`python {config_name}.py --help`)")
+        return (f"{group} is not a config group of {config_name}.py (its groups: {groups}); drop it: "
+                f"`python {config_name}.py --help` lists what it takes")
     m = re.search(r"Could not override '([^']+)'", msg)
     if m and ("not in struct" in msg or "To append to your config" in msg):
         key = m.group(1)

@@ -169,3 +169,6 @@ def test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named(
         assert proc.returncode == 0, proc.stderr
         assert shown in proc.stdout and foreign not in proc.stdout and proc.stdout.startswith(("Pretraining", "LoRA", "Sampling"))
     assert_user_error(run_cli("sample.py", "model=tiny"), "model is not a config group of sample.py", "--help")
+    assert_user_error(run_cli("finetune.py", "experiment=shakespeare_char_cpu"),
+                      "experiment=shakespeare_char_cpu sets model, which is not a config group of finetune.py")
+    assert_user_error(run_cli("train.py", "--help", "model=bogus"), "unknown choice 'model/bogus'")
