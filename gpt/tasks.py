@@ -422,8 +422,9 @@ class TaskDataModule(L.LightningDataModule):
                        else f" (its {len(valid)} row(s) went to the valid split that task.valid_fraction holds out: add "
                             "rows, or give a valid split of its own)" if split == "train" and held_out and valid else "")
                 source = self._source("train" if split == "valid" and held_out else split)
+                needed = ("instruction", "output") if self.format == "alpaca" else ("input", "output")  # alpaca: input optional
                 rows_are = ("a pair per line" if self.format == "parallel" and not self.hub else
-                            "rows with " + ", ".join(repr(f) for k, f in self.fields.items() if f and k in REQUIRED + ("input",)))
+                            "rows with " + ", ".join(repr(self.fields[k]) for k in needed if self.fields.get(k)))
                 raise GPTError(f"task {self.name}: the {split} split has no usable rows{why}; read from {source}: "
                                f"give it {rows_are}")
         self.rows = {"train": train, "valid": valid} if "train" in splits else {"valid": valid}
