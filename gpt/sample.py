@@ -23,6 +23,7 @@ from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FI
                             load_model)
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args, prompt_too_long
+from gpt.prompts import PromptTemplate
 from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -320,7 +321,6 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     name = cfg.get("template", "auto")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
-    from gpt.tasks import PromptTemplate  # (imports Lightning: only when a template is used)
     if name == "auto":
         from gpt.adapter import read_adapter_record
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpt.data import load_hub_dataset
 from gpt.errors import GPTError, check_num_workers
+from gpt.prompts import PromptTemplate
 from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import Tokenizer
 
@@ -171,44 +171,6 @@ def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> li
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts and tokens
-
-
-class PromptTemplate:
-    """`template` with {instruction} and {input} fields; `template_no_input` for rows with an empty input
-    (Alpaca's two prompts). The response follows the rendered prompt directly."""
-
-    def __init__(self, template: str, template_no_input: Optional[str] = None):
-        self.fields: dict[str, set] = {}  # template -> the fields it fills
-        for t in (template, template_no_input):
-            if t is None:
-                continue
-            try:
-                names = {name for _, name, _, _ in string.Formatter().parse(t) if name is not None}
-            except ValueError as e:
-                raise GPTError(f"prompt template {t!r} is malformed ({e}); write literal braces as {{{{ }}}}") from None
-            unknown = names - {"instruction", "input"}
-            if unknown:
-                raise GPTError(f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "
-                               "only {instruction} and {input} are filled in")
-            if not names:
-                raise GPTError(f"prompt template {t!r} has no {{input}} field, so the prompt would be dropped; "
-                               "put {input} where it goes, e.g. 'Q: {input}\\nA: '")
-            self.fields[t] = names
-        self.template, self.template_no_input = template, template_no_input
-
-    def _choose(self, input: str) -> str:
-        return self.template_no_input if (self.template_no_input is not None and not input.strip()) else self.template
-
-    def __call__(self, instruction: str = "", input: str = "") -> str:
-        return self._choose(input).format(instruction=instruction, input=input)
-
-    def left_out(self, instruction: str = "", input: str = "") -> list[str]:
-        """The fields of a row that hold text but have no place in its template (they would be dropped)."""
-        names = self.fields[self._choose(input)]
-        return [k for k, v in (("instruction", instruction), ("input", input)) if v.strip() and k not in names]
-
-    def to_dict(self) -> dict:
-        return {"template": self.template, "template_no_input": self.template_no_input}
 
 
 @dataclass

@@ -172,3 +172,13 @@ def test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named(
     assert_user_error(run_cli("finetune.py", "experiment=shakespeare_char_cpu"),
                       "experiment=shakespeare_char_cpu sets model, which is not a config group of finetune.py")
     assert_user_error(run_cli("train.py", "--help", "model=bogus"), "unknown choice 'model/bogus'")
+
+
+def test_sampling_code_does_not_import_lightning():
+    """sample.py (with or without an adapter's prompt template) starts without Lightning (~1 s of imports)."""
+    import subprocess
+    import sys
+
+    code = "import sys, gpt.sample, gpt.prompts; print(sorted(m for m in ('lightning', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
