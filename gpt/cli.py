@@ -178,16 +178,19 @@ def unquote(value: str) -> str:
 
 
 def expand_home(arg: str) -> str:
-    """key=~/x (the shell leaves ~ alone in quotes, e.g. 'data.path=~/corpus/*.txt'): the home directory, as
-    the shell would have made it. Hydra's override syntax has no unquoted ~ in a value, so this takes nothing
-    that meant something else."""
-    m = re.fullmatch(r"(\+?[A-Za-z_][\w.]*)=(~.*)", arg, flags=re.S)
-    if not m or m.group(1).lstrip("+") not in PATH_KEYS | GLOB_KEYS or "'" in m.group(2) or _is_sweep(m.group(2)):
+    """A path setting's leading ~ is the home directory, as the shell would have made it, also where the shell
+    left it alone: in the shell's quotes ('data.path=~/corpus/*.txt', which Hydra's syntax cannot read) and in
+    Hydra's (ckpt='~/runs/x'). Only path settings, and never a sweep's several values."""
+    m = re.fullmatch(r"(\+?[A-Za-z_][\w.]*)=(.*)", arg, flags=re.S)
+    if not m or m.group(1).lstrip("+") not in PATH_KEYS | GLOB_KEYS or _is_sweep(m.group(2)):
         return arg
-    return f"{m.group(1)}='{os.path.expanduser(m.group(2))}'"
+    value = unquote(m.group(2))
+    if not value.startswith("~") or "'" in value:
+        return arg
+    return f"{m.group(1)}='{os.path.expanduser(value)}'"
 
 
-# Settings that name one file or directory: a leading ~ is the home directory, quoted or not.
+# Settings that name one file or directory: a leading ~ is the home directory, quoted or not (expand_home).
 PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_file", "attention_map", "ckpt_path",
              "data.tokenizer_path", "task.root", "hydra.run.dir", "hydra.sweep.dir"}
 GLOB_KEYS = {"data.path"}  # files or a glob (expanded by the data module): only ~ as the shell would
@@ -212,9 +215,6 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         seen.add(key)
         default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-        if key in PATH_KEYS and isinstance(value, str) and value.startswith("~") and "'" not in value:
-            rewritten[arg] = f"{key}='{os.path.expanduser(value)}'"  # as the shell does for an unquoted ~
-            continue
         if value is None or default is None or OmegaConf.is_dict(default):
             continue
         if isinstance(default, bool):
