@@ -300,6 +300,8 @@ def print_help(config_name: str, choices: list[str]) -> None:
     """`python <script>.py --help`: its usage line, its own config groups and their options, and its settings
     (Hydra's own help would list every group under configs/, also those of the other scripts)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     lines = (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines()
     print("\n".join(line[1:].strip() for line in itertools.takewhile(lambda line: line.startswith("#"), lines)))
@@ -308,9 +310,6 @@ def print_help(config_name: str, choices: list[str]) -> None:
         print("\n== Config groups: group=option ==")
         for group in groups:
             print(f"{group}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml')))}")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)

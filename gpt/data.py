@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gpt.errors import GPTError, check_num_workers, storage_errors
 from gpt.textfiles import check_text_files
-from gpt.tokenizer import EOS, UNK, Tokenizer
+from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -286,16 +286,18 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
         log.warning("data.vocab_size=%s is not used: it sizes a BPE vocabulary to learn, and data.tokenizer=%s %s",
                     vocab_size, tokenizer, "takes one token per character of the corpus" if tokenizer == "char"
                     else "uses the vocabulary of the given tokenizer")
-    if tokenizer_path and not Path(tokenizer_path).exists():
-        raise GPTError(f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a model "
-                       "directory holding one")
-    if tokenizer_path and Path(tokenizer_path).is_dir() and not (Path(tokenizer_path) / "tokenizer.json").is_file():
-        raise GPTError(f"data.tokenizer_path={tokenizer_path} is a directory without a tokenizer.json; point it at a "
-                       "tokenizer.json or a model directory holding one (e.g. a run's checkpoints/best)")
+    tokenizer_file = None
+    if tokenizer_path:
+        if not Path(tokenizer_path).exists():
+            raise GPTError(f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a "
+                           "model directory holding one")
+        tokenizer_file = Path(tokenizer_path) / TOKENIZER_FILE if Path(tokenizer_path).is_dir() else Path(tokenizer_path)
+        if not tokenizer_file.is_file():
+            raise GPTError(f"data.tokenizer_path={tokenizer_path} is a directory without a {TOKENIZER_FILE}; point it "
+                           "at a tokenizer.json or a model directory holding one (e.g. a run's checkpoints/best)")
     spec = {"version": STORE_VERSION, "source": source.fingerprint(), "tokenizer": tokenizer,
             "vocab_size": vocab_size, "val_fraction": val_fraction, "dtype": dtype,
-            "tokenizer_file": sha256_file(Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir()
-                                          else Path(tokenizer_path)) if tokenizer_path else None}
+            "tokenizer_file": sha256_file(tokenizer_file) if tokenizer_file else None}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache_dir) / f"{name}-{key}"
     if (final / "meta.json").is_file():

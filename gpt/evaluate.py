@@ -128,9 +128,9 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
         if out_dir is not None and outputs:
             write_lines_atomically(Path(out_dir) / f"valid.{system}.txt", [escape(o) for o in outputs], True)
     results["examples"] = len(rows)
-    if "loss" in metrics:  # the examples the loss was taken on: those whose prompt leaves room for a response
-        results["val_loss_examples"] = len(datamodule.data["valid"])
-    kept = len(datamodule.data["valid"])
+    kept = len(datamodule.data["valid"])  # the examples the loss was taken on: prompts that leave room for a response
+    if "loss" in metrics:
+        results["val_loss_examples"] = kept
     loss_note = ("" if "loss" not in metrics or kept == len(rows) else
                  f"; val_loss on all {kept}" if kept == len(all_rows) else f"; val_loss on {kept} of {len(all_rows)}")
     log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))

@@ -58,9 +58,10 @@ def check_options(cfg: DictConfig) -> None:
                            + (f"; null = {nullable[key]}" if key in nullable else ""))
     check_decoding(e.get("num_beams", 1), e.get("no_repeat_ngram_size", 0), e.get("copy_bonus", 0.0),
                    e.get("length_penalty", 1.0), e.get("dtype", "auto"), prefix="eval.")
-    if not is_int(cfg.task.get("max_new_tokens", 128)) or cfg.task.get("max_new_tokens", 128) < 1:
-        raise GPTError(f"task.max_new_tokens must be a positive integer (got {cfg.task.get('max_new_tokens')!r}): "
-                       "the longest answer scoring generates")
+    answer = cfg.task.get("max_new_tokens", 128)
+    if not is_int(answer) or answer < 1:
+        raise GPTError(f"task.max_new_tokens must be a positive integer (got {answer!r}): the longest answer scoring "
+                       "generates")
     check_stop_strings(cfg.task.get("stop") or [], "task.stop")
 
 

@@ -280,12 +280,12 @@ class LanguageModel(L.LightningModule):
         if saved.get("tokenizer") not in (None, self.tokenizer.to_str()):
             raise GPTError("the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
                            "resume with the data settings it was trained with")
-        mine = self.resume_settings()
+        settings = self.resume_settings()
         for group, values in (saved.get("settings") or {}).items():
             for key, value in values.items():
-                if (mine.get(group) or {}).get(key, value) != value:
+                if (settings.get(group) or {}).get(key, value) != value:
                     raise GPTError(f"the checkpoint was trained with {group}.{key}={value}, this run has "
-                                   f"{mine[group][key]}; a resumed run continues its saved optimizer, schedule and "
+                                   f"{settings[group][key]}; a resumed run continues its saved optimizer, schedule and "
                                    "weights: resume with the settings it was trained with")
 
 

@@ -52,14 +52,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, 
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
 
 
+def check_dtype(dtype, prefix: str = "") -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise GPTError(f"{prefix}dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+
+
 def resolve_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
     token), else float32."""
-    if dtype == "auto":
-        return torch.bfloat16 if has_fast_bf16(device) else torch.float32
-    if dtype not in DTYPES:
-        raise GPTError(f"dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
-    return DTYPES[dtype]
+    check_dtype(dtype)
+    return (torch.bfloat16 if has_fast_bf16(device) else torch.float32) if dtype == "auto" else DTYPES[dtype]
 
 
 def autocast(device: torch.device, dtype: str):
@@ -170,8 +172,7 @@ def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: in
 def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_penalty=1.0, dtype="auto",
                    prefix: str = "") -> None:
     """The decoding settings sample.py and fine-tuning's evaluation share (`prefix`: "eval." for the latter)."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise GPTError(f"{prefix}dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
+    check_dtype(dtype, prefix)
     if not is_number(length_penalty) or not math.isfinite(length_penalty):
         raise GPTError(f"{prefix}length_penalty must be a finite number (got {length_penalty!r}); 1.0 = scores "
                        "divided by the length, 0 = plain sums")
