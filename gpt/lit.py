@@ -481,8 +481,8 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class SpeedMonitor(Callback):
-    """Training tokens per second: wall clock from one optimizer-step batch to the next (data loading
-    included), with the time spent in validation and in writing its checkpoints left out."""
+    """Training tokens per second and training seconds: wall clock from one optimizer-step batch to the next
+    (data loading included), with the time spent in validation and in writing its checkpoints left out."""
 
     def __init__(self):
         self.tokens = 0
@@ -510,6 +510,9 @@ class SpeedMonitor(Callback):
         self.seconds += dt
         if writes_logs_now(trainer):
             pl_module.log("train/tokens_per_s", n / max(dt, 1e-9), prog_bar=True)
+            # Training time so far (this process's: a resumed run counts from its resume), so that the CSV
+            # tells how long a run took to reach a val loss, not only after how many steps.
+            pl_module.log("train/seconds", self.seconds)
 
     @property
     def tokens_per_s(self) -> float:

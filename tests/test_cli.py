@@ -36,8 +36,12 @@ def test_training_lowers_the_loss_and_writes_the_run(trained):
     assert abs(metrics["val_loss"] - val[-1]) < 1e-6
     # train metrics every trainer.log_every_n_steps (10 in trainer/cpu.yaml): logged only on the steps that
     # Lightning writes (gpt.lit.writes_logs_now), so none may be missing
-    for key in ("train/loss", "train/lr", "train/tokens_per_s"):
+    for key in ("train/loss", "train/lr", "train/tokens_per_s", "train/seconds"):
         assert [int(r["step"]) for r in rows if r.get(key)] == list(range(9, 300, 10)), key
+    # the training clock grows with each step and ends at metrics.json's train_seconds (within the last 10 steps)
+    seconds = [float(r["train/seconds"]) for r in rows if r.get("train/seconds")]
+    assert all(b > a for a, b in zip(seconds, seconds[1:])) and 0 < seconds[-1] <= metrics["train_seconds"] + 0.01
+    assert seconds[-1] >= metrics["train_seconds"] * 0.9 - 0.01
     # and each row holds its own step's values: step 9 of a 20-step linear warmup to 3e-3 ran at 3e-3 * 10/21
     lr_at_9 = next(float(r["train/lr"]) for r in rows if r["step"] == "9" and r.get("train/lr"))
     assert lr_at_9 == pytest.approx(3e-3 * 10 / 21)
