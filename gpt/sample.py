@@ -8,6 +8,7 @@ completion are written as the two characters `\\n` so that lines stay lines.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -226,10 +227,11 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
         if num_beams > 1 and stops else []
     chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     # The context fills by the padded length: a prompt padded beside longer ones would reach it (and slide,
-    # stop, or end its beams) sooner than alone. Batches that can reach it run their prompts one at a time.
+    # stop, or end its beams) sooner than alone. Batches that can reach it are split into runs of prompts of
+    # one length (the chunk is sorted by length): those need no padding.
     chunks = [part for chunk in chunks for part in (
-        [[i] for i in chunk] if len({len(encoded[i]) for i in chunk}) > 1
-        and max(len(encoded[i]) for i in chunk) + max_new_tokens > model.config.block_size else [chunk])]
+        [list(same) for _, same in itertools.groupby(chunk, key=lambda i: len(encoded[i]))]
+        if max(len(encoded[i]) for i in chunk) + max_new_tokens > model.config.block_size else [chunk])]
     for chunk in chunks:
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
         bias = None
