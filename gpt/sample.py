@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import re
@@ -422,11 +421,10 @@ def files_read(cfg) -> list[Path]:
     the .ckpt). Other files in those directories (earlier outputs, say) are not among them."""
     paths = [Path(cfg[key]) for key in ("input_file", "prompt_file") if cfg.get(key)]
     sources = [Path(cfg[key]) for key in ("ckpt", "adapter") if cfg.get(key)]
-    if cfg.get("adapter") and not cfg.get("ckpt"):
-        try:  # the recorded base (a damaged record is reported when the adapter is loaded)
-            sources.append(Path(json.loads((Path(cfg.adapter) / RECORD_FILE).read_text())["base"]["path"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    if cfg.get("adapter") and not cfg.get("ckpt"):  # its recorded base
+        from gpt.adapter import read_adapter_record  # (PEFT: imported to load the adapter anyway)
+
+        sources.append(Path(read_adapter_record(cfg.adapter)["base"]["path"]))
     for source in sources:
         paths += [source / name for name in MODEL_FILES] if source.is_dir() else [source]
     return [p for p in paths if p.exists()]
