@@ -1,5 +1,6 @@
 """The model: shapes refused, math path = SDPA path, cache = no cache, padding = no padding, sampling."""
 
+import contextlib
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from gpt.errors import GPTError
-from gpt.model import GPT, PRESETS, GPTConfig, sample_next_token
+from gpt.model import GPT, PRESETS, GPTConfig, RowTimesWeights, sample_next_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,6 +223,40 @@ def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
     changed = model.generate(idx, 12, attention_mask=mask, temperature=0)
     assert not torch.equal(changed, eager)
     assert torch.equal(model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True), changed)
+
+
+def test_one_row_linears_written_as_row_times_weights_give_the_same_logits():
+    # Compiled batch-1 decoding rewrites every Linear as sum(W * x) (RowTimesWeights); the math must be the same
+    # (biases included), also in bf16, where both accumulate in fp32 and round once.
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.05)):
+        model = tiny().to(dtype)
+        with torch.no_grad():  # biases start at zero
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+        idx = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(3))
+        logits = []
+        for mode in (contextlib.nullcontext, RowTimesWeights):
+            cache = model.new_cache()
+            model(idx, cache=cache)
+            cache.start_decoding()
+            with torch.no_grad(), mode():
+                logits.append(model.decode_step(idx[:, -1:], cache).float())
+        scale = logits[0].abs().max().item()
+        assert scale > 0.1
+        assert (logits[0] - logits[1]).abs().max().item() <= tol * scale, dtype
+
+
+def test_compiled_one_row_decoding_gives_the_eager_tokens(monkeypatch):
+    monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "0")  # as in the test above
+    model = tiny()
+    idx = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(4))
+    for _ in range(2):  # 40 new tokens in a 32-token context: the step also runs after a slide
+        eager = model.generate(idx, 40, temperature=0)
+        assert torch.equal(model.generate(idx, 40, temperature=0, compile=True), eager)
+        with torch.no_grad():  # an in-place change of the weights must reach the compiled step
+            for p in model.parameters():
+                p.mul_(-1.5)
 
 
 def test_batched_prompts_of_different_lengths_match_one_by_one():
