@@ -288,8 +288,8 @@ def prepare_for_sampling(model, device: torch.device, dtype: str = "auto", quant
 def quantize_weights(model, how: str) -> GPT:
     """quantize=int8: every Linear's weight stored as int8 with one scale per output row (torchao's weight-only
     int8); activations stay in the sampling dtype. A batch-1 decode step reads every weight once per token, so
-    it reads half the bytes of bf16: about 2x the tokens/s with compile=true, where inductor calls its int8 x
-    bf16 matmul kernel (README, Benchmark). Logits move by about 1% of their scale. An adapter is merged into
+    it reads half the bytes of bf16: about 1.4x the tokens/s of bf16 with compile=true, where inductor calls its
+    int8 x bf16 matmul kernel (README, Benchmark). Logits move by about 1% of their scale. An adapter is merged into
     the weights first; the token embedding (a lookup) keeps its dtype, so a tied LM head gets its own int8 copy.
     """
     if how != "int8":
