@@ -582,7 +582,7 @@ class RowTimesWeights(TorchFunctionMode):
 
     Decoding one token makes every Linear a matrix-vector product that reads each weight once, so its speed is
     the rate at which the weights stream through the CPU. The matmul library (oneDNN, even with pre-packed
-    weights) reads bf16 weights at ~30 GB/s here; inductor's own loop for this reduction (one output per
+    weights) reads bf16 weights at ~30 GB/s on the benchmark CPU (README, Benchmark); inductor's own loop for this reduction (one output per
     weight row, vectorized along the row, rows split between the threads, fp32 accumulation like the library's)
     reads ~70 GB/s. Only for compiled decoding: eager, the same expression would build the whole W * x.
     Weights of other types (torchao's int8 tensors) keep their own kernels.
@@ -604,10 +604,10 @@ class RowTimesWeights(TorchFunctionMode):
 def compiled_decode_step(model: GPT) -> Callable:
     """GPT.decode_step through torch.compile, for this model's current weights.
 
-    One row (batch 1): every Linear is a matrix-vector product, which inductor generates itself
+    One row (batch 1) on a CPU: every Linear is a matrix-vector product, which inductor generates itself
     (RowTimesWeights). Its `deterministic` flag makes it store a product's input vector (e.g. a LayerNorm's
     output) once, instead of recomputing it for every weight row that reads it.
-    Several rows, or quantized weights: inductor's freezing folds the weights into the compiled graph as
+    Several rows, quantized weights or a GPU: inductor's freezing folds the weights into the compiled graph as
     constants, which lets it store them pre-packed in oneDNN's blocked layout (read about twice as fast as
     plain bf16 weights by oneDNN).
     Constants do not follow later in-place changes (an optimizer step, a LoRA merge), so the compiled step
@@ -630,7 +630,7 @@ def compiled_decode_step(model: GPT) -> Callable:
         frozen_flags = torch._inductor.config.patch(freezing=True)
 
         def step(model, idx, cache):  # Dynamo reads the mode and flags while tracing, inductor while compiling
-            if plain and idx.size(0) == 1:
+            if plain and idx.size(0) == 1 and idx.device.type == "cpu":  # measured on CPUs only
                 with RowTimesWeights(), row_flags:
                     return compiled(model, idx, cache)
             with frozen_flags:
