@@ -581,10 +581,10 @@ class RowTimesWeights(TorchFunctionMode):
     """While active, F.linear of a single row with a plain weight is written as sum(W * x) along the rows.
 
     Decoding one token makes every Linear a matrix-vector product that reads each weight once, so its speed is
-    the rate at which the weights stream through the CPU. The matmul library (oneDNN, even with pre-packed
-    weights) reads bf16 weights at ~30 GB/s on the benchmark CPU (README, Benchmark); inductor's own loop for this reduction (one output per
-    weight row, vectorized along the row, rows split between the threads, fp32 accumulation like the library's)
-    reads ~70 GB/s. Only for compiled decoding: eager, the same expression would build the whole W * x.
+    the rate at which the weights stream through the CPU. On the benchmark CPU (README, Benchmark) the matmul
+    library (oneDNN, even with pre-packed weights) reads bf16 weights at ~30 GB/s; inductor's own loop for this
+    reduction (one output per weight row, vectorized along the row, rows split between the threads, fp32
+    accumulation like the library's) reads ~70 GB/s. Only for compiled decoding: eager, the same expression would build the whole W * x.
     Weights of other types (torchao's int8 tensors) keep their own kernels.
     """
 
