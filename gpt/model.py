@@ -577,6 +577,11 @@ class GPT(nn.Module):
 _COMPILED_DECODE_STEPS: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()
 
 
+def is_plain(weight) -> bool:
+    """A weight stored as an ordinary tensor (not a quantized tensor subclass)."""
+    return type(weight) in (torch.Tensor, nn.Parameter)
+
+
 class RowTimesWeights(TorchFunctionMode):
     """While active, F.linear of a single row with a plain weight is written as sum(W * x) along the rows.
 
@@ -584,8 +589,8 @@ class RowTimesWeights(TorchFunctionMode):
     the rate at which the weights stream through the CPU. On the benchmark CPU (README, Benchmark) the matmul
     library (oneDNN, even with pre-packed weights) reads bf16 weights at ~30 GB/s; inductor's own loop for this
     reduction (one output per weight row, vectorized along the row, rows split between the threads, fp32
-    accumulation like the library's) reads ~70 GB/s. Only for compiled decoding: eager, the same expression would build the whole W * x.
-    Weights of other types (torchao's int8 tensors) keep their own kernels.
+    accumulation like the library's) reads ~70 GB/s. Only for compiled decoding: eager, the same expression
+    would build the whole W * x. Weights of other types (torchao's int8 tensors) keep their own kernels.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -593,7 +598,7 @@ class RowTimesWeights(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[:2]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.size(-1) and type(weight) in (torch.Tensor, nn.Parameter):
+            if x.numel() == x.size(-1) and is_plain(weight):
                 y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
                 if bias is not None:
                     y = y + bias.float()
@@ -623,7 +628,7 @@ def compiled_decode_step(model: GPT) -> Callable:
         fn = GPT.decode_step
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
-        plain = all(type(m.weight) in (torch.Tensor, nn.Parameter) for m in model.modules() if isinstance(m, nn.Linear))
+        plain = all(is_plain(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
         # Made once: a patch builds a class when made. Shapes never change within generate(), whose later steps
         # skip Dynamo's guards as well, so the row path also drops the per-call size checks of ~100 inputs.
         # (Flags an older torch lacks are left out: they change speed, not results.)

@@ -19,8 +19,8 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
-from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE, atomic_file,
-                            load_model)
+from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE,
+                            atomic_file, load_model)
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
 from gpt.model import GPT, check_sampling_args, prompt_too_long
 from gpt.prompts import PromptTemplate
@@ -289,8 +289,8 @@ def quantize_weights(model, how: str) -> GPT:
     """quantize=int8: every Linear's weight stored as int8 with one scale per output row (torchao's weight-only
     int8); activations stay in the sampling dtype. A batch-1 decode step reads every weight once per token, so
     it reads half the bytes of bf16: about 1.4x the tokens/s of bf16 with compile=true, where inductor calls its
-    int8 x bf16 matmul kernel (README, Benchmark). Logits move by about 1% of their scale. An adapter is merged into
-    the weights first; the token embedding (a lookup) keeps its dtype, so a tied LM head gets its own int8 copy.
+    int8 x bf16 matmul kernel (README, Benchmark). Logits move by about 1% of their scale. An adapter is merged
+    into the weights first; the token embedding (a lookup) keeps its dtype, so a tied LM head gets its own int8 copy.
     """
     if how != "int8":
         raise GPTError(f"quantize must be null or int8 (got {how!r})")
@@ -462,7 +462,8 @@ def sample(cfg) -> Optional[list[str]]:
             completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
                                          sources=lines, strict=strict, **args, **beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
-            print(f"wrote {len(completions)} completion{'' if len(completions) == 1 else 's'} to {cfg.output_file}", file=sys.stderr)
+            plural = "" if len(completions) == 1 else "s"
+            print(f"wrote {len(completions)} completion{plural} to {cfg.output_file}", file=sys.stderr)
             return completions
 
         if cfg.prompt_file:
