@@ -18,21 +18,11 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
+from gpt.devices import cpu_precision
 from gpt.errors import GPTError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXIT_USER_ERROR = 2
-
-def cpu_precision() -> str:
-    """`${cpu_precision:}` in configs/trainer/cpu.yaml: bf16-mixed (fp32 master weights) where the CPU
-    multiplies bf16 natively (AVX512-BF16 or AMX; see README, Benchmark), else 32-true (emulated bf16 is
-    slower than fp32)."""
-    import torch
-
-    from gpt.sample import has_fast_bf16
-
-    return "bf16-mixed" if has_fast_bf16(torch.device("cpu")) else "32-true"
-
 
 OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
 
@@ -317,7 +307,7 @@ def print_help(config_name: str, choices: list[str]) -> None:
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name, choices))
     print("\n== Settings: key=value (`--cfg job` prints them with every value filled in) ==")
     print(OmegaConf.to_yaml(cfg).rstrip())
-    print("\nREADME.md has a section per job and a table of errors and what to do.")
+    print("\nREADME.md is the manual; docs/errors.md has the table of errors and what to do.")
     sys.exit(0)
 
 

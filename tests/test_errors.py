@@ -1,4 +1,4 @@
-"""Every row of the README's "Errors and what to do" table, through the entry scripts as a user runs them:
+"""Every row of the error table (docs/errors.md), through the entry scripts as a user runs them:
 one `error:` line naming the problem and the fix, exit status 2, no traceback, and no file that existed
 before the call changed by it.
 """
@@ -132,7 +132,7 @@ CASES = [
     ("cannot create hydra.run.dir", "unwritable run dir", lambda w, t: (*train(t), "hydra.run.dir=/proc/nope/run"),
      ["/proc/nope/run", "write to"]),
     ("downloading ... failed", "missing dataset offline",
-     lambda w, t: (*train(t, "data.url=http://127.0.0.1:9/input.txt"), {"GPT_DATA_DIR": str(t / "nothing")}),
+     lambda w, t: (*train(t, "data.path=null", "data.url=http://127.0.0.1:9/input.txt"), {"GPT_DATA_DIR": str(t / "nothing")}),
      ["tinyshakespeare/input.txt", "GPT_DATA_DIR"]),
     ("the corpus is empty", "empty corpus", lambda w, t: train(t, "data=text", f"data.path={write(t / 'c.txt', '')}"),
      ["empty"]),
@@ -395,7 +395,7 @@ def test_the_code_carrying_pickle_is_live(tmp_path):
 
 
 def test_the_readme_table_has_a_row_per_case_and_a_case_per_row():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "errors.md").read_text()
     table = readme.split("## Errors and what to do", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     covered = {c[0] for c in CASES} | set(ELSEWHERE)
