@@ -39,6 +39,39 @@ LINES_PER_BATCH = 1_000
 CHUNK_BYTES = 1 << 20
 
 
+# The named datasets' files: where each comes from and its sha256. A file missing under $GPT_DATA_DIR is
+# downloaded from here and checked before anything reads it.
+PAIRS_URL = "https://raw.githubusercontent.com/harsh19/Shakespearizing-Modern-English/master/data/"
+KNOWN_FILES = {
+    "tinyshakespeare/input.txt": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    # Jhamtani et al. 2017, "Shakespearizing Modern Language Using Copy-Enriched Sequence-to-Sequence Models"
+    "shakespeare_modern/train.modern": (
+        PAIRS_URL + "train.modern.nltktok", "ff73ae895942fd2e45115a04365dc3ee85fc45dded4a49377c10a4b71adab7e8"),
+    "shakespeare_modern/train.original": (
+        PAIRS_URL + "train.original.nltktok", "50949f40c99e6892fae0965287c24d457588fcf34f677852f3b80ecb9dbdd295"),
+    "shakespeare_modern/valid.modern": (
+        PAIRS_URL + "valid.modern.nltktok", "465a3b50335337a3ec3b0de414343c5cf38496901c16babf91f8b507905dff71"),
+    "shakespeare_modern/valid.original": (
+        PAIRS_URL + "valid.original.nltktok", "45b9e26c70f885bc43aa21c1a5b4d1698a3e13d44a5747c53dcdfd89ebaefee4"),
+}
+
+
+def fetch_known(path: Path, name: str) -> bool:
+    """Download `path` if it is one of KNOWN_FILES under $GPT_DATA_DIR and missing; whether it was one."""
+    try:
+        relpath = Path(path).resolve().relative_to(data_dir().resolve()).as_posix()
+    except ValueError:
+        return False
+    if relpath not in KNOWN_FILES:
+        return False
+    if not Path(path).is_file():
+        url, sha256 = KNOWN_FILES[relpath]
+        download(url, Path(path), sha256, name)
+    return True
+
+
 def data_dir() -> Path:
     """Where named datasets live: $GPT_DATA_DIR, default ./data."""
     return Path(os.environ.get(DATA_DIR_ENV, "data"))
@@ -81,9 +114,10 @@ def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url
         raise GPTError(f"dataset {name!r} has no files: set data.path=<file or glob>")
     local = data_dir() / relpath
     if not local.is_file():
-        if not url:
+        if url:
+            download(url, local, sha256, name)
+        elif not fetch_known(local, name):
             raise GPTError(f"{name}: {local} not found; put the file there or set {DATA_DIR_ENV} / data.path")
-        _download(url, local, sha256, name)
     if sha256:
         actual = sha256_file(local)
         if actual != sha256:
@@ -94,7 +128,9 @@ def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url
     return [local]
 
 
-def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
+def download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
+    """`url` into `dest` (created whole or not at all), checked against `sha256`; offline: one line saying where to
+    put the file by hand."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -106,9 +142,15 @@ def _download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
         ) from e
     if sha256 and hashlib.sha256(payload).hexdigest() != sha256:
         raise GPTError(f"download of {url} does not match its sha256 {sha256[:12]}…; try again or copy the file by hand")
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(payload)
-    os.replace(tmp, dest)
+    # A temp name of our own (unique, created here), renamed into place: never a user's file.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".download")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------

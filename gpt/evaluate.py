@@ -20,7 +20,8 @@ from peft import PeftModel
 
 from gpt.errors import GPTError
 from gpt.lit import LanguageModel, quiet_lightning
-from gpt.sample import autocast, escape, generate_batch, write_lines_atomically
+from gpt.devices import autocast
+from gpt.sample import escape, generate_batch, write_lines_atomically
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
 

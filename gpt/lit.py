@@ -12,6 +12,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
@@ -478,6 +479,54 @@ class StepProgressBar(TQDMProgressBar):
         for bar in (self._val_progress_bar, self._train_progress_bar):
             if bar is not None and not bar.disable:
                 bar.close()
+
+
+class LineProgress(ProgressBar):
+    """The progress bar for logs nobody watches (stdout is a file, a pipe, CI, SLURM): a plain line every
+    `every` steps, and at the last step, instead of a carriage-return bar that would pile thousands of
+    redraws into one line. It shows what the bar shows (Lightning's progress-bar metrics)."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+        self._enabled = True
+        self._start = 0.0
+        self._printed = -1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step, total = trainer.global_step, trainer.max_steps
+        if not self.is_enabled or step == self._printed or (step % self.every and step != total):
+            return
+        self._printed = step
+        metrics = self.get_metrics(trainer, pl_module)
+        shown = [f"{k} {v:,.0f}" if k.endswith("per_s") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in metrics.items() if k != "v_num"]
+        of = f"/{total}" if total and total > 0 else ""
+        print(" | ".join([f"step {step}{of}", *shown, f"{time.perf_counter() - self._start:.1f} s"]), flush=True)
+
+
+def progress_callback(enabled: bool, log_every_n_steps: int, max_steps: int) -> list:
+    """The interactive bar when stdout is a terminal, plain lines when it is not (about 50 of them a run,
+    at a multiple of the logging cadence, where fresh metrics are there to show), nothing when disabled."""
+    if not enabled:
+        return []
+    if sys.stdout.isatty():
+        return [StepProgressBar()]
+    every = log_every_n_steps * max(1, math.ceil(max(max_steps, 1) / 50 / log_every_n_steps))
+    return [LineProgress(every)]
 
 
 class SpeedMonitor(Callback):

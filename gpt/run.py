@@ -29,7 +29,7 @@ from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unlo
 from gpt.cli import build, is_launch_rank_zero
 from gpt.errors import GPTError, is_int, is_number
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
-                     NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, lr_decay_steps, quiet_lightning)
+                     NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, progress_callback, lr_decay_steps, quiet_lightning)
 
 
 def hydra_run_dir() -> Path:
@@ -200,7 +200,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     if samples and samples.get("n", 0) > 0:
         extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
     # The progress bar first: on an exception it ends its line before the others print theirs.
-    callbacks = ([StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []) + [
+    progress = progress_callback(cfg.trainer.get("enable_progress_bar", True), cfg.trainer.get("log_every_n_steps", 50),
+                                 cfg.trainer.get("max_steps", -1))
+    callbacks = progress + [
         checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), LossCurve(),
         LeanAutocastForLoRA(), *extra_callbacks]  # before FinalSamples: it samples with the fp32 weights
     try:

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
+from gpt.devices import check_dtype, resolve_device, resolve_dtype
 from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE,
                             atomic_file, load_model)
 from gpt.errors import GPTError, check_seed, is_int, is_number, storage_errors
@@ -26,48 +27,6 @@ from gpt.model import GPT, check_sampling_args, prompt_too_long
 from gpt.prompts import PromptTemplate
 from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GPTError(f"device={name} but no CUDA GPU is visible; use device=cpu")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise GPTError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
-                       "use device=cuda")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise GPTError("device=mps but this PyTorch build or machine has no Apple GPU (MPS); use device=cpu")
-    return torch.device(name)
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether this device multiplies bf16 matrices natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
-
-
-def check_dtype(dtype, prefix: str = "") -> None:
-    if dtype != "auto" and dtype not in DTYPES:
-        raise GPTError(f"{prefix}dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})")
-
-
-def resolve_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
-    token), else float32."""
-    check_dtype(dtype)
-    return (torch.bfloat16 if has_fast_bf16(device) else torch.float32) if dtype == "auto" else DTYPES[dtype]
-
-
-def autocast(device: torch.device, dtype: str):
-    """The autocast context for `dtype` (see resolve_dtype): the weights stay as they are."""
-    dtype = resolve_dtype(device, dtype)
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def unescape(line: str) -> str:

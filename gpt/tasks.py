@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gpt.data import load_hub_dataset
+from gpt.data import fetch_known, load_hub_dataset
 from gpt.errors import GPTError, check_num_workers
 from gpt.prompts import PromptTemplate
 from gpt.textfiles import check_text_files, read_text, split_lines
@@ -72,6 +72,8 @@ class BadRows:
 
 
 def check_file(path: Path, task: str) -> Path:
+    if not path.is_file():
+        fetch_known(path, f"task {task}")  # a named task's file under $GPT_DATA_DIR: downloaded, checked
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "

@@ -1,4 +1,6 @@
-"""Shared fixtures. The real corpus comes from $GPT_DATA_DIR (CI: ../shared/data) or is downloaded."""
+"""Shared fixtures. Hermetic: the text and the task pairs the tests train on ship with the tests (or are made
+here), so `make test` needs no network and no data folder. Tests marked `data` use the real corpora from
+$GPT_DATA_DIR (CI: ../shared/data; `make test-data`)."""
 
 import json
 import os
@@ -14,9 +16,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# A tiny, fast training setup (add trainer.max_steps=...)
+FIXTURES = ROOT / "tests" / "fixtures"
+# A tiny, fast training setup on the shipped text (add trainer.max_steps=...)
 TINY = ["model=tiny", "model.block_size=32", "data.batch_size=16", "data.eval_batches=4",
-        "trainer.enable_progress_bar=false"]
+        "trainer.enable_progress_bar=false", f"data.path={FIXTURES / 'tinyshakespeare.txt'}"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,13 +31,27 @@ def _isolate(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
-    """Tiny Shakespeare, resolved the way the named dataset is (GPT_DATA_DIR, else download)."""
+    """The first 2,000 lines (53 KB) of Tiny Shakespeare, shipped with the tests."""
+    return FIXTURES / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_full() -> Path:
+    """The whole of Tiny Shakespeare, resolved the way the named dataset is (GPT_DATA_DIR, else download)."""
     from gpt.data import resolve_files
 
     return resolve_files(relpath="tinyshakespeare/input.txt",
                          url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                          sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
                          name="shakespeare_char")[0]
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory) -> Path:
+    """A made-up modern -> Shakespeare task (tests/pairs.py) in the layout of $GPT_DATA_DIR/shakespeare_modern/."""
+    from pairs import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "shakespeare_modern")
 
 
 def train_config(*overrides: str):

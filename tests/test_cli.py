@@ -18,9 +18,22 @@ def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "r"
     proc = run_cli("train.py", *TINY, "trainer.max_steps=300", "trainer.val_check_interval=100",
                    "optim.lr=3e-3", "optim.warmup_steps=20", f"hydra.run.dir={run_dir}",
+                   "trainer.enable_progress_bar=true",  # stdout is a file here: plain progress lines
                    env={"GPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir / "stdout.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(trained):
+    log = (trained / "stdout.txt").read_text()
+    assert "\r" not in log and max(map(len, log.splitlines())) < 300
+    # every 10 steps (log_every_n_steps) x ceil(300 / 50 / 10): a line every 10 steps, and the last one
+    steps = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ")
+             and "/300 |" in line]
+    assert steps == list(range(10, 301, 10)), steps
+    last = next(line for line in log.splitlines() if line.startswith("step 300/300 |"))
+    assert "train/loss" in last and "train/tokens_per_s" in last and last.endswith(" s")
 
 
 def test_training_lowers_the_loss_and_writes_the_run(trained):

@@ -1,5 +1,6 @@
 """Tokenizers, corpus resolution, the token store and the batches drawn from it."""
 
+import io
 import json
 import os
 import urllib.request
@@ -90,6 +91,54 @@ def test_explicit_path_wins_then_data_dir_then_download(tmp_path, monkeypatch):
     with pytest.raises(GPTError, match="sha256"):
         resolve_files(relpath="new/y.txt", url="http://example/y", sha256="0" * 64)
     assert not (tmp_path / "new" / "y.txt").exists()
+
+
+def test_the_named_task_downloads_its_pairs_checked_by_sha256(tmp_path, monkeypatch, pairs_dir):
+    """configs/task/shakespeare_modern.yaml on an empty $GPT_DATA_DIR: each of the four files comes from its
+    URL (the authors' release), is checked against its sha256 and read; offline, one line says where to put it."""
+    import hashlib
+
+    from gpt import data
+    from gpt.tasks import TaskDataModule
+    from gpt.tokenizer import Tokenizer
+    from test_finetune import compose_task
+
+    served = {}
+    for rel in [k for k in data.KNOWN_FILES if k.startswith("shakespeare_modern/")]:
+        body = (pairs_dir / rel.split("/")[1]).read_bytes()  # stand-ins for the real bytes, with their sha256
+        url = data.KNOWN_FILES[rel][0]
+        served[url] = body
+        monkeypatch.setitem(data.KNOWN_FILES, rel, (url, hashlib.sha256(body).hexdigest()))
+    assert all(u.startswith(data.PAIRS_URL) and u.endswith(".nltktok") for u in served)
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    asked = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=0: asked.append(url) or Resp(served[url]))
+    monkeypatch.setenv("GPT_DATA_DIR", str(tmp_path / "data"))
+    task = compose_task("shakespeare_modern")
+    assert task["root"] == str(tmp_path / "data" / "shakespeare_modern")
+    tok = Tokenizer.char_level(set("".join(b.decode() for b in served.values())) | set(task["template"]))
+    dm = TaskDataModule(**task, tokenizer=tok, block_size=256)
+    dm.setup()
+    assert sorted(asked) == sorted(served) and len(dm.rows["train"]) == 300 and len(dm.rows["valid"]) == 24
+    for name in ("train.modern", "valid.original"):
+        assert (tmp_path / "data" / "shakespeare_modern" / name).read_bytes() == (pairs_dir / name).read_bytes()
+
+    def offline(*a, **k):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("GPT_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(GPTError) as e:
+        TaskDataModule(**compose_task("shakespeare_modern"), tokenizer=tok, block_size=256).setup()
+    assert str(tmp_path / "empty" / "shakespeare_modern" / "train.modern") in str(e.value)
+    assert "GPT_DATA_DIR" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_offline_and_missing_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -282,8 +331,9 @@ def test_corpus_shorter_than_one_block(tmp_path):
         dm.prepare_data()
 
 
-def test_datamodule_on_the_real_corpus(shakespeare, tmp_path):
-    dm = TextDataModule(name="sc", path=str(shakespeare), block_size=32, batch_size=5, eval_batches=3,
+@pytest.mark.data
+def test_datamodule_on_the_real_corpus(shakespeare_full, tmp_path):
+    dm = TextDataModule(name="sc", path=str(shakespeare_full), block_size=32, batch_size=5, eval_batches=3,
                         cache_dir=str(tmp_path))
     dm.setup("fit")
     assert dm.tokenizer.vocab_size == 65 + 2
