@@ -163,7 +163,8 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, IterableDataset
 
-    from gpt.lit import LeanAutocastForLoRA, LanguageModel, quiet_lightning
+    from gpt.callbacks import LeanAutocastForLoRA
+    from gpt.lit import LanguageModel, quiet_lightning
     from gpt.tokenizer import Tokenizer
 
     quiet_lightning()
@@ -259,6 +260,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         prompt = torch.randint(0, VOCAB - 2, (batch, GEN_PROMPT), generator=torch.Generator().manual_seed(1))
         if impl.startswith("ours"):  # sample.py's defaults; ours_compiled: compile=true; ours_int8: + quantize=int8
             from gpt.convert import import_hf
+            from gpt.generate import generate
             from gpt.sample import prepare_for_sampling
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
@@ -274,7 +276,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
 
             def step():
                 with torch.inference_mode():
-                    model.generate(prompt.to(device), GEN_NEW, temperature=0, compile=compile_step)
+                    generate(model, prompt.to(device), GEN_NEW, temperature=0, compile=compile_step)
         else:
             precision = "fp32"
             hf = hf.to(device)

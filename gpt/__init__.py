@@ -11,7 +11,7 @@ import logging
 for _name in ("torchao", "torch.utils._pytree", "huggingface_hub.utils._http"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from gpt.model import GPT, GPTConfig, PRESETS  # noqa: E402
+from gpt.model import GPT, GPTConfig  # noqa: E402
 
-__all__ = ["GPT", "GPTConfig", "PRESETS"]
+__all__ = ["GPT", "GPTConfig"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Scoring a fine-tuned model on its task's validation split.
 
-Greedy generation, batched with the KV cache (`gpt.sample.generate_batch`), for three systems side by
+Greedy generation, batched with the KV cache (`gpt.completions.generate_batch`), for three systems side by
 side: the base model without the adapter, the base with the adapter, and the copy-the-input baseline (each
 source line returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu` (translation-like tasks)
 and exact match (short-answer tasks), plus the validation loss on the response tokens.
@@ -21,7 +21,8 @@ from peft import PeftModel
 from gpt.errors import GPTError
 from gpt.lit import LanguageModel, quiet_lightning
 from gpt.devices import autocast
-from gpt.sample import escape, generate_batch, write_lines_atomically
+from gpt.completions import escape, generate_batch
+from gpt.textfiles import write_lines_atomically
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
 

@@ -26,12 +26,12 @@ from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
-from gpt.cli import build
+from gpt.launch import build
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
                      resolve_ckpt_path, train, write_metrics)
-from gpt.sample import check_decoding, check_stop_strings
+from gpt.completions import check_decoding, check_stop_strings
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)

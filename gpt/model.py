@@ -1,8 +1,9 @@
 """A GPT language model, written from the math.
 
-Read top to bottom: the config and its named presets, causal self-attention (an explicit math path and
-the fused `scaled_dot_product_attention` path over the same weights), the MLP, a pre-LayerNorm block, the
-KV cache, the model, and sampling. Pure PyTorch: no Lightning, no Hydra, no transformers.
+Read top to bottom: the config, causal self-attention (an explicit math path and the fused
+`scaled_dot_product_attention` path over the same weights), the MLP, a pre-LayerNorm block, the KV cache,
+and the model. Pure PyTorch: no Lightning, no Hydra, no transformers. The named shapes (presets) are
+`configs/model/*.yaml`; decoding (sampling, beam search, the generation loop) is gpt/generate.py.
 
 Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so released checkpoints map
 onto them with a transpose and nothing else (see `gpt/convert.py`).
@@ -10,20 +11,15 @@ onto them with a transpose and nothing else (see `gpt/convert.py`).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import types
-import weakref
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, NamedTuple, Optional, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from gpt.errors import GPTError, is_int, is_number
+from gpt.errors import GPTError
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -78,12 +74,6 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in PRESETS:
-            raise GPTError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
-
-    @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "GPTConfig":
         """A saved config (`to_dict`'s output). Every key that shapes the weights or the math must be there:
         a default in its place (say GELU's tanh form for a model trained with the exact one) would load the
@@ -101,19 +91,6 @@ class GPTConfig:
     def to_dict(self) -> dict:
         # `model_type` lets PEFT (which reads `model.config`) treat us as a custom model.
         return {"model_type": "gpt", **asdict(self)}
-
-
-# From the smallest useful model to the four released GPT-2 sizes. `configs/model/*.yaml` mirror these
-# (a test keeps them in step), so `model=<name>` on the command line picks the same shapes.
-PRESETS = {
-    "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64),  # unit tests, smoke runs
-    "mini": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),  # nanoGPT's CPU recipe
-    "baby": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),  # nanoGPT's "baby GPT"
-    "gpt2": GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": GPTConfig(block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": GPTConfig(block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,11 +275,6 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
-        """Training FLOPs per token (forward + backward): 6·N for the matmuls + 12·L·C·T for attention."""
-        T = seq_len or self.config.block_size
-        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
-
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.block_size)
 
@@ -398,316 +370,3 @@ class GPT(nn.Module):
         # 0·NaN in the next layer). Let every query see itself; padding outputs are never used.
         mask |= torch.eye(T, S, dtype=torch.bool, device=device).roll(start, dims=1)[None]
         return pos, mask[:, None], False
-
-    # ------------------------------------------------------------------------------------------------
-    # Generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, *, attention_mask=None, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 generator=None, on_context_full: str = "slide",
-                 on_token: Optional[Callable[[torch.Tensor], object]] = None,
-                 no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None,
-                 compile: bool = False) -> torch.Tensor:
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
-
-        Batches of different-length prompts are left-padded with attention_mask marking real tokens.
-        temperature 0 is greedy decoding. Rows that produced `eos_token_id` are filled with it afterwards,
-        and generation ends when every row has. When the context (block_size) is full: "stop" ends
-        generation there; "slide" keeps the most recent 3/4 of the context, re-encodes it in one pass
-        and goes on (what nanoGPT's crop-to-block_size does, without recomputing on every token).
-        on_token(new_tokens) may return True (stop now) or a (B,) bool tensor (these rows are done).
-        no_repeat_ngram_size n > 0: never generate an n-gram that the row has already generated (the
-        prompt does not count, so copying from it stays possible); breaks greedy repetition loops.
-        logit_bias (B, V) is added to every step's logits (e.g. a bonus for the words of each row's input).
-        generator: a torch.Generator for the batch, or a list of B (each row its own random stream).
-        The prompt is read in one pass; each new token then takes one fixed-shape decode_step, compiled
-        with compile=True (worth its one-off compilation time when many tokens are generated).
-        """
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-            raise GPTError(f"no_repeat_ngram_size must be an integer >= 0 (got {no_repeat_ngram_size!r}); 0 = off")
-        if on_context_full not in ("slide", "stop"):
-            raise GPTError(f"on_context_full must be 'slide' or 'stop' (got {on_context_full!r})")
-        B, T = idx.shape
-        block = self.config.block_size
-        if T > block:
-            raise prompt_too_long(T, block)
-        if T == 0:
-            raise GPTError("prompt is empty: give at least one token (e.g. a newline)")
-        # All tokens (prompt + generated) live in one preallocated buffer: sliding needs the recent ones.
-        tokens = idx.new_empty(B, T + max_new_tokens)
-        tokens[:, :T] = idx
-        real = None
-        if attention_mask is not None:
-            real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
-            real[:, :T] = attention_mask.bool()
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-
-        cache = self.new_cache()
-        logits = self(idx, attention_mask=attention_mask, cache=cache, only_last=True).logits[:, -1]
-        cache.start_decoding()
-        decode_step = compiled_decode_step(self) if compile else GPT.decode_step
-        # Compiled: Dynamo checks its guards (model, shapes, dtypes) on the first decode step; the later steps
-        # of this loop change none of them, so they skip the check (~0.1 ms per token). (set_stance takes
-        # effect when called, so each step calls it in its `with`; eager decoding never loads Dynamo.)
-        guards = contextlib.nullcontext
-        skip_guards = functools.partial(torch.compiler.set_stance, skip_guard_eval_unsafe=True) if compile else guards
-        n = T
-        for step in range(max_new_tokens):
-            if logit_bias is not None:
-                logits = logits + logit_bias
-            if no_repeat_ngram_size:
-                logits = ban_repeated_ngrams(logits, tokens[:, T:n], no_repeat_ngram_size)
-            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                finished |= nxt == eos_token_id
-            tokens[:, n] = nxt
-            n += 1
-            if on_token is not None:  # True: stop now; a (B,) bool tensor: these rows are done
-                stop = on_token(nxt)
-                if stop is True:
-                    break
-                if isinstance(stop, torch.Tensor):
-                    finished |= stop
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            if cache.length < block:
-                with guards():
-                    logits = decode_step(self, nxt[:, None], cache)
-                guards = skip_guards
-                cache.length += 1
-            elif on_context_full == "stop":
-                break
-            else:
-                keep = max(1, (3 * block) // 4)
-                cache.reset()
-                window_mask = None if real is None else real[:, n - keep:n]
-                logits = self(tokens[:, n - keep:n], attention_mask=window_mask, cache=cache,
-                              only_last=True).logits[:, -1]
-                cache.start_decoding()
-        return tokens[:, T:n]
-
-    @torch.no_grad()
-    def beam_search(self, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
-                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                    logit_bias: Optional[torch.Tensor] = None, stop_token_ids: Sequence[int] = ()) -> torch.Tensor:
-        """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
-        tokens, padded with eos_token_id after the end.
-
-        Each row keeps `num_beams` partial continuations. At every step all beams of a row are extended
-        by every token; the `num_beams` best (by summed log-probability) survive, and the KV cache rows
-        follow them. A beam that emits EOS is finished and scored by log-probability / length**length_penalty
-        (so longer outputs are not penalised just for having more terms). A row stops once it holds
-        `num_beams` finished continuations; the best one wins. num_beams=1 is greedy decoding.
-        A token of `stop_token_ids` (e.g. one that contains a stop string) also finishes a beam, and is kept.
-        """
-        check_sampling_args(max_new_tokens, 0.0)
-        if not isinstance(num_beams, int) or num_beams < 1:
-            raise GPTError(f"num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
-        B, T = idx.shape
-        K, block = num_beams, self.config.block_size
-        if T > block:
-            raise prompt_too_long(T, block)
-        max_new_tokens = min(max_new_tokens, block - T + 1)  # the last new token is predicted, never fed back
-        rows = torch.arange(B, device=idx.device).repeat_interleave(K)  # beam b*K + k belongs to row b
-        cache = self.new_cache()
-        mask = attention_mask[rows] if attention_mask is not None else None
-        logits = self(idx[rows], attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
-        scores = torch.zeros(B, K, device=idx.device)
-        scores[:, 1:] = float("-inf")  # all beams start identical: let only the first one expand at step 0
-        tokens = idx.new_full((B * K, max_new_tokens), eos_token_id)
-        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
-        active = [True] * B
-        written = 0  # generated positions filled in `tokens`
-        bias = logit_bias[rows] if logit_bias is not None else None
-        ends = set(stop_token_ids)
-        for step in range(max_new_tokens):
-            if bias is not None:
-                logits = logits + bias
-            if no_repeat_ngram_size:
-                logits = ban_repeated_ngrams(logits, tokens[:, :step], no_repeat_ngram_size)
-            logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
-            V = logp.size(-1)
-            cand = (scores.view(-1, 1) + logp).view(B, K * V)
-            top_scores, top = cand.topk(2 * K, dim=-1)  # 2K: up to K of them may end in EOS
-            next_beam = torch.zeros(B, K, dtype=torch.long, device=idx.device)
-            next_token = torch.full((B, K), eos_token_id, dtype=torch.long, device=idx.device)
-            next_scores = torch.full((B, K), float("-inf"), device=idx.device)
-            for b in range(B):
-                if not active[b]:
-                    continue
-                kept = 0
-                for score, flat in zip(top_scores[b].tolist(), top[b].tolist()):
-                    beam, token = divmod(flat, V)
-                    if score == float("-inf"):
-                        break
-                    if token == eos_token_id or token in ends:  # a finished continuation
-                        seq = tokens[b * K + beam, :step].clone()
-                        if token != eos_token_id:  # a stop token is part of the text
-                            seq = torch.cat([seq, seq.new_tensor([token])])
-                        finished[b].append((score / max(1, step + 1) ** length_penalty, seq))
-                    else:
-                        next_beam[b, kept], next_token[b, kept], next_scores[b, kept] = beam, token, score
-                        kept += 1
-                    if kept == K:
-                        break
-                if len(finished[b]) >= K or kept == 0:
-                    active[b] = False
-            src = (torch.arange(B, device=idx.device)[:, None] * K + next_beam).view(-1)
-            tokens = tokens[src]
-            tokens[:, step] = next_token.view(-1)
-            written, scores = step + 1, next_scores
-            if not any(active) or step == max_new_tokens - 1:
-                break
-            cache.reorder(src)
-            logits = self(next_token.view(-1, 1), cache=cache, only_last=True).logits[:, -1]
-
-        out = idx.new_full((B, max_new_tokens), eos_token_id)
-        for b in range(B):
-            if active[b]:  # max_new_tokens ran out: the running beams compete with the finished ones, scored alike
-                finished[b] += [(score / max(1, written) ** length_penalty, tokens[b * K + k, :written])
-                                for k, score in enumerate(scores[b].tolist()) if score != float("-inf")]
-            best = max(finished[b], key=lambda hyp: hyp[0])[1]
-            out[b, :len(best)] = best
-        return out
-
-
-_COMPILED_DECODE_STEPS: "weakref.WeakKeyDictionary[GPT, tuple]" = weakref.WeakKeyDictionary()
-
-
-def is_plain(weight) -> bool:
-    """A weight stored as an ordinary tensor (not a quantized tensor subclass)."""
-    return type(weight) in (torch.Tensor, nn.Parameter)
-
-
-class RowTimesWeights(TorchFunctionMode):
-    """While active, F.linear of a single row with a plain weight is written as sum(W * x) along the rows.
-
-    Decoding one token makes every Linear a matrix-vector product that reads each weight once, so its speed is
-    the rate at which the weights stream through the CPU. On the benchmark CPU (README, Benchmark) the matmul
-    library (oneDNN, even with pre-packed weights) reads bf16 weights at ~30 GB/s; inductor's own loop for this
-    reduction (one output per weight row, vectorized along the row, rows split between the threads, fp32
-    accumulation like the library's) reads ~70 GB/s. Only for compiled decoding: eager, the same expression
-    would build the whole W * x. Weights of other types (torchao's int8 tensors) keep their own kernels.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[:2]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.size(-1) and is_plain(weight):
-                y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
-                if bias is not None:
-                    y = y + bias.float()
-                return y.to(x.dtype).reshape(*x.shape[:-1], weight.size(0))
-        return func(*args, **kwargs)
-
-
-def compiled_decode_step(model: GPT) -> Callable:
-    """GPT.decode_step through torch.compile, for this model's current weights.
-
-    One row (batch 1) on a CPU: every Linear is a matrix-vector product, which inductor generates itself
-    (RowTimesWeights). Its `deterministic` flag makes it store a product's input vector (e.g. a LayerNorm's
-    output) once, instead of recomputing it for every weight row that reads it.
-    Several rows, quantized weights or a GPU: inductor's freezing folds the weights into the compiled graph as
-    constants, which lets it store them pre-packed in oneDNN's blocked layout (read about twice as fast as
-    plain bf16 weights by oneDNN).
-    Constants do not follow later in-place changes (an optimizer step, a LoRA merge), so the compiled step
-    is kept per model together with a fingerprint of its tensors (identity and version counter) and is
-    compiled afresh when that changes. Each compilation gets its own copy of the function's code object
-    because Dynamo keeps its cache on the code object: an old model's frozen graph is never reused, and it is
-    freed together with its copy.
-    """
-    tensors = [*model.parameters(), *model.buffers()]
-    fingerprint = tuple((id(t), t._version, t.dtype, t.device) for t in tensors)
-    entry = _COMPILED_DECODE_STEPS.get(model)
-    if entry is None or entry[0] != fingerprint:
-        fn = GPT.decode_step
-        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-        compiled = torch.compile(fresh, fullgraph=True, dynamic=False)
-        plain = all(is_plain(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
-        # Made once: a patch builds a class when made. Shapes never change within generate(), whose later steps
-        # skip Dynamo's guards as well, so the row path also drops the per-call size checks of ~100 inputs.
-        # (Flags an older torch lacks are left out: they change speed, not results.)
-        row_flags = torch._inductor.config.patch({key: value for key, value in (("deterministic", True),
-                                                  ("size_asserts", False)) if hasattr(torch._inductor.config, key)})
-        frozen_flags = torch._inductor.config.patch(freezing=True)
-
-        def step(model, idx, cache):  # Dynamo reads the mode and flags while tracing, inductor while compiling
-            if plain and idx.size(0) == 1 and idx.device.type == "cpu":  # measured on CPUs only
-                with RowTimesWeights(), row_flags:
-                    return compiled(model, idx, cache)
-            with frozen_flags:
-                return compiled(model, idx, cache)
-
-        entry = (fingerprint, step)
-        _COMPILED_DECODE_STEPS[model] = entry
-    return entry[1]
-
-
-def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
-    """-inf for each token that would complete an n-gram already in its row of `generated` (B, L)."""
-    B, L = generated.shape
-    if L < n:
-        return logits
-    ngrams = generated.unfold(1, n, 1)  # (B, L - n + 1, n): every n-gram so far
-    last = generated[:, L - n + 1:]  # (B, n - 1): what the next token would extend
-    seen = (ngrams[:, :, :-1] == last[:, None, :]).all(-1)  # n-grams that start the same way
-    rows, at = seen.nonzero(as_tuple=True)
-    logits = logits.clone()
-    logits[rows, ngrams[rows, at, -1]] = float("-inf")
-    return logits
-
-
-def prompt_too_long(n_tokens: int, block_size: int, which: str = "prompt") -> GPTError:
-    return GPTError(f"{which} is {n_tokens} tokens but the model's context is {block_size}: shorten the prompt")
-
-
-def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None, prefix: str = ""):
-    """prefix: where the settings live in the config (e.g. "log_samples."), for the messages."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise GPTError(f"{prefix}max_new_tokens must be a positive integer (got {max_new_tokens!r})")
-    if not is_number(temperature) or not 0 <= temperature < math.inf:
-        raise GPTError(f"{prefix}temperature must be a number >= 0 (got {temperature!r}); use 0 for greedy decoding")
-    if top_k is not None and (not is_int(top_k) or top_k <= 0):
-        raise GPTError(f"{prefix}top_k must be a positive integer or null (got {top_k!r})")
-    if top_p is not None and not (is_number(top_p) and 0.0 < top_p <= 1.0):
-        raise GPTError(f"{prefix}top_p must be in (0, 1] or null (got {top_p!r})")
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """One token per row from (B, vocab) logits. Greedy at temperature 0.
-
-    top-k uses `topk` (no full sort); top-p sorts only when asked, and only the top-k survivors if both
-    are given. `generator`: one for the batch, or a list of B (each row its own random stream).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    candidates = None  # token ids the (sorted) logits refer to, when filtered
-    if top_k is not None and top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, descending
-    if top_p is not None and top_p < 1.0:
-        if candidates is None:
-            logits, candidates = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(logits, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(drop, float("-inf"))
-    try:
-        probs = F.softmax(logits, dim=-1)
-        if isinstance(generator, (list, tuple)):
-            choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
-        else:
-            choice = torch.multinomial(probs, 1, generator=generator)
-        choice = choice.squeeze(-1)
-    except RuntimeError as e:  # NaN/Inf logits: the weights themselves are broken
-        if "probability tensor" not in str(e):
-            raise
-        raise GPTError("the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf, or values so "
-                       "large that the logits overflow (a diverged run?); sample from another checkpoint, e.g. the "
-                       "run's checkpoints/best") from None
-    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from gpt.checkpoint import save_model_dir
-from gpt.cli import build
+from gpt.launch import build
 from gpt.errors import GPTError, check_seed
 from gpt.model import GPT, GPTConfig
 from gpt.run import (RunLock, check_run_dir_is_free, check_trainer_settings, hydra_run_dir, resolve_ckpt_path, train,

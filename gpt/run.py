@@ -26,10 +26,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
-from gpt.cli import build, is_launch_rank_zero
+from gpt.launch import build, is_launch_rank_zero
 from gpt.errors import GPTError, is_int, is_number
-from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
-                     NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, progress_callback, lr_decay_steps, quiet_lightning)
+from gpt.callbacks import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LossCurve, NonFiniteGuard,
+                           SaveOnInterrupt, SpeedMonitor, progress_callback)
+from gpt.lit import LanguageModel, lr_decay_steps, quiet_lightning
 
 
 def hydra_run_dir() -> Path:
@@ -257,6 +258,8 @@ def in_sweep() -> bool:
 def check_launch(trainer: L.Trainer) -> None:
     """Lightning's DDP launcher starts the other ranks by re-running this command line; under a Hydra sweep
     (-m) that would start a whole sweep per rank."""
+    # Lightning has no public name for "the launcher that re-runs the command line"; its class is private.
+    # tests/test_scale.py::test_a_sweep_cannot_launch_ddp_processes fails if it moves or is renamed.
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from gpt.errors import GPTError
+from gpt.checkpoint import atomic_file
+from gpt.errors import GPTError, storage_errors
 
 
 def read_text(path: Path) -> str:
@@ -51,3 +52,11 @@ def check_text_files(files: list[Path], allow_empty: bool = False) -> None:
                 offset += len(chunk)
     if total == 0 and not allow_empty:
         raise GPTError(f"the corpus is empty ({', '.join(map(str, files))}); point data.path at a file with text")
+
+
+def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise GPTError(f"{path} exists; choose another output_file or pass overwrite=true")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f, storage_errors(path, "choose an output_file on another disk"):
+        f.write("".join(line + "\n" for line in lines).encode("utf-8"))

@@ -54,6 +54,20 @@ def pairs_dir(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("pairs") / "shakespeare_modern")
 
 
+def preset(name: str):
+    """configs/model/<name>.yaml (the one list of named shapes) as the GPTConfig that `model=<name>` builds."""
+    import yaml
+
+    from gpt.model import GPTConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
+    data.pop("_target_")
+    return GPTConfig(**data)
+
+
+PRESETS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+
+
 def train_config(*overrides: str):
     """configs/train.yaml composed with `overrides`, as train.py would see it (for in-process pretrain())."""
     from hydra import compose, initialize_config_dir

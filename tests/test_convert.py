@@ -17,7 +17,9 @@ from conftest import run_cli
 from gpt.checkpoint import load_model, save_model_dir
 from gpt.convert import config_from_hf, export_hf, hf_state_dict, import_hf, main
 from gpt.errors import GPTError
-from gpt.model import GPT, PRESETS, GPTConfig
+from conftest import preset
+from gpt.generate import generate
+from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import EOS, Tokenizer
 
 TOL = 1e-5  # fp32
@@ -126,7 +128,7 @@ def test_left_padded_batch_equals_transformers_on_real_tokens(imported, hf_model
 def test_greedy_generation_is_token_identical_to_transformers_generate(imported, hf_model, bpe, lengths):
     _, model, _ = imported
     idx, mask = left_padded(lengths, 1000, pad=bpe.eos_id, seed=5)
-    ours = model.generate(idx, 24, attention_mask=mask if len(lengths) > 1 else None, temperature=0)
+    ours = generate(model, idx, 24, attention_mask=mask if len(lengths) > 1 else None, temperature=0)
     theirs = hf_model.generate(idx, attention_mask=mask, max_new_tokens=24, do_sample=False,
                                pad_token_id=bpe.eos_id)[:, idx.shape[1]:]
     assert theirs.shape == (len(lengths), 24)
@@ -230,7 +232,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(kind, kw, bpe, t
     with torch.no_grad():
         assert max_diff(model(x).logits, hf(x).logits) < TOL
         idx, mask = left_padded([5, 12], tok.vocab_size, pad=tok.eos_id, seed=10)
-        ours = model.generate(idx, 16, attention_mask=mask, temperature=0)
+        ours = generate(model, idx, 16, attention_mask=mask, temperature=0)
         theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
                              pad_token_id=tok.eos_id)[:, idx.shape[1]:]
     assert torch.equal(ours, theirs)
@@ -288,10 +290,10 @@ def test_gpt2_presets_have_the_released_checkpoint_shapes():
                  "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
                  "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600)}
     for name, hf_cfg in published.items():
-        preset = PRESETS[name]
-        assert replace(config_from_hf(hf_cfg.to_dict(), name), dropout=preset.dropout) == preset, name
+        config = preset(name)
+        assert replace(config_from_hf(hf_cfg.to_dict(), name), dropout=config.dropout) == config, name
         with torch.device("meta"):
-            ours, theirs = hf_state_dict(GPT(preset)), GPT2LMHeadModel(hf_cfg).state_dict()
+            ours, theirs = hf_state_dict(GPT(config)), GPT2LMHeadModel(hf_cfg).state_dict()
         theirs.pop("lm_head.weight")  # tied: not saved
         assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}, name
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig, ban_repeated_ngrams
+from gpt.generate import ban_repeated_ngrams, beam_search, generate
+from gpt.model import GPT, GPTConfig
 
 EOS = 0
 
@@ -38,10 +39,10 @@ def sequence_logprob(model, prompt, new):
 
 def test_no_repeat_ngram_off_is_plain_greedy_and_on_never_repeats(model):
     idx, mask = prompts()
-    plain = model.generate(idx, 30, attention_mask=mask, temperature=0)
-    assert torch.equal(model.generate(idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=0), plain)
+    plain = generate(model, idx, 30, attention_mask=mask, temperature=0)
+    assert torch.equal(generate(model, idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=0), plain)
     for n in (2, 3):
-        out = model.generate(idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=n)
+        out = generate(model, idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=n)
         for row in out.tolist():
             grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
             assert len(grams) == len(set(grams)), (n, row)
@@ -60,16 +61,16 @@ def test_ban_repeated_ngrams_bans_exactly_the_completing_tokens():
 
 def test_beam_search_with_one_beam_is_greedy(model):
     idx, mask = prompts()
-    greedy = model.generate(idx, 20, attention_mask=mask, temperature=0, eos_token_id=EOS)
-    beam = model.beam_search(idx, 20, num_beams=1, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
+    greedy = generate(model, idx, 20, attention_mask=mask, temperature=0, eos_token_id=EOS)
+    beam = beam_search(model, idx, 20, num_beams=1, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
     n = min(greedy.size(1), beam.size(1))
     assert torch.equal(beam[:, :n], greedy[:, :n])
     # up to the context's end: a prompt of block - 1 tokens has room for 2 new ones, a full one for 1
     block = model.config.block_size
     for T, room in ((block - 1, 2), (block, 1)):
         full = torch.randint(1, 23, (2, T), generator=torch.Generator().manual_seed(T))
-        greedy = model.generate(full, 5, temperature=0, on_context_full="stop")
-        beam = model.beam_search(full, 5, num_beams=1, eos_token_id=EOS, length_penalty=0.0)
+        greedy = generate(model, full, 5, temperature=0, on_context_full="stop")
+        beam = beam_search(model, full, 5, num_beams=1, eos_token_id=EOS, length_penalty=0.0)
         assert greedy.size(1) == room and torch.equal(beam[:, :room], greedy), T
 
 
@@ -78,7 +79,7 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
     must always equal the final text, cut at the first stop string."""
     import io
 
-    from gpt.sample import StreamPrinter, cut_at_stop
+    from gpt.completions import StreamPrinter, cut_at_stop
     from gpt.tokenizer import Tokenizer
 
     corpus = ["héllo wörld — ça va? 日本語のテキスト 😀😀 end\n\nnext para", "naïve café — 東京 😀 ok\n\n"] * 50
@@ -110,7 +111,7 @@ def test_wide_beam_search_finds_the_exact_most_likely_output():
     idx = torch.randint(1, 5, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, :2] = False  # one left-padded row
-    beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
+    beam = beam_search(model, idx, 3, num_beams=64, eos_token_id=EOS, attention_mask=mask, length_penalty=0.0)
     cut = False
     for row in range(3):
         prompt = idx[row][mask[row]]
@@ -134,7 +135,7 @@ def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output()
     with torch.no_grad():
         model.lm_head.weight.mul_(4)
     idx = torch.randint(1, 5, (4, 5))
-    beam = model.beam_search(idx, 3, num_beams=64, eos_token_id=EOS, length_penalty=0.0, stop_token_ids=[4])
+    beam = beam_search(model, idx, 3, num_beams=64, eos_token_id=EOS, length_penalty=0.0, stop_token_ids=[4])
     found_stop = False
     for row in range(4):
         outputs = [torch.tensor([*body, end]) for n in range(3) for body in itertools.product(range(1, 4), repeat=n)
@@ -149,11 +150,11 @@ def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output()
 def test_beam_search_needs_greedy_settings(model):
     idx, _ = prompts()
     with pytest.raises(GPTError, match="num_beams"):
-        model.beam_search(idx, 5, num_beams=0, eos_token_id=EOS)
+        beam_search(model, idx, 5, num_beams=0, eos_token_id=EOS)
 
 
 def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
-    from gpt.sample import generate_batch, source_token_bias
+    from gpt.completions import generate_batch, source_token_bias
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.char_level("abcdefghij :")
@@ -192,7 +193,7 @@ def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation
     assert (approx - exact).abs().max() <= 0.02 * exact.abs().max()
     assert not torch.equal(approx, exact)
     # greedy decoding with the cache still equals full recomputation on the quantized weights
-    new = quantized.generate(idx[:1], 6, temperature=0)
+    new = generate(quantized, idx[:1], 6, temperature=0)
     seq = idx[:1]
     for t in range(6):
         with torch.no_grad():
@@ -205,7 +206,7 @@ def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation
 def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
     """Each prompt samples from its own stream (seed, prompt index): the same seed gives each prompt the same
     completion in batches of 1, 2 or 5, and whatever the other prompts are; two runs of one prompt differ."""
-    from gpt.sample import generate_batch
+    from gpt.completions import generate_batch
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.char_level("abcdefghij :")

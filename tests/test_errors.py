@@ -3,6 +3,7 @@ one `error:` line naming the problem and the fix, exit status 2, no traceback, a
 before the call changed by it.
 """
 
+import fnmatch
 import json
 import os
 import re
@@ -403,4 +404,8 @@ def test_the_readme_table_has_a_row_per_case_and_a_case_per_row():
         assert sum(key in row.split(" | ")[0] for row in rows) == 1, f"no single README row shows {key!r}"
     for row in rows:
         assert any(key in row.split(" | ")[0] for key in covered), f"no test for README row {row!r}"
+    for key, where in ELSEWHERE.items():  # the named test is there (a rename would leave the row untested)
+        path, name = where.split("::")
+        names = re.findall(r"^def (test_\w+)", (ROOT / path).read_text(), flags=re.M)
+        assert any(fnmatch.fnmatch(n, name) for n in names), f"{where} (for {key!r}) does not exist"
     assert re.search(r"GPT_VERBOSE=1", table)

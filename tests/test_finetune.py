@@ -23,7 +23,7 @@ from gpt.errors import GPTError
 from gpt.evaluate import evaluate_task, score
 from gpt.model import GPT, GPTConfig
 from gpt.prompts import PromptTemplate
-from gpt.sample import cut_at_stop, escape, generate_batch
+from gpt.completions import cut_at_stop, escape, generate_batch
 from gpt.tasks import TaskDataModule, encode_example, pad_batch, read_json_records, read_parallel, BadRows
 from gpt.tokenizer import Tokenizer
 
@@ -381,7 +381,8 @@ def test_lean_autocast_trains_the_same_adapter_and_checkpoints_the_fp32_base(bas
     from lightning.pytorch.callbacks import Callback
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from gpt.lit import LeanAutocastForLoRA, LanguageModel
+    from gpt.callbacks import LeanAutocastForLoRA
+    from gpt.lit import LanguageModel
 
     data = torch.randint(0, 30, (6, 4, 33), generator=torch.Generator().manual_seed(3))  # ids every test vocab has
     batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in data]

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from gpt.errors import GPTError
-from gpt.model import GPT, PRESETS, GPTConfig, RowTimesWeights, sample_next_token
+from conftest import PRESETS, preset
+from hydra.utils import instantiate
+from gpt.fastdecode import RowTimesWeights
+from gpt.generate import generate, sample_next_token
+from gpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +52,13 @@ def test_model_needs_a_vocab_size():
         GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
 
 
-def test_yaml_presets_match_python_presets():
-    for name, preset in PRESETS.items():
-        data = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
-        data.pop("_target_")
-        assert data == asdict(preset), name
-    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(PRESETS)
+def test_every_preset_builds_through_hydra_as_its_yaml_says():
+    from conftest import train_config
+
+    for name in PRESETS:
+        cfg = train_config(f"model={name}")
+        built = instantiate(cfg.model)
+        assert asdict(built) == asdict(preset(name)) and built.n_layer > 0, name
 
 
 def test_gpt2_presets_have_the_released_parameter_counts():
@@ -62,7 +66,7 @@ def test_gpt2_presets_have_the_released_parameter_counts():
     expected = {"gpt2": 124.44e6, "gpt2-medium": 354.82e6, "gpt2-large": 774.03e6, "gpt2-xl": 1557.61e6}
     for name, n in expected.items():
         with torch.device("meta"):
-            model = GPT(PRESETS[name])
+            model = GPT(preset(name))
         assert abs(model.num_params(non_embedding=False) - n) / n < 1e-3, name
 
 
@@ -176,7 +180,7 @@ def test_cache_gives_the_same_tokens_and_logits_as_recompute():
         idx = torch.cat([idx, nxt], 1)
         logits = model(nxt, cache=cache).logits[:, -1]
     assert torch.equal(idx, ref_idx)
-    assert torch.equal(model.generate(prompt, 20, temperature=0), ref_idx[:, 5:])
+    assert torch.equal(generate(model, prompt, 20, temperature=0), ref_idx[:, 5:])
 
 
 def padded_prompts(lengths, vocab=61):
@@ -213,16 +217,16 @@ def test_compiled_decode_step_gives_the_eager_tokens(monkeypatch):
     monkeypatch.setenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "0")
     model = tiny()
     idx, mask = padded_prompts([4, 9])
-    eager = model.generate(idx, 12, attention_mask=mask, temperature=0)
-    compiled = model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True)
+    eager = generate(model, idx, 12, attention_mask=mask, temperature=0)
+    compiled = generate(model, idx, 12, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(compiled, eager)
     # The compiled step holds the weights as constants (freezing): an in-place change must reach it.
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-1.5)
-    changed = model.generate(idx, 12, attention_mask=mask, temperature=0)
+    changed = generate(model, idx, 12, attention_mask=mask, temperature=0)
     assert not torch.equal(changed, eager)
-    assert torch.equal(model.generate(idx, 12, attention_mask=mask, temperature=0, compile=True), changed)
+    assert torch.equal(generate(model, idx, 12, attention_mask=mask, temperature=0, compile=True), changed)
 
 
 def test_one_row_linears_written_as_row_times_weights_give_the_same_logits():
@@ -252,8 +256,8 @@ def test_compiled_one_row_decoding_gives_the_eager_tokens(monkeypatch):
     model = tiny()
     idx = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(4))
     for _ in range(2):  # 40 new tokens in a 32-token context: the step also runs after a slide
-        eager = model.generate(idx, 40, temperature=0)
-        assert torch.equal(model.generate(idx, 40, temperature=0, compile=True), eager)
+        eager = generate(model, idx, 40, temperature=0)
+        assert torch.equal(generate(model, idx, 40, temperature=0, compile=True), eager)
         with torch.no_grad():  # an in-place change of the weights must reach the compiled step
             for p in model.parameters():
                 p.mul_(-1.5)
@@ -268,18 +272,18 @@ def test_batched_prompts_of_different_lengths_match_one_by_one():
     for i, p in enumerate(prompts):
         idx[i, T - len(p):] = p
         mask[i, T - len(p):] = 1
-    batched = model.generate(idx, 12, attention_mask=mask, temperature=0)
+    batched = generate(model, idx, 12, attention_mask=mask, temperature=0)
     for i, p in enumerate(prompts):
-        alone = model.generate(p[None], 12, temperature=0)
+        alone = generate(model, p[None], 12, temperature=0)
         assert torch.equal(batched[i], alone[0]), i
 
 
 def test_eos_stops_generation_and_pads_finished_rows():
     model = tiny()
     prompt = torch.randint(0, 61, (2, 4))
-    free = model.generate(prompt, 10, temperature=0)
+    free = generate(model, prompt, 10, temperature=0)
     eos = int(free[0, 2])  # the third token row 0 will produce
-    out = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    out = generate(model, prompt, 10, temperature=0, eos_token_id=eos)
     row0 = out[0].tolist()
     assert row0[:3] == free[0, :3].tolist()
     assert all(t == eos for t in row0[3:])
@@ -288,9 +292,9 @@ def test_eos_stops_generation_and_pads_finished_rows():
 def test_context_limit_stop_and_slide():
     model = tiny(block_size=16)
     prompt = torch.randint(0, 61, (1, 10))
-    stopped = model.generate(prompt, 50, temperature=0, on_context_full="stop")
+    stopped = generate(model, prompt, 50, temperature=0, on_context_full="stop")
     assert stopped.shape[1] == 16 - 10 + 1  # 6 fill the cache, the 7th comes from the last logits
-    slid = model.generate(prompt, 50, temperature=0, on_context_full="slide")
+    slid = generate(model, prompt, 50, temperature=0, on_context_full="slide")
     assert slid.shape[1] == 50
     assert torch.equal(slid[:, :7], stopped)
     # after a slide the next token is what the model predicts from the most recent 3/4 of the context
@@ -298,7 +302,7 @@ def test_context_limit_stop_and_slide():
     window = full[:, 17 - 12:17]
     assert int(model(window).logits[0, -1].argmax()) == int(full[0, 17])
     with pytest.raises(GPTError, match="context"):
-        model.generate(torch.randint(0, 61, (1, 17)), 5)
+        generate(model, torch.randint(0, 61, (1, 17)), 5)
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -314,7 +318,7 @@ def test_bad_sampling_arguments(kw, needle):
     args = dict(max_new_tokens=5, temperature=1.0)
     args.update(kw)
     with pytest.raises(GPTError, match=needle):
-        model.generate(torch.zeros(1, 2, dtype=torch.long), **args)
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -342,7 +346,7 @@ def test_sampling_is_reproducible_with_a_seed():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return model.generate(prompt, 15, temperature=1.0, top_k=20, generator=g)
+        return generate(model, prompt, 15, temperature=1.0, top_k=20, generator=g)
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))

@@ -189,7 +189,7 @@ def test_multi_process_trainer_configs_build_their_strategy(choice):
     """The GPU configs cannot run here (no GPU): check they build the strategy they promise."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from gpt.cli import build
+    from gpt.launch import build
     from gpt.model import Block
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -209,7 +209,7 @@ def test_log_samples_prompt_is_checked_before_training(tmp_path):
     from types import SimpleNamespace
 
     from gpt.errors import GPTError
-    from gpt.lit import FinalSamples
+    from gpt.callbacks import FinalSamples
     from gpt.model import GPTConfig
     from gpt.tokenizer import Tokenizer
 
