@@ -97,12 +97,12 @@ class ChatSession:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, template: ChatTemplate, *, max_new_tokens: int,
                  temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos: bool = True,
-                 generator: Optional[torch.Generator] = None, strict: bool = True, notices: TextIO = sys.stderr):
+                 generator: Optional[torch.Generator] = None, strict: bool = True, notices: Optional[TextIO] = None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.stops = list(stops) + [s for s in template.stops if s not in stops]
         self.eos = tokenizer.eos_id if stop_at_eos else None
-        self.generator, self.strict, self.notices = generator, strict, notices
+        self.generator, self.strict, self.notices = generator, strict, notices or sys.stderr
         self.block = model.config.block_size
         self.device = next(model.parameters()).device
         self.reset()
