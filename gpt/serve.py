@@ -229,8 +229,10 @@ def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
     padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
     valids = []
     for cache, rows in parts:
-        valid = cache.valid if cache.valid is not None else \
-            (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
+        # the columns written so far; of those, the real ones (cache.valid is not kept beyond `length` yet)
+        valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
+        if cache.valid is not None:
+            valid = valid & cache.valid
         valids.append(valid[rows])
     L = max(int(v.sum(1).max()) for v in valids)
     picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
@@ -583,6 +585,8 @@ def check_serve_options(cfg) -> None:
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
+    if cfg.threads is not None:
+        positive["threads"] = cfg.threads
     for key in ("batch_window_ms", "shutdown_timeout"):
         if not is_number(cfg[key]) or cfg[key] < 0:
             raise GPTError(f"{key} must be a number >= 0 (got {cfg[key]!r})")
@@ -594,6 +598,8 @@ def serve(cfg, sockets=None) -> None:
     import uvicorn
 
     check_serve_options(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     app = create_app(cfg)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.shutdown_timeout, access_log=cfg.access_log)

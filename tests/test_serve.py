@@ -238,3 +238,46 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_continuous_batching_rows_join_and_leave_and_each_gets_what_it_gets_alone():
+    """The engine driven step by step: 30 greedy jobs (prompts of 1-40 tokens, 1-48 new tokens, a context of 48,
+    so some fill it) arrive at random steps into a batch of at most 5; each one's text, finish reason and token
+    count equal those of the same job run alone."""
+    import random
+
+    from gpt.serve import Engine, Job
+
+    tok = Tokenizer.char_level(string.ascii_letters)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    rng = random.Random(0)
+    specs = [([rng.randrange(52) for _ in range(rng.randint(1, 40))], rng.randint(1, 48)) for _ in range(30)]
+
+    def run(engine, jobs_at):  # {step: [(key, spec)]} -> {key: the "done" event}
+        done = {}
+        with torch.inference_mode():
+            step = 0
+            while len(done) < sum(map(len, jobs_at.values())):
+                engine.submit([Job(list(ids), n, 0.0, None, [], None,
+                                   lambda e, key=key: done.__setitem__(key, e) if e[0] != "delta" else None)
+                               for key, (ids, n) in jobs_at.get(step, [])])
+                engine.step()
+                step += 1
+        return done
+
+    arrivals = {}
+    for key, spec in enumerate(specs):
+        arrivals.setdefault(rng.randint(0, 150), []).append((key, spec))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits (and on a busy machine, long)
+    try:
+        together = run(Engine(model, tok, stop_at_eos=False, max_batch_size=5, batch_window_s=0), arrivals)
+        alone = {key: run(Engine(model, tok, stop_at_eos=False, batch_window_s=0), {0: [(key, spec)]})[key]
+                 for key, spec in enumerate(specs)}
+    finally:
+        torch.set_num_threads(threads)
+    assert together == alone
+    assert any(e[2] < n for (_, n), e in zip(specs, alone.values()))  # some filled the context before n tokens
