@@ -580,13 +580,10 @@ def check_serve_options(cfg) -> None:
     if not is_int(cfg.port) or not 0 <= cfg.port < 65536:
         raise GPTError(f"port must be a TCP port number, 0-65535 (got {cfg.port!r})")
     positive = {"max_batch_size": cfg.max_batch_size, "max_n": cfg.max_n, "max_body_bytes": cfg.max_body_bytes}
-    if cfg.max_tokens is not None:
-        positive["max_tokens"] = cfg.max_tokens
+    positive.update({key: cfg[key] for key in ("max_tokens", "threads") if cfg[key] is not None})  # null: default
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
-    if cfg.threads is not None:
-        positive["threads"] = cfg.threads
     for key in ("batch_window_ms", "shutdown_timeout"):
         if not is_number(cfg[key]) or cfg[key] < 0:
             raise GPTError(f"{key} must be a number >= 0 (got {cfg[key]!r})")

@@ -281,3 +281,10 @@ def test_continuous_batching_rows_join_and_leave_and_each_gets_what_it_gets_alon
         torch.set_num_threads(threads)
     assert together == alone
     assert any(e[2] < n for (_, n), e in zip(specs, alone.values()))  # some filled the context before n tokens
+
+
+def test_a_bad_setting_is_one_error_line(model_dir):
+    from conftest import assert_user_error
+
+    assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_batch_size=0"), "max_batch_size")
+    assert_user_error(run_cli("-m gpt.serve", "port=8000"), "ckpt=")
