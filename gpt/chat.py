@@ -150,6 +150,7 @@ class ChatSession:
         logits = self.prefill(ids)
         self.cache.start_decoding()
         printer = StreamPrinter(self.tokenizer, self.stops, out)
+        full = False
         for step in range(self.max_new_tokens):
             token = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
             if self.eos is not None and int(token) == self.eos:
@@ -158,12 +159,16 @@ class ChatSession:
             if stopped or step == self.max_new_tokens - 1:
                 break
             if self.cache.length >= self.block:
-                self.notices.write("\n(context full: reply cut)\n")
+                full = True
                 break
             logits = GPT.decode_step(self.model, token[:, None], self.cache)
             self.cache.length += 1
             self.cached.append(int(token))
         answer = printer.finish()
+        if full:  # after the held-back end of the reply is printed
+            out.flush()
+            self.notices.write("\n(context full: reply cut)\n")
+            self.notices.flush()
         # The reply as the conversation records it (a plain template puts a space after "Assistant:").
         self.messages.append({"role": "assistant", "content": answer[1:] if answer.startswith(" ") and
                               not self.template.jinja else answer})
