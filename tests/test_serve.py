@@ -134,8 +134,8 @@ def test_n_choices_seeds_and_batched_requests_equal_single_ones(client, model_di
                 (("a", 40), ("Hello there, who", 12), ("To be or", 25), ("x", 5), ("What is it?", 33))]
     alone = [client.completions.create(**r).choices[0].text for r in requests]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(lambda r: client.completions.create(**r).choices[0].text, requests * 2))
-    assert together == alone * 2
+        together = list(pool.map(lambda r: client.completions.create(**r).choices[0].text, requests))
+    assert together == alone
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
