@@ -205,6 +205,10 @@ def read_text_file(path: str | Path) -> str:
 
 def sample(cfg) -> Optional[list[str]]:
     check_options(cfg)
+    if cfg.get("chat"):  # the interactive multi-turn chat (gpt/chat.py)
+        from gpt.chat import chat
+
+        return chat(cfg)
     model, tokenizer, device = load_for_sampling(cfg)
     wrap, stops = prompt_template(cfg)
     if cfg.get("attention_map"):

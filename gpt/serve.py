@@ -1,0 +1,616 @@
+"""An OpenAI-compatible HTTP server: `python -m gpt.serve ckpt=<model dir> [adapter=<dir>] [port=8000]`.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (chat template: gpt/chat.py),
+GET /health. FastAPI + uvicorn run in one process; one background thread, the engine, owns the model.
+
+The engine batches continuously. Requests that arrive within `batch_window_ms` of each other are read
+(prefilled) together, left-padded; every step then samples one token for every running request (each with
+its own temperature, top_p, random stream, stop strings and max_tokens) and runs one decode step over
+the whole batch. A request that finishes leaves the batch and a waiting one joins it at the next step,
+without draining the others: the batch's KV cache is re-gathered, each row's cached positions packed to
+the right (learned position embeddings are added to the input, so where a key sits in the buffer does
+not matter, only the mask of real positions, as with left padding). Docs: docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt.chat import ChatTemplate, chat_template
+from gpt.errors import GPTError, is_int, is_number
+from gpt.model import GPT, KVCache, check_sampling_args, sample_next_token
+from gpt.sample import StreamPrinter, check_dtype, encode_prompt, left_pad, load_for_sampling
+
+# ----------------------------------------------------------------------------------------------------
+# The engine: one thread, one model, one batch
+
+
+@dataclass(eq=False)
+class Job:
+    """One completion (one of a request's `n` choices) and the way back to its request."""
+
+    ids: list[int]  # the prompt's tokens
+    max_tokens: int
+    temperature: float
+    top_p: Optional[float]
+    stops: list[str]
+    generator: Optional[torch.Generator]
+    send: object  # send(event): hands an event to the request's event loop (thread-safe)
+    cancelled: bool = False  # set by the request when its client went away
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0  # this row's positions in the KV cache
+    printer: Optional[StreamPrinter] = None
+
+    def write(self, text: str) -> None:  # StreamPrinter's output: the new text goes to the request
+        if text:
+            self.send(("delta", text))
+
+    def flush(self) -> None:
+        pass
+
+
+class Engine:
+    """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
+
+    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16,
+                 batch_window_s=0.005):
+        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
+        self.eos = tokenizer.eos_id if stop_at_eos else None
+        self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self.max_batch_size, self.window = max_batch_size, batch_window_s
+        self.block = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.waiting: "queue.Queue[Job]" = queue.Queue()
+        self.rows: list[Job] = []  # the running batch, in the cache's row order
+        self.cache: Optional[KVCache] = None
+        self.logits: Optional[torch.Tensor] = None  # (rows, vocab): each row's next-token logits
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="gpt-engine", daemon=True)
+
+    def submit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.waiting.put(job)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.thread.join(timeout)
+        for job in self.rows + self.drain():  # whatever is left (after uvicorn's bounded wait)
+            job.send(("error", "the server is shutting down"))
+
+    def drain(self) -> list[Job]:
+        jobs = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                jobs.append(self.waiting.get_nowait())
+        return jobs
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            while not self.stopping.is_set():
+                try:
+                    self.step()
+                except Exception as e:  # a bug or broken weights: fail the batch, keep serving
+                    message = str(e) if isinstance(e, GPTError) else f"{type(e).__name__}: {e}"
+                    for job in self.rows:
+                        job.send(("error", message))
+                    self.rows, self.cache, self.logits = [], None, None
+                    if not isinstance(e, GPTError):
+                        import traceback
+
+                        traceback.print_exc()
+
+    def take_waiting(self) -> list[Job]:
+        """New jobs for the free rows. An idle engine waits for one, then for the batch window, so that
+        requests arriving together start together."""
+        jobs = []
+        if not self.rows:
+            try:
+                jobs.append(self.waiting.get(timeout=0.1))
+            except queue.Empty:
+                return []
+            if self.window:
+                time.sleep(self.window)
+        with contextlib.suppress(queue.Empty):
+            while len(self.rows) + len(jobs) < self.max_batch_size:
+                jobs.append(self.waiting.get_nowait())
+        return [job for job in jobs if not job.cancelled]
+
+    def step(self) -> None:
+        new = self.take_waiting()
+        if new:
+            try:
+                self.admit(new)
+            except Exception as e:
+                for job in new:
+                    job.send(("error", str(e)))
+                raise
+        if not self.rows:
+            return
+        tokens = self.sample()
+        keep = []
+        for row, job in enumerate(self.rows):
+            reason = None if job.cancelled else self.advance(job, int(tokens[row]))
+            if job.cancelled:
+                continue
+            if reason:
+                text = job.printer.finish()
+                job.send(("done", reason, len(job.generated), text))
+            else:
+                keep.append(row)
+        if len(keep) < len(self.rows):
+            self.regroup([(self.cache, keep, self.logits)], [self.rows[r] for r in keep])
+            tokens = tokens[keep]
+        if not self.rows:
+            return
+        if self.cache.length >= self.cache.max_len:  # the buffer's columns are used up: pack the rows again
+            self.regroup([(self.cache, list(range(len(self.rows))), self.logits)], self.rows)
+        self.logits = GPT.decode_step(self.model, tokens[:, None].to(self.device), self.cache)
+        self.cache.length += 1
+        for job in self.rows:
+            job.cached += 1
+
+    def advance(self, job: Job, token: int) -> Optional[str]:
+        """Add a sampled token to a job; its finish_reason if that ends it."""
+        if self.eos is not None and token == self.eos:
+            return "stop"
+        job.generated.append(token)
+        if job.printer([token]):
+            return "stop"
+        if len(job.generated) >= job.max_tokens or job.cached >= self.block:  # max_tokens, or the context is full
+            return "length"
+        return None
+
+    def sample(self) -> torch.Tensor:
+        """One token per row, rows with the same settings sampled together, each from its own random stream."""
+        groups: dict[tuple, list[int]] = {}
+        for row, job in enumerate(self.rows):
+            groups.setdefault((job.temperature, job.top_p), []).append(row)
+        tokens = torch.empty(len(self.rows), dtype=torch.long)
+        for (temperature, top_p), rows in groups.items():
+            generators = None if temperature == 0 else [self.rows[r].generator for r in rows]
+            tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
+        return tokens
+
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch."""
+        prompts: dict[tuple, int] = {}
+        for job in jobs:
+            prompts.setdefault(tuple(job.ids), len(prompts))
+            job.cached = len(job.ids)
+            job.printer = StreamPrinter(self.tokenizer, job.stops, job)
+        idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
+        cache = self.model.new_cache()
+        logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+        parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
+        parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
+        self.regroup(parts, self.rows + jobs)
+
+    def regroup(self, parts: list[tuple[KVCache, list[int], torch.Tensor]], jobs: list[Job]) -> None:
+        """The batch becomes the given rows of the given caches (with their logits), in order."""
+        self.rows = jobs
+        if not jobs:
+            self.cache, self.logits = None, None
+            return
+        if len(parts) == 1 and parts[0][1] == list(range(parts[0][0].k[0].size(0))) \
+                and parts[0][0].length < parts[0][0].max_len:  # the same rows, room left: keep the cache as it is
+            self.cache, self.logits = parts[0][0], parts[0][2]
+            if self.cache.slot is None:
+                self.cache.start_decoding()
+            return
+        self.cache = pack_rows([(cache, rows) for cache, rows, _ in parts], self.model.new_cache())
+        self.logits = torch.cat([logits[rows] for _, rows, logits in parts])
+
+
+def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
+    """A cache of the given rows of the given caches, each row's real positions moved (in order) to the
+    columns just before one shared end column L, the longest row's count; padding in front, as with left
+    padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
+    valids = []
+    for cache, rows in parts:
+        # the columns written so far; of those, the real ones (cache.valid is not kept beyond `length` yet)
+        valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
+        if cache.valid is not None:
+            valid = valid & cache.valid
+        valids.append(valid[rows])
+    L = max(int(v.sum(1).max()) for v in valids)
+    picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
+    for (cache, rows), valid in zip(parts, valids):
+        # a stable sort of valid (False < True) lists a row's padding columns first, then its real ones in order
+        src = torch.sort(valid.int(), dim=1, stable=True).indices[:, -L:]  # (rows, L)
+        picked_valid.append(valid.gather(1, src))
+        at = torch.tensor(rows, device=src.device)[:, None]
+        for layer in range(len(out.k)):
+            # advanced indices around a slice: the result is (rows, L, heads, head_dim)
+            picked_k[layer].append(cache.k[layer][at, :, src].transpose(1, 2))
+            picked_v[layer].append(cache.v[layer][at, :, src].transpose(1, 2))
+    for layer in range(len(out.k)):
+        k = torch.cat(picked_k[layer])
+        B, H, _, D = k.shape
+        # zeros, not empty: a masked column's weight is 0, and 0 * NaN from uninitialised memory would be NaN
+        out.k[layer] = k.new_zeros(B, H, out.max_len, D)
+        out.v[layer] = k.new_zeros(B, H, out.max_len, D)
+        out.k[layer][:, :, :L] = k
+        out.v[layer][:, :, :L] = torch.cat(picked_v[layer])
+    valid = torch.cat(picked_valid)
+    out.valid = torch.zeros(valid.size(0), out.max_len, dtype=torch.bool, device=valid.device)
+    out.valid[:, :L] = valid
+    out.seen = valid.sum(1)
+    out.length = L
+    out.start_decoding()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The HTTP API (OpenAI's request and response shapes)
+
+
+class Strict(BaseModel):
+    # A misspelt or unknown field, or a value of the wrong type ("5" for 5), is an error, never ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False  # one more chunk before [DONE], with the usage counts
+
+
+class Sampling(Strict):
+    model: Optional[str] = None  # one model is served: any name is answered by it
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str]]
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    error = exc.errors()[0]
+    loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+    if error.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})")
+    if error.get("type") == "model_attributes_type" or not loc:
+        return APIError(400, "the request body must be a JSON object with the request's fields")
+    param = ".".join(loc)
+    message = f"{param}: {error['msg']}" + (f" (got {error['input']!r})" if error.get("type") != "missing"
+                                            and not isinstance(error.get("input"), (dict, list)) else "")
+    return APIError(400, message, param, "unknown_field" if error.get("type") == "extra_forbidden" else "invalid_value")
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key (all but /health) and the body size limit."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
+                error = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        too_large = APIError(413, f"the request body is larger than max_body_bytes={self.limit}", code="body_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await too_large.response()(scope, receive, send)
+        # Read the body here (it is small), counting, so that a chunked body cannot exceed the limit either.
+        messages, size = [], 0
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            while True:
+                message = await receive()
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > self.limit:
+                    return await too_large.response()(scope, receive, send)
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class Server:
+    """What the routes share: the model's tokenizer and limits, the engine, the defaults from the config."""
+
+    def __init__(self, cfg, model: GPT, tokenizer, template: ChatTemplate):
+        self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
+        self.block = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.name = cfg.get("model_name") or str(cfg.get("adapter") or cfg.get("ckpt"))
+        self.created = int(time.time())
+        self.strict = cfg.unknown_chars == "error"
+        self.engine = Engine(model, tokenizer, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos,
+                             max_batch_size=cfg.max_batch_size, batch_window_s=cfg.batch_window_ms / 1000)
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            ids = encode_prompt(self.tokenizer, text, self.strict)
+        except GPTError as e:
+            raise APIError(400, str(e), param, "invalid_value") from None
+        if len(ids) > self.block:
+            raise APIError(400, f"{param} is {len(ids)} tokens but the model's context is {self.block}: shorten it",
+                           param, "context_length_exceeded")
+        return ids
+
+    def jobs(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], param: str, stops: list[str],
+             send) -> list[Job]:
+        """Job i * n + j: choice j of prompt i (OpenAI's choice index)."""
+        if max_tokens is not None and not 0 < max_tokens <= self.block:
+            raise APIError(400, f"{param} must be between 1 and the model's context, {self.block} (got {max_tokens})",
+                           param, "invalid_value")
+        if body.n > self.cfg.max_n:
+            raise APIError(400, f"n must be at most {self.cfg.max_n} (the server's max_n; got {body.n})", "n",
+                           "invalid_value")
+        given = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(given) > 4 or any(not s for s in given):
+            raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
+        temperature = self.cfg.temperature if body.temperature is None else body.temperature
+        top_p = self.cfg.top_p if body.top_p is None else body.top_p
+        seed = body.seed if body.seed is not None else self.cfg.seed
+        if seed is None:
+            seed = secrets.randbits(63)
+        jobs = []
+        for ids in prompts:
+            for j in range(body.n):
+                k = len(jobs)
+                limit = max_tokens or self.cfg.max_tokens or self.block
+                generator = None
+                if temperature > 0:  # choice 0 uses the seed itself, as sample.py does; the others their own streams
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(seed if k == 0 else (seed * 1_000_003 + k) % 2**63)
+                jobs.append(Job(list(ids), limit, temperature, top_p, given + [s for s in stops if s not in given],
+                                generator, lambda event, k=k: send((k, event))))
+        return jobs
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
+    """The ASGI app for `cfg` (configs/serve.yaml); loads the model unless given one."""
+    if model is None:
+        model, tokenizer, _ = load_for_sampling(cfg)
+    server = Server(cfg, model, tokenizer, chat_template(cfg))
+    if cfg.max_tokens is not None and cfg.max_tokens > server.block:
+        raise GPTError(f"max_tokens={cfg.max_tokens} is more than the model's context ({server.block}); "
+                       "lower it, or null: until the context is full")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="gpt", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, "running": len(server.engine.rows),
+                "waiting": server.engine.waiting.qsize()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "gpt", "context_length": server.block}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise APIError(400, "prompt is an empty list: give a prompt", "prompt", "invalid_value")
+        prompts = [server.encode(t, "prompt") for t in texts]
+        return await respond(request, body, prompts, body.max_tokens, "max_tokens", [], chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        try:
+            text = server.template([m.model_dump() for m in body.messages])
+        except GPTError as e:
+            raise APIError(400, str(e), "messages", "invalid_value") from None
+        prompts = [server.encode(text, "messages")]
+        given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        return await respond(request, body, prompts, given, param, server.template.stops, chat=True)
+
+    async def respond(request: Request, body: Sampling, prompts, max_tokens, param, stops, chat: bool):
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def send(event):  # from the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        jobs = server.jobs(body, prompts, max_tokens, param, stops, send)
+        server.engine.submit(jobs)
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "object": kind,
+                "created": int(time.time()), "model": server.name}
+        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+
+        def choice(k, text, reason):
+            if chat:
+                return {"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            return {"index": k, "text": text, "logprobs": None, "finish_reason": reason}
+
+        def chunk(k, text, reason, first=False):
+            if chat:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                c = {"index": k, "delta": delta, "finish_reason": reason}
+            else:
+                c = {"index": k, "text": text, "logprobs": None, "finish_reason": reason}
+            return {**head, "object": kind + ".chunk" if chat else kind, "choices": [c]}
+
+        def cancel():
+            for job in jobs:
+                job.cancelled = True
+
+        if body.stream:
+            async def stream():
+                try:
+                    if chat:
+                        for k in range(len(jobs)):
+                            yield sse(chunk(k, "", None, first=True))
+                    done = 0
+                    while done < len(jobs):
+                        k, event = await events.get()
+                        if event[0] == "delta":
+                            yield sse(chunk(k, event[1], None))
+                        elif event[0] == "done":
+                            usage["completion_tokens"] += event[2]
+                            done += 1
+                            yield sse(chunk(k, "", event[1]))
+                        else:
+                            yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
+                                                 "code": None}})
+                            return
+                    if body.stream_options and body.stream_options.include_usage:
+                        total = usage["prompt_tokens"] + usage["completion_tokens"]
+                        yield sse({**head, "object": kind + ".chunk" if chat else kind, "choices": [],
+                                   "usage": {**usage, "total_tokens": total}})
+                    yield "data: [DONE]\n\n"
+                finally:  # also when the client disconnected: its rows leave the batch at the next step
+                    cancel()
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        texts, reasons, done = [""] * len(jobs), [None] * len(jobs), 0
+        try:
+            while done < len(jobs):
+                try:
+                    k, event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+                    continue
+                if event[0] == "done":
+                    reasons[k], texts[k] = event[1], event[3]
+                    usage["completion_tokens"] += event[2]
+                    done += 1
+                elif event[0] == "error":
+                    raise APIError(500, event[1], kind="server_error")
+        finally:
+            cancel()
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**head, "choices": [choice(k, texts[k], reasons[k]) for k in range(len(jobs))], "usage": usage}
+
+    api_key = cfg.api_key or os.environ.get("GPT_API_KEY") or None
+    return Guard(app, api_key, cfg.max_body_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def check_serve_options(cfg) -> None:
+    """configs/serve.yaml's settings, checked before the model is loaded."""
+    check_sampling_args(1, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_dtype(cfg.dtype)
+    if cfg.temperature > 2:
+        raise GPTError(f"temperature must be in [0, 2] (got {cfg.temperature}), as in OpenAI's API")
+    if cfg.seed is not None and (not is_int(cfg.seed) or not 0 <= cfg.seed < 2**63):
+        raise GPTError(f"seed must be null (a random seed per request) or an integer >= 0 (got {cfg.seed!r})")
+    if not is_int(cfg.port) or not 0 <= cfg.port < 65536:
+        raise GPTError(f"port must be a TCP port number, 0-65535 (got {cfg.port!r})")
+    positive = {"max_batch_size": cfg.max_batch_size, "max_n": cfg.max_n, "max_body_bytes": cfg.max_body_bytes}
+    positive.update({key: cfg[key] for key in ("max_tokens", "threads") if cfg[key] is not None})  # null: default
+    for key, value in positive.items():
+        if not is_int(value) or value < 1:
+            raise GPTError(f"{key} must be a positive integer (got {value!r})")
+    for key in ("batch_window_ms", "shutdown_timeout"):
+        if not is_number(cfg[key]) or cfg[key] < 0:
+            raise GPTError(f"{key} must be a number >= 0 (got {cfg[key]!r})")
+    if cfg.unknown_chars not in ("error", "unk"):
+        raise GPTError(f"unknown_chars must be error or unk (got {cfg.unknown_chars!r})")
+
+
+def serve(cfg, sockets=None) -> None:
+    import uvicorn
+
+    check_serve_options(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    app = create_app(cfg)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=cfg.shutdown_timeout, access_log=cfg.access_log)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {cfg.host}, reachable from other machines"
+              + ("" if app.api_key else " by anyone: set api_key= or GPT_API_KEY"), file=sys.stderr)
+    # uvicorn answers SIGTERM with a graceful shutdown (in-flight requests finish, at most shutdown_timeout
+    # seconds) and then raises the signal again on the handler found before it; a no-op one makes that exit 0.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    from gpt.cli import run_hydra
+
+    run_hydra("serve", serve)

@@ -1,0 +1,74 @@
+"""The chat REPL (gpt/chat.py, `sample.py chat=true`): templates, the KV cache kept across turns, stdin."""
+
+import io
+import json
+import string
+
+import pytest
+import torch
+
+from gpt.chat import ChatSession, ChatTemplate
+from gpt.checkpoint import save_model_dir
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import Tokenizer
+
+ALPHABET = string.ascii_letters + " :\n.,!?<|>"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = Tokenizer.char_level(ALPHABET)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    return model, tok
+
+
+def test_templates_plain_and_jinja(tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert ChatTemplate()(messages) == "System: Be brief.\nUser: Hi\nAssistant:"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")}))
+    jinja = ChatTemplate.for_model(None, tmp_path)
+    assert jinja(messages) == "<|system|>Be brief.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>"
+    assert jinja.stops == [] and ChatTemplate.for_model(tmp_path / "nothing").stops[0] == "\nUser:"
+
+
+def test_a_new_turn_reuses_the_cache_and_its_logits_equal_a_full_prefill(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, ChatTemplate(), max_new_tokens=6, temperature=0, stop_at_eos=False,
+                          notices=io.StringIO())
+    first = session.reply("Hi", io.StringIO())
+    opening = len("User: Hi\nAssistant:")
+    assert session.prefilled == opening
+    with torch.inference_mode():
+        prompt = tok.encode(session.template(session.messages + [{"role": "user", "content": "Go on"}]))
+        logits = session.prefill(prompt)
+        full = model(torch.tensor([prompt])).logits[:, -1]
+    assert 0 < session.prefilled <= len(prompt) - opening  # the cached opening is not run again
+    assert torch.allclose(logits, full, atol=1e-5, rtol=1e-4)
+    # a reset conversation answers the first message as before
+    session.reset()
+    assert session.reply("Hi", io.StringIO()) == first and session.prefilled == opening
+
+
+def test_the_repl_over_stdin_two_turns_reset_and_a_full_context(tiny, tmp_path, monkeypatch, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from gpt.cli import CONFIG_DIR
+    from gpt.sample import sample
+
+    model, tok = tiny
+    model_dir = save_model_dir(model, tok, tmp_path / "model")
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={model_dir}", "chat=true", "temperature=0", "max_new_tokens=6",
+                                           "stop_at_eos=false", "device=cpu", "dtype=float32"])
+    long = "A longer message fills the context"  # fits alone, not after the first turn
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hi\nGo on\n/reset\nHi\n{long}\n/exit\nnever read\n"))
+    replies = sample(cfg)
+    out, err = capsys.readouterr()
+    assert len(replies) == 4 and replies[2] == replies[0]  # after /reset the first message is answered again alike
+    assert "(conversation reset)" in out and all(r in out for r in replies)
+    assert "context full: dropped the oldest turn" in err
