@@ -261,7 +261,7 @@ def child(case: str, impl: str, quick: bool) -> dict:
         if impl.startswith("ours"):  # sample.py's defaults; ours_compiled: compile=true; ours_int8: + quantize=int8
             from gpt.convert import import_hf
             from gpt.generate import generate
-            from gpt.sample import prepare_for_sampling
+            from gpt.inference import prepare_for_sampling
 
             with tempfile.TemporaryDirectory() as tmp:  # the same weights, through the converter
                 hf.save_pretrained(Path(tmp) / "hf")

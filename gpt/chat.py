@@ -29,8 +29,10 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from gpt.errors import GPTError
-from gpt.model import GPT, KVCache, prompt_too_long, sample_next_token
-from gpt.sample import StreamPrinter, cut_at_stop, load_for_sampling, unescape
+from gpt.completions import StreamPrinter, unescape
+from gpt.generate import prompt_too_long, sample_next_token
+from gpt.inference import load_for_sampling
+from gpt.model import GPT, KVCache
 from gpt.tokenizer import EOS, Tokenizer
 
 ROLES = ("system", "user", "assistant")

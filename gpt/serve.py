@@ -1,15 +1,8 @@
 """An OpenAI-compatible HTTP server: `python -m gpt.serve ckpt=<model dir> [adapter=<dir>] [port=8000]`.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (chat template: gpt/chat.py),
-GET /health. FastAPI + uvicorn run in one process; one background thread, the engine, owns the model.
-
-The engine batches continuously. Requests that arrive within `batch_window_ms` of each other are read
-(prefilled) together, left-padded; every step then samples one token for every running request (each with
-its own temperature, top_p, random stream, stop strings and max_tokens) and runs one decode step over
-the whole batch. A request that finishes leaves the batch and a waiting one joins it at the next step,
-without draining the others: the batch's KV cache is re-gathered, each row's cached positions packed to
-the right (learned position embeddings are added to the input, so where a key sits in the buffer does
-not matter, only the mask of real positions, as with left padding). Docs: docs/serve.md.
+GET /health. FastAPI + uvicorn run in one process; one background thread, the engine (gpt/engine.py), owns
+the model and batches the requests continuously. Docs: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -19,13 +12,11 @@ import contextlib
 import hmac
 import json
 import os
-import queue
 import secrets
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 import torch
@@ -37,230 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.chat import ChatTemplate, chat_template
 from gpt.errors import GPTError, is_int, is_number
-from gpt.model import GPT, KVCache, check_sampling_args, sample_next_token
-from gpt.sample import StreamPrinter, check_dtype, encode_prompt, left_pad, load_for_sampling
-
-# ----------------------------------------------------------------------------------------------------
-# The engine: one thread, one model, one batch
-
-
-@dataclass(eq=False)
-class Job:
-    """One completion (one of a request's `n` choices) and the way back to its request."""
-
-    ids: list[int]  # the prompt's tokens
-    max_tokens: int
-    temperature: float
-    top_p: Optional[float]
-    stops: list[str]
-    generator: Optional[torch.Generator]
-    send: object  # send(event): hands an event to the request's event loop (thread-safe)
-    cancelled: bool = False  # set by the request when its client went away
-    generated: list[int] = field(default_factory=list)
-    cached: int = 0  # this row's positions in the KV cache
-    printer: Optional[StreamPrinter] = None
-
-    def write(self, text: str) -> None:  # StreamPrinter's output: the new text goes to the request
-        if text:
-            self.send(("delta", text))
-
-    def flush(self) -> None:
-        pass
-
-
-class Engine:
-    """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
-
-    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16,
-                 batch_window_s=0.005):
-        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
-        self.eos = tokenizer.eos_id if stop_at_eos else None
-        self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-        self.max_batch_size, self.window = max_batch_size, batch_window_s
-        self.block = model.config.block_size
-        self.device = next(model.parameters()).device
-        self.waiting: "queue.Queue[Job]" = queue.Queue()
-        self.rows: list[Job] = []  # the running batch, in the cache's row order
-        self.cache: Optional[KVCache] = None
-        self.logits: Optional[torch.Tensor] = None  # (rows, vocab): each row's next-token logits
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="gpt-engine", daemon=True)
-
-    def submit(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            self.waiting.put(job)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stopping.set()
-        self.thread.join(timeout)
-        for job in self.rows + self.drain():  # whatever is left (after uvicorn's bounded wait)
-            job.send(("error", "the server is shutting down"))
-
-    def drain(self) -> list[Job]:
-        jobs = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                jobs.append(self.waiting.get_nowait())
-        return jobs
-
-    def run(self) -> None:
-        with torch.inference_mode():
-            while not self.stopping.is_set():
-                try:
-                    self.step()
-                except Exception as e:  # a bug or broken weights: fail the batch, keep serving
-                    message = str(e) if isinstance(e, GPTError) else f"{type(e).__name__}: {e}"
-                    for job in self.rows:
-                        job.send(("error", message))
-                    self.rows, self.cache, self.logits = [], None, None
-                    if not isinstance(e, GPTError):
-                        import traceback
-
-                        traceback.print_exc()
-
-    def take_waiting(self) -> list[Job]:
-        """New jobs for the free rows. An idle engine waits for one, then for the batch window, so that
-        requests arriving together start together."""
-        jobs = []
-        if not self.rows:
-            try:
-                jobs.append(self.waiting.get(timeout=0.1))
-            except queue.Empty:
-                return []
-            if self.window:
-                time.sleep(self.window)
-        with contextlib.suppress(queue.Empty):
-            while len(self.rows) + len(jobs) < self.max_batch_size:
-                jobs.append(self.waiting.get_nowait())
-        return [job for job in jobs if not job.cancelled]
-
-    def step(self) -> None:
-        new = self.take_waiting()
-        if new:
-            try:
-                self.admit(new)
-            except Exception as e:
-                for job in new:
-                    job.send(("error", str(e)))
-                raise
-        if not self.rows:
-            return
-        tokens = self.sample()
-        keep = []
-        for row, job in enumerate(self.rows):
-            reason = None if job.cancelled else self.advance(job, int(tokens[row]))
-            if job.cancelled:
-                continue
-            if reason:
-                text = job.printer.finish()
-                job.send(("done", reason, len(job.generated), text))
-            else:
-                keep.append(row)
-        if len(keep) < len(self.rows):
-            self.regroup([(self.cache, keep, self.logits)], [self.rows[r] for r in keep])
-            tokens = tokens[keep]
-        if not self.rows:
-            return
-        if self.cache.length >= self.cache.max_len:  # the buffer's columns are used up: pack the rows again
-            self.regroup([(self.cache, list(range(len(self.rows))), self.logits)], self.rows)
-        self.logits = GPT.decode_step(self.model, tokens[:, None].to(self.device), self.cache)
-        self.cache.length += 1
-        for job in self.rows:
-            job.cached += 1
-
-    def advance(self, job: Job, token: int) -> Optional[str]:
-        """Add a sampled token to a job; its finish_reason if that ends it."""
-        if self.eos is not None and token == self.eos:
-            return "stop"
-        job.generated.append(token)
-        if job.printer([token]):
-            return "stop"
-        if len(job.generated) >= job.max_tokens or job.cached >= self.block:  # max_tokens, or the context is full
-            return "length"
-        return None
-
-    def sample(self) -> torch.Tensor:
-        """One token per row, rows with the same settings sampled together, each from its own random stream."""
-        groups: dict[tuple, list[int]] = {}
-        for row, job in enumerate(self.rows):
-            groups.setdefault((job.temperature, job.top_p), []).append(row)
-        tokens = torch.empty(len(self.rows), dtype=torch.long)
-        for (temperature, top_p), rows in groups.items():
-            generators = None if temperature == 0 else [self.rows[r].generator for r in rows]
-            tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
-        return tokens
-
-    def admit(self, jobs: list[Job]) -> None:
-        """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch."""
-        prompts: dict[tuple, int] = {}
-        for job in jobs:
-            prompts.setdefault(tuple(job.ids), len(prompts))
-            job.cached = len(job.ids)
-            job.printer = StreamPrinter(self.tokenizer, job.stops, job)
-        idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
-        cache = self.model.new_cache()
-        logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
-        parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
-        parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
-        self.regroup(parts, self.rows + jobs)
-
-    def regroup(self, parts: list[tuple[KVCache, list[int], torch.Tensor]], jobs: list[Job]) -> None:
-        """The batch becomes the given rows of the given caches (with their logits), in order."""
-        self.rows = jobs
-        if not jobs:
-            self.cache, self.logits = None, None
-            return
-        if len(parts) == 1 and parts[0][1] == list(range(parts[0][0].k[0].size(0))) \
-                and parts[0][0].length < parts[0][0].max_len:  # the same rows, room left: keep the cache as it is
-            self.cache, self.logits = parts[0][0], parts[0][2]
-            if self.cache.slot is None:
-                self.cache.start_decoding()
-            return
-        self.cache = pack_rows([(cache, rows) for cache, rows, _ in parts], self.model.new_cache())
-        self.logits = torch.cat([logits[rows] for _, rows, logits in parts])
-
-
-def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
-    """A cache of the given rows of the given caches, each row's real positions moved (in order) to the
-    columns just before one shared end column L, the longest row's count; padding in front, as with left
-    padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
-    valids = []
-    for cache, rows in parts:
-        # the columns written so far; of those, the real ones (cache.valid is not kept beyond `length` yet)
-        valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
-        if cache.valid is not None:
-            valid = valid & cache.valid
-        valids.append(valid[rows])
-    L = max(int(v.sum(1).max()) for v in valids)
-    picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
-    for (cache, rows), valid in zip(parts, valids):
-        # a stable sort of valid (False < True) lists a row's padding columns first, then its real ones in order
-        src = torch.sort(valid.int(), dim=1, stable=True).indices[:, -L:]  # (rows, L)
-        picked_valid.append(valid.gather(1, src))
-        at = torch.tensor(rows, device=src.device)[:, None]
-        for layer in range(len(out.k)):
-            # advanced indices around a slice: the result is (rows, L, heads, head_dim)
-            picked_k[layer].append(cache.k[layer][at, :, src].transpose(1, 2))
-            picked_v[layer].append(cache.v[layer][at, :, src].transpose(1, 2))
-    for layer in range(len(out.k)):
-        k = torch.cat(picked_k[layer])
-        B, H, _, D = k.shape
-        # zeros, not empty: a masked column's weight is 0, and 0 * NaN from uninitialised memory would be NaN
-        out.k[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.v[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.k[layer][:, :, :L] = k
-        out.v[layer][:, :, :L] = torch.cat(picked_v[layer])
-    valid = torch.cat(picked_valid)
-    out.valid = torch.zeros(valid.size(0), out.max_len, dtype=torch.bool, device=valid.device)
-    out.valid[:, :L] = valid
-    out.seen = valid.sum(1)
-    out.length = L
-    out.start_decoding()
-    return out
-
+from gpt.completions import encode_prompt
+from gpt.devices import check_dtype
+from gpt.generate import check_sampling_args
+from gpt.inference import load_for_sampling
+from gpt.engine import Engine, Job
+from gpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
 # The HTTP API (OpenAI's request and response shapes)

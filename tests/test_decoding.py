@@ -181,7 +181,7 @@ def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
 def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation(model):
     import copy
 
-    from gpt.sample import quantize_weights
+    from gpt.inference import quantize_weights
 
     quantized = quantize_weights(copy.deepcopy(model), "int8")
     linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]

@@ -246,7 +246,7 @@ def test_continuous_batching_rows_join_and_leave_and_each_gets_what_it_gets_alon
     count equal those of the same job run alone."""
     import random
 
-    from gpt.serve import Engine, Job
+    from gpt.engine import Engine, Job
 
     tok = Tokenizer.char_level(string.ascii_letters)
     torch.manual_seed(0)
