@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt.errors import GPTError, storage_errors
@@ -299,9 +299,40 @@ def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], so
         raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
                        + ": it was saved from a different architecture")
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)} "
+        got = tuple(getattr(state[k], "shape", state[k]))  # a tensor, or the shape alone (read from a header)
+        if got != tuple(shape):
+            raise GPTError(f"{source}: tensor {k!r} has shape {got} but the config needs {tuple(shape)} "
                            "(a checkpoint from a different vocabulary or model size?)")
+
+
+def check_config_matches(config: GPTConfig, shapes: dict[str, tuple], source: str) -> None:
+    """The config against the weights' shapes, before a model is built from it: a config.json edited to an
+    absurd size (vocab_size=10**12) is refused here instead of allocating terabytes. The layer count and the
+    embeddings first (cheap, and they bound what the meta-device model below would build)."""
+    layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
+    if config.n_layer > len(layers):  # (more layers in the file than the config's: check_tensors names one)
+        raise GPTError(f"{source} holds {len(layers)} layers but its config says n_layer={config.n_layer}; the config "
+                       "was edited or belongs to another model: re-export the model")
+    for key, dims in (("transformer.wte.weight", ("vocab_size", "n_embd")),
+                      ("transformer.wpe.weight", ("block_size", "n_embd"))):
+        want = tuple(getattr(config, d) for d in dims)
+        if key in shapes and tuple(shapes[key]) != want:
+            raise GPTError(f"{source}: tensor {key!r} has shape {tuple(shapes[key])} but the config says "
+                           f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)}; the config was edited or belongs "
+                           "to another model: re-export the model")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = GPT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    check_tensors(expected, {k: v for k, v in shapes.items() if k not in tied_keys(model)}, source)
+
+
+def safetensors_shapes(path: Path, fix: str) -> dict[str, tuple]:
+    """The tensors' shapes from a safetensors header, without reading the data."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise GPTError(f"{path} is truncated or corrupt ({e}); {fix}") from e
 
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -336,6 +367,8 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
         raise GPTError(f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
                        f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory")
     config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
+    check_config_matches(config, safetensors_shapes(path / WEIGHTS_FILE, "re-export it from a .ckpt"),
+                         str(path / WEIGHTS_FILE))
     state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
@@ -398,13 +431,19 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         return load_model_dir(path, map_location)
     ckpt = read_lightning_ckpt(path)
     meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
-    if not meta or "state_dict" not in ckpt:
+    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
+    lacking = [k for k, kind in (("config", dict), ("tokenizer", str)) if not isinstance(meta.get(k), kind)]
+    if lacking or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+        raise GPTError(f"{path} is an incomplete checkpoint record (its {(lacking or ['state_dict'])[0]!r} entry is "
+                       "missing or of the wrong type); resume or export from another .ckpt of the run, e.g. best.ckpt")
     if holds_lora(ckpt["state_dict"]):
         raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
                        f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
     config = GPTConfig.from_dict(meta["config"], f"{path}'s model config")
-    model = GPT(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_config_matches(config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
+    tokenizer = Tokenizer.from_str(meta["tokenizer"], f"{path}'s tokenizer entry")
+    model = GPT(config)
     load_weights(model, state, str(path))
-    return model.to(map_location), Tokenizer.from_str(meta["tokenizer"])
+    return model.to(map_location), tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import re
 import sys
@@ -116,6 +117,13 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     required value in one line. Returns the arguments for Hydra, where a bare value for a text or list setting
     (prompt=5, stop=AB, lora.targets=qkv) is rewritten to mean what it says ('5', ["AB"], ["qkv"])."""
     multirun = any(a in ("-m", "--multirun") for a in args)
+    for a in args:  # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or file name takes them
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = a[e.start:e.end].encode("utf-8", "surrogateescape")
+            fail(f"the command-line argument {a.split('=', 1)[0]}=... is not UTF-8 text (byte 0x{bad[0]:02x} at "
+                 f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to UTF-8")
     args = [expand_home(a) for a in args]
     flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
     for a in settings:
@@ -160,6 +168,16 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if verbose():
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name, overrides))
+    from omegaconf.errors import GrammarParseError, InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except (InterpolationResolutionError, GrammarParseError) as e:
+        if verbose():
+            raise
+        key = getattr(e, "full_key", None) or "a setting"
+        fail(f"{key}: cannot resolve ${{...}} ({str(e).splitlines()[0]}): Hydra reads ${{...}} as a reference to "
+             f"another setting; for the literal text write \\${{...}} (in the shell: '{key}=\\${{...}}')")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
@@ -226,6 +244,8 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(f"{key} must be a number (got {raw!r})")
+            if not math.isfinite(value):  # NaN would pass every later `x < limit` check by failing none
+                fail(f"{key} must be a finite number (got {raw})")
         elif isinstance(default, str):
             if isinstance(value, (bool, int, float)):  # prompt=5, name=2024: text, as typed
                 rewritten[arg] = f"{key}='{raw}'"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import types
 import weakref
 from dataclasses import asdict, dataclass, fields, replace
@@ -50,28 +51,40 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares wte's matrix; False after merging a LoRA adapter on lm_head
 
     def __post_init__(self):
+        """Every field's type and range, so a hand-edited config.json (a string, null, NaN, a list) is one
+        clear error before anything is built from it."""
         problems = []
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 problems.append(f"{name} must be a positive integer (got {value!r})")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size <= 0):
             problems.append(f"vocab_size must be a positive integer (got {self.vocab_size!r})")
         if not problems and self.n_embd % self.n_head != 0:
             problems.append(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
-        if not (0.0 <= self.dropout < 1.0):
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.layer_norm_eps <= 0:
-            problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps})")
-        if self.activation not in ACTIVATIONS:
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):  # NaN fails both comparisons
+            problems.append(f"dropout must be a number in [0, 1) (got {self.dropout!r})")
+        if not (is_number(self.layer_norm_eps) and 0 < self.layer_norm_eps < math.inf):
+            problems.append(f"layer_norm_eps must be a finite number > 0 (got {self.layer_norm_eps!r})")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {sorted(ACTIVATIONS)} (got {self.activation!r})")
-        if self.attn_impl not in ATTENTION_IMPLS:
+        if not isinstance(self.attn_impl, str) or self.attn_impl not in ATTENTION_IMPLS:
             problems.append(f"attn_impl must be one of {list(ATTENTION_IMPLS)} (got {self.attn_impl!r})")
         if problems:
             raise GPTError("impossible model config: " + "; ".join(problems))
+
+    def num_params(self) -> int:
+        """The parameter count this config builds (untied lm_head included), from the shapes alone."""
+        C, b = self.n_embd, int(self.bias)
+        block = 2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C) * 2 - b * 3 * C
+        head = 0 if self.tie_embeddings else (self.vocab_size or 0) * C
+        return (self.vocab_size or 0) * C + self.block_size * C + self.n_layer * block + (C + b * C) + head
 
     @property
     def head_dim(self) -> int:
@@ -263,6 +276,7 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise GPTError("GPTConfig.vocab_size is not set: take it from the tokenizer (tokenizer.vocab_size)")
+        check_fits_in_memory(config)
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
@@ -435,12 +449,14 @@ class GPT(nn.Module):
             raise prompt_too_long(T, block)
         if T == 0:
             raise GPTError("prompt is empty: give at least one token (e.g. a newline)")
-        # All tokens (prompt + generated) live in one preallocated buffer: sliding needs the recent ones.
-        tokens = idx.new_empty(B, T + max_new_tokens)
+        # All tokens (prompt + generated) live in one buffer: sliding needs the recent ones. It starts at a
+        # context's worth and doubles as tokens come, so max_new_tokens (which EOS, a stop string or the full
+        # context may cut short, and which may be huge) is never allocated up front.
+        tokens = idx.new_empty(B, T + min(max_new_tokens, max(block, 256)))
         tokens[:, :T] = idx
         real = None
         if attention_mask is not None:
-            real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
+            real = torch.ones(B, tokens.size(1), dtype=torch.bool, device=idx.device)
             real[:, :T] = attention_mask.bool()
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
 
@@ -463,6 +479,11 @@ class GPT(nn.Module):
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished |= nxt == eos_token_id
+            if n == tokens.size(1):
+                more = min(tokens.size(1), T + max_new_tokens - n)
+                tokens = torch.cat([tokens, tokens.new_empty(B, more)], dim=1)
+                if real is not None:
+                    real = torch.cat([real, real.new_ones(B, more)], dim=1)
             tokens[:, n] = nxt
             n += 1
             if on_token is not None:  # True: stop now; a (B,) bool tensor: these rows are done
@@ -660,6 +681,26 @@ def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -
     logits = logits.clone()
     logits[rows, ngrams[rows, at, -1]] = float("-inf")
     return logits
+
+
+def physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that tells
+        return None
+
+
+def check_fits_in_memory(config: GPTConfig) -> None:
+    """A model whose weights alone exceed this machine's memory is refused before anything is allocated (a
+    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). Building on the meta
+    device (shapes only) is always allowed."""
+    if torch.empty(()).device.type == "meta":
+        return
+    need, have = config.num_params() * torch.get_default_dtype().itemsize, physical_memory()
+    if have and need > have:
+        raise GPTError(f"impossible model config: {config.num_params():,} parameters need {need / 2**30:,.0f} GiB for "
+                       f"the weights alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a "
+                       "smaller model (n_layer, n_embd, vocab_size, block_size)")
 
 
 def prompt_too_long(n_tokens: int, block_size: int, which: str = "prompt") -> GPTError:

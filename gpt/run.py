@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
 from gpt.cli import build, is_launch_rank_zero
-from gpt.errors import GPTError, is_int, is_number
+from gpt.errors import GPTError, is_finite, is_int, is_number
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
                      NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, lr_decay_steps, quiet_lightning)
 
@@ -251,9 +251,9 @@ def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
     lr_decay_steps(decay_steps, t.get("max_steps"))
     check_accelerator(t)
-    if clip is not None and (not is_number(clip) or clip < 0):
+    if clip is not None and (not is_finite(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
-    if interval is not None and (not is_number(interval) or interval <= 0):
+    if interval is not None and (not is_finite(interval) or interval <= 0):
         raise GPTError(f"trainer.val_check_interval must be a positive number of steps (got {interval!r})")
     if accumulate is not None and (not is_int(accumulate) or accumulate < 1):
         raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")

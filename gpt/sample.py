@@ -326,7 +326,10 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     if name == "auto":
         from gpt.adapter import read_adapter_record
 
-        task = read_adapter_record(cfg.adapter)["task"]
+        task = read_adapter_record(cfg.adapter).get("task") or {}
+        if "template" not in task:
+            raise GPTError(f"adapter {cfg.adapter} does not record its task's prompt template; give one: "
+                           "template='...{input}...' (or template=none for prompts as they are)")
         template = PromptTemplate(task["template"], task.get("template_no_input"))
         field = "instruction" if task.get("format") == "alpaca" else "input"  # what one line of input is
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
