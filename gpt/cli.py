@@ -132,6 +132,9 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if a.startswith("~") and a[1:].split("=", 1)[0] in GROUPS:
             fail(f"{a!r} would remove the whole {a[1:].split('=', 1)[0]} config; choose another one with "
                  f"{a[1:].split('=', 1)[0]}=<name> instead")
+        if a.startswith("~") and not a.startswith("~hydra") and a[1:].split("=", 1)[0] not in GROUPS:
+            fail(f"{a!r} would remove the setting {a[1:].split('=', 1)[0]}, which {config_name}.py reads; give it a "
+                 "value instead (null where the setting allows none)")
         if "=" in a and _is_sweep(a.split("=", 1)[1]) and not multirun:
             fail(f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
                  "(quote a value that contains commas: key='a,b')")
@@ -214,15 +217,16 @@ PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_fil
 GLOB_KEYS = {"data.path"}  # files or a glob (expanded by the data module): only ~ as the shell would
 
 
-def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, str]:
+def check_value_types(config_name: str, overrides: list[str], cfg, base=None) -> dict[str, str]:
     """Each key=value against the type of the key's default (the config with the same group choices, before
     the values): a word where a number or true/false goes is refused here, in one line, instead of failing
     deep inside (or, for true/false, silently counting as true). Returns {override: rewritten override}."""
     from hydra import compose, initialize_config_dir
 
     choices = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] in GROUPS]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        base = compose(config_name, overrides=choices)
+    if base is None:  # (given by tests that check many values against one composition)
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            base = compose(config_name, overrides=choices)
     rewritten, seen = {}, set()
     for arg in reversed(overrides):  # the last one of a key wins, as in Hydra
         if arg.startswith(("+", "~")) or arg in choices or "=" not in arg:
@@ -233,6 +237,9 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         seen.add(key)
         default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if key in PATH_KEYS | GLOB_KEYS and isinstance(value, (bool, int, float)):  # input_file=5: a file named 5
+            rewritten[arg] = f"{key}='{raw}'"
+            continue
         if value is None or default is None or OmegaConf.is_dict(default):
             continue
         if isinstance(default, bool):

@@ -185,6 +185,8 @@ def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_p
 
 
 def check_stop_strings(stops, key: str) -> None:
+    if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+        raise GPTError(f"{key} must be a list of strings, e.g. {key}=['\\n\\n'] (got {stops!r})")
     if any(not str(s) for s in stops):
         raise GPTError(f"{key} holds an empty string, which would end every text at once; drop it ({key}=[] for none)")
 
@@ -321,6 +323,8 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     # already ["AB"] here (gpt.cli reads a bare value for a list setting as one item).
     stops = [unescape(str(s)) for s in cfg.stop or []]
     name = cfg.get("template", "auto")
+    if not isinstance(name, str):
+        raise GPTError(f"template must be auto, none, or a text with an {{input}} field (got {name!r})")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
     if name == "auto":
@@ -380,7 +384,9 @@ def check_options(cfg) -> None:
                        "keep one of them")
     for key in ("input_file", "prompt_file"):
         if cfg.get(key) and not Path(cfg[key]).is_file():
-            what = "is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
+            what = ("is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
+                    if not os.path.lexists(cfg[key]) else "is not a regular file (a pipe, device or socket: it is "
+                    "read twice, to check it and to use it); write its text to a file first")
             raise GPTError(f"{key} {cfg[key]} {what}; point it at a UTF-8 text file")
     for key, suffix_ok in (("output_file", True), ("attention_map", False)):
         out = cfg.get(key)
