@@ -318,8 +318,8 @@ def check_config_matches(config: GPTConfig, shapes: dict[str, tuple], source: st
         want = tuple(getattr(config, d) for d in dims)
         if key in shapes and tuple(shapes[key]) != want:
             raise GPTError(f"{source}: tensor {key!r} has shape {tuple(shapes[key])} but the config says "
-                           f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)}; the config was edited or belongs "
-                           "to another model: re-export the model")
+                           f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)} (weights of a different vocabulary "
+                           "or model size, or an edited config): re-export the model")
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = GPT(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
