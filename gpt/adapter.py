@@ -139,8 +139,9 @@ def read_adapter_record(adapter_dir: str | Path) -> dict:
     if not isinstance(task, dict) or not all(isinstance(task.get(k, ""), str) for k in ("template", "format", "name")) \
             or not isinstance(task.get("template_no_input"), (str, type(None))) \
             or not (isinstance(task.get("stop", []), list) and all(isinstance(s, str) for s in task.get("stop", []))):
-        raise GPTError(f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was edited "
-                       "or not written by finetune.py: re-run the fine-tuning, or sample with template=... and stop=...")
+        raise GPTError(f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was "
+                       "edited or not written by finetune.py: re-run the fine-tuning, or sample with template=... and "
+                       "stop=...")
     return record
 
 

@@ -194,7 +194,8 @@ def _remove_swap_leftovers(path: Path) -> None:
         if _marked(new, path.name, suffix) and not _alive(pid) and path.is_dir():
             shutil.rmtree(new, ignore_errors=True)
     suffix = _marker_suffix(path)
-    if suffix and not _alive(int(suffix.split("-")[0])) and not path.is_symlink():  # a swap killed just before it removed the marker
+    # a swap killed just before it removed the marker
+    if suffix and not _alive(int(suffix.split("-")[0])) and not path.is_symlink():
         (path / MARKER).unlink(missing_ok=True)
 
 

@@ -123,7 +123,8 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         except UnicodeEncodeError as e:
             bad = a[e.start:e.end].encode("utf-8", "surrogateescape")
             fail(f"the command-line argument {a.split('=', 1)[0]}=... is not UTF-8 text (byte 0x{bad[0]:02x} at "
-                 f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to UTF-8")
+                 f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to "
+                 "UTF-8")
     args = [expand_home(a) for a in args]
     flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
     for a in settings:

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gpt.checkpoint import copy_atomically, holds_lora
-from gpt.errors import GPTError, check_seed, is_finite, is_int, is_number
+from gpt.errors import GPTError, check_seed, is_finite, is_int
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

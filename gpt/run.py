@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
 from gpt.cli import build, is_launch_rank_zero
-from gpt.errors import GPTError, is_finite, is_int, is_number
+from gpt.errors import GPTError, is_finite, is_int
 from gpt.lit import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LanguageModel, LossCurve,
                      NonFiniteGuard, SaveOnInterrupt, SpeedMonitor, StepProgressBar, lr_decay_steps, quiet_lightning)
 

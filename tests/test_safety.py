@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, assert_user_error, run_cli
 
-from gpt.checkpoint import MARKER, atomic_dir, atomic_file, load_model, recover_dir, save_model_dir
+from gpt.checkpoint import MARKER, atomic_file, load_model, recover_dir, save_model_dir
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import Tokenizer
@@ -154,8 +154,8 @@ def test_refused_resume_changes_nothing_and_the_output_name_is_no_glob(model_dir
     look_alikes(out, "o*")
     write(out / f".other.tmp-{DEAD_PID}-{'f' * 32}", "another file's leftover, alike but for the name")
     before = snapshot(out)
-    proc = run_cli("sample.py", f"ckpt={model_dir}", "max_new_tokens=3", f"input_file={write(tmp_path / 'in.txt', 'RO')}",
-                   f"output_file={out / 'o*'}", "temperature=0")
+    proc = run_cli("sample.py", f"ckpt={model_dir}", "max_new_tokens=3", "temperature=0",
+                   f"input_file={write(tmp_path / 'in.txt', 'RO')}", f"output_file={out / 'o*'}")
     assert proc.returncode == 0, proc.stderr
     unchanged(before, [out])
     assert (out / "o*").read_text().count("\n") == 1
