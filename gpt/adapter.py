@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RECORD_FILE, WEIGHTS_FILE, atomic_dir,
                             load_model_dir, weights_sha256)
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_finite, is_int, is_number
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -63,12 +63,15 @@ def target_modules(targets: Sequence[str]) -> list[str]:
 def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05,
                 targets: Sequence[str] = ("qkv", "attn_out", "mlp")) -> LoraConfig:
     """PEFT's LoraConfig from our settings (configs/lora/*.yaml)."""
-    if not isinstance(rank, int) or rank <= 0:
+    if not is_int(rank) or rank <= 0:
         raise GPTError(f"lora.rank must be a positive integer (got {rank!r})")
-    if alpha <= 0:
-        raise GPTError(f"lora.alpha must be > 0 (got {alpha!r})")
-    if not (0.0 <= dropout < 1.0):
-        raise GPTError(f"lora.dropout must be in [0, 1) (got {dropout!r})")
+    if not is_finite(alpha) or alpha <= 0:
+        raise GPTError(f"lora.alpha must be a finite number > 0 (got {alpha!r})")
+    if not (is_number(dropout) and 0.0 <= dropout < 1.0):  # NaN fails both comparisons
+        raise GPTError(f"lora.dropout must be a number in [0, 1) (got {dropout!r})")
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__") \
+            or not all(isinstance(t, str) for t in targets):
+        raise GPTError(f"lora.targets must be a list of names, e.g. lora.targets=[qkv,mlp] (got {targets!r})")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(list(targets)),
                       bias="none")
 
@@ -132,6 +135,13 @@ def read_adapter_record(adapter_dir: str | Path) -> dict:
     if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("path", "sha256")):
         raise GPTError(f"{adapter_dir / RECORD_FILE} does not record the adapter's base model (base.path, base.sha256); "
                        "it was edited or not written by finetune.py: re-run the fine-tuning")
+    task = record.get("task", {})
+    if not isinstance(task, dict) or not all(isinstance(task.get(k, ""), str) for k in ("template", "format", "name")) \
+            or not isinstance(task.get("template_no_input"), (str, type(None))) \
+            or not (isinstance(task.get("stop", []), list) and all(isinstance(s, str) for s in task.get("stop", []))):
+        raise GPTError(f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was "
+                       "edited or not written by finetune.py: re-run the fine-tuning, or sample with template=... and "
+                       "stop=...")
     return record
 
 

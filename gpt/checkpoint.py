@@ -19,13 +19,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import stat
+import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt.errors import GPTError, storage_errors
@@ -58,25 +59,82 @@ def _umask() -> int:
     return umask
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-{os.getpid()}-"  # the writer's pid: a leftover of a dead one can be told apart
+# Temporary and swap names are ours only when we can prove it: `.<name>.<kind>-<pid>-<uuid>` (kind tmp, new or old)
+# for exactly the target's name, created with O_EXCL (a name that exists is never reused), and a directory
+# also carries MARKER, which names the target and the same suffix. Cleanup and recovery match these names
+# exactly (never a glob built from a user's file name) and touch nothing else: a user's `.X.old`, `.X.new` or
+# `.X.tmp-anything` beside our files is left as it is.
+MARKER = ".gpt-atomic"
 
 
-def remove_stale_temps(directory: Path, name: str = "*") -> None:
-    """Delete what killed writers left in `directory` (half-written .tmp- files and directories of `name`);
-    a temporary name whose writer is still alive is left alone."""
-    for leftover in Path(directory).glob(f".{name}.tmp-*"):
-        try:
-            os.kill(int(leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]), 0)
-            continue  # its writer is alive (or another user's: not ours to judge)
-        except (ValueError, ProcessLookupError):
-            pass
-        except OSError:
+def _new_suffix() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex}"  # the writer's pid: a leftover of a dead one can be told apart
+
+
+def _own_name(path: Path, kind: str, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{suffix}")
+
+
+def _parse_own(name: str, target: str, kind: str) -> Optional[tuple[int, str]]:
+    """(writer pid, suffix) when `name` is one of our `kind` names for `target`, else None."""
+    m = re.fullmatch(re.escape(f".{target}.{kind}-") + r"((\d+)-[0-9a-f]{32})", name)
+    return (int(m.group(2)), m.group(1)) if m else None
+
+
+def _marker_text(target: str, suffix: str) -> str:
+    return f"gpt atomic_dir {target} {suffix}\n"
+
+
+def _write_marker(directory: Path, target: str, suffix: str) -> None:
+    (directory / MARKER).write_text(_marker_text(target, suffix))
+
+
+def _marked(directory: Path, target: str, suffix: str) -> bool:
+    """Whether `directory` is a real directory (not a link) that carries our marker for target/suffix."""
+    try:
+        return (not directory.is_symlink() and directory.is_dir()
+                and (directory / MARKER).read_text() == _marker_text(target, suffix))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` may still be writing (another user's process counts as alive: not ours to judge)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _siblings(path: Path, kind: str) -> list[tuple[Path, int, str]]:
+    """Our `kind` names for `path` in its directory: (path, writer pid, suffix), by exact name."""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [(path.with_name(n), *own) for n in names if (own := _parse_own(n, path.name, kind))]
+
+
+def remove_stale_temps(directory: Path, name: str) -> None:
+    """Delete what killed writers of `directory`/`name` left: half-written temporary files (our exact name,
+    a regular file of this user) and temporary directories (with our marker, or empty). A temporary name
+    whose writer is still alive, and anything that merely looks like one, is left alone."""
+    for leftover, pid, suffix in _siblings(Path(directory) / name, "tmp"):
+        if _alive(pid):
             continue
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            st = leftover.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                leftover.unlink()
+            elif _marked(leftover, name, suffix):
+                shutil.rmtree(leftover)
+            elif stat.S_ISDIR(st.st_mode):
+                leftover.rmdir()  # killed before its marker was written: only ever removed when empty
 
 
 @contextlib.contextmanager
@@ -86,10 +144,11 @@ def atomic_file(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    tmp = _own_name(path, "tmp", _new_suffix())
+    # O_EXCL: never opens a file that is already there; mode 0o666 less the umask, like any file the user writes
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with storage_errors(path):
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any file
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
@@ -102,25 +161,52 @@ def atomic_file(path: str | Path):
         raise
 
 
-def _swap_names(path: Path) -> tuple[Path, Path]:
-    """Where atomic_dir keeps a complete new version (.new) and the replaced one (.old) while it swaps."""
-    return path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
-
-
 def recover_dir(path: str | Path) -> Path:
     """Finish a directory replacement that a kill interrupted (see atomic_dir) and return where the
-    directory is: `path`, or a complete sibling if `path` is missing and cannot be renamed back."""
+    directory is: `path`, or a complete sibling if `path` is missing and cannot be renamed back. Only a
+    `.new` that carries our marker is adopted."""
     path = Path(path)
-    if path.exists():
+    if os.path.lexists(path):
         return path
-    for candidate in _swap_names(path):  # the new version first: it was complete before the swap began
-        if candidate.is_dir():
-            try:
-                os.replace(candidate, path)
-                return path
-            except OSError:  # a read-only location: read it where it is
-                return candidate
+    complete = sorted(((p, pid) for p, pid, suffix in _siblings(path, "new") if _marked(p, path.name, suffix)),
+                      key=lambda c: c[0].stat().st_mtime)
+    if complete:  # the newest complete new version: it was complete before the swap began
+        candidate, pid = complete[-1]
+        if _alive(pid):  # its writer is mid-swap: read it where it is, leave the swap to the writer
+            return candidate
+        try:
+            os.replace(candidate, path)
+            return path
+        except OSError:  # a read-only location: read it where it is
+            return candidate
     return path
+
+
+def _remove_swap_leftovers(path: Path) -> None:
+    """After recover_dir: what killed swaps of `path` left. A `.old` is ours when a marker (in `path` or in a
+    `.new`) names its suffix; a `.new` beside a present `path` is a swap killed before it began."""
+    marks = {_marker_suffix(path)} | {suffix for new, _, suffix in _siblings(path, "new")
+                                      if _marked(new, path.name, suffix)}
+    for old, pid, suffix in _siblings(path, "old"):
+        if suffix in marks and not _alive(pid) and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    for new, pid, suffix in _siblings(path, "new"):
+        if _marked(new, path.name, suffix) and not _alive(pid) and path.is_dir():
+            shutil.rmtree(new, ignore_errors=True)
+    suffix = _marker_suffix(path)
+    # a swap killed just before it removed the marker
+    if suffix and not _alive(int(suffix.split("-")[0])) and not path.is_symlink():
+        (path / MARKER).unlink(missing_ok=True)
+
+
+def _marker_suffix(directory: Path) -> Optional[str]:
+    """The suffix our marker in `directory` names, if it carries one for its own name."""
+    try:
+        text = (directory / MARKER).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.fullmatch(r"gpt atomic_dir (.+) (\d+-[0-9a-f]{32})\n", text, flags=re.S)
+    return m.group(2) if m and m.group(1) == directory.name else None
 
 
 @contextlib.contextmanager
@@ -128,20 +214,25 @@ def atomic_dir(path: str | Path):
     """Yield a temporary directory beside `path`; on success it replaces `path`.
 
     POSIX cannot swap two directories in one rename, so the replacement is staged: the finished (and
-    fsynced) temporary directory is renamed to .<name>.new, the current one to .<name>.old, then .new to
-    <name>. A kill at any point leaves <name> or a complete .new/.old beside it, and `recover_dir` (which
-    readers and the next writer call) puts the newest complete one back at <name>.
+    fsynced) temporary directory is renamed to .<name>.new-<id>, the current one to .<name>.old-<id>, then
+    .new-<id> to <name>. A kill at any point leaves <name> or a complete .new-<id>/.old-<id> beside it, and
+    `recover_dir` (which readers and the next writer call) puts the newest complete one back at <name>. The
+    marker file inside (MARKER, naming <name> and <id>) is what proves these names ours; it is removed from
+    <name> when the swap is done.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
     remove_stale_temps(path.parent, path.name)
-    new, old = _swap_names(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any directory
+    _remove_swap_leftovers(path)
+    suffix = _new_suffix()
+    tmp, new, old = (_own_name(path, kind, suffix) for kind in ("tmp", "new", "old"))
+    os.mkdir(tmp, 0o777)  # fails if the name exists; the mode is 0o777 less the umask, like any directory
     try:
+        _write_marker(tmp, path.name, suffix)
         with storage_errors(path):
             yield tmp
+            _write_marker(tmp, path.name, suffix)  # again: what the block copied in may have replaced it
             for f in tmp.rglob("*"):
                 if f.is_file():
                     # safetensors (and so PEFT) writes through a private temporary file: make the result
@@ -149,16 +240,17 @@ def atomic_dir(path: str | Path):
                     os.chmod(f, 0o666 & ~_umask())
                     _fsync(f)
             _fsync(tmp)
-        for leftover in (new, old):  # from an earlier interrupted swap; recover_dir kept what was needed
-            shutil.rmtree(leftover, ignore_errors=True)
         os.replace(tmp, new)
-        if path.exists():
+        if os.path.lexists(path):
             os.replace(path, old)
         os.replace(new, path)
         _fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            shutil.rmtree(old, ignore_errors=True)
+        (path / MARKER).unlink(missing_ok=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_atomically(src: Path, dst: Path) -> None:
@@ -208,9 +300,40 @@ def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], so
         raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
                        + ": it was saved from a different architecture")
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise GPTError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)} "
+        got = tuple(getattr(state[k], "shape", state[k]))  # a tensor, or the shape alone (read from a header)
+        if got != tuple(shape):
+            raise GPTError(f"{source}: tensor {k!r} has shape {got} but the config needs {tuple(shape)} "
                            "(a checkpoint from a different vocabulary or model size?)")
+
+
+def check_config_matches(config: GPTConfig, shapes: dict[str, tuple], source: str) -> None:
+    """The config against the weights' shapes, before a model is built from it: a config.json edited to an
+    absurd size (vocab_size=10**12) is refused here instead of allocating terabytes. The layer count and the
+    embeddings first (cheap, and they bound what the meta-device model below would build)."""
+    layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
+    if config.n_layer > len(layers):  # (more layers in the file than the config's: check_tensors names one)
+        raise GPTError(f"{source} holds {len(layers)} layers but its config says n_layer={config.n_layer}; the config "
+                       "was edited or belongs to another model: re-export the model")
+    for key, dims in (("transformer.wte.weight", ("vocab_size", "n_embd")),
+                      ("transformer.wpe.weight", ("block_size", "n_embd"))):
+        want = tuple(getattr(config, d) for d in dims)
+        if key in shapes and tuple(shapes[key]) != want:
+            raise GPTError(f"{source}: tensor {key!r} has shape {tuple(shapes[key])} but the config says "
+                           f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)} (weights of a different vocabulary "
+                           "or model size, or an edited config): re-export the model")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = GPT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    check_tensors(expected, {k: v for k, v in shapes.items() if k not in tied_keys(model)}, source)
+
+
+def safetensors_shapes(path: Path, fix: str) -> dict[str, tuple]:
+    """The tensors' shapes from a safetensors header, without reading the data."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise GPTError(f"{path} is truncated or corrupt ({e}); {fix}") from e
 
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -245,6 +368,8 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
         raise GPTError(f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
                        f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory")
     config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
+    check_config_matches(config, safetensors_shapes(path / WEIGHTS_FILE, "re-export it from a .ckpt"),
+                         str(path / WEIGHTS_FILE))
     state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
@@ -307,13 +432,19 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         return load_model_dir(path, map_location)
     ckpt = read_lightning_ckpt(path)
     meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
-    if not meta or "state_dict" not in ckpt:
+    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
+    lacking = [k for k, kind in (("config", dict), ("tokenizer", str)) if not isinstance(meta.get(k), kind)]
+    if lacking or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+        raise GPTError(f"{path} is an incomplete checkpoint record (its {(lacking or ['state_dict'])[0]!r} entry is "
+                       "missing or of the wrong type); resume or export from another .ckpt of the run, e.g. best.ckpt")
     if holds_lora(ckpt["state_dict"]):
         raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
                        f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
     config = GPTConfig.from_dict(meta["config"], f"{path}'s model config")
-    model = GPT(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_config_matches(config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
+    tokenizer = Tokenizer.from_str(meta["tokenizer"], f"{path}'s tokenizer entry")
+    model = GPT(config)
     load_weights(model, state, str(path))
-    return model.to(map_location), Tokenizer.from_str(meta["tokenizer"])
+    return model.to(map_location), tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import re
 import sys
@@ -107,6 +108,14 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
     required value in one line. Returns the arguments for Hydra, where a bare value for a text or list setting
     (prompt=5, stop=AB, lora.targets=qkv) is rewritten to mean what it says ('5', ["AB"], ["qkv"])."""
     multirun = any(a in ("-m", "--multirun") for a in args)
+    for a in args:  # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or file name takes them
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = a[e.start:e.end].encode("utf-8", "surrogateescape")
+            fail(f"the command-line argument {a.split('=', 1)[0]}=... is not UTF-8 text (byte 0x{bad[0]:02x} at "
+                 f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to "
+                 "UTF-8")
     args = [expand_home(a) for a in args]
     flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
     for a in settings:
@@ -115,6 +124,9 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if a.startswith("~") and a[1:].split("=", 1)[0] in GROUPS:
             fail(f"{a!r} would remove the whole {a[1:].split('=', 1)[0]} config; choose another one with "
                  f"{a[1:].split('=', 1)[0]}=<name> instead")
+        if a.startswith("~") and not a.startswith("~hydra") and a[1:].split("=", 1)[0] not in GROUPS:
+            fail(f"{a!r} would remove the setting {a[1:].split('=', 1)[0]}, which {config_name}.py reads; give it a "
+                 "value instead (null where the setting allows none)")
         if "=" in a and _is_sweep(a.split("=", 1)[1]) and not multirun:
             fail(f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
                  "(quote a value that contains commas: key='a,b')")
@@ -151,6 +163,16 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if verbose():
             raise
         fail(describe_config_error(f"{e}\n{e.__cause__ or ''}", config_name, overrides))
+    from omegaconf.errors import GrammarParseError, InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except (InterpolationResolutionError, GrammarParseError) as e:
+        if verbose():
+            raise
+        key = getattr(e, "full_key", None) or "a setting"
+        fail(f"{key}: cannot resolve ${{...}} ({str(e).splitlines()[0]}): Hydra reads ${{...}} as a reference to "
+             f"another setting; for the literal text write \\${{...}} (in the shell: '{key}=\\${{...}}')")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
@@ -187,15 +209,16 @@ PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_fil
 GLOB_KEYS = {"data.path"}  # files or a glob (expanded by the data module): only ~ as the shell would
 
 
-def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, str]:
+def check_value_types(config_name: str, overrides: list[str], cfg, base=None) -> dict[str, str]:
     """Each key=value against the type of the key's default (the config with the same group choices, before
     the values): a word where a number or true/false goes is refused here, in one line, instead of failing
     deep inside (or, for true/false, silently counting as true). Returns {override: rewritten override}."""
     from hydra import compose, initialize_config_dir
 
     choices = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] in GROUPS]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        base = compose(config_name, overrides=choices)
+    if base is None:  # (given by tests that check many values against one composition)
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            base = compose(config_name, overrides=choices)
     rewritten, seen = {}, set()
     for arg in reversed(overrides):  # the last one of a key wins, as in Hydra
         if arg.startswith(("+", "~")) or arg in choices or "=" not in arg:
@@ -206,6 +229,9 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         seen.add(key)
         default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if key in PATH_KEYS | GLOB_KEYS and isinstance(value, (bool, int, float)):  # input_file=5: a file named 5
+            rewritten[arg] = f"{key}='{raw}'"
+            continue
         if value is None or default is None or OmegaConf.is_dict(default):
             continue
         if isinstance(default, bool):
@@ -217,6 +243,8 @@ def check_value_types(config_name: str, overrides: list[str], cfg) -> dict[str, 
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 fail(f"{key} must be a number (got {raw!r})")
+            if not math.isfinite(value):  # NaN would pass every later `x < limit` check by failing none
+                fail(f"{key} must be a finite number (got {raw})")
         elif isinstance(default, str):
             if isinstance(value, (bool, int, float)):  # prompt=5, name=2024: text, as typed
                 rewritten[arg] = f"{key}='{raw}'"

@@ -133,6 +133,8 @@ def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_p
 
 
 def check_stop_strings(stops, key: str) -> None:
+    if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+        raise GPTError(f"{key} must be a list of strings, e.g. {key}=['\\n\\n'] (got {stops!r})")
     if any(not str(s) for s in stops):
         raise GPTError(f"{key} holds an empty string, which would end every text at once; drop it ({key}=[] for none)")
 

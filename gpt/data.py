@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from glob import glob
+from glob import escape, glob
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from gpt.checkpoint import atomic_file
 from gpt.errors import GPTError, check_num_workers, storage_errors
 from gpt.textfiles import check_text_files
 from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
@@ -102,12 +103,18 @@ def resolve_files(path: Optional[str] = None, relpath: Optional[str] = None, url
             key = "path" if many is path else "relpath"
             return [f for one in many for f in resolve_files(**{key: one}, name=name)]
     if path:
+        literal = Path(os.path.expanduser(str(path)))
+        if literal.is_file():  # a file whose name holds glob characters ([, ], *, ?) is that file, not a pattern
+            return [literal]
         files = sorted(Path(p) for p in glob(os.path.expanduser(str(path)), recursive=True))
         files = [f for f in files if f.is_file()]
         if not files:
-            if Path(os.path.expanduser(str(path))).is_dir():
+            if literal.exists() and not literal.is_dir():
+                raise GPTError(f"data.path={path!r} is not a regular file (a pipe, device or socket); write the corpus "
+                               "to a file first")
+            if literal.is_dir():
                 raise GPTError(f"data.path={path!r} is a directory; name its files with a glob, e.g. "
-                               f"data.path='{str(path).rstrip('/')}/*.txt'")
+                               f"data.path='{escape(str(path).rstrip('/'))}/*.txt'")
             raise GPTError(f"no corpus file matches data.path={path!r}: check the path (globs like 'dir/*.txt' work)")
         return files
     if not relpath:
@@ -142,15 +149,8 @@ def download(url: str, dest: Path, sha256: Optional[str], name: str) -> None:
         ) from e
     if sha256 and hashlib.sha256(payload).hexdigest() != sha256:
         raise GPTError(f"download of {url} does not match its sha256 {sha256[:12]}…; try again or copy the file by hand")
-    # A temp name of our own (unique, created here), renamed into place: never a user's file.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".download")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(dest) as f:  # a temp name of our own, renamed into place: never a user's file
+        f.write(payload)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,8 +188,9 @@ class TextSource:
         from datasets import load_dataset  # slow import: only when a corpus is (re)built
 
         if self.files:
-            ds = load_dataset("text", data_files=[str(f) for f in self.files], split="train", keep_linebreaks=True,
-                              streaming=True, chunksize=CHUNK_BYTES)
+            # data_files are patterns to datasets: a file name with [ ] * ? goes in escaped
+            ds = load_dataset("text", data_files=[escape(str(f)) for f in self.files], split="train",
+                              keep_linebreaks=True, streaming=True, chunksize=CHUNK_BYTES)
             per_file = ds.num_shards == len(self.files)  # the text builder's shards are its files, in order
             end = [EOS] if doc_ends and per_file and len(self.files) > 1 else []
             for i in range(ds.num_shards if per_file else 1):

@@ -7,6 +7,7 @@ traceback. Messages say what is wrong *and* what to do about it.
 
 import contextlib
 import errno
+import math
 import re
 
 
@@ -21,6 +22,11 @@ def is_int(x) -> bool:
 
 def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_finite(x) -> bool:
+    """A number a setting can mean: not NaN (which passes every `x < limit` check by failing none) nor ±inf."""
+    return is_number(x) and math.isfinite(x)
 
 
 def check_seed(value, key: str = "seed") -> None:

@@ -52,12 +52,14 @@ def generate(model: GPT, idx, max_new_tokens: int, *, attention_mask=None, tempe
         raise prompt_too_long(T, block)
     if T == 0:
         raise GPTError("prompt is empty: give at least one token (e.g. a newline)")
-    # All tokens (prompt + generated) live in one preallocated buffer: sliding needs the recent ones.
-    tokens = idx.new_empty(B, T + max_new_tokens)
+    # All tokens (prompt + generated) live in one buffer: sliding needs the recent ones. It starts at a
+    # context's worth and doubles as tokens come, so max_new_tokens (which EOS, a stop string or the full
+    # context may cut short, and which may be huge) is never allocated up front.
+    tokens = idx.new_empty(B, T + min(max_new_tokens, max(block, 256)))
     tokens[:, :T] = idx
     real = None
     if attention_mask is not None:
-        real = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=idx.device)
+        real = torch.ones(B, tokens.size(1), dtype=torch.bool, device=idx.device)
         real[:, :T] = attention_mask.bool()
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
 
@@ -80,6 +82,11 @@ def generate(model: GPT, idx, max_new_tokens: int, *, attention_mask=None, tempe
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
             finished |= nxt == eos_token_id
+        if n == tokens.size(1):
+            more = min(tokens.size(1), T + max_new_tokens - n)
+            tokens = torch.cat([tokens, tokens.new_empty(B, more)], dim=1)
+            if real is not None:
+                real = torch.cat([real, real.new_ones(B, more)], dim=1)
         tokens[:, n] = nxt
         n += 1
         if on_token is not None:  # True: stop now; a (B,) bool tensor: these rows are done

@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from gpt.checkpoint import holds_lora
-from gpt.errors import GPTError, is_number
+from gpt.errors import GPTError, is_finite, is_int
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
 def lr_decay_steps(decay_steps, max_steps) -> int:
     """The steps the LR schedule decays over: optim.decay_steps, else trainer.max_steps (which must then end)."""
     steps = decay_steps or max_steps
-    if not is_number(steps) or steps <= 0:
+    if not is_finite(steps) or steps <= 0:
         raise GPTError(f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
                        "decays over it (or over optim.decay_steps)")
     return steps
@@ -108,17 +108,23 @@ class LanguageModel(L.LightningModule):
                  betas: tuple = (0.9, 0.95), eps: float = 1e-8, fused: Optional[bool] = None,
                  compile: bool = False, export_fn: Optional[Callable[[Path], None]] = None):
         super().__init__()
-        if lr <= 0 or min_lr < 0 or min_lr > lr:
-            raise GPTError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (got lr={lr}, min_lr={min_lr})")
-        if warmup_steps < 0:
-            raise GPTError(f"optim.warmup_steps must be >= 0 (got {warmup_steps})")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise GPTError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {list(betas)})")
-        if eps <= 0 or weight_decay < 0:
-            raise GPTError(f"need optim.eps > 0 and optim.weight_decay >= 0 (got eps={eps}, weight_decay={weight_decay})")
-        if decay_steps is not None and decay_steps <= 0:
+        # is_finite first: NaN passes every range check written as "refuse if x < limit"
+        if not (is_finite(lr) and is_finite(min_lr) and 0 < lr and 0 <= min_lr <= lr):
+            raise GPTError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, both finite numbers (got lr={lr}, "
+                           f"min_lr={min_lr})")
+        if not is_int(warmup_steps) or warmup_steps < 0:
+            raise GPTError(f"optim.warmup_steps must be a whole number >= 0 (got {warmup_steps!r})")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2 \
+                or not all(is_finite(b) and 0.0 <= b < 1.0 for b in betas):
+            raise GPTError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {betas!r})")
+        if not (is_finite(eps) and eps > 0 and is_finite(weight_decay) and weight_decay >= 0):
+            raise GPTError(f"need optim.eps > 0 and optim.weight_decay >= 0, both finite numbers (got eps={eps}, "
+                           f"weight_decay={weight_decay})")
+        if decay_steps is not None and (not is_int(decay_steps) or decay_steps <= 0):
             raise GPTError(f"optim.decay_steps must be a positive number of steps, or null for trainer.max_steps "
-                           f"(got {decay_steps})")
+                           f"(got {decay_steps!r})")
+        if fused is not None and not isinstance(fused, bool):
+            raise GPTError(f"optim.fused is true, false or null (got {fused!r})")
         self.model, self.tokenizer = model, tokenizer
         self.lr, self.min_lr, self.warmup_steps, self.decay_steps = lr, min_lr, warmup_steps, decay_steps
         self.weight_decay, self.betas, self.eps, self.fused = weight_decay, tuple(betas), eps, fused

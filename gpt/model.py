@@ -12,6 +12,7 @@ onto them with a transpose and nothing else (see `gpt/convert.py`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_int, is_number
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -46,28 +47,40 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares wte's matrix; False after merging a LoRA adapter on lm_head
 
     def __post_init__(self):
+        """Every field's type and range, so a hand-edited config.json (a string, null, NaN, a list) is one
+        clear error before anything is built from it."""
         problems = []
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 problems.append(f"{name} must be a positive integer (got {value!r})")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size <= 0):
             problems.append(f"vocab_size must be a positive integer (got {self.vocab_size!r})")
         if not problems and self.n_embd % self.n_head != 0:
             problems.append(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
-        if not (0.0 <= self.dropout < 1.0):
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.layer_norm_eps <= 0:
-            problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps})")
-        if self.activation not in ACTIVATIONS:
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):  # NaN fails both comparisons
+            problems.append(f"dropout must be a number in [0, 1) (got {self.dropout!r})")
+        if not (is_number(self.layer_norm_eps) and 0 < self.layer_norm_eps < math.inf):
+            problems.append(f"layer_norm_eps must be a finite number > 0 (got {self.layer_norm_eps!r})")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {sorted(ACTIVATIONS)} (got {self.activation!r})")
-        if self.attn_impl not in ATTENTION_IMPLS:
+        if not isinstance(self.attn_impl, str) or self.attn_impl not in ATTENTION_IMPLS:
             problems.append(f"attn_impl must be one of {list(ATTENTION_IMPLS)} (got {self.attn_impl!r})")
         if problems:
             raise GPTError("impossible model config: " + "; ".join(problems))
+
+    def num_params(self) -> int:
+        """The parameter count this config builds (untied lm_head included), from the shapes alone."""
+        C, b = self.n_embd, int(self.bias)
+        block = 2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C) * 2 - b * 3 * C
+        head = 0 if self.tie_embeddings else (self.vocab_size or 0) * C
+        return (self.vocab_size or 0) * C + self.block_size * C + self.n_layer * block + (C + b * C) + head
 
     @property
     def head_dim(self) -> int:
@@ -240,6 +253,7 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise GPTError("GPTConfig.vocab_size is not set: take it from the tokenizer (tokenizer.vocab_size)")
+        check_fits_in_memory(config)
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
@@ -370,3 +384,23 @@ class GPT(nn.Module):
         # 0·NaN in the next layer). Let every query see itself; padding outputs are never used.
         mask |= torch.eye(T, S, dtype=torch.bool, device=device).roll(start, dims=1)[None]
         return pos, mask[:, None], False
+
+
+def physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that tells
+        return None
+
+
+def check_fits_in_memory(config: GPTConfig) -> None:
+    """A model whose weights alone exceed this machine's memory is refused before anything is allocated (a
+    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). Building on the meta
+    device (shapes only) is always allowed."""
+    if torch.empty(()).device.type == "meta":
+        return
+    need, have = config.num_params() * torch.get_default_dtype().itemsize, physical_memory()
+    if have and need > have:
+        raise GPTError(f"impossible model config: {config.num_params():,} parameters need {need / 2**30:,.0f} GiB for "
+                       f"the weights alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a "
+                       "smaller model (n_layer, n_embd, vocab_size, block_size)")

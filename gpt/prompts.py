@@ -19,10 +19,19 @@ class PromptTemplate:
         for t in (template, template_no_input):
             if t is None:
                 continue
+            if not isinstance(t, str):
+                raise GPTError(f"prompt template {t!r} is not text; give a template with an {{input}} field")
             try:
-                names = {name for _, name, _, _ in string.Formatter().parse(t) if name is not None}
+                parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(t)
+                          if name is not None]
             except ValueError as e:
                 raise GPTError(f"prompt template {t!r} is malformed ({e}); write literal braces as {{{{ }}}}") from None
+            for name, spec, conversion in parsed:
+                if spec or conversion:  # {input:d}, {input!r}: the text goes in as it is, never formatted
+                    field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                    raise GPTError(f"prompt template {t!r} formats a field ({field}); fields are filled with the text "
+                                   f"as it is: write {{{name}}} (and literal braces as {{{{ }}}})")
+            names = {name for name, _, _ in parsed}
             unknown = names - {"instruction", "input"}
             if unknown:
                 raise GPTError(f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import pickle
 import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,10 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
 from gpt.launch import build, is_launch_rank_zero
-from gpt.errors import GPTError, is_int, is_number
+from gpt.errors import GPTError, is_finite, is_int
 from gpt.callbacks import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LossCurve, NonFiniteGuard,
                            SaveOnInterrupt, SpeedMonitor, progress_callback)
 from gpt.lit import LanguageModel, lr_decay_steps, quiet_lightning
+
+log = logging.getLogger(__name__)
 
 
 def hydra_run_dir() -> Path:
@@ -95,7 +99,6 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path, max_steps: Option
     if not Path(ckpt_path).is_file():
         raise GPTError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt from an earlier run's checkpoints/ "
                        "(or ckpt_path=last)")
-    remove_stale_temps(Path(ckpt_path).parent)  # e.g. the half-written checkpoint of the killed run
     if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives; a cut-off one has no directory
         raise GPTError(f"ckpt_path={ckpt_path} is not a whole checkpoint (truncated, or not written by train.py); "
                        "resume from another .ckpt, e.g. the run's best.ckpt")
@@ -141,15 +144,40 @@ def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
                        f"ckpt_path={run_dir}/checkpoints/last.ckpt")
 
 
+def clear_dead_writes(ckpt_path: str) -> None:
+    """Remove what a killed run left half-written beside the checkpoint it is resumed from (our exact temporary
+    names of the files there, see remove_stale_temps). Called once the resume is accepted: a refused run
+    changes nothing on disk."""
+    directory = Path(ckpt_path).parent
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith("."):
+            remove_stale_temps(directory, name)
+
+
+def is_our_link(link: Path) -> bool:
+    """runs/<name>/latest as point_latest makes it: a symlink to a sibling run directory's name."""
+    if not link.is_symlink():
+        return False
+    target = os.readlink(link)
+    return "/" not in target and target not in (".", "..") and (link.parent / target).is_dir()
+
+
 def point_latest(run_dir: Path) -> None:
-    """runs/<name>/latest -> this run (replaced atomically)."""
+    """runs/<name>/latest -> this run (replaced atomically). Anything else named `latest` (a file, a
+    directory, a link to somewhere else) is the user's: it is left alone, and the run says so."""
     link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    if os.path.lexists(link) and not is_our_link(link):
+        log.warning(f"{link} is not a link to a run of this experiment (it was not made by train.py); left it as it "
+                    f"is: the new run is {run_dir}")
+        return
+    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        tmp.unlink(missing_ok=True)
-        os.symlink(run_dir.name, tmp)
-        os.replace(tmp, link)
+        os.symlink(run_dir.name, tmp)  # fails if the name exists: never replaces anything
     except OSError:  # e.g. a filesystem without symlinks: the timestamped directory is still there
+        return
+    try:
+        os.replace(tmp, link)
+    except OSError:
         tmp.unlink(missing_ok=True)
 
 
@@ -226,9 +254,9 @@ def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
     clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
     lr_decay_steps(decay_steps, t.get("max_steps"))
     check_accelerator(t)
-    if clip is not None and (not is_number(clip) or clip < 0):
+    if clip is not None and (not is_finite(clip) or clip < 0):
         raise GPTError(f"trainer.gradient_clip_val must be a number >= 0 (got {clip!r}); 0 or null turns clipping off")
-    if interval is not None and (not is_number(interval) or interval <= 0):
+    if interval is not None and (not is_finite(interval) or interval <= 0):
         raise GPTError(f"trainer.val_check_interval must be a positive number of steps (got {interval!r})")
     if accumulate is not None and (not is_int(accumulate) or accumulate < 1):
         raise GPTError(f"trainer.accumulate_grad_batches must be an integer >= 1 (got {accumulate!r})")
@@ -294,6 +322,8 @@ def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, dat
     if ckpt_path and (ckpt := peek_checkpoint(ckpt_path)) is not None:
         module.check_resumable(ckpt)  # before the Trainer prints its banner
     trainer, speed = make_trainer(cfg, run_dir)
+    if ckpt_path and trainer.is_global_zero:
+        clear_dead_writes(ckpt_path)  # e.g. the half-written checkpoint of the killed run
     module.export_fn = lambda path: export_fn(trainer, path)
     if trainer.is_global_zero and not in_sweep():  # a sweep's jobs are numbered dirs of one sweep, not runs of a name
         point_latest(run_dir)

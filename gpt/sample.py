@@ -40,12 +40,17 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     # already ["AB"] here (gpt.cli reads a bare value for a list setting as one item).
     stops = [unescape(str(s)) for s in cfg.stop or []]
     name = cfg.get("template", "auto")
+    if not isinstance(name, str):
+        raise GPTError(f"template must be auto, none, or a text with an {{input}} field (got {name!r})")
     if name == "none" or (name == "auto" and not cfg.get("adapter")):
         return (lambda text: text), stops
     if name == "auto":
         from gpt.adapter import read_adapter_record
 
-        task = read_adapter_record(cfg.adapter)["task"]
+        task = read_adapter_record(cfg.adapter).get("task") or {}
+        if "template" not in task:
+            raise GPTError(f"adapter {cfg.adapter} does not record its task's prompt template; give one: "
+                           "template='...{input}...' (or template=none for prompts as they are)")
         template = PromptTemplate(task["template"], task.get("template_no_input"))
         field = "instruction" if task.get("format") == "alpaca" else "input"  # what one line of input is
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
@@ -96,7 +101,9 @@ def check_options(cfg) -> None:
                        "keep one of them")
     for key in ("input_file", "prompt_file"):
         if cfg.get(key) and not Path(cfg[key]).is_file():
-            what = "is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
+            what = ("is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
+                    if not os.path.lexists(cfg[key]) else "is not a regular file (a pipe, device or socket: it is "
+                    "read twice, to check it and to use it); write its text to a file first")
             raise GPTError(f"{key} {cfg[key]} {what}; point it at a UTF-8 text file")
     for key, suffix_ok in (("output_file", True), ("attention_map", False)):
         out = cfg.get(key)

@@ -85,8 +85,12 @@ class Tokenizer:
                            "tokenizers (a model directory's own: re-export the model)") from e
 
     @classmethod
-    def from_str(cls, s: str) -> "Tokenizer":
-        return cls(HFTokenizer.from_str(s))
+    def from_str(cls, s: str, source: str = "the tokenizer") -> "Tokenizer":
+        try:
+            return cls(HFTokenizer.from_str(s))
+        except Exception as e:  # the Rust side raises plain Exception for malformed text
+            raise GPTError(f"{source} is not a valid Hugging Face tokenizer ({str(e)[:150]}); re-export the model "
+                           "from another checkpoint") from e
 
     def to_str(self) -> str:
         return self.hf.to_str()

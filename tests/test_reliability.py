@@ -288,7 +288,7 @@ def _die_at(event: int):
     os.replace, os.rename, shutil.rmtree = step(os.replace), step(os.rename), step(shutil.rmtree)
 
 
-@pytest.mark.parametrize("event", range(1, 10))
+@pytest.mark.parametrize("event", range(1, 7))
 def test_a_kill_at_any_point_of_an_export_leaves_a_loadable_model(tmp_path, event):
     tok = Tokenizer.char_level("abc")
     old = GPT(GPTConfig(block_size=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
@@ -301,8 +301,8 @@ def test_a_kill_at_any_point_of_an_export_leaves_a_loadable_model(tmp_path, even
             save_model_dir(new, tok, tmp_path / "m")
         os._exit(0)
     _, status = os.waitpid(pid, 0)
-    # 8 steps: the weights write, 2 leftover removals, 3 renames, removing .old, removing the temp name.
-    assert os.WIFSIGNALED(status) == (event <= 8)
+    # 5 steps: the weights write, 3 renames, removing .old (leftovers are only removed where there are some).
+    assert os.WIFSIGNALED(status) == (event <= 5)
     loaded, _ = load_model(tmp_path / "m")  # recovers an interrupted swap if it has to
     same_as = [m for m in (old, new) if all(torch.equal(a, b) for a, b in
                                            zip(loaded.state_dict().values(), m.state_dict().values()))]
