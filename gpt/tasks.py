@@ -14,7 +14,6 @@ left to learn from and is dropped (and counted).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -26,150 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gpt.data import fetch_known, load_hub_dataset
+from gpt.taskrows import FORMATS, BadRows, read_hub, read_json_records, read_parallel
 from gpt.errors import GPTError, check_num_workers
 from gpt.prompts import PromptTemplate
-from gpt.textfiles import check_text_files, read_text, split_lines
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-FIELDS = ("instruction", "input", "output")  # the normalised row every format is read into
-FORMATS = {
-    # format -> {our field: default key in the file / column in the hub dataset}; fields not listed are ""
-    "parallel": {"input": "source", "output": "target"},
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
-    "prompt_response": {"input": "prompt", "output": "response"},
-}
-REQUIRED = ("output",)  # a row without a response teaches nothing; `input` may be empty (Alpaca)
-ON_BAD_ROW = ("error", "skip")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading rows
-
-
-class BadRows:
-    """What to do with a malformed row: raise at once (naming file and line), or skip it and count it."""
-
-    def __init__(self, policy: str, task: str):
-        if policy not in ON_BAD_ROW:
-            raise GPTError(f"task.on_bad_row must be one of {list(ON_BAD_ROW)} (got {policy!r})")
-        self.policy, self.task = policy, task
-        self.skipped: list[str] = []
-
-    def __call__(self, where: str, problem: str) -> None:
-        if self.policy == "error":
-            raise GPTError(f"{where}: {problem}; fix the row, or pass task.on_bad_row=skip to skip bad rows")
-        self.skipped.append(f"{where}: {problem}")
-
-    def report(self, split: str) -> int:
-        if self.skipped:
-            log.warning("%s %s: skipped %d malformed rows (first: %s)", self.task, split, len(self.skipped),
-                        self.skipped[0])
-        n, self.skipped = len(self.skipped), []
-        return n
-
-
-def check_file(path: Path, task: str) -> Path:
-    if not path.is_file():
-        fetch_known(path, f"task {task}")  # a named task's file under $GPT_DATA_DIR: downloaded, checked
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
-                       "or $GPT_DATA_DIR for named tasks)")
-    check_text_files([path], allow_empty=True)  # binary or not UTF-8: one line naming the file (and the offset)
-    return path
-
-
-def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
-    """A record with the file's keys -> {instruction, input, output} strings, or None if it is malformed."""
-    row = {}
-    for ours in FIELDS:
-        key = fields.get(ours)
-        value = record.get(key) if key is not None else ""
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            return bad(where, f"field {key!r} must be a string (got {type(value).__name__})")
-        # the response is always needed; the input too unless an instruction says what to do (Alpaca)
-        required = ours in REQUIRED or (ours == "input" and not fields.get("instruction"))
-        if required and (key not in record or not value.strip()):
-            return bad(where, f"missing or empty field {key!r} (the record has {sorted(record)})")
-        row[ours] = value
-    if fields.get("instruction") and not row["instruction"].strip():  # Alpaca: the instruction is the task
-        return bad(where, f"missing or empty field {fields['instruction']!r} (the record has {sorted(record)})")
-    return row
-
-
-def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[dict]:
-    """Two line-aligned text files -> rows, line N of one with line N of the other (lines as `wc -l` counts
-    them, as sample.py's batch mode reads its input_file). Empty lines are bad rows."""
-    sides = []
-    for path in (source, target):
-        check_file(path, task)
-        sides.append(split_lines(read_text(path)))
-    if len(sides[0]) != len(sides[1]):
-        raise GPTError(f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
-                       f"{len(sides[1])}; every source line needs exactly one target line")
-    rows = []
-    for i, (src, tgt) in enumerate(zip(*sides), start=1):
-        if not src.strip() or not tgt.strip():
-            bad(f"{source if not src.strip() else target}:{i}", "empty line in a parallel file")
-            continue
-        rows.append({"instruction": "", "input": src, "output": tgt})
-    return rows
-
-
-def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list[dict]:
-    """A JSON array of records or JSON Lines (one record per line) -> rows; errors name file and line.
-
-    Read by hand rather than with `datasets`' json loader, which can neither say which line is broken nor
-    skip it.
-    """
-    check_file(path, task)
-    text = read_text(path)
-    if text.lstrip().startswith("["):  # one JSON array
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GPTError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file (a JSON array of "
-                           "records, or one JSON record per line)") from None
-        located = [(f"{path} record {i}", r) for i, r in enumerate(records, start=1)]
-    else:  # JSON Lines
-        located = []
-        for i, line in enumerate(split_lines(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad(f"{path}:{i}", f"not valid JSON ({e.msg})")
-    rows = []
-    for where, record in located:
-        if not isinstance(record, dict):
-            bad(where, f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
-                       f"got {type(record).__name__}")
-            continue
-        row = normalise(record, fields, where, bad)
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> list[dict]:
-    ds = load_hub_dataset(hub["name"], hub.get("config"), split, instead="use local files (task.train=...)")
-    missing = [key for key in fields.values() if key and key not in ds.column_names]
-    if missing:
-        raise GPTError(f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
-                       "map the columns with task.fields.<instruction|input|output>=<column>")
-    rows = []
-    for i, record in enumerate(ds):
-        row = normalise(record, fields, f"{hub['name']}[{split}] row {i}", bad)
-        if row is not None:
-            rows.append(row)
-    return rows
-
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts and tokens

@@ -38,7 +38,7 @@ def shakespeare() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_full() -> Path:
     """The whole of Tiny Shakespeare, resolved the way the named dataset is (GPT_DATA_DIR, else download)."""
-    from gpt.data import resolve_files
+    from gpt.datafiles import resolve_files
 
     return resolve_files(relpath="tinyshakespeare/input.txt",
                          url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",

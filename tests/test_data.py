@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.data import (FixedWindows, RandomWindows, TextDataModule, TextSource, check_text_files, prepare_corpus,
-                      resolve_files, token_dtype)
+from gpt.data import FixedWindows, RandomWindows, TextDataModule, TextSource, check_text_files, prepare_corpus, token_dtype
+from gpt.datafiles import resolve_files
 from gpt.errors import GPTError
 from gpt.tokenizer import EOS, Tokenizer
 
@@ -98,7 +98,7 @@ def test_the_named_task_downloads_its_pairs_checked_by_sha256(tmp_path, monkeypa
     URL (the authors' release), is checked against its sha256 and read; offline, one line says where to put it."""
     import hashlib
 
-    from gpt import data
+    from gpt import datafiles as data
     from gpt.tasks import TaskDataModule
     from gpt.tokenizer import Tokenizer
     from test_finetune import compose_task

@@ -18,13 +18,14 @@ from faults import assert_resumed_run_matches, kill_then_resume
 
 from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter_dir, base_record
 from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save_model_dir
-from gpt.data import data_dir
+from gpt.datafiles import data_dir
 from gpt.errors import GPTError
 from gpt.evaluate import evaluate_task, score
 from gpt.model import GPT, GPTConfig
 from gpt.prompts import PromptTemplate
 from gpt.completions import cut_at_stop, escape, generate_batch
-from gpt.tasks import TaskDataModule, encode_example, pad_batch, read_json_records, read_parallel, BadRows
+from gpt.taskrows import BadRows, read_json_records, read_parallel
+from gpt.tasks import TaskDataModule, encode_example, pad_batch
 from gpt.tokenizer import Tokenizer
 
 def read_pairs(root: Path, split: str, n: int) -> tuple[list[str], list[str]]:
