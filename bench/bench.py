@@ -321,9 +321,14 @@ def measure_peak_flops(device) -> dict:
         dense_bf16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
         peak = next((v for k, v in dense_bf16.items() if k in name), None)
         return {"fp32": peak, "bf16": peak, "source": f"datasheet dense bf16 for {name}"}
+    from gpt.devices import cpu_has_native_bf16
+
     n = 2048
     rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # Without native bf16 (AVX2-only CPUs, or GPT_CPU_BF16=0) a bf16 matmul is emulated, ~50x slower than fp32
+    # there: 2048^3 of it would take minutes and no contender computes in bf16 on such a CPU anyway.
+    kinds = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if cpu_has_native_bf16() else (("fp32", torch.float32),)
+    for name, dtype in kinds:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         times = time_repeats(lambda: a @ b, 3, 5, 2)
         rates[name] = 2 * n**3 * 3 / statistics.median(times)
@@ -388,14 +393,21 @@ def read_until_ready(proc, lines: list) -> bool:
 
 
 def plan(cases, device):
+    """Who runs each case. A CPU without native bf16 gets no bf16 peer (it would measure bf16 emulation,
+    which no one would choose there): ours runs in that CPU's default precision, fp32."""
+    from gpt.devices import has_fast_bf16
+
+    import torch
+
+    bf16 = has_fast_bf16(torch.device(device))
     contenders = []
     for case in cases:
         if case in TRAIN_CASES:
-            contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
+            contenders += [(case, "ours"), (case, "hf_fp32")] + ([(case, "hf_bf16")] if bf16 else [])
         elif case in GEN_CASES:
             contenders += [(case, "ours"), (case, "ours_compiled"), (case, "ours_int8"), (case, "hf")]
         elif case == "lora":
-            contenders += [(case, "ours"), (case, "hf_fp32"), (case, "hf_bf16")]
+            contenders += [(case, "ours"), (case, "hf_fp32")] + ([(case, "hf_bf16")] if bf16 else [])
         elif case == "gpt2":
             contenders += [(case, "ours")]
     return contenders
