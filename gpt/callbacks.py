@@ -254,6 +254,8 @@ class LineProgress(ProgressBar):
         metrics = self.get_metrics(trainer, pl_module)
         shown = [f"{k} {v:,.0f}" if k.endswith("per_s") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                  for k, v in metrics.items() if k != "v_num"]
+        if trainer.optimizers:
+            shown.insert(1, f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
         of = f"/{total}" if total and total > 0 else ""
         print(" | ".join([f"step {step}{of}", *shown, f"{time.perf_counter() - self._start:.1f} s"]), flush=True)
 

@@ -35,7 +35,7 @@ def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(trained):
              and "/300 |" in line]
     assert steps == list(range(10, 301, 10)), steps
     last = next(line for line in log.splitlines() if line.startswith("step 300/300 |"))
-    assert "train/loss" in last and "train/tokens_per_s" in last and last.endswith(" s")
+    assert "train/loss" in last and "| lr " in last and "train/tokens_per_s" in last and last.endswith(" s")
 
 
 def test_training_lowers_the_loss_and_writes_the_run(trained):
