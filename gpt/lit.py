@@ -266,13 +266,23 @@ class LanguageModel(L.LightningModule):
         settings, silently keeps the saved ones). run.train asks before the Trainer
         exists (so before Lightning prints anything); on_load_checkpoint asks again."""
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
+        base = saved.get("base")
+        if base and self.base:  # both fine-tuning: the same method (lora | full) and, for full, the same freezing
+            for key, default in (("method", "lora"), ("freeze", None)):
+                if base.get(key, default) != self.base.get(key, default):
+                    raise GPTError(f"the checkpoint was fine-tuned with {key}={base.get(key, default)}, this run has "
+                                   f"{self.base.get(key, default)}; resume with the settings it was trained with")
+        elif base and not self.base:
+            raise GPTError("the checkpoint is a fine-tuning checkpoint: resume it with finetune.py ckpt_path=...")
+        elif self.base and not base:
+            raise GPTError("the checkpoint is a pretraining checkpoint: finetune.py resumes only its own runs; to "
+                           "fine-tune that model, pass base=<its exported directory> (the directory beside the .ckpt)")
         saved_lora = holds_lora(checkpoint.get("state_dict") or {})
         if saved_lora != holds_lora(name for name, _ in self.model.named_parameters()):
             raise GPTError("the checkpoint is a LoRA fine-tuning checkpoint: resume it with finetune.py ckpt_path=..."
                            if saved_lora else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
                            "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
                            "beside the .ckpt)")
-        base = saved.get("base")
         if base and self.base and base.get("sha256") != self.base.get("sha256"):
             raise GPTError(f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
                            f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "

@@ -226,13 +226,13 @@ def test_task_files_are_read_as_files_count_lines(tmp_path):
 def test_a_parallel_task_reads_the_source_and_target_columns_of_a_hub_dataset(monkeypatch):
     import datasets
 
-    import gpt.tasks
+    import gpt.taskrows
 
     def hub(name, config, split, instead):  # what load_dataset returns for a (source, target) dataset
         assert (name, split) == ("someone/pairs", "train")
         return datasets.Dataset.from_dict({"source": ["a b", "c"], "target": ["x", "y"], "id": [1, 2]})
 
-    monkeypatch.setattr(gpt.tasks, "load_hub_dataset", hub)
+    monkeypatch.setattr(gpt.taskrows, "load_hub_dataset", hub)
     composed = compose_task("parallel", "task.hub.name=someone/pairs", "task.hub.valid_split=train")
     tok = Tokenizer.char_level("abcxy \n")
     rows = TaskDataModule(**{**composed, "tokenizer": tok, "block_size": 32}).load_rows()
