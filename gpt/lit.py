@@ -100,7 +100,8 @@ class LanguageModel(L.LightningModule):
     """Next-token prediction for any module that maps (input_ids, labels) to a GPTOutput.
 
     Batches are dicts: input_ids (B, T), labels (B, T) with -100 where no loss is wanted, and optionally
-    attention_mask (B, T). Pretraining and LoRA fine-tuning (a PEFT-wrapped GPT) both use this class.
+    attention_mask (B, T) (or, packed, a (B, 1, T, T) mask with position_ids). Pretraining and fine-tuning
+    (a GPT, or a PEFT-wrapped one) all use this class.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, lr: float = 6e-4, min_lr: float = 6e-5,
@@ -146,7 +147,8 @@ class LanguageModel(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
 
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"))
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
+        return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"), **extra)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Resumed: continue the random streams (dropout) where the checkpointed run was. Done here, not in

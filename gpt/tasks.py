@@ -72,7 +72,48 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.as_tensor(e["input_ids"])
         labels[i, :n] = torch.as_tensor(e["labels"])
-    return {"input_ids": input_ids, "labels": labels, "n_tokens": sum(len(e["input_ids"]) for e in examples)}
+    batch = {"input_ids": input_ids, "labels": labels, "n_tokens": sum(len(e["input_ids"]) for e in examples)}
+    if "segments" in examples[0]:  # packed rows (pack_examples): attention and positions per example
+        batch["position_ids"], batch["attention_mask"] = packed_attention([e["segments"] for e in examples], T)
+    return batch
+
+
+def pack_examples(examples: Sequence[dict], block_size: int) -> list[dict]:
+    """Several examples per row of at most block_size tokens, so that little of a batch is padding. Longest
+    first, each row filled up with the shortest examples left (two pointers over the sorted lengths: one pass,
+    deterministic). A row keeps its examples' lengths (`segments`): attention and positions stay per example."""
+    order = sorted(range(len(examples)), key=lambda i: -examples[i]["length"])
+    rows, i, j = [], 0, len(order) - 1
+    while i <= j:
+        members, room = [order[i]], block_size - examples[order[i]]["length"]
+        i += 1
+        while i <= j and examples[order[j]]["length"] <= room:
+            members.append(order[j])
+            room -= examples[order[j]]["length"]
+            j -= 1
+        picked = [examples[m] for m in members]
+        rows.append({"input_ids": [t for e in picked for t in e["input_ids"]],
+                     "labels": [t for e in picked for t in e["labels"]],
+                     "segments": [e["length"] for e in picked], "length": block_size - room})
+    return rows
+
+
+def packed_attention(segments: Sequence[Sequence[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) that restart at 0 for each example of a packed row, and the (B, 1, T, T) boolean
+    mask under which a token sees the tokens before it in its own example only (block-diagonal, causal).
+    Padding after the last example is one more block: it sees only padding, never a NaN row."""
+    B = len(segments)
+    doc = torch.full((B, T), len(max(segments, key=len)), dtype=torch.long)  # padding: its own block
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, lengths in enumerate(segments):
+        start = 0
+        for k, n in enumerate(lengths):
+            doc[b, start:start + n] = k
+            pos[b, start:start + n] = torch.arange(n)
+            start += n
+        pos[b, start:] = torch.arange(T - start)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return pos, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class LengthGroupedBatches:
@@ -156,7 +197,8 @@ class TaskDataModule(L.LightningDataModule):
                  hub: Optional[dict] = None, fields: Optional[dict] = None, template_no_input: Optional[str] = None,
                  valid_fraction: float = 0.05, on_bad_row: str = "error", group_by_length: bool = True,
                  metrics: Sequence[str] = ("loss",), stop: Sequence[str] = (), max_new_tokens: int = 128,
-                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False):
+                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False,
+                 packing: bool = False):
         """valid_only: only the valid split is read and tokenized (scoring an adapter); the train split is
         then needed only when the valid split is held out of it."""
         super().__init__()
@@ -189,6 +231,9 @@ class TaskDataModule(L.LightningDataModule):
         if not (0.0 <= copy_pairs <= 1.0):
             raise GPTError(f"task.copy_pairs must be in [0, 1] (got {copy_pairs})")
         self.copy_pairs, self.valid_only = copy_pairs, valid_only
+        if not isinstance(packing, bool):
+            raise GPTError(f"task.packing is true or false (got {packing!r})")
+        self.packing = packing
         self.rows: dict[str, list[dict]] = {}
         self.data: dict[str, list[dict]] = {}
         self.stats: dict[str, dict] = {}
@@ -304,6 +349,12 @@ class TaskDataModule(L.LightningDataModule):
             if not kept:
                 raise GPTError(f"task {self.name}: every {split} prompt fills the model's context "
                                f"({self.block_size} tokens); shorten the prompts or use a model with a longer context")
+            if self.packing and split == "train":  # validation stays one example a row: the same loss, and
+                self.data[split] = pack_examples(self.data[split], self.block_size)  # scoring reads examples
+                self.stats[split]["packed_rows"] = len(self.data[split])
+                log.info("%s train: packed into %d rows of up to %d tokens (%.0f%% filled)", self.name,
+                         len(self.data[split]), self.block_size,
+                         100 * sum(r["length"] for r in self.data[split]) / (len(self.data[split]) * self.block_size))
 
     def _check_fields(self, split: str, rows: list[dict]) -> None:
         """A row's text that the prompt template has no place for would be silently dropped: refused."""
