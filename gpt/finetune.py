@@ -31,6 +31,7 @@ from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, sa
 from gpt.launch import build
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.model import GPT
+from gpt.prompts import ChatTemplate, tokenizer_config
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
                      resolve_ckpt_path, train, write_metrics)
@@ -105,18 +106,28 @@ def check_base_dir(base) -> Path:
     return path
 
 
-def build_task(cfg: DictConfig, tokenizer, block_size: int, **overrides) -> TaskDataModule:
+def build_task(cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None,
+               **overrides) -> TaskDataModule:
+    if cfg.task.get("format") == "chat" and base_dir is not None and "chat_template" not in overrides:
+        overrides["chat_template"] = ChatTemplate.for_model(base_dir).jinja  # None: ours (DEFAULT_CHAT_TEMPLATE)
     datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
     check_metrics(datamodule.metrics)
     datamodule.prepare_data()
     return datamodule
 
 
+def chat_files(datamodule: TaskDataModule) -> dict:
+    """task=chat: the chat template trained with, as tokenizer_config.json beside the weights (Hugging Face's
+    convention: sample.py chat=true and transformers' apply_chat_template render prompts with it)."""
+    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.chat else {}
+
+
 def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
     """The task's valid split (eval_only), prompted the way the adapter was trained: the template and stop
     strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
     is read only when the valid split is held out of it."""
-    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop") if k in record.get("task", {})}
+    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop", "chat_template")
+               if k in record.get("task", {})}
     differs = {k: v for k, v in trained.items() if cfg.task.get(k) != v}
     if differs:
         log.info("scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
@@ -177,7 +188,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         return _full_finetune(cfg, run_dir, base_dir, ckpt_path)
     lora = build(cfg.lora)  # option errors before any loading
     model, tokenizer = load_model_dir(base_dir)
-    datamodule = build_task(cfg, tokenizer, model.config.block_size)
+    datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     peft_model = add_lora(model, lora)
     trainable, total = count_parameters(peft_model)
     log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.lora_alpha,
@@ -186,7 +197,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     record = {"base": base_record(base_dir), "task": datamodule.describe()}
     trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path, base=record["base"],
                              export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
-                                                                         {**record, "step": t.global_step}))
+                                                                         {**record, "step": t.global_step},
+                                                                         files=chat_files(datamodule)))
     adapter_dir = run_dir / "checkpoints" / "best"
     metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats,
                    adapter=str(adapter_dir) if adapter_dir.is_dir() else None)
@@ -231,7 +243,7 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
     """The model's own weights train; checkpoints/{best,last} are whole model directories, scored beside the
     base (loaded again, unchanged) and the copy baseline."""
     model, tokenizer = load_model_dir(base_dir)
-    datamodule = build_task(cfg, tokenizer, model.config.block_size)
+    datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     settings = {"embeddings": bool(cfg.freeze.embeddings), "layers": int(cfg.freeze.layers)}
     frozen = freeze(model, **settings)
     total = sum(p.numel() for p in model.parameters())
@@ -242,7 +254,8 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
     record = {"finetuned_from": base, "task": datamodule.describe()}
     trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, base=base,
                              export_fn=lambda t, path: save_model_dir(model, tokenizer, path,
-                                                                      extra={**record, "step": t.global_step}))
+                                                                      extra={**record, "step": t.global_step},
+                                                                      files=chat_files(datamodule)))
     best_dir = run_dir / "checkpoints" / "best"
     metrics.update(method="full", trainable_params=trainable, total_params=total, data=datamodule.stats,
                    model=str(best_dir) if best_dir.is_dir() else None)

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpt.taskrows import FORMATS, BadRows, read_hub, read_json_records, read_parallel
 from gpt.errors import GPTError, check_num_workers
-from gpt.prompts import PromptTemplate
-from gpt.tokenizer import Tokenizer
+from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, PromptTemplate
+from gpt.tokenizer import EOS, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,31 @@ def encode_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, 
     # labels[i] is the token after position i; it counts only when it belongs to the response
     n_prompt = len(prompt_ids)
     labels = [tok if i + 1 >= n_prompt else -100 for i, tok in enumerate(ids[1:])]
+    return Encoded(ids[:-1], labels, truncated)
+
+
+def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer, block_size: int) -> Encoded:
+    """A conversation as the template renders it, the loss on every assistant message only (each as the
+    template renders it after the generation prompt: with the default template its text and the end-of-text
+    token). The pieces are tokenized apart, as at generation time, where the prompt is encoded alone."""
+    pieces, done = [], ""  # (text, learn it?)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = template(messages[:i], add_generation_prompt=True), template(messages[:i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise GPTError("the chat template does not render a conversation as its earlier turns plus the new "
+                           "one; task=chat needs a template that only appends")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    ids, learn = [], []
+    for text, target in pieces:
+        piece = tokenizer.encode(text) if text else []
+        ids += piece
+        learn += [target] * len(piece)
+    truncated = len(ids) > block_size + 1
+    ids, learn = ids[:block_size + 1], learn[:block_size + 1]
+    labels = [tok if learn[i + 1] else -100 for i, tok in enumerate(ids[1:])]
     return Encoded(ids[:-1], labels, truncated)
 
 
@@ -198,7 +223,8 @@ class TaskDataModule(L.LightningDataModule):
                  valid_fraction: float = 0.05, on_bad_row: str = "error", group_by_length: bool = True,
                  metrics: Sequence[str] = ("loss",), stop: Sequence[str] = (), max_new_tokens: int = 128,
                  copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False,
-                 packing: bool = False):
+                 packing: bool = False, chat_template: Optional[str] = None):
+        """chat_template (format chat): the base model's Jinja chat_template; None: DEFAULT_CHAT_TEMPLATE."""
         """valid_only: only the valid split is read and tokenized (scoring an adapter); the train split is
         then needed only when the valid split is held out of it."""
         super().__init__()
@@ -223,6 +249,8 @@ class TaskDataModule(L.LightningDataModule):
         self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
         self.hub = dict(hub) if hub and hub.get("name") else None
         self.template = PromptTemplate(template, template_no_input)
+        self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE, {"eos_token": EOS}) \
+            if format == "chat" else None
         check_num_workers(num_workers, "task.num_workers")
         self.valid_fraction, self.seed, self.num_workers = valid_fraction, seed, num_workers
         self.bad = BadRows(on_bad_row, name)
@@ -315,6 +343,9 @@ class TaskDataModule(L.LightningDataModule):
         return rows + [{**rows[i], "input": rows[i]["output"]} for i in picked]
 
     def prompt(self, row: dict) -> str:
+        if self.chat:  # the conversation up to its last assistant message, which is the answer to score
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            return self.chat(row["messages"][:last])
         return self.template(row["instruction"], row["input"])
 
     # -- tokens --------------------------------------------------------------------------------------
@@ -333,10 +364,14 @@ class TaskDataModule(L.LightningDataModule):
         if not self.valid_only:
             splits.insert(0, ("train", self.training_rows()))
         for split, rows in splits:
-            self._check_fields(split, rows)
             prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
-            ds = Dataset.from_dict({"prompt": prompts, "response": responses})
-            ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
+            if self.chat:
+                ds = Dataset.from_list([self._encoded(encode_chat(r["messages"], self.chat, self.tokenizer,
+                                                                  self.block_size)) for r in rows])
+            else:
+                self._check_fields(split, rows)
+                ds = Dataset.from_dict({"prompt": prompts, "response": responses})
+                ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
             kept = ds.filter(lambda n: n > 0, input_columns="n_targets")
             self._warn_unknown(split, [p + r for p, r in zip(prompts, responses)])
             self.data[split] = kept.with_format(None).to_list()
@@ -376,17 +411,16 @@ class TaskDataModule(L.LightningDataModule):
                         "they become <|unk|>. A base with a BPE tokenizer (or one trained on such text) reads them",
                         self.name, split, hit, len(texts), "".join(unknown[:20]))
 
+    @staticmethod
+    def _encoded(e: Encoded) -> dict:
+        return {"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated, "length": len(e.input_ids),
+                "n_targets": sum(label != -100 for label in e.labels)}
+
     def _encode(self, batch: dict) -> dict:
-        out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
         prompts, responses = self.tokenizer.encode_batch(batch["prompt"]), self.tokenizer.encode_batch(batch["response"])
-        for prompt, response in zip(prompts, responses):
-            e = encode_example(prompt, response, self.tokenizer.eos_id, self.block_size)
-            out["input_ids"].append(e.input_ids)
-            out["labels"].append(e.labels)
-            out["truncated"].append(e.truncated)
-            out["length"].append(len(e.input_ids))
-            out["n_targets"].append(sum(label != -100 for label in e.labels))
-        return out
+        rows = [self._encoded(encode_example(p, r, self.tokenizer.eos_id, self.block_size))
+                for p, r in zip(prompts, responses)]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_data()
@@ -417,4 +451,5 @@ class TaskDataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         """What an adapter records about its task, so sample.py can prompt it the same way."""
-        return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop}
+        chat = {"chat_template": self.chat.jinja} if self.chat else {}
+        return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop, **chat}
