@@ -51,6 +51,8 @@ GEN_CASES = {
     "gen_b8": ("generation, 6L/384, batch 8, 256 new tokens", 8),
 }
 LORA_CASE = ("LoRA step, 6L/384, block 256, batch 8, r=16 on qkv/attn-out/mlp", (6, 6, 384, 256, 8))
+PACK_CASE = ("fine-tuning step, 6L/384, block 256, batch 8 rows, examples of 16-200 tokens: tokens/s counts real "
+             "tokens; unpacked (padded to the batch's longest, length-grouped) vs task.packing=true", (6, 6, 384, 256, 8))
 GPU_CASE = ("GPT-2 124M pretraining, block 1024, bf16-mixed, compile, fused AdamW, flash SDPA", (12, 12, 768, 1024))
 GEN_PROMPT, GEN_NEW = 16, 256
 
@@ -174,7 +176,7 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
             i = 0
             while True:
                 b = batches[i % len(batches)]
-                yield {"input_ids": b[:, :-1], "labels": b[:, 1:]}
+                yield b if isinstance(b, dict) else {"input_ids": b[:, :-1], "labels": b[:, 1:]}  # dict: ready
                 i += 1
 
     class Timer(Callback):
@@ -294,6 +296,28 @@ def child(case: str, impl: str, quick: bool) -> dict:
         out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision=precision,
                    first_call_s=round(first_s, 2), compile=impl.startswith("ours") and compile_step)
 
+    elif case == "packing":  # the same kind of examples, as task batches: one padded example a row, or packed
+        import numpy as np
+
+        from gpt.tasks import LengthGroupedBatches, pack_examples, pad_batch
+
+        n_layer, n_head, n_embd, block, batch = PACK_CASE[1]
+        rng = np.random.default_rng(0)
+        examples = []
+        for n in rng.integers(16, 201, size=400):
+            ids = rng.integers(0, VOCAB, size=n).tolist()
+            examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:], "length": int(n)})
+        rows = pack_examples(examples, block) if impl == "ours_packed" else examples
+        picked = [b for b, _ in zip(LengthGroupedBatches([r["length"] for r in rows], batch, seed=0), range(8))]
+        batches = [pad_batch([rows[i] for i in b], 0) for b in picked]
+        real = sum(b.pop("n_tokens") for b in batches)  # tokens of examples, not padding
+        steps = len(batches)  # a repeat: each batch once (any 8 consecutive steps of the cycle)
+        cfg = default_config()
+        model = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+        times = ours_train_times(model, batches, steps, repeats, 3 if quick else steps, cfg.trainer.precision, False)
+        out.update(times=times, tokens_per_repeat=real, precision=cfg.trainer.precision, compile=False,
+                   flops_per_token=6 * model.num_params() + 12 * n_layer * n_embd * block,
+                   padded_tokens=sum(b["input_ids"].numel() for b in batches))
     elif case == "gpt2":
         n_layer, n_head, n_embd, block = GPU_CASE[1]
         batch = 16 if device == "cuda" else 1
@@ -410,6 +434,8 @@ def plan(cases, device):
             contenders += [(case, "ours"), (case, "hf_fp32")] + ([(case, "hf_bf16")] if bf16 else [])
         elif case == "gpt2":
             contenders += [(case, "ours")]
+        elif case == "packing":
+            contenders += [(case, "ours_unpacked"), (case, "ours_packed")]
     return contenders
 
 
@@ -462,7 +488,7 @@ def print_table(rows, descriptions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=None, help="comma-separated: " + ",".join(
-        [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]))
+        [*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]))
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
@@ -481,10 +507,10 @@ def main():
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    default = [*TRAIN_CASES, *GEN_CASES, "lora", "gpt2"]  # gpt2 is skipped off CUDA unless named (--cases gpt2)
+    default = [*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]  # gpt2: skipped off CUDA unless named
     cases = args.cases.split(",") if args.cases else default
     descriptions = {**{k: v[0] for k, v in TRAIN_CASES.items()}, **{k: v[0] for k, v in GEN_CASES.items()},
-                    "lora": LORA_CASE[0], "gpt2": GPU_CASE[0]}
+                    "lora": LORA_CASE[0], "packing": PACK_CASE[0], "gpt2": GPU_CASE[0]}
     t0 = time.time()
     peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
     results = []

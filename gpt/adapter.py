@@ -108,11 +108,14 @@ def base_record(base_dir: str | Path) -> dict:
     return {"path": str(base_dir.resolve()), "sha256": weights_sha256(base_dir)}
 
 
-def save_adapter_dir(model: PeftModel, tokenizer: Tokenizer, path: str | Path, record: dict) -> Path:
+def save_adapter_dir(model: PeftModel, tokenizer: Tokenizer, path: str | Path, record: dict,
+                     files: Optional[dict] = None) -> Path:
     """PEFT's files + tokenizer.json + gpt_adapter.json, written atomically. `record` has at least
-    {"base": base_record(...)}; the task's template and training step go there too."""
+    {"base": base_record(...)}; the task's template and training step go there too. `files`: as save_model_dir."""
     path = Path(path)
     with atomic_dir(path) as tmp:
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         model.peft_config["default"].base_model_name_or_path = record["base"]["path"]
         model.save_pretrained(str(tmp), save_embedding_layers=False)  # we never resize the vocabulary
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template

@@ -334,7 +334,10 @@ class LeanAutocastForLoRA(Callback):
     def on_fit_start(self, trainer, pl_module):
         plugin = trainer.precision_plugin
         if (type(plugin) is not MixedPrecision or isinstance(trainer.strategy, FSDPStrategy)
-                or all(p.requires_grad for p in pl_module.parameters())):  # pretraining: nothing is frozen
+                or all(p.requires_grad for p in pl_module.parameters())  # pretraining: nothing is frozen
+                # full fine-tuning with freeze.*: its exports are whole model directories, which must hold
+                # the fp32 weights at every checkpoint, not the held bf16 copies
+                or not hasattr(pl_module.model, "peft_config")):
             return
         from peft.helpers import disable_input_dtype_casting
 

@@ -21,7 +21,6 @@ turn). When the conversation no longer fits the context, the oldest turns are dr
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
@@ -33,52 +32,8 @@ from gpt.completions import StreamPrinter, unescape
 from gpt.generate import prompt_too_long, sample_next_token
 from gpt.inference import load_for_sampling
 from gpt.model import GPT, KVCache
-from gpt.tokenizer import EOS, Tokenizer
-
-ROLES = ("system", "user", "assistant")
-PLAIN_STOPS = ["\nUser:", "\nSystem:", "\nAssistant:"]  # a plain-template reply ends where the next turn begins
-
-
-class ChatTemplate:
-    """messages -> the prompt text that asks for the assistant's next message."""
-
-    def __init__(self, jinja: Optional[str] = None, special_tokens: Optional[dict] = None):
-        self.jinja, self.special = jinja, special_tokens or {}
-        # A Jinja template marks the end of a reply with the end-of-text token; the plain one with the next role.
-        self.stops = [] if jinja else list(PLAIN_STOPS)
-
-    @classmethod
-    def for_model(cls, *dirs) -> "ChatTemplate":
-        """The `chat_template` of the first of `dirs` whose tokenizer_config.json has one, else the plain one."""
-        for d in dirs:
-            path = Path(d) / "tokenizer_config.json" if d else None
-            if path is None or not path.is_file():
-                continue
-            try:
-                config = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise GPTError(f"{path} is not valid JSON ({e}); fix or remove it") from None
-            template = config.get("chat_template")
-            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if isinstance(template, str) and template:
-                special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
-                return cls(template, {"eos_token": EOS, **special})
-        return cls()
-
-    def __call__(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        if self.jinja:
-            from transformers.utils.chat_template_utils import render_jinja_template
-
-            try:
-                rendered, _ = render_jinja_template([list(messages)], chat_template=self.jinja,
-                                                    add_generation_prompt=add_generation_prompt, **self.special)
-            except Exception as e:  # jinja2's errors (syntax, raise_exception in the template)
-                raise GPTError(f"the model's chat_template failed on these messages ({e})") from None
-            return rendered[0]
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else "")
-
+from gpt.prompts import PLAIN_STOPS, ROLES, ChatTemplate  # noqa: F401 (the templates: gpt.prompts, shared with task=chat)
+from gpt.tokenizer import Tokenizer
 
 def chat_template(cfg) -> ChatTemplate:
     """The template for a sample.py / serve config: the adapter's, else the model directory's, else plain."""

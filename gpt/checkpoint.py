@@ -267,10 +267,14 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_keys(model)}
 
 
-def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None) -> Path:
-    """Export `model` + `tokenizer` to a model directory (atomically). `extra` goes into config.json."""
+def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None,
+                   files: Optional[dict] = None) -> Path:
+    """Export `model` + `tokenizer` to a model directory (atomically). `extra` goes into config.json; `files`
+    ({name: JSON object}, e.g. tokenizer_config.json with a chat template) are written beside."""
     path = Path(path)
     with atomic_dir(path) as tmp:
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = model.config.to_dict()
         if extra:

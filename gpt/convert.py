@@ -217,6 +217,21 @@ def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -
 # The two verbs
 
 
+def load_hf(hf_dir: str | Path) -> tuple[GPT, Tokenizer, str]:
+    """A local Hugging Face GPT-2 directory as our GPT and tokenizer (in memory), and the weights file read."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
+        raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
+                       "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+    raw = _read_json(hf_dir / CONFIG_FILE)
+    config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
+    tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
+    state, source = read_hf_weights(hf_dir)
+    model = GPT(config)
+    load_weights(model, state_from_hf(state, config, source), source)
+    return model, tokenizer, source
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> tuple[Path, GPT]:
     """A local Hugging Face GPT-2 directory -> one of our exported model directories."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -224,12 +239,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> t
         raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
                        "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
     out_dir = check_output_dir(out_dir, hf_dir, force)
-    raw = _read_json(hf_dir / CONFIG_FILE)
-    config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
-    tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
-    state, source = read_hf_weights(hf_dir)
-    model = GPT(config)
-    load_weights(model, state_from_hf(state, config, source), source)
+    model, tokenizer, source = load_hf(hf_dir)
     save_model_dir(model, tokenizer, out_dir,
                    extra={"converted_from": {"format": "huggingface-gpt2", "path": str(hf_dir.resolve()),
                                              "weights": Path(source).name}})

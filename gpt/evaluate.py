@@ -98,8 +98,11 @@ def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_n
 def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataModule, out_dir: Optional[Path] = None,
                   *, max_examples: Optional[int] = None, batch_size: int = 64, max_new_tokens: Optional[int] = None,
                   dtype: str = "float32", accelerator: str = "cpu", precision: str = "32-true",
-                  decoding: Optional[dict] = None, systems: Sequence[str] = ("base", "adapter", "copy")) -> dict:
-    """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt."""
+                  decoding: Optional[dict] = None, systems: Sequence[str] = ("base", "adapter", "copy"),
+                  base_model: Optional[torch.nn.Module] = None) -> dict:
+    """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt.
+    "base" is `base_model` when given (full fine-tuning), else `model` with its adapter disabled; "copy" returns
+    each input; any other system name is `model` itself ("adapter", "finetuned")."""
     metrics = check_metrics(datamodule.metrics)
     rows = all_rows = datamodule.load_rows()["valid"]
     if max_examples:
@@ -109,6 +112,8 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
     max_new_tokens = max_new_tokens or datamodule.max_new_tokens
     gen_metrics = [m for m in metrics if m != "loss"]
     model.eval()
+    if base_model is not None:
+        base_model.eval()
     results: dict[str, dict] = {}
     for system in systems:
         t0 = time.perf_counter()
@@ -116,11 +121,12 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
         if system == "copy":
             outputs = [r["input"] for r in rows]
         else:
-            context = model.disable_adapter() if system == "base" else contextlib.nullcontext()
+            scored = base_model if system == "base" and base_model is not None else model
+            context = model.disable_adapter() if scored is model and system == "base" else contextlib.nullcontext()
             with context:
                 if "loss" in metrics:
-                    entry["val_loss"] = validation_loss(model, tokenizer, datamodule, accelerator, precision)
-                outputs = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                    entry["val_loss"] = validation_loss(scored, tokenizer, datamodule, accelerator, precision)
+                outputs = generate_responses(scored, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                              stops=datamodule.stop, batch_size=batch_size, dtype=dtype,
                                              decoding=decoding, sources=[r["input"] or r["instruction"] for r in rows]
                                              ) if gen_metrics else []

@@ -1,11 +1,13 @@
-"""LoRA fine-tuning of an exported base model on a task: `python finetune.py base=<model dir> task=<task>`.
+"""Fine-tuning of an exported base model on a task: `python finetune.py base=<model dir> task=<task>`.
 
-The base is wrapped with PEFT (`LoraConfig`, `get_peft_model`); only the adapter trains, through the same
-LightningModule, Trainer, checkpointing and logging as pretraining. A run directory (runs/<name>/<time>/)
-receives:
+method=lora (the default): the base is wrapped with PEFT (`LoraConfig`, `get_peft_model`) and only the adapter
+trains. method=full: the model's own weights train (all of them, or all but freeze.embeddings / the first
+freeze.layers blocks). Either way through the same LightningModule, Trainer, checkpointing and logging as
+pretraining. A run directory (runs/<name>/<time>/) receives:
 
     checkpoints/last.ckpt, best.ckpt   Lightning checkpoints (resume with ckpt_path=...)
-    checkpoints/last/, best/           adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base record
+    checkpoints/last/, best/           lora: adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base
+                                       record; full: model directories, as pretraining writes them
     checkpoints/merged/                with merge=true: base + best adapter as one standalone model directory
     valid.{base,adapter,copy}.txt      greedy outputs on the valid split
     metrics.csv, metrics.json          training log; summary with the evaluation side by side
@@ -28,6 +30,8 @@ from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, m
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.launch import build
 from gpt.errors import GPTError, check_seed, is_int
+from gpt.model import GPT
+from gpt.prompts import ChatTemplate, tokenizer_config
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
                      resolve_ckpt_path, train, write_metrics)
@@ -37,8 +41,23 @@ from gpt.tasks import TaskDataModule
 log = logging.getLogger(__name__)
 
 
+METHODS = ("lora", "full")
+
+
 def check_options(cfg: DictConfig) -> None:
     """Settings that would otherwise be ignored, or fail only after the training they follow."""
+    method, freeze = cfg.get("method", "lora"), cfg.get("freeze") or {}
+    if method not in METHODS:
+        raise GPTError(f"method must be one of {list(METHODS)} (got {method!r})")
+    if not isinstance(freeze.get("embeddings", False), bool) or not is_int(freeze.get("layers", 0)) \
+            or freeze.get("layers", 0) < 0:
+        raise GPTError(f"freeze.embeddings is true or false and freeze.layers a whole number >= 0 (got "
+                       f"{freeze.get('embeddings')!r}, {freeze.get('layers')!r})")
+    if method == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
+        raise GPTError("freeze.* is for method=full; LoRA already leaves every base weight frozen")
+    if method == "full" and (cfg.eval_only or cfg.merge):
+        raise GPTError("eval_only and merge are for LoRA adapters; a full fine-tune writes whole model directories "
+                       "(sample.py ckpt=<run>/checkpoints/best)")
     if cfg.eval_only:
         check_accelerator(cfg.trainer)  # scoring runs on it too
         if cfg.get("ckpt_path"):
@@ -87,18 +106,28 @@ def check_base_dir(base) -> Path:
     return path
 
 
-def build_task(cfg: DictConfig, tokenizer, block_size: int, **overrides) -> TaskDataModule:
+def build_task(cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None,
+               **overrides) -> TaskDataModule:
+    if cfg.task.get("format") == "chat" and base_dir is not None and "chat_template" not in overrides:
+        overrides["chat_template"] = ChatTemplate.for_model(base_dir).jinja  # None: ours (DEFAULT_CHAT_TEMPLATE)
     datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
     check_metrics(datamodule.metrics)
     datamodule.prepare_data()
     return datamodule
 
 
+def chat_files(datamodule: TaskDataModule) -> dict:
+    """task=chat: the chat template trained with, as tokenizer_config.json beside the weights (Hugging Face's
+    convention: sample.py chat=true and transformers' apply_chat_template render prompts with it)."""
+    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.chat else {}
+
+
 def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
     """The task's valid split (eval_only), prompted the way the adapter was trained: the template and stop
     strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
     is read only when the valid split is held out of it."""
-    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop") if k in record.get("task", {})}
+    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop", "chat_template")
+               if k in record.get("task", {})}
     differs = {k: v for k, v in trained.items() if cfg.task.get(k) != v}
     if differs:
         log.info("scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
@@ -106,9 +135,9 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
     return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
 
 
-def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule) -> dict:
+def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule, **systems) -> dict:
     e = cfg.eval
-    return evaluate_task(model, tokenizer, datamodule, run_dir, max_examples=e.max_examples, batch_size=e.batch_size,
+    return evaluate_task(model, tokenizer, datamodule, run_dir, **systems, max_examples=e.max_examples, batch_size=e.batch_size,
                          max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
                          precision=cfg.trainer.precision, decoding=dict(num_beams=e.num_beams, length_penalty=e.length_penalty,
                                                                         no_repeat_ngram_size=e.no_repeat_ngram_size,
@@ -155,9 +184,11 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_float32_matmul_precision("high")
 
     base_dir = check_base_dir(cfg.base)
+    if cfg.get("method", "lora") == "full":
+        return _full_finetune(cfg, run_dir, base_dir, ckpt_path)
     lora = build(cfg.lora)  # option errors before any loading
     model, tokenizer = load_model_dir(base_dir)
-    datamodule = build_task(cfg, tokenizer, model.config.block_size)
+    datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     peft_model = add_lora(model, lora)
     trainable, total = count_parameters(peft_model)
     log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.lora_alpha,
@@ -166,7 +197,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     record = {"base": base_record(base_dir), "task": datamodule.describe()}
     trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path, base=record["base"],
                              export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
-                                                                         {**record, "step": t.global_step}))
+                                                                         {**record, "step": t.global_step},
+                                                                         files=chat_files(datamodule)))
     adapter_dir = run_dir / "checkpoints" / "best"
     metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats,
                    adapter=str(adapter_dir) if adapter_dir.is_dir() else None)
@@ -182,4 +214,64 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     write_metrics(run_dir, metrics)
     log.info("adapter: %s", adapter_dir)
     log.info("use it: python sample.py adapter=%s prompt=\"...\"", adapter_dir)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Full fine-tuning
+
+
+def freeze(model: GPT, embeddings: bool = False, layers: int = 0) -> list[str]:
+    """Stop the gradients of the embeddings (token and position; with tied embeddings that is the LM head's
+    matrix too) and of the first `layers` blocks. Returns the frozen parameter names."""
+    if layers > model.config.n_layer:
+        raise GPTError(f"freeze.layers={layers} is more than the model's {model.config.n_layer} blocks")
+    prefixes = [f"transformer.h.{i}." for i in range(layers)]
+    if embeddings:
+        prefixes += ["transformer.wte.", "transformer.wpe."]
+    frozen = []
+    for name, p in model.named_parameters():  # a tied matrix is listed once, as transformer.wte.weight
+        if name.startswith(tuple(prefixes)):
+            p.requires_grad_(False)
+            frozen.append(name)
+    if all(not p.requires_grad for p in model.parameters()):
+        raise GPTError("freeze.* leaves nothing to train; lower freeze.layers or set freeze.embeddings=false")
+    return frozen
+
+
+def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Optional[str]) -> dict:
+    """The model's own weights train; checkpoints/{best,last} are whole model directories, scored beside the
+    base (loaded again, unchanged) and the copy baseline."""
+    model, tokenizer = load_model_dir(base_dir)
+    datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
+    settings = {"embeddings": bool(cfg.freeze.embeddings), "layers": int(cfg.freeze.layers)}
+    frozen = freeze(model, **settings)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("full fine-tuning: %s trainable of %s parameters (%.2f%%)%s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, f"; frozen: {len(frozen)} tensors" if frozen else "")
+    base = {**base_record(base_dir), "method": "full", "freeze": settings}
+    record = {"finetuned_from": base, "task": datamodule.describe()}
+    trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, base=base,
+                             export_fn=lambda t, path: save_model_dir(model, tokenizer, path,
+                                                                      extra={**record, "step": t.global_step},
+                                                                      files=chat_files(datamodule)))
+    best_dir = run_dir / "checkpoints" / "best"
+    metrics.update(method="full", trainable_params=trainable, total_params=total, data=datamodule.stats,
+                   model=str(best_dir) if best_dir.is_dir() else None)
+    if not trainer.is_global_zero:
+        return metrics
+    if trainer.interrupted or not best_dir.is_dir():
+        log.info("stopped at step %d before a best model was saved; nothing to evaluate", trainer.global_step)
+    elif cfg.eval.enabled:  # the best model, as saved (the model in memory is the last step's)
+        best, _ = load_model_dir(best_dir)
+        original, _ = load_model_dir(base_dir)
+        t0 = time.perf_counter()
+        metrics.update(eval=_evaluate(cfg, best, tokenizer, run_dir, datamodule, base_model=original,
+                                      systems=("base", "finetuned", "copy")),
+                       eval_seconds=round(time.perf_counter() - t0, 1))
+    write_metrics(run_dir, metrics)
+    if best_dir.is_dir():
+        log.info("fine-tuned model: %s", best_dir)
+        log.info("use it: python sample.py ckpt=%s prompt=\"...\"", best_dir)
     return metrics

@@ -100,7 +100,8 @@ class LanguageModel(L.LightningModule):
     """Next-token prediction for any module that maps (input_ids, labels) to a GPTOutput.
 
     Batches are dicts: input_ids (B, T), labels (B, T) with -100 where no loss is wanted, and optionally
-    attention_mask (B, T). Pretraining and LoRA fine-tuning (a PEFT-wrapped GPT) both use this class.
+    attention_mask (B, T) (or, packed, a (B, 1, T, T) mask with position_ids). Pretraining and fine-tuning
+    (a GPT, or a PEFT-wrapped one) all use this class.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, lr: float = 6e-4, min_lr: float = 6e-5,
@@ -146,7 +147,8 @@ class LanguageModel(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
 
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"))
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
+        return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"), **extra)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Resumed: continue the random streams (dropout) where the checkpointed run was. Done here, not in
@@ -266,13 +268,23 @@ class LanguageModel(L.LightningModule):
         settings, silently keeps the saved ones). run.train asks before the Trainer
         exists (so before Lightning prints anything); on_load_checkpoint asks again."""
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
+        base = saved.get("base")
+        if base and self.base:  # both fine-tuning: the same method (lora | full) and, for full, the same freezing
+            for key, default in (("method", "lora"), ("freeze", None)):
+                if base.get(key, default) != self.base.get(key, default):
+                    raise GPTError(f"the checkpoint was fine-tuned with {key}={base.get(key, default)}, this run has "
+                                   f"{self.base.get(key, default)}; resume with the settings it was trained with")
+        elif base and not self.base:
+            raise GPTError("the checkpoint is a fine-tuning checkpoint: resume it with finetune.py ckpt_path=...")
+        elif self.base and not base:
+            raise GPTError("the checkpoint is a pretraining checkpoint: finetune.py resumes only its own runs; to "
+                           "fine-tune that model, pass base=<its exported directory> (the directory beside the .ckpt)")
         saved_lora = holds_lora(checkpoint.get("state_dict") or {})
         if saved_lora != holds_lora(name for name, _ in self.model.named_parameters()):
             raise GPTError("the checkpoint is a LoRA fine-tuning checkpoint: resume it with finetune.py ckpt_path=..."
                            if saved_lora else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
                            "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
                            "beside the .ckpt)")
-        base = saved.get("base")
         if base and self.base and base.get("sha256") != self.base.get("sha256"):
             raise GPTError(f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
                            f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "

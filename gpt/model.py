@@ -292,12 +292,13 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def forward(self, idx, targets=None, *, attention_mask=None, cache: Optional[KVCache] = None,
+    def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                 need_weights: bool = False, only_last: bool = False) -> GPTOutput:
         """idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where no loss is wanted.
 
         attention_mask: (B, T), 1 for real tokens and 0 for (left) padding. With a cache, the new tokens
-        are appended after the cached ones.
+        are appended after the cached ones. Packed rows (several examples in one row, gpt.tasks) instead give
+        a (B, 1, T, T) boolean mask (True = may attend: causal within an example) with their position_ids (B, T).
         """
         B, T = idx.shape
         if cache is not None:
@@ -308,7 +309,12 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}); "
                 "shorten the input (or crop it to the last block_size tokens)"
             )
-        pos, attn_mask, is_causal = self._positions_and_mask(B, T, start, attention_mask, cache, idx.device)
+        if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: the caller's mask and positions
+            if cache is not None or position_ids is None:
+                raise GPTError("a (B, 1, T, T) attention_mask comes with position_ids and without a cache")
+            pos, attn_mask, is_causal = position_ids, attention_mask.bool(), False
+        else:
+            pos, attn_mask, is_causal = self._positions_and_mask(B, T, start, attention_mask, cache, idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         attentions = [] if need_weights else None

@@ -1,13 +1,17 @@
-"""Prompt templates: how a task row (instruction, input) becomes the text the model continues. Shared by
+"""Prompt templates: how a task row (instruction, input), or a conversation (chat templates), becomes the text
+the model continues. Shared by
 fine-tuning (gpt.tasks) and sample.py, which wraps each prompt the way the adapter was trained; kept apart
 from gpt.tasks so that sampling does not import Lightning."""
 
 from __future__ import annotations
 
+import json
 import string
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 from gpt.errors import GPTError
+from gpt.tokenizer import EOS
 
 
 class PromptTemplate:
@@ -55,3 +59,69 @@ class PromptTemplate:
 
     def to_dict(self) -> dict:
         return {"template": self.template, "template_no_input": self.template_no_input}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chat templates (sample.py chat=true, serve's /v1/chat/completions, fine-tuning on task=chat)
+
+ROLES = ("system", "user", "assistant")
+PLAIN_STOPS = ["\nUser:", "\nSystem:", "\nAssistant:"]  # a plain-template reply ends where the next turn begins
+
+
+class ChatTemplate:
+    """messages -> the prompt text that asks for the assistant's next message."""
+
+    def __init__(self, jinja: Optional[str] = None, special_tokens: Optional[dict] = None):
+        self.jinja, self.special = jinja, special_tokens or {}
+        # A Jinja template marks the end of a reply with the end-of-text token; the plain one with the next role.
+        self.stops = [] if jinja else list(PLAIN_STOPS)
+
+    @classmethod
+    def for_model(cls, *dirs) -> "ChatTemplate":
+        """The `chat_template` of the first of `dirs` whose tokenizer_config.json has one, else the plain one."""
+        for d in dirs:
+            path = Path(d) / "tokenizer_config.json" if d else None
+            if path is None or not path.is_file():
+                continue
+            try:
+                config = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise GPTError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+            template = config.get("chat_template")
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if isinstance(template, str) and template:
+                special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+                return cls(template, {"eos_token": EOS, **special})
+        return cls()
+
+    def __call__(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if self.jinja:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            try:
+                rendered, _ = render_jinja_template([list(messages)], chat_template=self.jinja,
+                                                    add_generation_prompt=add_generation_prompt, **self.special)
+            except Exception as e:  # jinja2's errors (syntax, raise_exception in the template)
+                raise GPTError(f"the model's chat_template failed on these messages ({e})") from None
+            return rendered[0]
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return text + ("Assistant:" if add_generation_prompt else "")
+
+
+# What task=chat fine-tuning stores (as tokenizer_config.json's chat_template) when the base model has no template
+# of its own: the plain layout in Jinja, Hugging Face's convention, with the end-of-text token closing each
+# assistant message, so that the model learns where its reply ends and transformers' apply_chat_template
+# renders the same prompt. The newline is an expression: Hugging Face renders with trim_blocks, which drops a
+# newline right after a block tag.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def tokenizer_config(jinja: str) -> dict:
+    """tokenizer_config.json for a model or adapter directory: transformers' PreTrainedTokenizerFast reads it
+    beside tokenizer.json (chat_template, end-of-text token); ChatTemplate.for_model reads it back."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS,
+            "bos_token": EOS}

@@ -8,6 +8,7 @@ completion are written as the two characters `\\n` so that lines stay lines.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -42,12 +43,13 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     name = cfg.get("template", "auto")
     if not isinstance(name, str):
         raise GPTError(f"template must be auto, none, or a text with an {{input}} field (got {name!r})")
-    if name == "none" or (name == "auto" and not cfg.get("adapter")):
+    task = finetuned_task(cfg.get("ckpt")) if name == "auto" and not cfg.get("adapter") else None
+    if name == "none" or (name == "auto" and not cfg.get("adapter") and task is None):
         return (lambda text: text), stops
     if name == "auto":
         from gpt.adapter import read_adapter_record
 
-        task = read_adapter_record(cfg.adapter).get("task") or {}
+        task = task or read_adapter_record(cfg.adapter).get("task") or {}
         if "template" not in task:
             raise GPTError(f"adapter {cfg.adapter} does not record its task's prompt template; give one: "
                            "template='...{input}...' (or template=none for prompts as they are)")
@@ -56,6 +58,19 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
     template = PromptTemplate(unescape(name))
     return (lambda text: template(input=text)), stops
+
+
+def finetuned_task(ckpt) -> Optional[dict]:
+    """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
+    template=auto prompts it as it was trained; None for any other checkpoint."""
+    path = Path(str(ckpt)) / "config.json" if ckpt else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        task = (json.loads(path.read_text()).get("gpt") or {}).get("task")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # loading the model says what is wrong with it
+    return task if isinstance(task, dict) and isinstance(task.get("template"), str) else None
 
 
 DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: unescaped when used)

@@ -23,6 +23,10 @@ FORMATS = {
     "parallel": {"input": "source", "output": "target"},
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "prompt_response": {"input": "prompt", "output": "response"},
+    # conversations: the list's key, each message's role and content keys, and our role -> the file's role name
+    # (OpenAI's layout; ShareGPT's: messages=conversations role=from content=value user=human assistant=gpt)
+    "chat": {"messages": "messages", "role": "role", "content": "content", "system": "system", "user": "user",
+             "assistant": "assistant"},
 }
 REQUIRED = ("output",)  # a row without a response teaches nothing; `input` may be empty (Alpaca)
 ON_BAD_ROW = ("error", "skip")
@@ -85,6 +89,29 @@ def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[
     return row
 
 
+def normalise_chat(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
+    """A conversation record -> {"messages": [{"role", "content"}, ...] with our role names, and, for scoring,
+    the last assistant message as "output" and the user message before it as "input"}, or None if malformed."""
+    messages = record.get(fields["messages"])
+    if not isinstance(messages, list) or not messages:
+        return bad(where, f"field {fields['messages']!r} must be a non-empty list of messages (the record has "
+                          f"{sorted(record)})")
+    roles = {fields[r]: r for r in ("system", "user", "assistant")}
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get(fields["role"]) if isinstance(m, dict) else None
+        content = m.get(fields["content"]) if isinstance(m, dict) else None
+        if role not in roles or not isinstance(content, str):
+            return bad(where, f"message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
+                              f"{fields['content']!r} (got {m!r:.80})")
+        out.append({"role": roles[role], "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return bad(where, "the conversation has no assistant message to learn from")
+    last = max(i for i, m in enumerate(out) if m["role"] == "assistant")
+    asked = next((m["content"] for m in reversed(out[:last]) if m["role"] == "user"), "")
+    return {"messages": out, "instruction": "", "input": asked, "output": out[last]["content"]}
+
+
 def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[dict]:
     """Two line-aligned text files -> rows, line N of one with line N of the other (lines as `wc -l` counts
     them, as sample.py's batch mode reads its input_file). Empty lines are bad rows."""
@@ -134,7 +161,7 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
             bad(where, f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
                        f"got {type(record).__name__}")
             continue
-        row = normalise(record, fields, where, bad)
+        row = (normalise_chat if "messages" in fields else normalise)(record, fields, where, bad)
         if row is not None:
             rows.append(row)
     return rows
@@ -142,13 +169,15 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
 
 def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> list[dict]:
     ds = load_hub_dataset(hub["name"], hub.get("config"), split, instead="use local files (task.train=...)")
-    missing = [key for key in fields.values() if key and key not in ds.column_names]
+    columns = [fields["messages"]] if "messages" in fields else fields.values()  # chat: one column of messages
+    missing = [key for key in columns if key and key not in ds.column_names]
     if missing:
         raise GPTError(f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
                        "map the columns with task.fields.<instruction|input|output>=<column>")
     rows = []
     for i, record in enumerate(ds):
-        row = normalise(record, fields, f"{hub['name']}[{split}] row {i}", bad)
+        row = (normalise_chat if "messages" in fields else normalise)(record, fields, f"{hub['name']}[{split}] row {i}",
+                                                                       bad)
         if row is not None:
             rows.append(row)
     return rows

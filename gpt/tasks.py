@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpt.taskrows import FORMATS, BadRows, read_hub, read_json_records, read_parallel
 from gpt.errors import GPTError, check_num_workers
-from gpt.prompts import PromptTemplate
-from gpt.tokenizer import Tokenizer
+from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, PromptTemplate
+from gpt.tokenizer import EOS, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,31 @@ def encode_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, 
     return Encoded(ids[:-1], labels, truncated)
 
 
+def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer, block_size: int) -> Encoded:
+    """A conversation as the template renders it, the loss on every assistant message only (each as the
+    template renders it after the generation prompt: with the default template its text and the end-of-text
+    token). The pieces are tokenized apart, as at generation time, where the prompt is encoded alone."""
+    pieces, done = [], ""  # (text, learn it?)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = template(messages[:i], add_generation_prompt=True), template(messages[:i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise GPTError("the chat template does not render a conversation as its earlier turns plus the new "
+                           "one; task=chat needs a template that only appends")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    ids, learn = [], []
+    for text, target in pieces:
+        piece = tokenizer.encode(text) if text else []
+        ids += piece
+        learn += [target] * len(piece)
+    truncated = len(ids) > block_size + 1
+    ids, learn = ids[:block_size + 1], learn[:block_size + 1]
+    labels = [tok if learn[i + 1] else -100 for i, tok in enumerate(ids[1:])]
+    return Encoded(ids[:-1], labels, truncated)
+
+
 def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
     """Right-pad to the longest example in the batch (not to the context length).
 
@@ -72,7 +97,48 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.as_tensor(e["input_ids"])
         labels[i, :n] = torch.as_tensor(e["labels"])
-    return {"input_ids": input_ids, "labels": labels, "n_tokens": sum(len(e["input_ids"]) for e in examples)}
+    batch = {"input_ids": input_ids, "labels": labels, "n_tokens": sum(len(e["input_ids"]) for e in examples)}
+    if "segments" in examples[0]:  # packed rows (pack_examples): attention and positions per example
+        batch["position_ids"], batch["attention_mask"] = packed_attention([e["segments"] for e in examples], T)
+    return batch
+
+
+def pack_examples(examples: Sequence[dict], block_size: int) -> list[dict]:
+    """Several examples per row of at most block_size tokens, so that little of a batch is padding. Longest
+    first, each row filled up with the shortest examples left (two pointers over the sorted lengths: one pass,
+    deterministic). A row keeps its examples' lengths (`segments`): attention and positions stay per example."""
+    order = sorted(range(len(examples)), key=lambda i: -examples[i]["length"])
+    rows, i, j = [], 0, len(order) - 1
+    while i <= j:
+        members, room = [order[i]], block_size - examples[order[i]]["length"]
+        i += 1
+        while i <= j and examples[order[j]]["length"] <= room:
+            members.append(order[j])
+            room -= examples[order[j]]["length"]
+            j -= 1
+        picked = [examples[m] for m in members]
+        rows.append({"input_ids": [t for e in picked for t in e["input_ids"]],
+                     "labels": [t for e in picked for t in e["labels"]],
+                     "segments": [e["length"] for e in picked], "length": block_size - room})
+    return rows
+
+
+def packed_attention(segments: Sequence[Sequence[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) that restart at 0 for each example of a packed row, and the (B, 1, T, T) boolean
+    mask under which a token sees the tokens before it in its own example only (block-diagonal, causal).
+    Padding after the last example is one more block: it sees only padding, never a NaN row."""
+    B = len(segments)
+    doc = torch.full((B, T), len(max(segments, key=len)), dtype=torch.long)  # padding: its own block
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, lengths in enumerate(segments):
+        start = 0
+        for k, n in enumerate(lengths):
+            doc[b, start:start + n] = k
+            pos[b, start:start + n] = torch.arange(n)
+            start += n
+        pos[b, start:] = torch.arange(T - start)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return pos, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class LengthGroupedBatches:
@@ -156,7 +222,9 @@ class TaskDataModule(L.LightningDataModule):
                  hub: Optional[dict] = None, fields: Optional[dict] = None, template_no_input: Optional[str] = None,
                  valid_fraction: float = 0.05, on_bad_row: str = "error", group_by_length: bool = True,
                  metrics: Sequence[str] = ("loss",), stop: Sequence[str] = (), max_new_tokens: int = 128,
-                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False):
+                 copy_pairs: float = 0.0, seed: int = 1337, num_workers: int = 0, valid_only: bool = False,
+                 packing: bool = False, chat_template: Optional[str] = None):
+        """chat_template (format chat): the base model's Jinja chat_template; None: DEFAULT_CHAT_TEMPLATE."""
         """valid_only: only the valid split is read and tokenized (scoring an adapter); the train split is
         then needed only when the valid split is held out of it."""
         super().__init__()
@@ -181,6 +249,8 @@ class TaskDataModule(L.LightningDataModule):
         self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
         self.hub = dict(hub) if hub and hub.get("name") else None
         self.template = PromptTemplate(template, template_no_input)
+        self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE, {"eos_token": EOS}) \
+            if format == "chat" else None
         check_num_workers(num_workers, "task.num_workers")
         self.valid_fraction, self.seed, self.num_workers = valid_fraction, seed, num_workers
         self.bad = BadRows(on_bad_row, name)
@@ -189,6 +259,9 @@ class TaskDataModule(L.LightningDataModule):
         if not (0.0 <= copy_pairs <= 1.0):
             raise GPTError(f"task.copy_pairs must be in [0, 1] (got {copy_pairs})")
         self.copy_pairs, self.valid_only = copy_pairs, valid_only
+        if not isinstance(packing, bool):
+            raise GPTError(f"task.packing is true or false (got {packing!r})")
+        self.packing = packing
         self.rows: dict[str, list[dict]] = {}
         self.data: dict[str, list[dict]] = {}
         self.stats: dict[str, dict] = {}
@@ -270,6 +343,9 @@ class TaskDataModule(L.LightningDataModule):
         return rows + [{**rows[i], "input": rows[i]["output"]} for i in picked]
 
     def prompt(self, row: dict) -> str:
+        if self.chat:  # the conversation up to its last assistant message, which is the answer to score
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            return self.chat(row["messages"][:last])
         return self.template(row["instruction"], row["input"])
 
     # -- tokens --------------------------------------------------------------------------------------
@@ -288,10 +364,14 @@ class TaskDataModule(L.LightningDataModule):
         if not self.valid_only:
             splits.insert(0, ("train", self.training_rows()))
         for split, rows in splits:
-            self._check_fields(split, rows)
             prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
-            ds = Dataset.from_dict({"prompt": prompts, "response": responses})
-            ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
+            if self.chat:
+                ds = Dataset.from_list([self._encoded(encode_chat(r["messages"], self.chat, self.tokenizer,
+                                                                  self.block_size)) for r in rows])
+            else:
+                self._check_fields(split, rows)
+                ds = Dataset.from_dict({"prompt": prompts, "response": responses})
+                ds = ds.map(self._encode, batched=True, remove_columns=["prompt", "response"])
             kept = ds.filter(lambda n: n > 0, input_columns="n_targets")
             self._warn_unknown(split, [p + r for p, r in zip(prompts, responses)])
             self.data[split] = kept.with_format(None).to_list()
@@ -304,6 +384,12 @@ class TaskDataModule(L.LightningDataModule):
             if not kept:
                 raise GPTError(f"task {self.name}: every {split} prompt fills the model's context "
                                f"({self.block_size} tokens); shorten the prompts or use a model with a longer context")
+            if self.packing and split == "train":  # validation stays one example a row: the same loss, and
+                self.data[split] = pack_examples(self.data[split], self.block_size)  # scoring reads examples
+                self.stats[split]["packed_rows"] = len(self.data[split])
+                log.info("%s train: packed into %d rows of up to %d tokens (%.0f%% filled)", self.name,
+                         len(self.data[split]), self.block_size,
+                         100 * sum(r["length"] for r in self.data[split]) / (len(self.data[split]) * self.block_size))
 
     def _check_fields(self, split: str, rows: list[dict]) -> None:
         """A row's text that the prompt template has no place for would be silently dropped: refused."""
@@ -325,17 +411,16 @@ class TaskDataModule(L.LightningDataModule):
                         "they become <|unk|>. A base with a BPE tokenizer (or one trained on such text) reads them",
                         self.name, split, hit, len(texts), "".join(unknown[:20]))
 
+    @staticmethod
+    def _encoded(e: Encoded) -> dict:
+        return {"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated, "length": len(e.input_ids),
+                "n_targets": sum(label != -100 for label in e.labels)}
+
     def _encode(self, batch: dict) -> dict:
-        out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
         prompts, responses = self.tokenizer.encode_batch(batch["prompt"]), self.tokenizer.encode_batch(batch["response"])
-        for prompt, response in zip(prompts, responses):
-            e = encode_example(prompt, response, self.tokenizer.eos_id, self.block_size)
-            out["input_ids"].append(e.input_ids)
-            out["labels"].append(e.labels)
-            out["truncated"].append(e.truncated)
-            out["length"].append(len(e.input_ids))
-            out["n_targets"].append(sum(label != -100 for label in e.labels))
-        return out
+        rows = [self._encoded(encode_example(p, r, self.tokenizer.eos_id, self.block_size))
+                for p, r in zip(prompts, responses)]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare_data()
@@ -366,4 +451,5 @@ class TaskDataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         """What an adapter records about its task, so sample.py can prompt it the same way."""
-        return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop}
+        chat = {"chat_template": self.chat.jinja} if self.chat else {}
+        return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop, **chat}
