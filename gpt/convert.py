@@ -123,7 +123,7 @@ def config_from_hf(raw: dict, source: str) -> GPTConfig:
         raise GPTError(f"{source}: activation_function {hf.activation_function!r} is not supported; "
                        f"supported: {', '.join(ACTIVATION_FROM_HF)}")
     return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, bias=True, layer_norm_eps=hf.layer_norm_epsilon,
+                     n_embd=hf.n_embd, bias=True, norm_eps=hf.layer_norm_epsilon,
                      activation=ACTIVATION_FROM_HF[hf.activation_function],
                      # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
                      dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
@@ -137,7 +137,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
                       activation_function=ACTIVATION_TO_HF[config.activation],
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                      layer_norm_epsilon=config.layer_norm_eps, bos_token_id=eos, eos_token_id=eos,
+                      layer_norm_epsilon=config.norm_eps, bos_token_id=eos, eos_token_id=eos,
                       tie_word_embeddings=config.tie_embeddings)
 
 

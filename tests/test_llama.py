@@ -1,0 +1,136 @@
+"""Llama's block as config choices (RoPE, RMSNorm, SwiGLU, grouped-query attention), Llama import/export
+through transformers (random models made here, no downloads), and bits per byte."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gpt.errors import GPTError
+from gpt.model import GPT, GPTConfig
+
+V = 61
+VARIANTS = {
+    "rope": dict(pos_emb="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(mlp="swiglu"),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, rope_theta=500.0),
+}
+
+
+def small(**kw) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**dict(block_size=32, vocab_size=V, n_layer=2, n_head=4, n_embd=32), **kw})).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: make them count
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def set_impl(model: GPT, impl: str):
+    for block in model.transformer.h:
+        block.attn.use_sdpa = impl == "sdpa"
+
+
+def padded_prompts(lengths):
+    g = torch.Generator().manual_seed(2)
+    T = max(lengths)
+    idx = torch.randint(0, V, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = True
+    return idx, mask
+
+
+# -- every new option: math path = SDPA path, cache = no cache ---------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_math_path_equals_sdpa_path(variant):
+    model = small(**VARIANTS[variant])
+    x = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    idx, mask = padded_prompts([5, 11])
+    outs = {}
+    for impl in ("sdpa", "math"):
+        set_impl(model, impl)
+        cache = model.new_cache()
+        pieces = [model(x[:, :9], cache=cache).logits]  # prefill
+        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(9, 12)]  # one token at a time
+        pieces.append(model(x[:, 12:], cache=cache).logits)  # a chunk after a prefix (explicit mask)
+        outs[impl] = (model(x).logits, torch.cat(pieces, 1), model(idx, attention_mask=mask).logits[mask])
+    for a, b in zip(outs["sdpa"], outs["math"]):
+        assert (a - b).abs().max().item() <= 1e-5, variant
+    assert (outs["sdpa"][0] - outs["sdpa"][1]).abs().max().item() <= 1e-5  # cached = in one pass
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_step_with_left_padding_equals_recompute(variant):
+    """The fixed-shape step over the cache (n_kv_head heads; RoPE at each row's own positions) = the model on
+    each row's real tokens alone."""
+    model = small(**VARIANTS[variant])
+    idx, mask = padded_prompts([3, 7, 5])
+    cache = model.new_cache()
+    model(idx, attention_mask=mask, cache=cache)
+    assert cache.k[0].size(1) == model.config.kv_heads
+    cache.start_decoding()
+    rows = [idx[i][mask[i]] for i in range(3)]
+    g = torch.Generator().manual_seed(3)
+    for t in range(4):
+        nxt = torch.randint(0, V, (3,), generator=g)
+        logits = model.decode_step(nxt[:, None], cache)
+        cache.length += 1
+        for i in range(3):
+            rows[i] = torch.cat([rows[i], nxt[i:i + 1]])
+            assert (logits[i] - model(rows[i][None]).logits[0, -1]).abs().max().item() <= 1e-5, (t, i)
+
+
+def test_rope_generation_slides_exactly():
+    """Past the context, generation re-reads the last 3/4 from position 0: what the model predicts from that window."""
+    model = small(block_size=16, **VARIANTS["llama"])
+    prompt = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, 30, temperature=0)
+    full = torch.cat([prompt, out], 1)
+    assert int(model(full[:, 17 - 12:17]).logits[0, -1].argmax()) == int(full[0, 17])
+
+
+def test_rope_scores_depend_on_the_offset_only():
+    from gpt.model import apply_rope, rope_angles
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m, n):
+        cq, sq = rope_angles(torch.tensor([m]), 8, 100.0)
+        ck, sk = rope_angles(torch.tensor([n]), 8, 100.0)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(pos_emb="alibi"), "pos_emb"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(mlp="relu"), "mlp"),
+    (dict(n_embd=12, n_head=4, pos_emb="rope"), "even head size"),
+    (dict(norm_eps=0), "norm_eps"),
+    (dict(layer_norm_eps=1e-6, norm_eps=1e-3), "disagree"),
+])
+def test_impossible_choices_are_refused(kw, needle):
+    with pytest.raises(GPTError, match=needle):
+        GPTConfig(**{**dict(n_embd=32, n_head=4), **kw})
+
+
+def test_layer_norm_eps_is_norm_eps_old_name_and_old_configs_load():
+    assert GPTConfig(layer_norm_eps=1e-6).norm_eps == 1e-6
+    old = {k: v for k, v in GPTConfig(vocab_size=10).to_dict().items()
+           if k not in ("n_kv_head", "pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden")}
+    old["layer_norm_eps"] = 1e-6  # a config.json written before the architecture choices
+    assert GPTConfig.from_dict(old) == GPTConfig(vocab_size=10, norm_eps=1e-6)
+    new = GPTConfig(vocab_size=10, norm="rmsnorm").to_dict()
+    del new["norm"]  # a file of today without a field that changes the math: refused, not defaulted
+    with pytest.raises(GPTError, match=r"lacks \['norm'\]"):
+        GPTConfig.from_dict(new)
