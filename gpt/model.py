@@ -186,19 +186,19 @@ PRESETS = {
 
 
 def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles for positions `pos` ((T,) or (B, T)), as (1 or B, 1, T, head_dim) fp32.
+    """cos and sin of the rotary angles for positions `pos` ((T,) or (B, T)), as (1 or B, T, 1, head_dim) fp32.
 
     Dimension pair i (of head_dim / 2) turns by pos / theta^(2i / head_dim): fast for the first pairs, slow for
     the last. Computed as Hugging Face's Llama does (the same inverse frequencies, in fp32), so imported
     weights give the same numbers. Recomputed per forward pass (a few small ops): no buffer to keep in fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=pos.device) / head_dim))
     angles = pos.reshape(-1, pos.size(-1))[..., None].float() * inv_freq  # (1 or B, T, head_dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # the two halves of a head share each angle
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # the two halves of a head share each angle
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + head_dim/2]) pair of x (B, heads, T, head_dim) by its angle: the "rotate half"
+    """Rotate each (x[i], x[i + head_dim/2]) pair of x (B, T, heads, head_dim) by its angle: the "rotate half"
     layout of Hugging Face's Llama (not the original paper's interleaved pairs), so its q/k weights need no
     permutation. A query at position m and a key at n then score by their offset m - n only."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -217,7 +217,7 @@ class CausalSelfAttention(nn.Module):
         kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # fused Q, K, V
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.split = (config.n_embd, kv_dim, kv_dim)
+        self.split = (config.n_embd, kv_dim, kv_dim)  # the widths of Q, K and V in c_attn's output
         self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -225,13 +225,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.split, dim=2)
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): each head attends independently.
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk, v = self.c_attn(x).split((self.split[0] + self.split[1], self.split[2]), dim=2)
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim)
+        if rope is not None:  # queries and keys rotated by their absolute positions, before caching
+            qk = apply_rope(qk, *rope)
+        # (B, T, heads, head_dim) -> (B, heads, T, head_dim): each head attends independently.
+        q, k = qk.transpose(1, 2).split((self.n_head, self.n_kv_head), dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:  # rotated by their absolute positions, before caching: cached keys stay valid
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # keys/values of earlier positions come from the cache
             k, v = cache.update(layer, k, v)
 

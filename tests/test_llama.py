@@ -99,7 +99,7 @@ def test_rope_generation_slides_exactly():
 def test_rope_scores_depend_on_the_offset_only():
     from gpt.model import apply_rope, rope_angles
 
-    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)  # (B, T, heads, head_dim)
 
     def score(m, n):
         cq, sq = rope_angles(torch.tensor([m]), 8, 100.0)
