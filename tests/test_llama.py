@@ -134,3 +134,127 @@ def test_layer_norm_eps_is_norm_eps_old_name_and_old_configs_load():
     del new["norm"]  # a file of today without a field that changes the math: refused, not defaulted
     with pytest.raises(GPTError, match=r"lacks \['norm'\]"):
         GPTConfig.from_dict(new)
+
+
+# -- Llama interop: random transformers models (2 layers, 8 heads, 2 key/value heads) -------------------
+
+TEXT = ("It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious moon,\n"
+        "Who is already sick and pale with grief. Ünïcödé — 日本語, tabs\tand  double  spaces.\n")
+TOL = 1e-4  # fp32
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from gpt.tokenizer import Tokenizer
+
+    return Tokenizer.train_bpe(iter([[TEXT] * 4]), vocab_size=300, show_progress=False)
+
+
+def llama_dir(path, bpe, tied: bool, **kw):
+    """A random transformers LlamaForCausalLM saved with its tokenizer; returns (model, path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from gpt.tokenizer import EOS
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=48,
+                                rope_theta=1000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                                bos_token_id=bpe.eos_id, eos_token_id=bpe.eos_id), **kw})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # RMSNorm gains start at 1: random ones would catch a swapped norm
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None  # generation comparisons run to max_new_tokens
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=bpe.hf, eos_token=EOS, bos_token=EOS).save_pretrained(path)
+    return model, path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_import_export_round_trip(tmp_path, bpe, tied):
+    from transformers import AutoModelForCausalLM
+
+    from gpt.checkpoint import load_model
+    from gpt.convert import export_hf, import_hf
+
+    hf, src = llama_dir(tmp_path / "hf", bpe, tied)
+    out, _ = import_hf(src, tmp_path / "ours")
+    ours, tok = load_model(out)
+    ours.eval()
+    c = ours.config
+    assert (c.pos_emb, c.norm, c.mlp, c.n_head, c.kv_heads, c.hidden_dim, c.bias, c.tie_embeddings, c.rope_theta,
+            c.norm_eps, c.block_size) == ("rope", "rmsnorm", "swiglu", 8, 2, 96, False, tied, 1000.0, 1e-6, 48)
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(x).logits
+        assert (ours(x).logits - want).abs().max().item() <= TOL
+        cache = ours.new_cache()  # the same logits through our KV cache, in pieces
+        got = torch.cat([ours(x[:, :17], cache=cache).logits] + [ours(x[:, t:t + 1], cache=cache).logits
+                                                                  for t in range(17, 40)], 1)
+        assert (got - want).abs().max().item() <= TOL
+        # greedy generation: token for token what transformers' generate does
+        prompt = x[:1, :6]
+        theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
+        assert torch.equal(ours.generate(prompt, 20, temperature=0), theirs[:, 6:])
+        # exported back: the same weights, the same logits in transformers, with no custom code
+        back = AutoModelForCausalLM.from_pretrained(export_hf(out, tmp_path / "back")).eval()
+        assert type(back).__name__ == "LlamaForCausalLM"
+        assert torch.equal(back(x).logits, want)
+    assert tok.encode(TEXT) == bpe.encode(TEXT)
+
+
+def test_an_untied_llama_with_biases_and_multi_query_attention(tmp_path, bpe):
+    from gpt.convert import import_hf
+
+    hf, src = llama_dir(tmp_path / "hf", bpe, False, num_key_value_heads=1, attention_bias=True, mlp_bias=True)
+    _, ours = import_hf(src, tmp_path / "ours")
+    assert (ours.config.bias, ours.config.kv_heads) == (True, 1)
+    x = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours.eval()(x).logits - hf(x).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(attention_bias=True, mlp_bias=False), "attention_bias"),
+    (dict(head_dim=16), "head_dim"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
+])
+def test_llama_configs_we_cannot_compute_are_refused_by_name(edit, needle):
+    from gpt.convert import config_from_hf
+
+    raw = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64,
+               intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+    config_from_hf(raw, "config.json")  # as is: fine
+    with pytest.raises(GPTError, match=needle):
+        config_from_hf({**raw, **edit}, "config.json")
+
+
+def test_a_mixed_block_is_not_exported(tmp_path, bpe):
+    from gpt.checkpoint import save_model_dir
+    from gpt.convert import export_hf
+
+    model = small(pos_emb="rope", vocab_size=320)  # RoPE with LayerNorm and GELU: neither GPT-2 nor Llama
+    with pytest.raises(GPTError, match="neither GPT-2's block .* nor Llama's"):
+        export_hf(save_model_dir(model, bpe, tmp_path / "ours"), tmp_path / "hf")
+
+
+def test_lora_targets_reach_the_llama_block():
+    from gpt.adapter import add_lora, lora_config, merge
+
+    model = small(**VARIANTS["llama"])
+    x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = model(x).logits
+    peft = add_lora(model, lora_config(rank=2, dropout=0.0, targets=["qkv", "attn_out", "mlp"])).eval()
+    wrapped = {n.split(".h.0.")[-1].split(".lora_A")[0] for n, _ in peft.named_parameters() if ".h.0." in n and "lora_A" in n}
+    assert wrapped == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # q/k/v, output, gate/up, down
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        adapted = peft(x).logits
+        merged = merge(peft)(x).logits
+    assert (adapted - before).abs().max().item() > 1e-3
+    assert (merged - adapted).abs().max().item() <= 1e-5
