@@ -161,6 +161,10 @@ class GPTConfig:
         return {"model_type": "gpt", **asdict(self)}
 
 
+# The old name reads as well as it writes (the InitVar takes it in the constructor; this replaces its class default).
+GPTConfig.layer_norm_eps = property(lambda self: self.norm_eps, doc="the old name of norm_eps")
+
+
 # From the smallest useful model to the four released GPT-2 sizes, and two Llama-style ones. `configs/model/*.yaml`
 # mirror these (a test keeps them in step), so `model=<name>` on the command line picks the same shapes.
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)  # Llama's block (in GPT-2's layout)

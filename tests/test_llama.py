@@ -3,6 +3,7 @@ through transformers (random models made here, no downloads), and bits per byte.
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,7 +126,8 @@ def test_impossible_choices_are_refused(kw, needle):
 
 
 def test_layer_norm_eps_is_norm_eps_old_name_and_old_configs_load():
-    assert GPTConfig(layer_norm_eps=1e-6).norm_eps == 1e-6
+    assert GPTConfig(layer_norm_eps=1e-6).norm_eps == GPTConfig(norm_eps=1e-6).layer_norm_eps == 1e-6
+    assert replace(GPTConfig(layer_norm_eps=1e-6), n_layer=2).norm_eps == 1e-6
     old = {k: v for k, v in GPTConfig(vocab_size=10).to_dict().items()
            if k not in ("n_kv_head", "pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden")}
     old["layer_norm_eps"] = 1e-6  # a config.json written before the architecture choices
@@ -258,3 +260,77 @@ def test_lora_targets_reach_the_llama_block():
         merged = merge(peft)(x).logits
     assert (adapted - before).abs().max().item() > 1e-3
     assert (merged - adapted).abs().max().item() <= 1e-5
+
+
+# -- bits per byte ------------------------------------------------------------------------------------
+
+def test_byte_lengths_add_up_to_the_text_bytes(bpe):
+    from gpt.tokenizer import Tokenizer
+
+    table = bpe.byte_lengths()
+    assert table[bpe.eos_id] == 0  # a special token stands for no text
+    assert sum(table[i] for i in bpe.encode(TEXT)) == len(TEXT.encode("utf-8"))  # multi-byte characters split
+    chars = Tokenizer.char_level(TEXT)
+    assert sum(chars.byte_lengths()[i] for i in chars.encode(TEXT)) == len(TEXT.encode("utf-8"))
+
+
+def test_bpb_of_a_char_model_on_ascii_is_its_loss_in_bits():
+    from gpt.evaluate import bits_per_byte
+    from gpt.tokenizer import Tokenizer
+
+    text = "to be or not to be, that is the question\n" * 3  # 123 ASCII characters: one byte per token
+    tok = Tokenizer.char_level(text)
+    model = small(vocab_size=tok.vocab_size, block_size=200, **VARIANTS["llama"])
+    ids = torch.tensor([[tok.eos_id] + tok.encode(text)])
+    loss = model(ids[:, :-1], ids[:, 1:]).loss.item()  # every character predicted once, the first after EOS
+    r = bits_per_byte(model, tok, text)
+    assert (r["tokens"], r["bytes"]) == (123, 123)
+    assert r["bpb"] == pytest.approx(loss / math.log(2), rel=1e-5)
+    # windows of a shorter context, each token still scored once
+    model.config.block_size = 32
+    for stride in (32, 10):
+        r = bits_per_byte(model, tok, text, stride=stride, batch_size=3)
+        assert (r["tokens"], r["bytes"]) == (123, 123)
+        assert r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-6)
+
+
+def test_bpb_of_a_bpe_model_and_in_validation(bpe):
+    import lightning as L
+
+    from gpt.evaluate import bits_per_byte
+    from gpt.lit import LanguageModel
+
+    model = small(vocab_size=320, block_size=128, **VARIANTS["llama"])
+    ids = torch.tensor([[bpe.eos_id] + bpe.encode(TEXT)])
+    n_tokens, n_bytes = ids.size(1) - 1, len(TEXT.encode("utf-8"))
+    assert n_bytes / n_tokens > 1.5  # merges: several bytes per token
+    loss = model(ids[:, :-1], ids[:, 1:]).loss.item()
+    r = bits_per_byte(model, bpe, TEXT)
+    assert (r["tokens"], r["bytes"]) == (n_tokens, n_bytes)
+    assert r["bpb"] == pytest.approx(loss * n_tokens / n_bytes / math.log(2), rel=1e-5)
+    # every validation reports val/bpb beside val/loss: the same number for the same tokens
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)  # the one batch as it is
+    metrics = trainer.validate(LanguageModel(model, bpe), dataloaders=loader, verbose=False)[0]
+    assert metrics["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["val/bpb"] == pytest.approx(r["bpb"], rel=1e-5)
+
+
+def test_evaluate_bpb_command_scores_ours_and_hugging_face_dirs_alike(tmp_path, bpe, capsys):
+    from gpt.convert import import_hf
+    from gpt.evaluate import main
+
+    _, src = llama_dir(tmp_path / "hf", bpe, True)
+    ours, _ = import_hf(src, tmp_path / "ours")
+    (tmp_path / "t.txt").write_text(TEXT * 3)
+    results = []
+    for model in (ours, src):
+        main(["bpb", str(model), str(tmp_path / "t.txt"), "--json", "--stride", "24"])
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["bpb"] == pytest.approx(results[1]["bpb"], rel=1e-5)
+    assert results[0]["bytes"] == len((TEXT * 3).encode("utf-8"))
+    with pytest.raises(SystemExit):
+        main(["bpb", str(ours), str(tmp_path / "t.txt"), "--stride", "100"])  # longer than the context
+    assert "stride must be between 1 and the model's context (48)" in capsys.readouterr().err
