@@ -334,3 +334,24 @@ def test_evaluate_bpb_command_scores_ours_and_hugging_face_dirs_alike(tmp_path, 
     with pytest.raises(SystemExit):
         main(["bpb", str(ours), str(tmp_path / "t.txt"), "--stride", "100"])  # longer than the context
     assert "stride must be between 1 and the model's context (48)" in capsys.readouterr().err
+
+
+def test_attention_map_has_every_query_head_of_a_grouped_model():
+    from gpt.viz import attention_weights
+
+    model = small(**VARIANTS["llama"])
+    weights = attention_weights(model, list(range(10)))
+    assert weights[0].shape == (4, 10, 10)  # n_head maps, though 2 key/value heads
+    assert torch.allclose(weights[0].sum(-1), torch.ones(4, 10), atol=1e-5)
+    assert weights[0].triu(diagonal=1).abs().max().item() == 0.0
+    assert not torch.allclose(weights[0][0], weights[0][1])  # heads of one group see the same keys, not the same map
+
+
+def test_presets_have_their_parameter_counts():
+    from gpt.model import PRESETS
+
+    with torch.device("meta"):
+        assert GPT(PRESETS["smollm2-135m"]).num_params(non_embedding=False) == 134_515_008  # SmolLM2-135M's own count
+        mini = GPT(replace(PRESETS["mini"], vocab_size=65, bias=False)).num_params(non_embedding=False)
+        llama = GPT(replace(PRESETS["llama_mini"], vocab_size=65)).num_params(non_embedding=False)
+    assert abs(llama - mini) / mini < 0.01  # the CPU recipe's GPT-2 block and its Llama counterpart: one size
