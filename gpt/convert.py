@@ -160,7 +160,8 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
 
 def llama_names(config: GPTConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(our tensor, the LlamaForCausalLM tensors it stacks along dim 0), for every tensor of the model."""
-    names = [("transformer.wte.weight", ("model.embed_tokens.weight",)), ("transformer.ln_f.weight", ("model.norm.weight",))]
+    names = [("transformer.wte.weight", ("model.embed_tokens.weight",)),
+             ("transformer.ln_f.weight", ("model.norm.weight",))]
     if not config.tie_embeddings:
         names.append(("lm_head.weight", ("lm_head.weight",)))
     for i in range(config.n_layer):
@@ -200,7 +201,7 @@ def state_from_llama(state: dict[str, torch.Tensor], config: GPTConfig, source: 
 
 
 def config_from_llama(raw: dict, source: str) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face Llama config.json; anything it says that we cannot compute is refused by name."""
+    """Our GPTConfig for a Hugging Face Llama config.json; what we cannot compute is refused by name."""
     archs = raw.get("architectures") or []
     if [a for a in archs if a not in LLAMA_ARCHITECTURES]:
         raise GPTError(f"{source}: architectures {archs} are not supported; import-hf takes a Llama language model "
@@ -208,7 +209,8 @@ def config_from_llama(raw: dict, source: str) -> GPTConfig:
     try:
         hf = LlamaConfig.from_dict(raw)  # transformers' own defaults, and its reading of older rope_* fields
     except Exception as e:  # transformers validates types with its own exception classes
-        raise GPTError(f"{source} is not a valid Llama config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise GPTError(f"{source} is not a valid Llama config ({why})") from e
     rope = dict(hf.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     if rope.get("rope_type") != "default" or set(rope) - {"rope_type", "rope_theta"}:
         raise GPTError(f"{source}: rope_scaling / rope_parameters {rope} is not supported (our RoPE is the plain one: "
@@ -223,7 +225,8 @@ def config_from_llama(raw: dict, source: str) -> GPTConfig:
                        "(our `bias` is one switch for every projection)")
     return GPTConfig(block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
                      n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
-                     mlp_hidden=hf.intermediate_size, bias=bool(hf.attention_bias), rope_theta=float(rope["rope_theta"]),
+                     mlp_hidden=hf.intermediate_size, bias=bool(hf.attention_bias),
+                     rope_theta=float(rope["rope_theta"]),
                      norm_eps=float(hf.rms_norm_eps), dropout=float(hf.attention_dropout or 0.0),
                      tie_embeddings=bool(hf.tie_word_embeddings), **LLAMA_BLOCK)
 
@@ -467,7 +470,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = _Parser(prog="python -m gpt.convert", description="\n\n".join(__doc__.split("\n\n")[:2]),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf}")
-    imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama directory -> one of our model directories")
+    imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama directory -> one of our model dirs")
     imp.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer files")
     imp.add_argument("out_dir", help="the model directory to write (sample.py ckpt=..., finetune.py base=...)")
     exp = verbs.add_parser("export-hf", help="one of our models -> a Hugging Face GPT-2 or Llama directory")

@@ -179,8 +179,9 @@ def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[in
         raise GPTError(f"stride must be between 1 and the model's context ({block}) (got {stride!r})")
     unknown = tokenizer.unknown_chars(text)
     if unknown:
-        raise GPTError(f"the text has characters the model's tokenizer has never seen ({''.join(sorted(unknown))[:20]!r}): "
-                       "it cannot score them; remove them, or score a model whose tokenizer has them (BPE has all)")
+        shown = "".join(sorted(unknown))[:20]
+        raise GPTError(f"the text has characters the model's tokenizer has never seen ({shown!r}): it cannot score "
+                       "them; remove them, or score a model whose tokenizer has them (BPE has all)")
     ids = tokenizer.encode(text)
     if tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id] + ids
@@ -276,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(json.dumps({"model": str(args.model), "text": str(args.text), **result}))
     else:
         print(f"{args.model} on {args.text}: {result['bpb']:.4f} bits per byte ({result['loss']:.4f} nats per token, "
-              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes per token; "
+              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes/token; "
               f"context {result['context']}, stride {result['stride']}; {result['seconds']} s)")
 
 

@@ -89,8 +89,8 @@ class GPTConfig:
                 f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
         if not problems and self.n_head % self.kv_heads != 0:
-            problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each key/value "
-                            "head serves an equal group of query heads")
+            problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each "
+                            "key/value head serves an equal group of query heads")
         if not problems and self.pos_emb == "rope" and self.head_dim % 2:
             problems.append(f"pos_emb=rope needs an even head size (n_embd / n_head = {self.head_dim})")
         if not (0.0 <= self.dropout < 1.0):

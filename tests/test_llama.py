@@ -250,7 +250,8 @@ def test_lora_targets_reach_the_llama_block():
     x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     before = model(x).logits
     peft = add_lora(model, lora_config(rank=2, dropout=0.0, targets=["qkv", "attn_out", "mlp"])).eval()
-    wrapped = {n.split(".h.0.")[-1].split(".lora_A")[0] for n, _ in peft.named_parameters() if ".h.0." in n and "lora_A" in n}
+    wrapped = {n.split(".h.0.")[-1].split(".lora_A")[0] for n, _ in peft.named_parameters()
+               if ".h.0." in n and "lora_A" in n}
     assert wrapped == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # q/k/v, output, gate/up, down
     with torch.no_grad():
         for n, p in peft.named_parameters():
