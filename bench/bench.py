@@ -211,7 +211,9 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
 def child(case: str, impl: str, quick: bool) -> dict:
     import torch
 
-    from gpt.model import GPT, GPTConfig
+    from gpt.config import GPTConfig
+
+    from gpt.model import GPT
 
     torch.manual_seed(0)
     device = device_name()

@@ -36,7 +36,8 @@ def make_model(path: Path, layers: int, heads: int, width: int, block: int) -> P
     import torch
 
     from gpt.checkpoint import save_model_dir
-    from gpt.model import GPT, GPTConfig
+    from gpt.config import GPTConfig
+    from gpt.model import GPT
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.char_level(ALPHABET)

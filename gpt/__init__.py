@@ -11,7 +11,9 @@ import logging
 for _name in ("torchao", "torch.utils._pytree", "huggingface_hub.utils._http"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.config import GPTConfig
+
+from gpt.model import GPT  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig"]
 __version__ = "0.1.0"

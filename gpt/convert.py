@@ -1,12 +1,17 @@
-"""Convert between our model directories and Hugging Face GPT-2 directories.
+"""Convert between our model directories and Hugging Face GPT-2 and Llama directories.
 
-    python -m gpt.convert import-hf <hf_dir> <out_dir>          a local GPT-2 download -> one of our model dirs
-    python -m gpt.convert export-hf <model_dir|.ckpt> <hf_dir>  one of ours -> a dir transformers loads as GPT-2
+    python -m gpt.convert import-hf <hf_dir> <out_dir>          a local GPT-2 or Llama download -> one of our model dirs
+    python -m gpt.convert export-hf <model_dir|.ckpt> <hf_dir>  one of ours -> a dir transformers loads (GPT-2 or Llama)
 
-Our parameter names are GPT-2's, so the mapping is short: Hugging Face stores the four projections of a
-block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) as `Conv1D`, whose weight is the transpose
-of an `nn.Linear` weight; everything else is copied as is. Loading is strict: a config we cannot represent,
-a missing, extra or wrongly shaped tensor is refused with a message that names it, never loaded in part.
+GPT-2: our parameter names are GPT-2's, so the mapping is short: Hugging Face stores the four projections of
+a block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) as `Conv1D`, whose weight is the transpose
+of an `nn.Linear` weight; everything else is copied as is.
+Llama (`LlamaForCausalLM`, e.g. SmolLM2): our fused projections are Llama's separate ones stacked (c_attn =
+q_proj, k_proj, v_proj; a SwiGLU c_fc = gate_proj, up_proj), the rest is renamed. Our RoPE rotates halves as
+transformers' Llama does, so q/k weights are copied as they are (no permutation).
+Which of the two a model exports as follows from its config: GPT-2's block or Llama's (RoPE + RMSNorm + SwiGLU).
+Loading is strict: a config we cannot represent, a missing, extra or wrongly shaped tensor is refused with a
+message that names it, never loaded in part.
 Nothing is read with pickle except `pytorch_model.bin`, and that only through `torch.load(weights_only=True)`.
 
 transformers is used here (to read and write its own formats) and in the tests, never by `gpt/model.py`.
@@ -22,13 +27,15 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gpt.checkpoint import (ADAPTER_CONFIG_FILE, CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights,
                             read_safetensors, save_model_dir, tied_keys, torch_load_safely)
 from gpt.cli import fail, user_errors
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.llama import LLAMA_BLOCK, config_from_llama, llama_config, llama_state_dict, state_from_llama
+from gpt.model import GPT
 from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
 
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -40,6 +47,8 @@ MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # Config fields our GPT has no equivalent for, and the one value of each it does compute.
 REQUIRED = {"add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True}
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # a language model, no extra heads
+# The block each Hugging Face class computes, in our config's terms
+GPT2_BLOCK = dict(pos_emb="learned", norm="layernorm", mlp="gelu")
 # In the order looked for: safetensors first, a single file before a sharded one.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -98,13 +107,15 @@ def state_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, source: str
 
 
 def config_from_hf(raw: dict, source: str) -> GPTConfig:
-    """Our GPTConfig for a Hugging Face config.json; anything GPT-2 can do that we cannot is refused by name."""
+    """Our GPTConfig for a Hugging Face config.json (GPT-2 or Llama); anything we cannot compute is refused by name."""
     model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    if model_type == "llama":
+        return config_from_llama(raw, source)
     if model_type != "gpt2":
         found = f"model_type {model_type!r}" + (f", architectures {archs}" if archs else "")
         hint = ("it is already one of our model directories: use it as it is" if model_type == "gpt"
-                else "import-hf converts Hugging Face GPT-2 checkpoints (model_type 'gpt2') only")
-        raise GPTError(f"{source} describes {found}, not GPT-2; {hint}")
+                else "import-hf converts Hugging Face GPT-2 and Llama checkpoints (model_type 'gpt2' or 'llama') only")
+        raise GPTError(f"{source} describes {found}, not GPT-2 or Llama; {hint}")
     extra_heads = [a for a in archs if a not in ARCHITECTURES]
     if extra_heads:
         raise GPTError(f"{source}: architectures {extra_heads} are not supported; import-hf takes a GPT-2 language "
@@ -123,7 +134,7 @@ def config_from_hf(raw: dict, source: str) -> GPTConfig:
         raise GPTError(f"{source}: activation_function {hf.activation_function!r} is not supported; "
                        f"supported: {', '.join(ACTIVATION_FROM_HF)}")
     return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, bias=True, layer_norm_eps=hf.layer_norm_epsilon,
+                     n_embd=hf.n_embd, bias=True, norm_eps=hf.layer_norm_epsilon,
                      activation=ACTIVATION_FROM_HF[hf.activation_function],
                      # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
                      dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
@@ -137,8 +148,21 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
                       activation_function=ACTIVATION_TO_HF[config.activation],
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                      layer_norm_epsilon=config.layer_norm_eps, bos_token_id=eos, eos_token_id=eos,
+                      layer_norm_epsilon=config.norm_eps, bos_token_id=eos, eos_token_id=eos,
                       tie_word_embeddings=config.tie_embeddings)
+
+
+def hf_format(config: GPTConfig) -> str:
+    """"gpt2" or "llama": the Hugging Face class that computes what this config does; anything else is refused."""
+    choices = {k: getattr(config, k) for k in GPT2_BLOCK}
+    if choices == GPT2_BLOCK and config.kv_heads == config.n_head and config.hidden_dim == 4 * config.n_embd:
+        return "gpt2"
+    if choices == LLAMA_BLOCK:
+        return "llama"
+    mine = ", ".join(f"{k}={v}" for k, v in choices.items())
+    raise GPTError(f"this model ({mine}, n_kv_head={config.kv_heads}, MLP width {config.hidden_dim}) is neither "
+                   "GPT-2's block (learned, layernorm, gelu, n_kv_head = n_head, width 4 * n_embd) nor Llama's (rope, "
+                   "rmsnorm, swiglu): no transformers class computes it, so export-hf cannot write it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,8 +184,8 @@ def tokenizer_from_hf(hf_dir: Path, raw: dict, vocab_size: int) -> Tokenizer:
     tokenizer.hf.no_truncation()
     tokenizer.hf.no_padding()
     if tokenizer.eos_id is None:
-        raise GPTError(f"{hf_dir}: the tokenizer has no {EOS} token (GPT-2's end of text, and ours); "
-                       "this is not a GPT-2 tokenizer")
+        raise GPTError(f"{hf_dir}: the tokenizer has no {EOS} token (GPT-2's end of text, and ours); a tokenizer "
+                       "that ends texts with another token (Llama 2's </s>, Llama 3's <|end_of_text|>) cannot be used")
     eos = raw.get("eos_token_id")
     if eos is not None and tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
         raise GPTError(f"{hf_dir / CONFIG_FILE}: eos_token_id={eos} but the tokenizer's {EOS} is id {tokenizer.eos_id}; "
@@ -217,48 +241,54 @@ def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -
 # The two verbs
 
 
-def load_hf(hf_dir: str | Path) -> tuple[GPT, Tokenizer, str]:
-    """A local Hugging Face GPT-2 directory as our GPT and tokenizer (in memory), and the weights file read."""
-    hf_dir = Path(hf_dir)
+def check_hf_dir(hf_dir: Path) -> Path:
     if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
         raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
-                       "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+                       "GPT-2 or Llama download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+    return hf_dir
+
+
+def read_hf_dir(hf_dir: str | Path) -> tuple[GPT, Tokenizer, dict]:
+    """Our model and tokenizer for a local Hugging Face GPT-2 or Llama directory, and where they came from."""
+    hf_dir = check_hf_dir(Path(hf_dir))
     raw = _read_json(hf_dir / CONFIG_FILE)
     config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
     tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
     state, source = read_hf_weights(hf_dir)
     model = GPT(config)
-    load_weights(model, state_from_hf(state, config, source), source)
-    return model, tokenizer, source
+    from_hf = state_from_llama if raw["model_type"] == "llama" else state_from_hf
+    load_weights(model, from_hf(state, config, source), source)
+    return model, tokenizer, {"format": f"huggingface-{raw['model_type']}", "path": str(hf_dir.resolve()),
+                              "weights": Path(source).name}
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> tuple[Path, GPT]:
-    """A local Hugging Face GPT-2 directory -> one of our exported model directories."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
-        raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
-                       "GPT-2 download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+    """A local Hugging Face GPT-2 or Llama directory -> one of our exported model directories."""
+    hf_dir, out_dir = check_hf_dir(Path(hf_dir)), Path(out_dir)
     out_dir = check_output_dir(out_dir, hf_dir, force)
-    model, tokenizer, source = load_hf(hf_dir)
-    save_model_dir(model, tokenizer, out_dir,
-                   extra={"converted_from": {"format": "huggingface-gpt2", "path": str(hf_dir.resolve()),
-                                             "weights": Path(source).name}})
+    model, tokenizer, origin = read_hf_dir(hf_dir)
+    save_model_dir(model, tokenizer, out_dir, extra={"converted_from": origin})
     return out_dir, model
 
 
 def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """One of our models (exported dir or .ckpt) -> a directory transformers loads as GPT-2."""
+    """One of our models (exported dir or .ckpt) -> a directory transformers loads as GPT-2 or as Llama."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     if (model_path / ADAPTER_CONFIG_FILE).is_file():
         raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a whole model; merge it into its "
                        "base model first and export the merged model directory")
     out_dir = check_output_dir(out_dir, model_path, force)
     model, tokenizer = load_model(model_path)
-    state = hf_state_dict(model)
+    if hf_format(model.config) == "llama":
+        state, embedding = llama_state_dict(model), "model.embed_tokens.weight"
+        make = lambda: LlamaForCausalLM(llama_config(model.config, tokenizer))  # noqa: E731
+    else:
+        state, embedding = hf_state_dict(model), "transformer.wte.weight"
+        make = lambda: GPT2LMHeadModel(hf_config(model.config, tokenizer))  # noqa: E731
     if model.config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        state["lm_head.weight"] = state[embedding]
     with torch.device("meta"):  # the weights are ours: no memory for transformers' random initialisation
-        hf = GPT2LMHeadModel(hf_config(model.config, tokenizer))
+        hf = make()
     hf.load_state_dict(state, strict=True, assign=True)  # strict: a key mismatch here is a bug in the mapping
     hf.tie_weights()
     with atomic_dir(out_dir) as tmp:
@@ -348,10 +378,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = _Parser(prog="python -m gpt.convert", description="\n\n".join(__doc__.split("\n\n")[:2]),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf}")
-    imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 directory -> one of our model directories")
+    imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama directory -> one of our model dirs")
     imp.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer files")
     imp.add_argument("out_dir", help="the model directory to write (sample.py ckpt=..., finetune.py base=...)")
-    exp = verbs.add_parser("export-hf", help="one of our models -> a Hugging Face GPT-2 directory")
+    exp = verbs.add_parser("export-hf", help="one of our models -> a Hugging Face GPT-2 or Llama directory")
     exp.add_argument("model", help="an exported model directory (e.g. runs/<name>/latest/checkpoints/best) or a .ckpt")
     exp.add_argument("hf_dir", help="the directory to write (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
     for p in (imp, exp):
@@ -370,7 +400,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"parameters\nsample from it: python sample.py ckpt={out}")
         else:
             out = export_hf(args.model, args.hf_dir, force=args.force)
-            print(f"exported {args.model} -> {out} (Hugging Face GPT-2: "
+            kind = "Llama" if json.loads((out / CONFIG_FILE).read_text())["model_type"] == "llama" else "GPT-2"
+            print(f"exported {args.model} -> {out} (Hugging Face {kind}: "
                   f"AutoModelForCausalLM.from_pretrained({str(out)!r}), AutoTokenizer.from_pretrained({str(out)!r}))")
 
 

@@ -1,28 +1,40 @@
-"""Scoring a fine-tuned model on its task's validation split.
+"""Scoring models: a fine-tuned model on its task's validation split, and any model on any text in bits per byte.
 
-Greedy generation, batched with the KV cache (`gpt.completions.generate_batch`), for three systems side by
-side: the base model without the adapter, the base with the adapter, and the copy-the-input baseline (each
-source line returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu` (translation-like tasks)
-and exact match (short-answer tasks), plus the validation loss on the response tokens.
+Task scoring (finetune.py): greedy generation, batched with the KV cache (`gpt.completions.generate_batch`), for
+three systems side by side: the base model without the adapter, the base with the adapter, and the
+copy-the-input baseline (each source line returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu`
+(translation-like tasks) and exact match (short-answer tasks), plus the validation loss on the response tokens.
+
+Bits per byte (the command line):
+
+    python -m gpt.evaluate bpb <model> <text file> [--stride N] [--batch-size 8] [--device auto] [--dtype auto]
+
+<model>: one of our model directories or .ckpt files, or a Hugging Face GPT-2 / Llama directory (converted in
+memory). Bits per byte is the model's cross-entropy on the text in bits, divided by the text's UTF-8 bytes: a
+char model and a BPE model (or an imported one) score on one scale, whatever their vocabularies.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 
 from gpt.errors import GPTError
 from gpt.lit import LanguageModel, quiet_lightning
-from gpt.devices import autocast
 from gpt.completions import escape, generate_batch
-from gpt.textfiles import write_lines_atomically
+from gpt.devices import autocast, check_dtype, resolve_device
+from gpt.textfiles import read_text_file, write_lines_atomically
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
 
@@ -151,3 +163,130 @@ def format_table(results: dict, systems: Sequence[str]) -> str:
     for s in systems:
         lines.append(f"{s:<10}" + "".join(f"{results[s][k]:>12}" if k in results[s] else f"{'-':>12}" for k in keys))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bits per byte of any text
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[int] = None, batch_size: int = 8,
+                  dtype: str = "float32") -> dict:
+    """The model's cross-entropy on `text` in bits per UTF-8 byte (and in nats per token).
+
+    The text is read as one document: <|endoftext|> first (as after the previous document), so every token of
+    the text is predicted, including the first. Windows of block_size tokens advance by `stride` (default: a
+    whole block, so no token is scored twice); each token is scored once, in the first window that has it
+    among its last `stride` positions, so with stride < block_size every token but the first block's sees at
+    least block_size - stride tokens of context (slower: block_size / stride windows per block).
+    """
+    block = model.config.block_size
+    stride = stride or block
+    if not isinstance(stride, int) or not 0 < stride <= block:
+        raise GPTError(f"stride must be between 1 and the model's context ({block}) (got {stride!r})")
+    unknown = tokenizer.unknown_chars(text)
+    if unknown:
+        shown = "".join(sorted(unknown))[:20]
+        raise GPTError(f"the text has characters the model's tokenizer has never seen ({shown!r}): it cannot score "
+                       "them; remove them, or score a model whose tokenizer has them (BPE has all)")
+    ids = tokenizer.encode(text)
+    if tokenizer.eos_id is not None:
+        ids = [tokenizer.eos_id] + ids
+    if len(ids) < 2:
+        raise GPTError("the text is empty: nothing to score")
+    device = next(model.parameters()).device
+    ids = torch.tensor(ids, dtype=torch.long)
+    inputs, targets = ids[:-1], ids[1:]
+    n = len(targets)
+    width = min(block, n)
+    # Window starts; the last is moved back so that every window is full (one shape: batches stack).
+    starts = list(range(0, max(n - width, 0) + 1, stride))
+    if starts[-1] + width < n:
+        starts.append(n - width)
+    windows, labels, scored_to = [], [], 0
+    for s in starts:
+        y = targets[s:s + width].clone()
+        y[:max(0, scored_to - s)] = -100  # scored by an earlier window
+        scored_to = s + width
+        windows.append(inputs[s:s + width])
+        labels.append(y)
+    table = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
+    nats, n_bytes, n_tokens = 0.0, 0, 0
+    model.eval()
+    t0 = time.perf_counter()
+    with autocast(device, dtype):
+        for i in range(0, len(windows), batch_size):
+            x = torch.stack(windows[i:i + batch_size]).to(device)
+            y = torch.stack(labels[i:i + batch_size])
+            logits = model(x).logits.float()
+            nats += F.cross_entropy(logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100,
+                                    reduction="sum").item()
+            kept = y[y != -100]
+            n_tokens += kept.numel()
+            n_bytes += int(table[kept].sum())
+    seconds = time.perf_counter() - t0
+    if n_bytes == 0:
+        raise GPTError("the text's tokens stand for no bytes (special tokens only): nothing to score in bits per byte")
+    return {"bpb": nats / n_bytes / math.log(2), "loss": nats / n_tokens, "tokens": n_tokens, "bytes": n_bytes,
+            "bytes_per_token": n_bytes / n_tokens, "text_bytes": len(text.encode("utf-8")), "context": block,
+            "stride": stride, "seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+
+
+def load_any_model(path: str | Path, device: torch.device):
+    """One of our model dirs / .ckpt files, or a Hugging Face GPT-2 or Llama directory converted in memory."""
+    from gpt.checkpoint import CONFIG_FILE, load_model
+
+    path = Path(path)
+    config = path / CONFIG_FILE
+    if path.is_dir() and config.is_file():
+        try:
+            hf = json.loads(config.read_text()).get("model_type") in ("gpt2", "llama")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            hf = False  # load_model says what is wrong with it
+        if hf:
+            from gpt.convert import read_hf_dir
+
+            model, tokenizer, _ = read_hf_dir(path)
+            return model.to(device), tokenizer
+    return load_model(path, map_location=device)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from gpt.cli import fail, user_errors
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # argparse's usage + error block -> our one `error:` line, exit status 2
+            fail(f"{message}; see `{self.prog} --help`")
+
+    parser = Parser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[2],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{bpb}")
+    bpb = verbs.add_parser("bpb", help="bits per byte of a model on a text file")
+    bpb.add_argument("model", help="a model directory or .ckpt of ours, or a Hugging Face GPT-2 / Llama directory")
+    bpb.add_argument("text", help="a UTF-8 text file, scored as one document")
+    bpb.add_argument("--stride", type=int, default=None,
+                     help="window step in tokens (default: the model's context; smaller: more context per token)")
+    bpb.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    bpb.add_argument("--limit", type=int, default=None, help="score only the first N characters of the text")
+    bpb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    bpb.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    bpb.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    with user_errors():
+        if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
+            raise GPTError("--batch-size and --limit must be positive")
+        check_dtype(args.dtype, "--")
+        device = resolve_device(args.device)
+        text = read_text_file(args.text)[:args.limit]
+        model, tokenizer = load_any_model(args.model, device)
+        result = bits_per_byte(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "text": str(args.text), **result}))
+    else:
+        print(f"{args.model} on {args.text}: {result['bpb']:.4f} bits per byte ({result['loss']:.4f} nats per token, "
+              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes/token; "
+              f"context {result['context']}, stride {result['stride']}; {result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from gpt.checkpoint import holds_lora
+from gpt.config import GPTConfig
 from gpt.errors import GPTError, is_finite, is_int
 from gpt.tokenizer import Tokenizer
 
@@ -132,7 +133,8 @@ class LanguageModel(L.LightningModule):
         self.compile_model = compile
         # How to write an exported model directory beside a checkpoint (set by pretrain / finetune).
         self.export_fn = export_fn
-        self._val_sum = self._val_count = None
+        self._val_sum = self._val_count = self._val_bytes = None
+        self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for bits per byte
         self._grad_norm: Optional[torch.Tensor] = None
         self._resumed_rng: Optional[dict] = None
         self.base: Optional[dict] = None  # fine-tuning: the base model's record (path, sha256), set by run.train
@@ -170,21 +172,31 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_start(self):
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_bytes = torch.zeros((), device=self.device, dtype=torch.float64)
+        if self._token_bytes is None or self._token_bytes.device != self.device:
+            self._token_bytes = torch.tensor(self.tokenizer.byte_lengths(), device=self.device)
 
     def validation_step(self, batch, batch_idx):
         loss = self(batch).loss
-        n = (batch["labels"] != -100).sum()
+        labels = batch["labels"]
+        target = labels != -100
+        n = target.sum()
         # Weighted by tokens, so batches with more answer tokens (fine-tuning) count more.
         self._val_sum += loss.double() * n
         self._val_count += n
+        self._val_bytes += (self._token_bytes[labels.clamp(min=0)] * target).sum()
 
     def on_validation_epoch_end(self):
-        total = self.all_gather(torch.stack([self._val_sum, self._val_count]))
+        total = self.all_gather(torch.stack([self._val_sum, self._val_count, self._val_bytes]))
         if total.dim() > 1:
             total = total.sum(0)
         val_loss = (total[0] / total[1].clamp(min=1)).float()
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
+        # Bits per byte of text: the loss per token in bits, spread over the bytes the tokens stand for. Unlike
+        # the loss per token it does not depend on the tokenizer, so char and BPE models compare on it.
+        if total[2] > 0:
+            self.log("val/bpb", (total[0] / total[2] / math.log(2)).float(), sync_dist=False)
 
     def configure_optimizers(self):
         # Weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm gains are not
@@ -289,7 +301,7 @@ class LanguageModel(L.LightningModule):
             raise GPTError(f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
                            f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "
                            f"{self.base['sha256'][:12]}…; resume with base={base.get('path')}")
-        for key, value in (saved.get("config") or {}).items():
+        for key, value in GPTConfig.upgrade_dict(saved.get("config") or {}).items():
             if key not in ("dropout", "attn_impl") and mine.get(key) != value:
                 raise GPTError(f"the checkpoint was trained with model.{key}={value}, this run has {mine.get(key)} "
                                "(a different model or data config?); resume with the settings it was trained with")

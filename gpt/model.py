@@ -1,135 +1,81 @@
 """A GPT language model, written from the math.
 
-Read top to bottom: the config, causal self-attention (an explicit math path and the fused
-`scaled_dot_product_attention` path over the same weights), the MLP, a pre-LayerNorm block, the KV cache,
-and the model. Pure PyTorch: no Lightning, no Hydra, no transformers. The named shapes (presets) are
-`configs/model/*.yaml`; decoding (sampling, beam search, the generation loop) is gpt/generate.py.
+Read top to bottom (the config, GPTConfig, is gpt/config.py): rotary position embeddings, causal self-attention (an explicit math path
+and the fused `scaled_dot_product_attention` path over the same weights), the two MLPs, a pre-norm block,
+the KV cache, and the model. Pure PyTorch: no Lightning, no Hydra, no transformers. The named shapes
+(presets) are `configs/model/*.yaml`; decoding (sampling, beam search, the generation loop) is gpt/generate.py.
 
-Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so released checkpoints map
-onto them with a transpose and nothing else (see `gpt/convert.py`).
+GPT-2's architecture is the default. Each of Llama's changes is a config choice of its own: rotary instead
+of learned position embeddings (`pos_emb`), RMSNorm instead of LayerNorm (`norm`), the SiLU-gated MLP
+(`mlp`), fewer key/value heads than query heads (`n_kv_head`), no biases (`bias`), an untied output layer
+(`tie_embeddings`). Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so released
+GPT-2 checkpoints map onto them with a transpose, and Llama's with a concatenation (see `gpt/convert.py`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.errors import GPTError, is_int, is_number
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as nanoGPT's nn.GELU()
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
-}
-ATTENTION_IMPLS = ("sdpa", "math")
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # context length: the number of learned position embeddings
-    vocab_size: Optional[int] = None  # set from the tokenizer when None
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; nanoGPT's recipes turn them off)
-    layer_norm_eps: float = 1e-5
-    activation: str = "gelu_tanh"
-    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit, same result, slower)
-    tie_embeddings: bool = True  # lm_head shares wte's matrix; False after merging a LoRA adapter on lm_head
-
-    def __post_init__(self):
-        """Every field's type and range, so a hand-edited config.json (a string, null, NaN, a list) is one
-        clear error before anything is built from it."""
-        problems = []
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                problems.append(f"{name} must be a positive integer (got {value!r})")
-        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size <= 0):
-            problems.append(f"vocab_size must be a positive integer (got {self.vocab_size!r})")
-        if not problems and self.n_embd % self.n_head != 0:
-            problems.append(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
-            )
-        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):  # NaN fails both comparisons
-            problems.append(f"dropout must be a number in [0, 1) (got {self.dropout!r})")
-        if not (is_number(self.layer_norm_eps) and 0 < self.layer_norm_eps < math.inf):
-            problems.append(f"layer_norm_eps must be a finite number > 0 (got {self.layer_norm_eps!r})")
-        for name in ("bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
-        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-            problems.append(f"activation must be one of {sorted(ACTIVATIONS)} (got {self.activation!r})")
-        if not isinstance(self.attn_impl, str) or self.attn_impl not in ATTENTION_IMPLS:
-            problems.append(f"attn_impl must be one of {list(ATTENTION_IMPLS)} (got {self.attn_impl!r})")
-        if problems:
-            raise GPTError("impossible model config: " + "; ".join(problems))
-
-    def num_params(self) -> int:
-        """The parameter count this config builds (untied lm_head included), from the shapes alone."""
-        C, b = self.n_embd, int(self.bias)
-        block = 2 * (C + b * C) + (3 * C * C + b * 3 * C) + (C * C + b * C) + (4 * C * C + b * 4 * C) * 2 - b * 3 * C
-        head = 0 if self.tie_embeddings else (self.vocab_size or 0) * C
-        return (self.vocab_size or 0) * C + self.block_size * C + self.n_layer * block + (C + b * C) + head
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "model config") -> "GPTConfig":
-        """A saved config (`to_dict`'s output). Every key that shapes the weights or the math must be there:
-        a default in its place (say GELU's tanh form for a model trained with the exact one) would load the
-        weights and silently compute something else."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type"})
-        if unknown:
-            raise GPTError(f"{source} has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted(known - set(d) - {"attn_impl", "dropout"})  # those two do not change a trained model
-        if missing or d.get("vocab_size") is None:
-            raise GPTError(f"{source} lacks {missing or ['vocab_size']}; it was not written by this tool or was "
-                           "edited: re-export the model (a Hugging Face GPT-2 comes in through python -m gpt.convert import-hf)")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        # `model_type` lets PEFT (which reads `model.config`) treat us as a custom model.
-        return {"model_type": "gpt", **asdict(self)}
-
+from gpt.config import ACTIVATIONS, GPTConfig
+from gpt.errors import GPTError
 
 # ----------------------------------------------------------------------------------------------------
 # The Transformer
 
 
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for positions `pos` ((T,) or (B, T)), as (1 or B, T, 1, head_dim) fp32.
+
+    Dimension pair i (of head_dim / 2) turns by pos / theta^(2i / head_dim): fast for the first pairs, slow for
+    the last. Computed as Hugging Face's Llama does (the same inverse frequencies, in fp32), so imported
+    weights give the same numbers. Recomputed per forward pass (a few small ops): no buffer to keep in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=pos.device) / head_dim))
+    angles = pos.reshape(-1, pos.size(-1))[..., None].float() * inv_freq  # (1 or B, T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # the two halves of a head share each angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + head_dim/2]) pair of x (B, T, heads, head_dim) by its angle: the "rotate half"
+    layout of Hugging Face's Llama (not the original paper's interleaved pairs), so its q/k weights need no
+    permutation. A query at position m and a key at n then score by their offset m - n only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    """softmax(Q Kᵀ / √d_head + mask) V for every head at once, then a projection back to n_embd."""
+    """softmax(Q Kᵀ / √d_head + mask) V for every head at once, then a projection back to n_embd.
+
+    With n_kv_head < n_head (grouped-query attention) each key/value head serves n_head / n_kv_head
+    consecutive query heads: fewer keys and values to compute and to keep in the KV cache."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.n_embd, self.head_dim = config.n_head, config.n_embd, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused Q, K, V
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)  # fused Q, K, V
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.split = (config.n_embd, kv_dim, kv_dim)  # the widths of Q, K and V in c_attn's output
         self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = config.attn_impl == "sdpa"
 
-    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False):
+    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False, rope=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        qk, v = self.c_attn(x).split((self.split[0] + self.split[1], self.split[2]), dim=2)
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim)
+        if rope is not None:  # queries and keys rotated by their absolute positions, before caching
+            qk = apply_rope(qk, *rope)
+        # (B, T, heads, head_dim) -> (B, heads, T, head_dim): each head attends independently.
+        q, k = qk.transpose(1, 2).split((self.n_head, self.n_kv_head), dim=1)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:  # keys/values of earlier positions come from the cache
             k, v = cache.update(layer, k, v)
 
@@ -139,28 +85,34 @@ class CausalSelfAttention(nn.Module):
         # backward pass for training-sized blocks on CPUs (2-5x at T = 64..256; it wins from T ~ 512 on).
         slow_fused = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T < 512
         if need_weights or not self.use_sdpa or T == 1 or slow_fused:
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+            # The query heads of one group take turns as rows against their shared keys: (B, n_kv, group * T, S),
+            # read as (B, n_head, T, S). No copy of the keys and values (with one group this is plain attention).
+            S, group = k.size(-2), self.n_head // self.n_kv_head
+            q = q.reshape(B, self.n_kv_head, group * T, self.head_dim)
+            scores = (q @ k.transpose(-2, -1)).view(B, self.n_head, T, S) * (1.0 / math.sqrt(self.head_dim))
             if is_causal:  # query i (of T) may see keys 0..i; the T queries are the last T of S keys
-                S = k.size(-2)
                 attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             weights = F.softmax(scores, dim=-1)
-            y = self.attn_dropout(weights) @ v
+            y = self.attn_dropout(weights).view(B, self.n_kv_head, group * T, S) @ v
+            y = y.view(B, self.n_head, T, self.head_dim)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y)), (weights if need_weights else None)
 
 
 class MLP(nn.Module):
+    """GPT-2's: Linear, GELU, Linear, 4 * n_embd wide."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout)
 
@@ -168,18 +120,40 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm: normalise the input of each sub-layer, keep the residual stream un-normalised."""
+class SwiGLU(nn.Module):
+    """Llama's MLP: SiLU(x W_gate) * (x W_up), then W_down. The gate and up projections are one fused Linear
+    (c_fc, gate rows first), the down projection is c_proj: the names LoRA's `mlp` target takes."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False):
-        a, weights = self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer, need_weights)
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (centre, scale, shift) or RMSNorm (scale by the root mean square only; no bias)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm: normalise the input of each sub-layer, keep the residual stream un-normalised."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, need_weights=False, rope=None):
+        a, weights = self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer, need_weights, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -191,7 +165,8 @@ class KVCache:
     Prefill writes the whole prompt in one forward pass; each decode step then writes one position and
     attends over the filled prefix. Nothing is concatenated or re-allocated per token. With left-padded
     batches `valid` remembers which cached positions are padding, and `seen` counts each row's real
-    tokens so that position embeddings start at 0 at every row's first real token.
+    tokens so that position embeddings start at 0 at every row's first real token. With grouped-query
+    attention it holds the n_kv_head key/value heads only; with RoPE, keys already rotated by their positions.
     """
 
     def __init__(self, n_layer: int, max_len: int):
@@ -255,12 +230,14 @@ class GPT(nn.Module):
             raise GPTError("GPTConfig.vocab_size is not set: take it from the tokenizer (tokenizer.vocab_size)")
         check_fits_in_memory(config)
         self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_emb == "learned":  # RoPE instead rotates queries and keys in every layer: no weights
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **layers,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out share one matrix (fewer parameters, and it
@@ -287,7 +264,14 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are left out by default (the token embedding is the LM head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor):
+        """The input of the first block for tokens idx at positions pos, and RoPE's (cos, sin) (None without)."""
+        x = self.transformer.wte(idx)
+        if self.config.pos_emb == "rope":
+            return x, rope_angles(pos, self.config.head_dim, self.config.rope_theta)
+        return x + self.transformer.wpe(pos), None
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.block_size)
@@ -316,10 +300,11 @@ class GPT(nn.Module):
         else:
             pos, attn_mask, is_causal = self._positions_and_mask(B, T, start, attention_mask, cache, idx.device)
 
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.embed(idx, pos)
+        x = self.transformer.drop(x)
         attentions = [] if need_weights else None
         for layer, block in enumerate(self.transformer.h):
-            x, weights = block(x, attn_mask, is_causal, cache, layer, need_weights)
+            x, weights = block(x, attn_mask, is_causal, cache, layer, need_weights, rope)
             if need_weights:
                 attentions.append(weights)
         if cache is not None:
@@ -345,10 +330,10 @@ class GPT(nn.Module):
         cache.length.
         """
         cache.valid.index_fill_(1, cache.slot, True)
-        x = self.transformer.wte(idx) + self.transformer.wpe(cache.seen[:, None])
+        x, rope = self.embed(idx, cache.seen[:, None])
         mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): each row sees its filled, real columns
         for layer, block in enumerate(self.transformer.h):
-            x, _ = block(x, mask, False, cache, layer)
+            x, _ = block(x, mask, False, cache, layer, rope=rope)
         cache.seen.add_(1)
         cache.slot.add_(1)
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
@@ -381,7 +366,7 @@ class GPT(nn.Module):
             keys_valid, seen = cache.valid[:, :start + T], cache.seen
             cache.seen = seen + new.sum(1)
         # Each row's positions count only its real tokens, so a left-padded prompt gets the same position
-        # embeddings as the unpadded one.
+        # embeddings (or rotations) as the unpadded one.
         pos = (seen[:, None] + new.long().cumsum(1) - 1).clamp(min=0)
         S = start + T
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
@@ -401,12 +386,14 @@ def physical_memory() -> Optional[int]:
 
 def check_fits_in_memory(config: GPTConfig) -> None:
     """A model whose weights alone exceed this machine's memory is refused before anything is allocated (a
-    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). Building on the meta
-    device (shapes only) is always allowed."""
+    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). The count comes from the
+    model built on the meta device (shapes only, no memory), which building there is always allowed to do."""
     if torch.empty(()).device.type == "meta":
         return
-    need, have = config.num_params() * torch.get_default_dtype().itemsize, physical_memory()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(config).parameters())
+    need, have = n * torch.get_default_dtype().itemsize, physical_memory()
     if have and need > have:
-        raise GPTError(f"impossible model config: {config.num_params():,} parameters need {need / 2**30:,.0f} GiB for "
-                       f"the weights alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a "
-                       "smaller model (n_layer, n_embd, vocab_size, block_size)")
+        raise GPTError(f"impossible model config: {n:,} parameters need {need / 2**30:,.0f} GiB for the weights "
+                       f"alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a smaller model "
+                       "(n_layer, n_embd, vocab_size, block_size)")

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, open_dict
 from gpt.checkpoint import CONFIG_FILE, load_model_dir, save_model_dir
 from gpt.launch import build
 from gpt.errors import GPTError, check_seed
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 from gpt.run import (RunLock, check_run_dir_is_free, check_trainer_settings, hydra_run_dir, resolve_ckpt_path, train,
                      write_metrics)
@@ -122,9 +123,9 @@ def read_init(path: Path, run_dir: Path) -> tuple[GPT, Tokenizer, Path]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raw = {}  # load_model_dir names the problem
     if isinstance(raw, dict) and (raw.get("model_type", "gpt") != "gpt" or "architectures" in raw):
-        from gpt.convert import load_hf
+        from gpt.convert import read_hf_dir
 
-        model, tokenizer, _ = load_hf(path)
+        model, tokenizer, _ = read_hf_dir(path)
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run_dir / "init_tokenizer.json")
         return model, tokenizer, run_dir / "init_tokenizer.json"

@@ -330,12 +330,13 @@ def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, dat
     t0 = time.perf_counter()
     fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
-    val = trainer.callback_metrics.get("val/loss")
+    val, bpb = trainer.callback_metrics.get("val/loss"), trainer.callback_metrics.get("val/bpb")
     best = trainer.checkpoint_callback.best_model_score
     return trainer, {
         "step": trainer.global_step,
         "val_loss": float(val) if val is not None else None,
         "val_ppl": float(torch.exp(val)) if val is not None else None,
+        "val_bpb": float(bpb) if bpb is not None else None,
         "best_val_loss": float(best) if best is not None else None,
         "tokens_per_s": round(speed.tokens_per_s, 1),
         "train_seconds": round(speed.seconds, 2),

@@ -26,7 +26,7 @@ from gpt.completions import (StreamPrinter, check_decoding, check_stop_strings, 
 from gpt.generate import check_sampling_args, generate, prompt_too_long
 from gpt.model import GPT
 from gpt.prompts import PromptTemplate
-from gpt.textfiles import check_text_files, read_text, split_lines, write_lines_atomically
+from gpt.textfiles import read_text_file, split_lines, write_lines_atomically
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -169,13 +169,6 @@ def files_read(cfg) -> list[Path]:
     for source in sources:
         paths += [source / name for name in MODEL_FILES] if source.is_dir() else [source]
     return [p for p in paths if p.exists()]
-
-
-def read_text_file(path: str | Path) -> str:
-    """A prompt file's text, read as a corpus is (a byte-order mark dropped); a binary or non-UTF-8 file is
-    refused as a corpus file is."""
-    check_text_files([Path(path)], allow_empty=True)
-    return read_text(Path(path))
 
 
 def sample(cfg) -> Optional[list[str]]:

@@ -65,3 +65,10 @@ def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f, storage_errors(path, "choose an output_file on another disk"):
         f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+def read_text_file(path: str | Path) -> str:
+    """A prompt file's text, read as a corpus is (a byte-order mark dropped); a binary or non-UTF-8 file is
+    refused as a corpus file is."""
+    check_text_files([Path(path)], allow_empty=True)
+    return read_text(Path(path))

@@ -7,6 +7,8 @@ GPT-2's own) loads the same way. Every tokenizer has the end-of-text token `<|en
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -135,3 +137,29 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def byte_lengths(self) -> list[int]:
+        """How many UTF-8 bytes of text each token id stands for (bits per byte divides by their sum).
+
+        Special tokens (<|endoftext|>, <|unk|>, ...) stand for no text: 0. A byte-level BPE token spells each
+        byte as one character (GPT-2's byte-to-unicode map), so its length is its byte count, whole characters
+        or not; a byte-fallback token (<0x0A>) is one byte; any other token (characters, sentencepiece pieces
+        with ▁ for a space) is its text in UTF-8. Computed from the vocabulary, once per tokenizer."""
+        spec = json.loads(self.to_str())
+        model = spec.get("model") or {}
+        byte_level = '"ByteLevel"' in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        lengths = []
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i)
+            if token is None or added.get(i, {}).get("special"):
+                lengths.append(0)
+            elif i in added:  # an added non-special token matches its text as it is
+                lengths.append(len(token.encode("utf-8")))
+            elif byte_level:
+                lengths.append(len(token))
+            elif model.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                lengths.append(1)
+            else:
+                lengths.append(len(token.replace("\u2581", " ").encode("utf-8")))
+        return lengths

@@ -58,7 +58,7 @@ def preset(name: str):
     """configs/model/<name>.yaml (the one list of named shapes) as the GPTConfig that `model=<name>` builds."""
     import yaml
 
-    from gpt.model import GPTConfig
+    from gpt.config import GPTConfig
 
     data = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
     data.pop("_target_")

@@ -9,7 +9,8 @@ import torch
 
 from gpt.chat import ChatSession, ChatTemplate
 from gpt.checkpoint import save_model_dir
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 ALPHABET = string.ascii_letters + " :\n.,!?<|>"

@@ -7,7 +7,8 @@ import string
 from transformers import PreTrainedTokenizerFast
 
 from gpt.checkpoint import save_model_dir
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, tokenizer_config
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import EOS, Tokenizer

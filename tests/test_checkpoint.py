@@ -10,7 +10,8 @@ import torch
 
 from gpt.checkpoint import load_model, save_model_dir
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 TEXT = "It is the east, and Juliet is the sun.\n"

@@ -19,7 +19,8 @@ from gpt.convert import config_from_hf, export_hf, hf_state_dict, import_hf, mai
 from gpt.errors import GPTError
 from conftest import preset
 from gpt.generate import generate
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import EOS, Tokenizer
 
 TOL = 1e-5  # fp32
@@ -316,12 +317,15 @@ def edit_weights(fn):
     return edit
 
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 1000}
+MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 1000}
 
 
 @pytest.mark.parametrize("edit, needles", [
-    (lambda p: (p / "config.json").write_text(json.dumps(LLAMA)), ["model_type 'llama'", "LlamaForCausalLM"]),
+    (lambda p: (p / "config.json").write_text(json.dumps(MISTRAL)), ["model_type 'mistral'", "MistralForCausalLM"]),
+    # a Llama config.json over GPT-2's weights: read as Llama, and the weights do not match it
+    (lambda p: (p / "config.json").write_text(json.dumps({**MISTRAL, "model_type": "llama", "architectures": None})),
+     ["missing tensor 'lm_head.weight'", "does not match its config.json"]),
     (edit_config(architectures=["GPT2ForSequenceClassification"]), ["GPT2ForSequenceClassification"]),
     (edit_weights(lambda s: s.pop("transformer.h.1.mlp.c_fc.weight")), ["missing", "transformer.h.1.mlp.c_fc.weight"]),
     (edit_weights(lambda s: s.update({"transformer.h.0.attn.q_proj.weight": torch.zeros(64, 64)})),

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from gpt.errors import GPTError
 from gpt.generate import ban_repeated_ngrams, beam_search, generate
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 
 EOS = 0
 

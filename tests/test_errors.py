@@ -19,7 +19,8 @@ from tokenizers import models
 from conftest import ROOT, TINY, assert_user_error, run_cli, train_config
 
 from gpt.checkpoint import save_model_dir
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.pretrain import pretrain
 from gpt.tokenizer import EOS, Tokenizer
 

@@ -21,7 +21,8 @@ from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save
 from gpt.datafiles import data_dir
 from gpt.errors import GPTError
 from gpt.evaluate import evaluate_task, score
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.prompts import PromptTemplate
 from gpt.completions import cut_at_stop, escape, generate_batch
 from gpt.taskrows import BadRows, read_json_records, read_parallel

@@ -9,7 +9,8 @@ from conftest import TINY, assert_user_error, run_cli, train_config
 from gpt.checkpoint import save_model_dir
 from gpt.convert import export_hf
 from gpt.launch import build
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.pretrain import pretrain
 from gpt.tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ from conftest import PRESETS, preset
 from hydra.utils import instantiate
 from gpt.fastdecode import RowTimesWeights
 from gpt.generate import generate, sample_next_token
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,9 @@ import string
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+
+from gpt.model import GPT
 from gpt.tasks import TaskDataModule, pack_examples, pad_batch
 from gpt.tokenizer import Tokenizer
 

@@ -23,7 +23,8 @@ from faults import assert_resumed_run_matches, injected, kill_then_resume, logge
 
 from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_lightning_ckpt, save_model_dir
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.pretrain import pretrain
 from gpt.run import RunLock, resolve_ckpt_path
 from gpt.tokenizer import Tokenizer

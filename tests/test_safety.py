@@ -23,7 +23,8 @@ from conftest import TINY, assert_user_error, run_cli
 
 from gpt.checkpoint import MARKER, atomic_file, load_model, recover_dir, save_model_dir
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

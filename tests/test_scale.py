@@ -210,7 +210,7 @@ def test_log_samples_prompt_is_checked_before_training(tmp_path):
 
     from gpt.errors import GPTError
     from gpt.callbacks import FinalSamples
-    from gpt.model import GPTConfig
+    from gpt.config import GPTConfig
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.char_level("abc\n")

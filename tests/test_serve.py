@@ -20,7 +20,8 @@ import uvicorn
 from conftest import ROOT, run_cli
 from gpt.chat import PLAIN_STOPS
 from gpt.checkpoint import save_model_dir
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.serve import create_app
 from gpt.tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ from conftest import assert_user_error, run_cli
 
 from gpt.checkpoint import save_model_dir
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 from gpt.viz import attention_heatmap, loss_curve, token_labels
 
