@@ -384,14 +384,24 @@ def physical_memory() -> Optional[int]:
         return None
 
 
+def count_parameters(config: GPTConfig) -> int:
+    """The parameters GPT(config) has, from one block built on the meta device (shapes only, no memory) times
+    n_layer, and the embeddings' shapes: no model of absurd size is ever built, even on the meta device."""
+    with torch.device("meta"):
+        block = sum(p.numel() for p in Block(config).parameters())
+        final_norm = sum(p.numel() for p in make_norm(config).parameters())
+    C, V = config.n_embd, config.vocab_size or 0
+    positions = config.block_size * C if config.pos_emb == "learned" else 0
+    return V * C * (1 if config.tie_embeddings else 2) + positions + config.n_layer * block + final_norm
+
+
 def check_fits_in_memory(config: GPTConfig) -> None:
     """A model whose weights alone exceed this machine's memory is refused before anything is allocated (a
-    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). The count comes from the
-    model built on the meta device (shapes only, no memory), which building there is always allowed to do."""
+    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). Building on the meta
+    device (shapes only) is always allowed."""
     if torch.empty(()).device.type == "meta":
         return
-    with torch.device("meta"):
-        n = sum(p.numel() for p in GPT(config).parameters())
+    n = count_parameters(config)
     need, have = n * torch.get_default_dtype().itemsize, physical_memory()
     if have and need > have:
         raise GPTError(f"impossible model config: {n:,} parameters need {need / 2**30:,.0f} GiB for the weights "

@@ -360,3 +360,16 @@ def test_presets_have_their_parameter_counts():
     # the CPU recipe's GPT-2 block and its Llama counterpart: the same weights but GPT-2's 64 x 128 position embeddings
     assert llama.num_params() == mini.num_params() == llama.num_params(non_embedding=False) == 795_904
     assert mini.num_params(non_embedding=False) == 795_904 + 64 * 128
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "llama_untied"])
+def test_the_memory_check_counts_the_parameters_the_model_has(variant):
+    from gpt.model import count_parameters
+
+    kw = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2) if variant != "gpt2" else {}
+    config = GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32,
+                       tie_embeddings=variant != "llama_untied", **kw)
+    assert count_parameters(config) == sum(p.numel() for p in GPT(config).parameters())
+    huge = GPTConfig(block_size=32, vocab_size=50, n_layer=10**12, n_head=4, n_embd=32)
+    with pytest.raises(GPTError, match="parameters need"):  # counted, not built: at once, in no memory
+        GPT(huge)
