@@ -387,10 +387,13 @@ def physical_memory() -> Optional[int]:
 def count_parameters(config: GPTConfig) -> int:
     """The parameters GPT(config) has, from one block built on the meta device (shapes only, no memory) times
     n_layer, and the embeddings' shapes: no model of absurd size is ever built, even on the meta device."""
+    C, widest = config.n_embd, max(3 * config.n_embd, config.hidden_dim)
+    if C * widest >= 2**62:  # beyond what torch can describe (its sizes are 64-bit): too large, whatever the rest
+        return config.n_layer * C * widest
     with torch.device("meta"):
         block = sum(p.numel() for p in Block(config).parameters())
         final_norm = sum(p.numel() for p in make_norm(config).parameters())
-    C, V = config.n_embd, config.vocab_size or 0
+    V = config.vocab_size or 0
     positions = config.block_size * C if config.pos_emb == "learned" else 0
     return V * C * (1 if config.tie_embeddings else 2) + positions + config.n_layer * block + final_norm
 

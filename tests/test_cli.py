@@ -181,11 +181,11 @@ def test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named(
     """Hydra's --help lists every group under configs/, the other scripts' too (sample.py showed model/,
     data/, ...); ours lists the script's own and its settings."""
     for script, shown, foreign in (("train.py", "model: baby, gpt2", "task: alpaca"),
-                                   ("finetune.py", "task: alpaca, parallel", "data: hub"),
+                                   ("finetune.py", "task: alpaca, chat, parallel", "data: hub"),
                                    ("sample.py", "ckpt: null", "model: baby")):
         proc = run_cli(script, "--help")
         assert proc.returncode == 0, proc.stderr
-        assert shown in proc.stdout and foreign not in proc.stdout and proc.stdout.startswith(("Pretraining", "LoRA", "Sampling"))
+        assert shown in proc.stdout and foreign not in proc.stdout and proc.stdout.startswith(("Pretraining", "Fine-tuning", "Sampling"))
     assert_user_error(run_cli("sample.py", "model=tiny"), "model is not a config group of sample.py", "--help")
     assert_user_error(run_cli("finetune.py", "experiment=shakespeare_char_cpu"),
                       "experiment=shakespeare_char_cpu sets model, which is not a config group of finetune.py")

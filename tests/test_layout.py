@@ -42,7 +42,7 @@ def test_no_import_circle_among_the_modules():
 
     for module in sorted(edges):
         visit(module)
-    assert edges["model"] == {"errors"}  # the bottom: what everything else builds on
+    assert edges["model"] <= {"config", "errors"}  # the bottom: what everything else builds on
 
 
 def test_the_model_file_is_pure_torch_and_holds_no_decoding():
