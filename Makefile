@@ -1,5 +1,5 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
-# make test   install, then run the test suite (hermetic: no network, no data folder needed)
+# make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-avx2  the numerics tests as an AVX2-only CPU runs them (torch's AVX2 kernels, no native bf16)
 # make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
@@ -17,7 +17,7 @@ STAMP       = $(VENV)/.installed
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install test test-data test-avx2 demo shakespeare-lora bench clean
+.PHONY: install lint test test-data test-avx2 demo shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	echo '$(strip $(TORCH_SPEC))' > $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 test-data: $(STAMP)

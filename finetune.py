@@ -1,8 +1,8 @@
 """LoRA fine-tune an exported model on a task, then score it. Examples:
 
-    python finetune.py experiment=shakespeare_modern_lora
-    python finetune.py base=runs/<name>/latest/checkpoints/best task=alpaca task.train=data.json lora.rank=8
-    python finetune.py base=<dir> eval_only=true adapter=runs/finetune/latest/checkpoints/best
+python finetune.py experiment=shakespeare_modern_lora
+python finetune.py base=runs/<name>/latest/checkpoints/best task=alpaca task.train=data.json lora.rank=8
+python finetune.py base=<dir> eval_only=true adapter=runs/finetune/latest/checkpoints/best
 """
 
 from gpt.cli import run_hydra

@@ -15,7 +15,6 @@ import time
 import torch
 
 from gpt.config import GPTConfig
-
 from gpt.model import GPT
 
 RECIPE = dict(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False, activation="gelu")
@@ -52,8 +51,10 @@ def main():
     for name, ts in times.items():
         fast = sorted(ts)[: max(1, len(ts) // 2)]
         step = sum(fast) / len(fast)
-        print(f"{name:20s} {models[name].num_params():>9,} params  {1000 * step:6.1f} ms/step  "
-              f"{x.numel() / step:>8,.0f} tokens/s")
+        print(
+            f"{name:20s} {models[name].num_params():>9,} params  {1000 * step:6.1f} ms/step  "
+            f"{x.numel() / step:>8,.0f} tokens/s"
+        )
 
 
 if __name__ == "__main__":

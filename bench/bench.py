@@ -51,8 +51,11 @@ GEN_CASES = {
     "gen_b8": ("generation, 6L/384, batch 8, 256 new tokens", 8),
 }
 LORA_CASE = ("LoRA step, 6L/384, block 256, batch 8, r=16 on qkv/attn-out/mlp", (6, 6, 384, 256, 8))
-PACK_CASE = ("fine-tuning step, 6L/384, block 256, batch 8 rows, examples of 16-200 tokens: tokens/s counts real "
-             "tokens; unpacked (padded to the batch's longest, length-grouped) vs task.packing=true", (6, 6, 384, 256, 8))
+PACK_CASE = (
+    "fine-tuning step, 6L/384, block 256, batch 8 rows, examples of 16-200 tokens: tokens/s counts real "
+    "tokens; unpacked (padded to the batch's longest, length-grouped) vs task.packing=true",
+    (6, 6, 384, 256, 8),
+)
 GPU_CASE = ("GPT-2 124M pretraining, block 1024, bf16-mixed, compile, fused AdamW, flash SDPA", (12, 12, 768, 1024))
 GEN_PROMPT, GEN_NEW = 16, 256
 
@@ -76,9 +79,11 @@ def default_config(name="train"):
 
     import gpt.cli  # noqa: F401 (registers the config's resolvers)
 
-    overrides = (["trainer=gpu"] if device_name() == "cuda" and name == "train" else [])
+    overrides = ["trainer=gpu"] if device_name() == "cuda" and name == "train" else []
     prefix = "sample." if name == "sample" else ""
-    overrides += [o[len(prefix):] for o in OVERRIDES if o.startswith(prefix) and (prefix or not o.startswith("sample."))]
+    overrides += [
+        o[len(prefix) :] for o in OVERRIDES if o.startswith(prefix) and (prefix or not o.startswith("sample."))
+    ]
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose(name, overrides=overrides)
 
@@ -131,8 +136,18 @@ def time_repeats(step, steps_per_repeat, repeats, warmup):
 def hf_model(n_layer, n_head, n_embd, block, vocab=VOCAB, eos=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=block,
+        vocab_size=vocab,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -197,13 +212,31 @@ def ours_train_times(model, batches, steps_per_repeat, repeats, warmup, precisio
                 self.start = time.perf_counter()
 
     timer = Timer()
-    module = LanguageModel(model, Tokenizer.char_level("ab"), lr=1e-3, min_lr=1e-4, warmup_steps=10,
-                           betas=(0.9, 0.99), weight_decay=0.1, compile=compile_model)
+    module = LanguageModel(
+        model,
+        Tokenizer.char_level("ab"),
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=10,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+        compile=compile_model,
+    )
     total = warmup + steps_per_repeat * repeats
-    trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=total, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[timer, LeanAutocastForLoRA()])  # as gpt.run.make_trainer
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=precision,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer, LeanAutocastForLoRA()],
+    )  # as gpt.run.make_trainer
     trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=None))
     return timer.times
 
@@ -212,7 +245,6 @@ def child(case: str, impl: str, quick: bool) -> dict:
     import torch
 
     from gpt.config import GPTConfig
-
     from gpt.model import GPT
 
     torch.manual_seed(0)
@@ -235,8 +267,10 @@ def child(case: str, impl: str, quick: bool) -> dict:
             if case == "lora":
                 from peft import LoraConfig, get_peft_model
 
-                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                         target_modules=["c_attn", "c_proj", "c_fc"]))
+                model = get_peft_model(
+                    model,
+                    LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"]),
+                )
             times = ours_train_times(model, batches, steps, repeats, warmup, precision, compile_model)
             out.update(precision=precision, compile=compile_model)
         else:
@@ -246,8 +280,16 @@ def child(case: str, impl: str, quick: bool) -> dict:
             if case == "lora":
                 from peft import LoraConfig, get_peft_model
 
-                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, fan_in_fan_out=True,
-                                                         target_modules=["c_attn", "c_proj", "c_fc"]))
+                model = get_peft_model(
+                    model,
+                    LoraConfig(
+                        r=16,
+                        lora_alpha=32,
+                        lora_dropout=0.0,
+                        fan_in_fan_out=True,
+                        target_modules=["c_attn", "c_proj", "c_fc"],
+                    ),
+                )
             times = time_repeats(hf_train_step(model, batches, precision, device), steps, repeats, warmup)
             out.update(precision=precision, compile=False)
         # 6N per token for a full training step; LoRA trains no base weight: forward 2N + input grads 2N.
@@ -287,28 +329,40 @@ def child(case: str, impl: str, quick: bool) -> dict:
 
             def step():
                 with torch.no_grad():
-                    hf.generate(prompt.to(device), max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)
+                    hf.generate(
+                        prompt.to(device),
+                        max_new_tokens=GEN_NEW,
+                        min_new_tokens=GEN_NEW,
+                        do_sample=False,
+                        pad_token_id=0,
+                        eos_token_id=None,
+                    )
 
         t0 = time.perf_counter()
         step()  # the first call (compilation, when on), timed on its own
         first_s = time.perf_counter() - t0
         times = time_repeats(step, 1, repeats, 1 if quick else 2)
         n_params = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=6, n_head=6, n_embd=384)).num_params()
-        out.update(times=times, tokens_per_repeat=batch * GEN_NEW, flops_per_token=2 * n_params, precision=precision,
-                   first_call_s=round(first_s, 2), compile=impl.startswith("ours") and compile_step)
+        out.update(
+            times=times,
+            tokens_per_repeat=batch * GEN_NEW,
+            flops_per_token=2 * n_params,
+            precision=precision,
+            first_call_s=round(first_s, 2),
+            compile=impl.startswith("ours") and compile_step,
+        )
 
     elif case == "packing":  # the same kind of examples, as task batches: one padded example a row, or packed
         import numpy as np
 
-        from gpt.tasks import LengthGroupedBatches, pack_examples, pad_batch
+        from gpt.batches import LengthGroupedBatches, pack_examples, pad_batch
 
         n_layer, n_head, n_embd, block, batch = PACK_CASE[1]
         rng = np.random.default_rng(0)
         examples = []
         for n in rng.integers(16, 201, size=400):
             ids = rng.integers(0, VOCAB, size=n).tolist()
-            examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:], "length": int(n)})
+            examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :], "length": int(n)})
         rows = pack_examples(examples, block) if impl == "ours_packed" else examples
         picked = [b for b, _ in zip(LengthGroupedBatches([r["length"] for r in rows], batch, seed=0), range(8))]
         batches = [pad_batch([rows[i] for i in b], 0) for b in picked]
@@ -317,9 +371,14 @@ def child(case: str, impl: str, quick: bool) -> dict:
         cfg = default_config()
         model = GPT(GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
         times = ours_train_times(model, batches, steps, repeats, 3 if quick else steps, cfg.trainer.precision, False)
-        out.update(times=times, tokens_per_repeat=real, precision=cfg.trainer.precision, compile=False,
-                   flops_per_token=6 * model.num_params() + 12 * n_layer * n_embd * block,
-                   padded_tokens=sum(b["input_ids"].numel() for b in batches))
+        out.update(
+            times=times,
+            tokens_per_repeat=real,
+            precision=cfg.trainer.precision,
+            compile=False,
+            flops_per_token=6 * model.num_params() + 12 * n_layer * n_embd * block,
+            padded_tokens=sum(b["input_ids"].numel() for b in batches),
+        )
     elif case == "gpt2":
         n_layer, n_head, n_embd, block = GPU_CASE[1]
         batch = 16 if device == "cuda" else 1
@@ -328,8 +387,13 @@ def child(case: str, impl: str, quick: bool) -> dict:
         model = GPT(GPTConfig(block_size=block, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
         n_params = model.num_params()
         times = ours_train_times(model, batches, steps, repeats, 3 if device == "cpu" else 10, "bf16-mixed", True)
-        out.update(times=times, tokens_per_repeat=batch * block * steps, precision="bf16-mixed", compile=True,
-                   flops_per_token=6 * n_params + 12 * n_layer * n_embd * block)
+        out.update(
+            times=times,
+            tokens_per_repeat=batch * block * steps,
+            precision="bf16-mixed",
+            compile=True,
+            flops_per_token=6 * n_params + 12 * n_layer * n_embd * block,
+        )
     elif case == "peak":
         out.update(peak_flops=measure_peak_flops(device))
     else:
@@ -386,8 +450,14 @@ def run_in_turns(case, impls, quick) -> list[dict]:
     for impl in impls:
         print(f"starting {case} / {impl} ...", file=sys.stderr, flush=True)
         err = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(child_cmd(case, impl, quick, "--turns"), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            child_cmd(case, impl, quick, "--turns"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=ROOT,
+        )
         children[impl] = (proc, err, [])
         read_until_ready(proc, children[impl][2])  # warm, waiting for its first turn
     live = [impl for impl in impls if children[impl][0].poll() is None]
@@ -421,9 +491,9 @@ def read_until_ready(proc, lines: list) -> bool:
 def plan(cases, device):
     """Who runs each case. A CPU without native bf16 gets no bf16 peer (it would measure bf16 emulation,
     which no one would choose there): ours runs in that CPU's default precision, fp32."""
-    from gpt.devices import has_fast_bf16
-
     import torch
+
+    from gpt.devices import has_fast_bf16
 
     bf16 = has_fast_bf16(torch.device(device))
     contenders = []
@@ -447,8 +517,11 @@ def summarize(results, peak):
     for r in results:
         by_case.setdefault(r["case"], []).append(r)
     for case, rs in by_case.items():
-        ours = {r["impl"]: r["tokens_per_repeat"] / statistics.median(r["times"])
-                for r in rs if r["impl"].startswith("ours") and "times" in r}
+        ours = {
+            r["impl"]: r["tokens_per_repeat"] / statistics.median(r["times"])
+            for r in rs
+            if r["impl"].startswith("ours") and "times" in r
+        }
         for r in rs:
             if "error" in r:
                 rows.append({"case": case, "impl": r["impl"], "error": r["error"]})
@@ -459,20 +532,30 @@ def summarize(results, peak):
             denom = peak.get(kind) if peak else None
             mfu = tps * r["flops_per_token"] / denom if denom else None
             peer = not r["impl"].startswith("ours")
-            rows.append({
-                "case": case, "impl": r["impl"], "precision": r.get("precision"), "compile": r.get("compile"),
-                "tokens_per_s": round(tps, 1), "median_s": round(med, 5),
-                "min_max_s": [round(min(r["times"]), 5), round(max(r["times"]), 5)],
-                "peak_mem_mb": round(r["peak_mem_mb"], 1), "mfu": round(mfu, 4) if mfu else None,
-                "first_call_s": r.get("first_call_s"),
-                # each of our contenders (default settings; compiled) against this peer
-                **{f"{o}_vs_this": round(o_tps / tps, 2) if peer else None for o, o_tps in ours.items()},
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "impl": r["impl"],
+                    "precision": r.get("precision"),
+                    "compile": r.get("compile"),
+                    "tokens_per_s": round(tps, 1),
+                    "median_s": round(med, 5),
+                    "min_max_s": [round(min(r["times"]), 5), round(max(r["times"]), 5)],
+                    "peak_mem_mb": round(r["peak_mem_mb"], 1),
+                    "mfu": round(mfu, 4) if mfu else None,
+                    "first_call_s": r.get("first_call_s"),
+                    # each of our contenders (default settings; compiled) against this peer
+                    **{f"{o}_vs_this": round(o_tps / tps, 2) if peer else None for o, o_tps in ours.items()},
+                }
+            )
     return rows
 
 
 def print_table(rows, descriptions):
-    print(f"\n{'case':<11} {'impl':<14} {'prec':<10} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7}  ours/this (ours [/ ours_compiled / ours_int8])")
+    print(
+        f"\n{'case':<11} {'impl':<14} {'prec':<10} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7}  "
+        "ours/this (ours [/ ours_compiled / ours_int8])"
+    )
     last = None
     for r in rows:
         if r["case"] != last:
@@ -483,20 +566,28 @@ def print_table(rows, descriptions):
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         ratio = " / ".join(f"{v:.2f}x" for k, v in r.items() if k.endswith("_vs_this") and v)
-        print(f"{r['case']:<11} {r['impl']:<14} {str(r['precision']):<10} {r['tokens_per_s']:>10,.0f} "
-              f"{r['peak_mem_mb']:>9,.0f} {mfu:>7}  {ratio}")
+        print(
+            f"{r['case']:<11} {r['impl']:<14} {str(r['precision']):<10} {r['tokens_per_s']:>10,.0f} "
+            f"{r['peak_mem_mb']:>9,.0f} {mfu:>7}  {ratio}"
+        )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=None, help="comma-separated: " + ",".join(
-        [*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]))
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated: " + ",".join([*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]),
+    )
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # a child that takes turns
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/train.yaml (sample.key=value: "
-                    "configs/sample.yaml) for ours")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of configs/train.yaml (sample.key=value: configs/sample.yaml) for ours",
+    )
     args = ap.parse_args()
     OVERRIDES.extend(args.overrides)
 
@@ -511,16 +602,23 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default = [*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]  # gpt2: skipped off CUDA unless named
     cases = args.cases.split(",") if args.cases else default
-    descriptions = {**{k: v[0] for k, v in TRAIN_CASES.items()}, **{k: v[0] for k, v in GEN_CASES.items()},
-                    "lora": LORA_CASE[0], "packing": PACK_CASE[0], "gpt2": GPU_CASE[0]}
+    descriptions = {
+        **{k: v[0] for k, v in TRAIN_CASES.items()},
+        **{k: v[0] for k, v in GEN_CASES.items()},
+        "lora": LORA_CASE[0],
+        "packing": PACK_CASE[0],
+        "gpt2": GPU_CASE[0],
+    }
     t0 = time.time()
     peak = run_child("peak", "ours", args.quick).get("peak_flops", {})
     results = []
     for case in cases:
         contenders = plan([case], device)
         if case == "gpt2" and device != "cuda" and not args.cases:
-            reason = ("skipped: a GPU case (GPT-2 124M at block 1024 with bf16-mixed, compile, fused AdamW, flash SDPA); "
-                      "--cases gpt2 runs the same script on this device at batch 1")
+            reason = (
+                "skipped: a GPU case (GPT-2 124M at block 1024 with bf16-mixed, compile, fused AdamW, flash SDPA); "
+                "--cases gpt2 runs the same script on this device at batch 1"
+            )
             print(f"{case}: {reason}; this device is {device}", file=sys.stderr, flush=True)
             results += [{"case": case, "impl": impl, "error": reason} for _, impl in contenders]
             continue
@@ -528,13 +626,25 @@ def main():
     rows = summarize(results, peak)
     print_table(rows, descriptions)
     if peak:
-        print(f"\npeak: fp32 {peak.get('fp32', 0) / 1e9:,.0f} GFLOP/s, bf16 {peak.get('bf16', 0) / 1e9:,.0f} GFLOP/s "
-              f"({peak.get('source')})")
+        print(
+            f"\npeak: fp32 {peak.get('fp32', 0) / 1e9:,.0f} GFLOP/s, bf16 {peak.get('bf16', 0) / 1e9:,.0f} GFLOP/s "
+            f"({peak.get('source')})"
+        )
     report = {
-        "host": socket.gethostname(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device, "cpu": cpu_model(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "quick": args.quick, "interleaved": True, "overrides": OVERRIDES, "peak_flops": peak,
-        "cases": cases, "descriptions": descriptions, "results": rows, "raw": results,
+        "host": socket.gethostname(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "interleaved": True,
+        "overrides": OVERRIDES,
+        "peak_flops": peak,
+        "cases": cases,
+        "descriptions": descriptions,
+        "results": rows,
+        "raw": results,
         "seconds": round(time.time() - t0, 1),
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"

@@ -1,6 +1,6 @@
 """Load test of the OpenAI-compatible server (gpt/serve.py): batched concurrent clients vs one at a time.
 
-    python bench/serve_load.py                          # 6L/384 char model, 16 clients x 8 requests, then 128 one by one
+    python bench/serve_load.py     # 6L/384 char model, 16 clients x 8 requests, then 128 one by one
     python bench/serve_load.py --clients 4 --requests 4 --max-tokens 32 --layers 2   # a quick smoke run
 
 Makes a randomly initialised model of the given size (a `model=baby`-like shape with a 65-character vocabulary:
@@ -52,8 +52,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(http, prompt: str, seed: int, max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first, tokens, done = None, 0, False
     async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -98,13 +104,19 @@ async def run_phase(url: str, prompts: list[str], clients: int, max_tokens: int)
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     latency = [r["latency"] for r in ok]
-    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
-            "first_errors": [r["error"] for r in results if "error" in r][:3], "wall_s": round(wall, 2),
-            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1) if ttft else None,
-            "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1) if ttft else None,
-            "latency_p50_s": round(percentile(latency, 50), 3) if latency else None,
-            "latency_p99_s": round(percentile(latency, 99), 3) if latency else None}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "first_errors": [r["error"] for r in results if "error" in r][:3],
+        "wall_s": round(wall, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1) if ttft else None,
+        "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1) if ttft else None,
+        "latency_p50_s": round(percentile(latency, 50), 3) if latency else None,
+        "latency_p99_s": round(percentile(latency, 99), 3) if latency else None,
+    }
 
 
 def main() -> int:
@@ -127,8 +139,20 @@ def main() -> int:
         port = s.getsockname()[1]
         s.close()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen([sys.executable, "-m", "gpt.serve", f"ckpt={model_dir}", f"port={port}",
-                                   "stop_at_eos=false", "log_level=warning", *args.server_args], cwd=ROOT, env=env)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpt.serve",
+                f"ckpt={model_dir}",
+                f"port={port}",
+                "stop_at_eos=false",
+                "log_level=warning",
+                *args.server_args,
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         deadline = time.time() + args.timeout
         try:
             import httpx
@@ -149,7 +173,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
 
             async def both():
-                await run_phase(url, prompts[:args.clients], args.clients, 8)  # warm-up, not counted
+                await run_phase(url, prompts[: args.clients], args.clients, 8)  # warm-up, not counted
                 batched = await run_phase(url, prompts, args.clients, args.max_tokens)
                 single = await run_phase(url, prompts, 1, args.max_tokens)
                 return batched, single
@@ -161,10 +185,15 @@ def main() -> int:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-    figures = {"model": f"{args.layers}L/{args.heads}H/{args.width}, block {args.block}, {len(ALPHABET)} chars",
-               "max_tokens": args.max_tokens, "server_args": args.server_args, "cpus": os.cpu_count(),
-               "concurrent": batched, "one_at_a_time": single,
-               "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2)}
+    figures = {
+        "model": f"{args.layers}L/{args.heads}H/{args.width}, block {args.block}, {len(ALPHABET)} chars",
+        "max_tokens": args.max_tokens,
+        "server_args": args.server_args,
+        "cpus": os.cpu_count(),
+        "concurrent": batched,
+        "one_at_a_time": single,
+        "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
+    }
     print(json.dumps(figures, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")

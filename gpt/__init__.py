@@ -11,8 +11,7 @@ import logging
 for _name in ("torchao", "torch.utils._pytree", "huggingface_hub.utils._http"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from gpt.config import GPTConfig
-
+from gpt.config import GPTConfig  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig"]

@@ -26,8 +26,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
-from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RECORD_FILE, WEIGHTS_FILE, atomic_dir,
-                            load_model_dir, weights_sha256)
+from gpt.checkpoint import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    atomic_dir,
+    load_model_dir,
+    weights_sha256,
+)
 from gpt.errors import GPTError, is_finite, is_int, is_number
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -60,8 +67,9 @@ def target_modules(targets: Sequence[str]) -> list[str]:
     return modules
 
 
-def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05,
-                targets: Sequence[str] = ("qkv", "attn_out", "mlp")) -> LoraConfig:
+def lora_config(
+    rank: int = 16, alpha: float = 32, dropout: float = 0.05, targets: Sequence[str] = ("qkv", "attn_out", "mlp")
+) -> LoraConfig:
     """PEFT's LoraConfig from our settings (configs/lora/*.yaml)."""
     if not is_int(rank) or rank <= 0:
         raise GPTError(f"lora.rank must be a positive integer (got {rank!r})")
@@ -69,11 +77,15 @@ def lora_config(rank: int = 16, alpha: float = 32, dropout: float = 0.05,
         raise GPTError(f"lora.alpha must be a finite number > 0 (got {alpha!r})")
     if not (is_number(dropout) and 0.0 <= dropout < 1.0):  # NaN fails both comparisons
         raise GPTError(f"lora.dropout must be a number in [0, 1) (got {dropout!r})")
-    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__") \
-            or not all(isinstance(t, str) for t in targets):
+    if (
+        isinstance(targets, (str, bytes))
+        or not hasattr(targets, "__iter__")
+        or not all(isinstance(t, str) for t in targets)
+    ):
         raise GPTError(f"lora.targets must be a list of names, e.g. lora.targets=[qkv,mlp] (got {targets!r})")
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(list(targets)),
-                      bias="none")
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(list(targets)), bias="none"
+    )
 
 
 def add_lora(model: GPT, config: LoraConfig) -> PeftModel:
@@ -82,15 +94,26 @@ def add_lora(model: GPT, config: LoraConfig) -> PeftModel:
     linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for target in config.target_modules:
         if not any(name == target or name.endswith("." + target) for name in linear):
-            raise GPTError(f"LoRA target {target!r} matches no linear layer of the model; use {list(TARGETS)} "
-                           f"or module names such as {', '.join(sorted({n.split('.', 3)[-1] for n in linear})[:6])}")
-    full = sorted({name.split(".", 3)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                   and any(name == t or name.endswith("." + t) for t in config.target_modules)
-                   and config.r >= min(m.in_features, m.out_features)})
+            raise GPTError(
+                f"LoRA target {target!r} matches no linear layer of the model; use {list(TARGETS)} "
+                f"or module names such as {', '.join(sorted({n.split('.', 3)[-1] for n in linear})[:6])}"
+            )
+    full = sorted(
+        {
+            name.split(".", 3)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and any(name == t or name.endswith("." + t) for t in config.target_modules)
+            and config.r >= min(m.in_features, m.out_features)
+        }
+    )
     if full:  # allowed (it trains), but nothing low-rank is left: as many weights as full fine-tuning or more
-        log.warning("lora.rank=%d is not below the width of %s: the adapter can hold any update there and has "
-                    "as many weights as the layer or more; a rank well below the width is what LoRA is for",
-                    config.r, ", ".join(full))
+        log.warning(
+            "lora.rank=%d is not below the width of %s: the adapter can hold any update there and has "
+            "as many weights as the layer or more; a rank well below the width is what LoRA is for",
+            config.r,
+            ", ".join(full),
+        )
     return get_peft_model(model, config)
 
 
@@ -108,8 +131,9 @@ def base_record(base_dir: str | Path) -> dict:
     return {"path": str(base_dir.resolve()), "sha256": weights_sha256(base_dir)}
 
 
-def save_adapter_dir(model: PeftModel, tokenizer: Tokenizer, path: str | Path, record: dict,
-                     files: Optional[dict] = None) -> Path:
+def save_adapter_dir(
+    model: PeftModel, tokenizer: Tokenizer, path: str | Path, record: dict, files: Optional[dict] = None
+) -> Path:
     """PEFT's files + tokenizer.json + gpt_adapter.json, written atomically. `record` has at least
     {"base": base_record(...)}; the task's template and training step go there too. `files`: as save_model_dir."""
     path = Path(path)
@@ -128,23 +152,32 @@ def read_adapter_record(adapter_dir: str | Path) -> dict:
     adapter_dir = Path(adapter_dir)
     missing = [f for f in (*PEFT_FILES, RECORD_FILE) if not (adapter_dir / f).is_file()]
     if not adapter_dir.is_dir() or missing:
-        raise GPTError(f"{adapter_dir} is not an adapter directory (missing {', '.join(missing) or 'the folder'}); "
-                       "point at a fine-tuning run's checkpoints/best")
+        raise GPTError(
+            f"{adapter_dir} is not an adapter directory (missing {', '.join(missing) or 'the folder'}); "
+            "point at a fine-tuning run's checkpoints/best"
+        )
     try:
         record = json.loads((adapter_dir / RECORD_FILE).read_text())
     except json.JSONDecodeError as e:
         raise GPTError(f"{adapter_dir / RECORD_FILE} is not valid JSON ({e}); re-export the adapter") from e
     base = record.get("base") if isinstance(record, dict) else None
     if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("path", "sha256")):
-        raise GPTError(f"{adapter_dir / RECORD_FILE} does not record the adapter's base model (base.path, base.sha256); "
-                       "it was edited or not written by finetune.py: re-run the fine-tuning")
+        raise GPTError(
+            f"{adapter_dir / RECORD_FILE} does not record the adapter's base model (base.path, base.sha256); "
+            "it was edited or not written by finetune.py: re-run the fine-tuning"
+        )
     task = record.get("task", {})
-    if not isinstance(task, dict) or not all(isinstance(task.get(k, ""), str) for k in ("template", "format", "name")) \
-            or not isinstance(task.get("template_no_input"), (str, type(None))) \
-            or not (isinstance(task.get("stop", []), list) and all(isinstance(s, str) for s in task.get("stop", []))):
-        raise GPTError(f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was "
-                       "edited or not written by finetune.py: re-run the fine-tuning, or sample with template=... and "
-                       "stop=...")
+    if (
+        not isinstance(task, dict)
+        or not all(isinstance(task.get(k, ""), str) for k in ("template", "format", "name"))
+        or not isinstance(task.get("template_no_input"), (str, type(None)))
+        or not (isinstance(task.get("stop", []), list) and all(isinstance(s, str) for s in task.get("stop", [])))
+    ):
+        raise GPTError(
+            f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was "
+            "edited or not written by finetune.py: re-run the fine-tuning, or sample with template=... and "
+            "stop=..."
+        )
     return record
 
 
@@ -152,25 +185,35 @@ def check_base(adapter_dir: str | Path, base_dir: str | Path, record: dict, base
     """Refuse a base whose weights are not the ones the adapter was trained on."""
     want = record["base"]
     if not (Path(base_dir) / WEIGHTS_FILE).is_file():
-        raise GPTError(f"the base for adapter {adapter_dir} must be an exported model directory (with {WEIGHTS_FILE}); "
-                       f"{base_dir} is not one; the adapter was trained on {want['path']}")
+        raise GPTError(
+            f"the base for adapter {adapter_dir} must be an exported model directory (with {WEIGHTS_FILE}); "
+            f"{base_dir} is not one; the adapter was trained on {want['path']}"
+        )
     got = weights_sha256(base_dir)
     if got != want["sha256"]:
-        raise GPTError(f"adapter {adapter_dir} belongs to a different base: it was trained on {want['path']} "
-                       f"(weights sha256 {want['sha256'][:12]}…) but {base_dir} has sha256 {got[:12]}…; "
-                       f"load it onto its own base ({base_option}={want['path']})")
+        raise GPTError(
+            f"adapter {adapter_dir} belongs to a different base: it was trained on {want['path']} "
+            f"(weights sha256 {want['sha256'][:12]}…) but {base_dir} has sha256 {got[:12]}…; "
+            f"load it onto its own base ({base_option}={want['path']})"
+        )
 
 
-def load_adapter(adapter_dir: str | Path, base: Optional[str | Path] = None,
-                 map_location: str | torch.device = "cpu", base_option: str = "ckpt") -> tuple[PeftModel, Tokenizer, dict]:
+def load_adapter(
+    adapter_dir: str | Path,
+    base: Optional[str | Path] = None,
+    map_location: str | torch.device = "cpu",
+    base_option: str = "ckpt",
+) -> tuple[PeftModel, Tokenizer, dict]:
     """The base model (the recorded one unless `base` is given) with the adapter on it, for inference.
     `base_option` is the command-line name of `base` in error messages. Returns (model, tokenizer, record)."""
     adapter_dir = Path(adapter_dir)
     record = read_adapter_record(adapter_dir)
     base_dir = Path(base) if base else Path(record["base"]["path"])
     if not base_dir.exists():
-        raise GPTError(f"the base model of adapter {adapter_dir} is not at {base_dir}; pass its location with "
-                       f"{base_option}=<exported model dir> (its weights are checked against the recorded sha256)")
+        raise GPTError(
+            f"the base model of adapter {adapter_dir} is not at {base_dir}; pass its location with "
+            f"{base_option}=<exported model dir> (its weights are checked against the recorded sha256)"
+        )
     check_base(adapter_dir, base_dir, record, base_option)
     model, tokenizer = load_model_dir(base_dir, map_location)
     try:
@@ -180,14 +223,18 @@ def load_adapter(adapter_dir: str | Path, base: Optional[str | Path] = None,
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         # PEFT's own errors for a truncated weights file, a broken adapter_config.json, or factors whose
         # shapes are not the config's rank / the base's layers
-        raise GPTError(f"{adapter_dir} holds a truncated or corrupt adapter ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}); re-run finetune.py to write it again") from e
+        raise GPTError(
+            f"{adapter_dir} holds a truncated or corrupt adapter ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); re-run finetune.py to write it again"
+        ) from e
     # PEFT only warns when the file lacks some factors: those layers would run without their adapter
     with safe_open(str(adapter_dir / PEFT_FILES[1]), "pt") as f:
         missing = sorted(set(get_peft_model_state_dict(peft_model, save_embedding_layers=False)) - set(f.keys()))
     if missing:
-        raise GPTError(f"{adapter_dir / PEFT_FILES[1]} lacks {len(missing)} LoRA tensors its adapter_config.json asks "
-                       f"for (e.g. {missing[0]}); it was edited or belongs to another config: re-run finetune.py")
+        raise GPTError(
+            f"{adapter_dir / PEFT_FILES[1]} lacks {len(missing)} LoRA tensors its adapter_config.json asks "
+            f"for (e.g. {missing[0]}); it was edited or belongs to another config: re-run finetune.py"
+        )
     return peft_model.eval(), tokenizer, record
 
 

@@ -19,10 +19,10 @@ from typing import Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt.checkpoint import copy_atomically
 from gpt.errors import GPTError, check_seed
@@ -47,8 +47,10 @@ class ExportingCheckpoint(ModelCheckpoint):
             from gpt.checkpoint import load_model, save_model_dir
 
             if not Path(filepath).is_file():
-                raise GPTError("exporting needs one consolidated checkpoint file: set "
-                               "trainer.strategy.state_dict_type=full (configs/trainer/fsdp.yaml does)")
+                raise GPTError(
+                    "exporting needs one consolidated checkpoint file: set "
+                    "trainer.strategy.state_dict_type=full (configs/trainer/fsdp.yaml does)"
+                )
             model, tokenizer = load_model(filepath)
             save_model_dir(model, tokenizer, Path(filepath).with_suffix(""), extra={"step": trainer.global_step})
         else:
@@ -133,8 +135,13 @@ class SaveOnInterrupt(Callback):
             return
         path = ckpt.save_last_now(trainer)
         if trainer.is_global_zero:
-            log.warning("%s: stopped after step %d; saved %s; resume with ckpt_path=%s (or ckpt_path=last)",
-                        name, trainer.global_step, path, path)
+            log.warning(
+                "%s: stopped after step %d; saved %s; resume with ckpt_path=%s (or ckpt_path=last)",
+                name,
+                trainer.global_step,
+                path,
+                path,
+            )
 
 
 class NonFiniteGuard(Callback):
@@ -143,8 +150,7 @@ class NonFiniteGuard(Callback):
     optimizer step (no update, no moment change) and count it in train/skipped_steps; stop anyway after
     `max_consecutive_skips` skipped steps in a row, which no longer looks like a passing spike."""
 
-    HINT = ("lower optim.lr, train in fp32 (trainer.precision=32-true) or clip gradients "
-            "(trainer.gradient_clip_val=1.0)")
+    HINT = "lower optim.lr, train in fp32 (trainer.precision=32-true) or clip gradients (trainer.gradient_clip_val=1.0)"
 
     def __init__(self, action: str = "stop", max_consecutive_skips: int = 50):
         if action not in ("stop", "skip"):
@@ -171,10 +177,15 @@ class NonFiniteGuard(Callback):
         if self.action == "stop" or self._in_a_row + 1 >= self.max_consecutive_skips:
             last = getattr(trainer.checkpoint_callback, "last_model_path", "")
             saved = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            why, alt = ((f" for {self._in_a_row + 1} steps in a row", "") if self.action == "skip"
-                        else ("", ", or set on_nan=skip to skip such steps"))
-            raise GPTError(f"non-finite loss or gradients (NaN/Inf) at step {step}{why}; training stopped and "
-                           f"{saved}; {self.HINT}{alt}")
+            why, alt = (
+                (f" for {self._in_a_row + 1} steps in a row", "")
+                if self.action == "skip"
+                else ("", ", or set on_nan=skip to skip such steps")
+            )
+            raise GPTError(
+                f"non-finite loss or gradients (NaN/Inf) at step {step}{why}; training stopped and "
+                f"{saved}; {self.HINT}{alt}"
+            )
         optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves the parameter and its moments alone
         self.skipped += 1
         self._in_a_row += 1
@@ -252,8 +263,11 @@ class LineProgress(ProgressBar):
             return
         self._printed = step
         metrics = self.get_metrics(trainer, pl_module)
-        shown = [f"{k} {v:,.0f}" if k.endswith("per_s") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                 for k, v in metrics.items() if k != "v_num"]
+        shown = [
+            f"{k} {v:,.0f}" if k.endswith("per_s") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k != "v_num"
+        ]
         if trainer.optimizers:
             shown.insert(1, f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
         of = f"/{total}" if total and total > 0 else ""
@@ -333,22 +347,33 @@ class LeanAutocastForLoRA(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         plugin = trainer.precision_plugin
-        if (type(plugin) is not MixedPrecision or isinstance(trainer.strategy, FSDPStrategy)
-                or all(p.requires_grad for p in pl_module.parameters())  # pretraining: nothing is frozen
-                # full fine-tuning with freeze.*: its exports are whole model directories, which must hold
-                # the fp32 weights at every checkpoint, not the held bf16 copies
-                or not hasattr(pl_module.model, "peft_config")):
+        if (
+            type(plugin) is not MixedPrecision
+            or isinstance(trainer.strategy, FSDPStrategy)
+            or all(p.requires_grad for p in pl_module.parameters())  # pretraining: nothing is frozen
+            # full fine-tuning with freeze.*: its exports are whole model directories, which must hold
+            # the fp32 weights at every checkpoint, not the held bf16 copies
+            or not hasattr(pl_module.model, "peft_config")
+        ):
             return
         from peft.helpers import disable_input_dtype_casting
 
         self.casts.enter_context(disable_input_dtype_casting(pl_module))
         dtype = torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.float16
-        shared = {id(p) for m in pl_module.modules() if not isinstance(m, torch.nn.Linear)
-                  for p in m.parameters(recurse=False)}
+        shared = {
+            id(p)
+            for m in pl_module.modules()
+            if not isinstance(m, torch.nn.Linear)
+            for p in m.parameters(recurse=False)
+        }
         for prefix, module in pl_module.named_modules():
             params = list(module.named_parameters(recurse=False))
-            if (isinstance(module, torch.nn.Linear) and params and not any(p.requires_grad for _, p in params)
-                    and all(p.dtype == torch.float32 and id(p) not in shared for _, p in params)):
+            if (
+                isinstance(module, torch.nn.Linear)
+                and params
+                and not any(p.requires_grad for _, p in params)
+                and all(p.dtype == torch.float32 and id(p) not in shared for _, p in params)
+            ):
                 for attr, p in params:
                     self.held.append((module, attr, f"{prefix}.{attr}", p))
                     setattr(module, attr, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
@@ -404,8 +429,17 @@ class FinalSamples(Callback):
     """At the end of training, sample `n` texts from the final model: written to `path` (samples.txt) and
     logged to the loggers that show text (W&B: a table; TensorBoard: a text panel)."""
 
-    def __init__(self, path: Path, n: int = 3, prompt: str = "\n", max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None, seed: int = 1337):
+    def __init__(
+        self,
+        path: Path,
+        n: int = 3,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 200,
+        top_p: Optional[float] = None,
+        seed: int = 1337,
+    ):
         from gpt.generate import check_sampling_args
 
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, prefix="log_samples.")
@@ -420,10 +454,14 @@ class FinalSamples(Callback):
         try:
             n = len(encode_prompt(pl_module.tokenizer, unescape(self.prompt)))
         except GPTError as e:
-            raise GPTError(f"log_samples.prompt={self.prompt!r}: {e}; or turn samples off with log_samples.n=0") from None
+            raise GPTError(
+                f"log_samples.prompt={self.prompt!r}: {e}; or turn samples off with log_samples.n=0"
+            ) from None
         if n >= pl_module.gpt_config.block_size:
-            raise GPTError(f"log_samples.prompt is {n} tokens, too long for the context of "
-                           f"{pl_module.gpt_config.block_size}; shorten it")
+            raise GPTError(
+                f"log_samples.prompt is {n} tokens, too long for the context of "
+                f"{pl_module.gpt_config.block_size}; shorten it"
+            )
 
     def on_train_end(self, trainer, pl_module):
         if isinstance(trainer.strategy, FSDPStrategy):  # sharded weights: sample from the exported model instead
@@ -441,7 +479,7 @@ class FinalSamples(Callback):
         model.eval()
         stance = getattr(torch.compiler, "set_stance", None)  # a compiled model samples eagerly: no recompiles
         try:
-            with torch.no_grad(), (stance("force_eager") if stance else contextlib.nullcontext()):
+            with torch.no_grad(), stance("force_eager") if stance else contextlib.nullcontext():
                 texts = generate_batch(model, pl_module.tokenizer, [prompt] * self.n, generator=generator, **self.args)
         except GPTError as e:  # e.g. a diverged model's NaN logits: the run's checkpoints and metrics still count
             log.warning("log_samples: no samples from the final model: %s", e)
@@ -455,5 +493,7 @@ class FinalSamples(Callback):
             if hasattr(logger, "log_text"):  # W&B
                 logger.log_text(key="samples", columns=["step", "sample"], data=[[step, s] for s in samples], step=step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples", "\n\n".join("    " + s.replace("\n", "\n    ") for s in samples), step)
+                logger.experiment.add_text(
+                    "samples", "\n\n".join("    " + s.replace("\n", "\n    ") for s in samples), step
+                )
         log.info("%d samples from the final model: %s", self.n, self.path)

@@ -27,13 +27,18 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from gpt.errors import GPTError
 from gpt.completions import StreamPrinter, unescape
+from gpt.errors import GPTError
 from gpt.generate import prompt_too_long, sample_next_token
 from gpt.inference import load_for_sampling
 from gpt.model import GPT, KVCache
-from gpt.prompts import PLAIN_STOPS, ROLES, ChatTemplate  # noqa: F401 (the templates: gpt.prompts, shared with task=chat)
+from gpt.prompts import (  # noqa: F401 (the templates: gpt.prompts, shared with task=chat)
+    PLAIN_STOPS,
+    ROLES,
+    ChatTemplate,
+)
 from gpt.tokenizer import Tokenizer
+
 
 def chat_template(cfg) -> ChatTemplate:
     """The template for a sample.py / serve config: the adapter's, else the model directory's, else plain."""
@@ -52,9 +57,22 @@ def truncate(cache: KVCache, n: int) -> None:
 class ChatSession:
     """One conversation with a model, its KV cache kept between turns (see the module's docstring)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, template: ChatTemplate, *, max_new_tokens: int,
-                 temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos: bool = True,
-                 generator: Optional[torch.Generator] = None, strict: bool = True, notices: Optional[TextIO] = None):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_k=None,
+        top_p=None,
+        stops: Sequence[str] = (),
+        stop_at_eos: bool = True,
+        generator: Optional[torch.Generator] = None,
+        strict: bool = True,
+        notices: Optional[TextIO] = None,
+    ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.stops = list(stops) + [s for s in template.stops if s not in stops]
@@ -91,7 +109,7 @@ class ChatSession:
             if len(ids) + room <= self.block or len(messages) - first <= 1:
                 break
             dropped = 2 if len(messages) - first > 2 and messages[first + 1]["role"] == "assistant" else 1
-            del messages[first:first + dropped]
+            del messages[first : first + dropped]
             self.notices.write(f"(context full: dropped the oldest turn, {len(messages)} messages remain)\n")
             self.notices.flush()
         if len(ids) >= self.block:
@@ -127,8 +145,12 @@ class ChatSession:
             self.notices.write("\n(context full: reply cut)\n")
             self.notices.flush()
         # The reply as the conversation records it (a plain template puts a space after "Assistant:").
-        self.messages.append({"role": "assistant", "content": answer[1:] if answer.startswith(" ") and
-                              not self.template.jinja else answer})
+        self.messages.append(
+            {
+                "role": "assistant",
+                "content": answer[1:] if answer.startswith(" ") and not self.template.jinja else answer,
+            }
+        )
         return answer
 
 
@@ -143,10 +165,19 @@ def chat(cfg, stdin: TextIO = None, stdout: TextIO = None) -> list[str]:
     model, tokenizer, device = load_for_sampling(cfg)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    session = ChatSession(model, tokenizer, chat_template(cfg), max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          stops=[unescape(str(s)) for s in cfg.stop or []], stop_at_eos=cfg.stop_at_eos,
-                          generator=generator, strict=cfg.get("unknown_chars", "error") == "error")
+    session = ChatSession(
+        model,
+        tokenizer,
+        chat_template(cfg),
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stops=[unescape(str(s)) for s in cfg.stop or []],
+        stop_at_eos=cfg.stop_at_eos,
+        generator=generator,
+        strict=cfg.get("unknown_chars", "error") == "error",
+    )
     interactive = stdin.isatty()
     if interactive:
         stdout.write("chat: one message a line; /reset starts over, /exit quits\n")

@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gpt.errors import GPTError, storage_errors
 from gpt.config import GPTConfig
+from gpt.errors import GPTError, storage_errors
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -93,8 +93,11 @@ def _write_marker(directory: Path, target: str, suffix: str) -> None:
 def _marked(directory: Path, target: str, suffix: str) -> bool:
     """Whether `directory` is a real directory (not a link) that carries our marker for target/suffix."""
     try:
-        return (not directory.is_symlink() and directory.is_dir()
-                and (directory / MARKER).read_text() == _marker_text(target, suffix))
+        return (
+            not directory.is_symlink()
+            and directory.is_dir()
+            and (directory / MARKER).read_text() == _marker_text(target, suffix)
+        )
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -169,8 +172,10 @@ def recover_dir(path: str | Path) -> Path:
     path = Path(path)
     if os.path.lexists(path):
         return path
-    complete = sorted(((p, pid) for p, pid, suffix in _siblings(path, "new") if _marked(p, path.name, suffix)),
-                      key=lambda c: c[0].stat().st_mtime)
+    complete = sorted(
+        ((p, pid) for p, pid, suffix in _siblings(path, "new") if _marked(p, path.name, suffix)),
+        key=lambda c: c[0].stat().st_mtime,
+    )
     if complete:  # the newest complete new version: it was complete before the swap began
         candidate, pid = complete[-1]
         if _alive(pid):  # its writer is mid-swap: read it where it is, leave the swap to the writer
@@ -186,8 +191,9 @@ def recover_dir(path: str | Path) -> Path:
 def _remove_swap_leftovers(path: Path) -> None:
     """After recover_dir: what killed swaps of `path` left. A `.old` is ours when a marker (in `path` or in a
     `.new`) names its suffix; a `.new` beside a present `path` is a swap killed before it began."""
-    marks = {_marker_suffix(path)} | {suffix for new, _, suffix in _siblings(path, "new")
-                                      if _marked(new, path.name, suffix)}
+    marks = {_marker_suffix(path)} | {
+        suffix for new, _, suffix in _siblings(path, "new") if _marked(new, path.name, suffix)
+    }
     for old, pid, suffix in _siblings(path, "old"):
         if suffix in marks and not _alive(pid) and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -268,8 +274,9 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_keys(model)}
 
 
-def save_model_dir(model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None,
-                   files: Optional[dict] = None) -> Path:
+def save_model_dir(
+    model: GPT, tokenizer: Tokenizer, path: str | Path, extra: Optional[dict] = None, files: Optional[dict] = None
+) -> Path:
     """Export `model` + `tokenizer` to a model directory (atomically). `extra` goes into config.json; `files`
     ({name: JSON object}, e.g. tokenizer_config.json with a chat template) are written beside."""
     path = Path(path)
@@ -294,21 +301,30 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_tensors(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str,
-                  fix: str = "re-export the model") -> None:
+def check_tensors(
+    expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str, fix: str = "re-export the model"
+) -> None:
     """Every expected tensor present, none extra, every shape right; the error names the first bad key."""
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
-        raise GPTError(f"{source} is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-                       + f": the file does not match its config.json; {fix}")
+        raise GPTError(
+            f"{source} is missing tensor {missing[0]!r}"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f": the file does not match its config.json; {fix}"
+        )
     if extra:
-        raise GPTError(f"{source} has unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
-                       + ": it was saved from a different architecture")
+        raise GPTError(
+            f"{source} has unexpected tensor {extra[0]!r}"
+            + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+            + ": it was saved from a different architecture"
+        )
     for k, shape in expected.items():
         got = tuple(getattr(state[k], "shape", state[k]))  # a tensor, or the shape alone (read from a header)
         if got != tuple(shape):
-            raise GPTError(f"{source}: tensor {k!r} has shape {got} but the config needs {tuple(shape)} "
-                           "(a checkpoint from a different vocabulary or model size?)")
+            raise GPTError(
+                f"{source}: tensor {k!r} has shape {got} but the config needs {tuple(shape)} "
+                "(a checkpoint from a different vocabulary or model size?)"
+            )
 
 
 def check_config_matches(config: GPTConfig, shapes: dict[str, tuple], source: str) -> None:
@@ -317,15 +333,21 @@ def check_config_matches(config: GPTConfig, shapes: dict[str, tuple], source: st
     embeddings first (cheap, and they bound what the meta-device model below would build)."""
     layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
     if config.n_layer > len(layers):  # (more layers in the file than the config's: check_tensors names one)
-        raise GPTError(f"{source} holds {len(layers)} layers but its config says n_layer={config.n_layer}; the config "
-                       "was edited or belongs to another model: re-export the model")
-    for key, dims in (("transformer.wte.weight", ("vocab_size", "n_embd")),
-                      ("transformer.wpe.weight", ("block_size", "n_embd"))):
+        raise GPTError(
+            f"{source} holds {len(layers)} layers but its config says n_layer={config.n_layer}; the config "
+            "was edited or belongs to another model: re-export the model"
+        )
+    for key, dims in (
+        ("transformer.wte.weight", ("vocab_size", "n_embd")),
+        ("transformer.wpe.weight", ("block_size", "n_embd")),
+    ):
         want = tuple(getattr(config, d) for d in dims)
         if key in shapes and tuple(shapes[key]) != want:
-            raise GPTError(f"{source}: tensor {key!r} has shape {tuple(shapes[key])} but the config says "
-                           f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)} (weights of a different vocabulary "
-                           "or model size, or an edited config): re-export the model")
+            raise GPTError(
+                f"{source}: tensor {key!r} has shape {tuple(shapes[key])} but the config says "
+                f"{', '.join(f'{d}={getattr(config, d)}' for d in dims)} (weights of a different vocabulary "
+                "or model size, or an edited config): re-export the model"
+            )
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = GPT(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied_keys(model)}
@@ -370,16 +392,21 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
     if not isinstance(raw, dict):
         raise GPTError(f"{path / CONFIG_FILE} is not a model config (a JSON object); re-export the model")
     if raw.get("model_type", "gpt") != "gpt" or "architectures" in raw:  # transformers' config.json
-        raise GPTError(f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
-                       f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory")
+        raise GPTError(
+            f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
+            f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory"
+        )
     config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
-    check_config_matches(config, safetensors_shapes(path / WEIGHTS_FILE, "re-export it from a .ckpt"),
-                         str(path / WEIGHTS_FILE))
+    check_config_matches(
+        config, safetensors_shapes(path / WEIGHTS_FILE, "re-export it from a .ckpt"), str(path / WEIGHTS_FILE)
+    )
     state = read_safetensors(path / WEIGHTS_FILE, "re-export it from a .ckpt", map_location)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
-        raise GPTError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
-                       "the tokenizer.json belongs to a different model")
+        raise GPTError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+            "the tokenizer.json belongs to a different model"
+        )
     model = GPT(config)
     load_weights(model, state, str(path / WEIGHTS_FILE))
     return model.to(map_location), tokenizer
@@ -392,7 +419,9 @@ def why_unloadable(e: Exception) -> str:
     for paragraph in re.split(r"\n\s*\n", str(e)):
         paragraph = re.sub(r"^.*WeightsUnpickler error:", "", paragraph, flags=re.S)  # after "please file an issue"
         paragraph = re.sub(r"Please use `torch\.serialization\.\S+.*", "", paragraph, flags=re.S)  # allow-listing
-        if paragraph.strip() and not paragraph.lstrip().startswith(("Weights only load failed", "Check the documentation")):
+        if paragraph.strip() and not paragraph.lstrip().startswith(
+            ("Weights only load failed", "Check the documentation")
+        ):
             reasons.append(" ".join(paragraph.split()))
     return f"{type(e).__name__}: {(reasons or ['a pickle that weights_only=True refuses'])[0][:150]}"
 
@@ -409,8 +438,9 @@ def torch_load_safely(path: str | Path, advice: str) -> object:
     try:
         return torch_load(path)
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncated files
-        raise GPTError(f"{path} cannot be loaded safely ({why_unloadable(e)}); it is corrupt, truncated or "
-                       f"contains code; {advice}") from e
+        raise GPTError(
+            f"{path} cannot be loaded safely ({why_unloadable(e)}); it is corrupt, truncated or contains code; {advice}"
+        ) from e
 
 
 def read_lightning_ckpt(path: str | Path) -> dict:
@@ -432,8 +462,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         raise GPTError(f"{path} is one file of a model directory; point at the directory itself: {path.parent}")
     if path.is_dir():
         if (path / ADAPTER_CONFIG_FILE).is_file():  # finetune.py's output, not a whole model
-            raise GPTError(f"{path} holds a LoRA adapter, not a whole model; sample with adapter={path} (its base "
-                           "model is found from the adapter's record), or fine-tune with merge=true for a whole model")
+            raise GPTError(
+                f"{path} holds a LoRA adapter, not a whole model; sample with adapter={path} (its base "
+                "model is found from the adapter's record), or fine-tune with merge=true for a whole model"
+            )
         return load_model_dir(path, map_location)
     ckpt = read_lightning_ckpt(path)
     meta = ckpt.get("gpt") if isinstance(ckpt, dict) else None
@@ -441,13 +473,17 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         raise GPTError(f"{path} is not a checkpoint written by train.py (no model config inside)")
     lacking = [k for k, kind in (("config", dict), ("tokenizer", str)) if not isinstance(meta.get(k), kind)]
     if lacking or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
-        raise GPTError(f"{path} is an incomplete checkpoint record (its {(lacking or ['state_dict'])[0]!r} entry is "
-                       "missing or of the wrong type); resume or export from another .ckpt of the run, e.g. best.ckpt")
+        raise GPTError(
+            f"{path} is an incomplete checkpoint record (its {(lacking or ['state_dict'])[0]!r} entry is "
+            "missing or of the wrong type); resume or export from another .ckpt of the run, e.g. best.ckpt"
+        )
     if holds_lora(ckpt["state_dict"]):
-        raise GPTError(f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
-                       f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model")
+        raise GPTError(
+            f"{path} is a LoRA fine-tuning checkpoint, not a whole model; use the adapter directory beside "
+            f"it (sample.py adapter={path.with_suffix('')}), or fine-tune with merge=true for a whole model"
+        )
     config = GPTConfig.from_dict(meta["config"], f"{path}'s model config")
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_config_matches(config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
     tokenizer = Tokenizer.from_str(meta["tokenizer"], f"{path}'s tokenizer entry")
     model = GPT(config)

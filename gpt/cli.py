@@ -76,15 +76,37 @@ def _is_sweep(value: str) -> bool:
 GROUPS = frozenset(d.name for d in CONFIG_DIR.iterdir() if d.is_dir())  # model, data, trainer, ...
 # Lightning's settings that take several types (devices=2 or "auto", precision=32 or "bf16-mixed", a fraction
 # or a step count): Lightning checks them itself.
-LOOSE_KEYS = ("trainer.devices", "trainer.precision", "trainer.accelerator", "trainer.strategy", "trainer.num_nodes",
-              "trainer.max_time", "trainer.limit_train_batches", "trainer.limit_val_batches",
-              "trainer.val_check_interval", "trainer.gradient_clip_val")
+LOOSE_KEYS = (
+    "trainer.devices",
+    "trainer.precision",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.num_nodes",
+    "trainer.max_time",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "trainer.val_check_interval",
+    "trainer.gradient_clip_val",
+)
 
 
 # Hydra's flags that take the next argument as their value (--cfg job, -p model, -cn other ...); --info takes
 # one only from its list.
-VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-               "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -95,7 +117,7 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
         a = args[i]
         if a.startswith("-"):
             takes = a in VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS)
-            flags += args[i:i + 1 + takes]
+            flags += args[i : i + 1 + takes]
             i += 1 + takes
         else:
             settings.append(a)
@@ -112,30 +134,43 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         try:
             a.encode("utf-8")
         except UnicodeEncodeError as e:
-            bad = a[e.start:e.end].encode("utf-8", "surrogateescape")
-            fail(f"the command-line argument {a.split('=', 1)[0]}=... is not UTF-8 text (byte 0x{bad[0]:02x} at "
-                 f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to "
-                 "UTF-8")
+            bad = a[e.start : e.end].encode("utf-8", "surrogateescape")
+            fail(
+                f"the command-line argument {a.split('=', 1)[0]}=... is not UTF-8 text (byte 0x{bad[0]:02x} at "
+                f"character {e.start}); convert it, e.g. with `iconv -f latin1 -t utf-8`, or set your terminal to "
+                "UTF-8"
+            )
     args = [expand_home(a) for a in args]
     flags, settings = split_flags(args)  # --help, --cfg job, -m ...: Hydra's own business
     for a in settings:
         if "=" not in a and not a.startswith("~"):
             fail(f"{a!r} is not a setting: write key=value (e.g. optim.lr=1e-3); `--cfg job` lists the keys")
         if a.startswith("~") and a[1:].split("=", 1)[0] in GROUPS:
-            fail(f"{a!r} would remove the whole {a[1:].split('=', 1)[0]} config; choose another one with "
-                 f"{a[1:].split('=', 1)[0]}=<name> instead")
+            fail(
+                f"{a!r} would remove the whole {a[1:].split('=', 1)[0]} config; choose another one with "
+                f"{a[1:].split('=', 1)[0]}=<name> instead"
+            )
         if a.startswith("~") and not a.startswith("~hydra") and a[1:].split("=", 1)[0] not in GROUPS:
-            fail(f"{a!r} would remove the setting {a[1:].split('=', 1)[0]}, which {config_name}.py reads; give it a "
-                 "value instead (null where the setting allows none)")
+            fail(
+                f"{a!r} would remove the setting {a[1:].split('=', 1)[0]}, which {config_name}.py reads; give it a "
+                "value instead (null where the setting allows none)"
+            )
         if "=" in a and _is_sweep(a.split("=", 1)[1]) and not multirun:
-            fail(f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
-                 "(quote a value that contains commas: key='a,b')")
-    overrides = [a for a in settings if not a.lstrip("+~").startswith("hydra")
-                 and not ("=" in a and _is_sweep(a.split("=", 1)[1]))]
+            fail(
+                f"{a!r} gives several values: add -m to run one job per value (a sweep), or give one value "
+                "(quote a value that contains commas: key='a,b')"
+            )
+    overrides = [
+        a
+        for a in settings
+        if not a.lstrip("+~").startswith("hydra") and not ("=" in a and _is_sweep(a.split("=", 1)[1]))
+    ]
     if any(f in ("--help", "-h") for f in flags):
         print_help(config_name, [a for a in overrides if a.split("=", 1)[0].lstrip("+~") in GROUPS])
-    if any(f in ("--hydra-help", "--info", "-i", "--version", "-sc", "--shell-completion",
-                 "--experimental-rerun") for f in flags):
+    if any(
+        f in ("--hydra-help", "--info", "-i", "--version", "-sc", "--shell-completion", "--experimental-rerun")
+        for f in flags
+    ):
         return args
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, OverrideParseException
@@ -157,8 +192,10 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
                 bad = arg
                 break
         key = bad.split("=", 1)[0].lstrip("+~")
-        fail(f"cannot read the command-line setting {bad!r} (Hydra's override syntax): check it for a typo; a value "
-             f"with spaces, non-ASCII letters or brackets needs quotes: '{key}=\"...\"' (single quotes for the shell)")
+        fail(
+            f"cannot read the command-line setting {bad!r} (Hydra's override syntax): check it for a typo; a value "
+            f"with spaces, non-ASCII letters or brackets needs quotes: '{key}=\"...\"' (single quotes for the shell)"
+        )
     except (HydraException, OmegaConfBaseException) as e:
         if verbose():
             raise
@@ -171,12 +208,16 @@ def precheck_overrides(config_name: str, args: list[str]) -> list[str]:
         if verbose():
             raise
         key = getattr(e, "full_key", None) or "a setting"
-        fail(f"{key}: cannot resolve ${{...}} ({str(e).splitlines()[0]}): Hydra reads ${{...}} as a reference to "
-             f"another setting; for the literal text write \\${{...}} (in the shell: '{key}=\\${{...}}')")
+        fail(
+            f"{key}: cannot resolve ${{...}} ({str(e).splitlines()[0]}): Hydra reads ${{...}} as a reference to "
+            f"another setting; for the literal text write \\${{...}} (in the shell: '{key}=\\${{...}}')"
+        )
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        fail(f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
-             f"(`python {config_name}.py --cfg job` shows the settings)")
+        fail(
+            f"{missing[0]} must be given for this configuration: add {missing[0]}=... "
+            f"(`python {config_name}.py --cfg job` shows the settings)"
+        )
     rewritten = check_value_types(config_name, overrides, cfg)
     args = [rewritten.get(a, a) for a in args]
     run_dir = ([unquote(a.split("=", 1)[1]) for a in args if a.startswith("hydra.run.dir=")] or [None])[-1]
@@ -204,8 +245,20 @@ def expand_home(arg: str) -> str:
 
 
 # Settings that name one file or directory: a leading ~ is the home directory, quoted or not (expand_home).
-PATH_KEYS = {"ckpt", "adapter", "base", "input_file", "output_file", "prompt_file", "attention_map", "ckpt_path",
-             "data.tokenizer_path", "task.root", "hydra.run.dir", "hydra.sweep.dir"}
+PATH_KEYS = {
+    "ckpt",
+    "adapter",
+    "base",
+    "input_file",
+    "output_file",
+    "prompt_file",
+    "attention_map",
+    "ckpt_path",
+    "data.tokenizer_path",
+    "task.root",
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+}
 GLOB_KEYS = {"data.path"}  # files or a glob (expanded by the data module): only ~ as the shell would
 
 
@@ -266,8 +319,10 @@ def precheck_run_dir(run_dir: Path, cfg) -> None:
             check_run_dir_is_free(run_dir, cfg.ckpt_path)
             others = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
             if others and not resumes_run_in(run_dir, cfg.ckpt_path) and is_launch_rank_zero():  # .hydra/, metrics...
-                raise GPTError(f"hydra.run.dir={run_dir} is not empty (it holds {', '.join(others[:3])}"
-                               f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory")
+                raise GPTError(
+                    f"hydra.run.dir={run_dir} is not empty (it holds {', '.join(others[:3])}"
+                    f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory"
+                )
             with RunLock(run_dir):  # refuses a directory another run is writing to
                 pass
 
@@ -284,8 +339,13 @@ def removed_if_refused(own_dir: bool):
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         scaffolding = {".hydra", ".lock", f"{HydraConfig.get().job.name}.log"}
-        if own_dir and is_launch_rank_zero() and run_dir.resolve() != Path.cwd().resolve() and run_dir.is_dir() \
-                and all(p.name in scaffolding for p in run_dir.iterdir()):
+        if (
+            own_dir
+            and is_launch_rank_zero()
+            and run_dir.resolve() != Path.cwd().resolve()
+            and run_dir.is_dir()
+            and all(p.name in scaffolding for p in run_dir.iterdir())
+        ):
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -347,20 +407,28 @@ def describe_config_error(msg: str, config_name: str, overrides: Sequence[str] =
         given = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] == group]
         chosen = [a for a in overrides if a.lstrip("+~").split("=", 1)[0] in GROUPS and a not in given]
         if not given and chosen:  # set by a chosen config, e.g. another script's experiment
-            return (f"{' '.join(chosen)} sets {group}, which is not a config group of {config_name}.py (its groups: "
-                    f"{groups}): it is meant for another script; drop it (`python {config_name}.py --help`)")
-        return (f"{group} is not a config group of {config_name}.py (its groups: {groups}); drop it: "
-                f"`python {config_name}.py --help` lists what it takes")
+            return (
+                f"{' '.join(chosen)} sets {group}, which is not a config group of {config_name}.py (its groups: "
+                f"{groups}): it is meant for another script; drop it (`python {config_name}.py --help`)"
+            )
+        return (
+            f"{group} is not a config group of {config_name}.py (its groups: {groups}); drop it: "
+            f"`python {config_name}.py --help` lists what it takes"
+        )
     m = re.search(r"Could not override '([^']+)'", msg)
     if m and ("not in struct" in msg or "To append to your config" in msg):
         key = m.group(1)
-        return (f"unknown config key '{key}' (a typo?); `python {config_name}.py --cfg job` lists every key, "
-                f"and +{key}=... adds a new one on purpose")
+        return (
+            f"unknown config key '{key}' (a typo?); `python {config_name}.py --cfg job` lists every key, "
+            f"and +{key}=... adds a new one on purpose"
+        )
     m = re.search(r"Could not find '([^']+)'", msg)
     if m:
         group = m.group(1).split("/")[0]
         options = re.findall(r"^\t(\S+)$", msg, flags=re.M)
-        return f"unknown choice '{m.group(1)}'" + (f"; available {group} options: {', '.join(options)}" if options else "")
+        return f"unknown choice '{m.group(1)}'" + (
+            f"; available {group} options: {', '.join(options)}" if options else ""
+        )
     return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 

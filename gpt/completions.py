@@ -55,14 +55,14 @@ class StreamPrinter:
         # the complete text before it holds back what could begin a stop string.
         end = len(text) if stopped else len(text.rstrip("\ufffd")) - self.holdback
         if end > self.printed:
-            self.out.write(text[self.printed:end])
+            self.out.write(text[self.printed : end])
             self.out.flush()
             self.printed = end
         return stopped
 
     def finish(self) -> str:
         text, _ = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
-        self.out.write(text[self.printed:])
+        self.out.write(text[self.printed :])
         self.out.flush()
         return text
 
@@ -82,8 +82,8 @@ def left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), T), dtype=torch.bool)
     for i, ids in enumerate(batch):
-        idx[i, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[i, T - len(ids):] = True
+        idx[i, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[i, T - len(ids) :] = True
     return idx.to(device), (None if bool(mask.all()) else mask.to(device))
 
 
@@ -102,13 +102,14 @@ class StopStrings:
         for row, token in enumerate(tokens.tolist()):
             if not self.done[row]:
                 self.ids[row].append(token)
-                tail = self.tokenizer.decode(self.ids[row][-self.window:])
+                tail = self.tokenizer.decode(self.ids[row][-self.window :])
                 self.done[row] = any(s in tail for s in self.stops)
         return self.done.to(tokens.device)
 
 
-def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: int, bonus: float,
-                      device) -> torch.Tensor:
+def source_token_bias(
+    tokenizer: Tokenizer, texts: Sequence[str], vocab_size: int, bonus: float, device
+) -> torch.Tensor:
     """(B, V): `bonus` at the tokens of each text, 0 elsewhere. Each text is encoded as it is and after a
     space, because a byte-level BPE spells a word differently at the start of a text and after a space."""
     bias = torch.zeros(len(texts), vocab_size, device=device)
@@ -117,13 +118,16 @@ def source_token_bias(tokenizer: Tokenizer, texts: Sequence[str], vocab_size: in
     return bias
 
 
-def check_decoding(num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_penalty=1.0, dtype="auto",
-                   prefix: str = "") -> None:
+def check_decoding(
+    num_beams=1, no_repeat_ngram_size=0, copy_bonus=0.0, length_penalty=1.0, dtype="auto", prefix: str = ""
+) -> None:
     """The decoding settings sample.py and fine-tuning's evaluation share (`prefix`: "eval." for the latter)."""
     check_dtype(dtype, prefix)
     if not is_number(length_penalty) or not math.isfinite(length_penalty):
-        raise GPTError(f"{prefix}length_penalty must be a finite number (got {length_penalty!r}); 1.0 = scores "
-                       "divided by the length, 0 = plain sums")
+        raise GPTError(
+            f"{prefix}length_penalty must be a finite number (got {length_penalty!r}); 1.0 = scores "
+            "divided by the length, 0 = plain sums"
+        )
     if not is_int(num_beams) or num_beams < 1:
         raise GPTError(f"{prefix}num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
     if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
@@ -139,11 +143,28 @@ def check_stop_strings(stops, key: str) -> None:
         raise GPTError(f"{key} holds an empty string, which would end every text at once; drop it ({key}=[] for none)")
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
-                   temperature: float, top_k=None, top_p=None, stops: Sequence[str] = (), stop_at_eos=True,
-                   batch_size: int = 32, generator=None, on_context_full="slide", no_repeat_ngram_size: int = 0,
-                   num_beams: int = 1, length_penalty: float = 1.0, copy_bonus: float = 0.0,
-                   sources: Optional[Sequence[str]] = None, compile: bool = False, strict: bool = True) -> list[str]:
+def generate_batch(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k=None,
+    top_p=None,
+    stops: Sequence[str] = (),
+    stop_at_eos=True,
+    batch_size: int = 32,
+    generator=None,
+    on_context_full="slide",
+    no_repeat_ngram_size: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    copy_bonus: float = 0.0,
+    sources: Optional[Sequence[str]] = None,
+    compile: bool = False,
+    strict: bool = True,
+) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
     Sampling (temperature > 0) draws prompt i's tokens from its own random stream, seeded by the generator's
     seed and i: a completion does not depend on batch_size or on the other prompts.
@@ -156,8 +177,10 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     if sources is not None and len(sources) != len(prompts):
         raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
-        raise GPTError(f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
-                       "and stop_at_eos=true; or use num_beams=1 to sample")
+        raise GPTError(
+            f"beam search (num_beams={num_beams}) finds the most likely text: it needs temperature=0 "
+            "and stop_at_eos=true; or use num_beams=1 to sample"
+        )
     device = next(model.parameters()).device
     encoded = []
     for i, prompt in enumerate(prompts):  # every prompt checked before any batch runs; a bad one named by its line
@@ -172,15 +195,24 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     out: list[Optional[str]] = [None] * len(prompts)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     # Beam search ends a beam at a token that holds a stop string (the text is cut there below).
-    stop_ids = [i for i in range(tokenizer.vocab_size) if any(s in tokenizer.decode([i]) for s in stops)] \
-        if num_beams > 1 and stops else []
-    chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    stop_ids = (
+        [i for i in range(tokenizer.vocab_size) if any(s in tokenizer.decode([i]) for s in stops)]
+        if num_beams > 1 and stops
+        else []
+    )
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     # The context fills by the padded length: a prompt padded beside longer ones would reach it (and slide,
     # stop, or end its beams) sooner than alone. Batches that can reach it are split into runs of prompts of
     # one length (the chunk is sorted by length): those need no padding.
-    chunks = [part for chunk in chunks for part in (
-        [list(same) for _, same in itertools.groupby(chunk, key=lambda i: len(encoded[i]))]
-        if max(len(encoded[i]) for i in chunk) + max_new_tokens > model.config.block_size else [chunk])]
+    chunks = [
+        part
+        for chunk in chunks
+        for part in (
+            [list(same) for _, same in itertools.groupby(chunk, key=lambda i: len(encoded[i]))]
+            if max(len(encoded[i]) for i in chunk) + max_new_tokens > model.config.block_size
+            else [chunk]
+        )
+    ]
     for chunk in chunks:
         idx, mask = left_pad([encoded[i] for i in chunk], pad, device)
         bias = None
@@ -188,19 +220,45 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
             texts = [(sources or prompts)[i] for i in chunk]
             bias = source_token_bias(tokenizer, texts, model.config.vocab_size, copy_bonus, device)
         if num_beams > 1:
-            new = beam_search(model, idx, max_new_tokens, num_beams=num_beams, eos_token_id=tokenizer.eos_id,
-                                    attention_mask=mask, length_penalty=length_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias,
-                                    stop_token_ids=stop_ids)
+            new = beam_search(
+                model,
+                idx,
+                max_new_tokens,
+                num_beams=num_beams,
+                eos_token_id=tokenizer.eos_id,
+                attention_mask=mask,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                logit_bias=bias,
+                stop_token_ids=stop_ids,
+            )
         else:
-            rows = None if generator is None or temperature == 0 else [
-                torch.Generator(device=generator.device).manual_seed((generator.initial_seed() * 1_000_003 + i) % 2**63)
-                for i in chunk]
-            new = generate(model, idx, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_token_id=tokenizer.eos_id if stop_at_eos else None,
-                                 generator=rows, on_context_full=on_context_full,
-                                 on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
-                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=bias, compile=compile)
+            rows = (
+                None
+                if generator is None or temperature == 0
+                else [
+                    torch.Generator(device=generator.device).manual_seed(
+                        (generator.initial_seed() * 1_000_003 + i) % 2**63
+                    )
+                    for i in chunk
+                ]
+            )
+            new = generate(
+                model,
+                idx,
+                max_new_tokens,
+                attention_mask=mask,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=tokenizer.eos_id if stop_at_eos else None,
+                generator=rows,
+                on_context_full=on_context_full,
+                on_token=StopStrings(tokenizer, stops, len(chunk)) if stops else None,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                logit_bias=bias,
+                compile=compile,
+            )
         for row, i in enumerate(chunk):
             out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
     return out

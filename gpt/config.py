@@ -24,8 +24,14 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")  # GPT-2's GELU MLP (with `activation`), or the SiLU-gated MLP of Llama
 # Fields added after config.json files were first written, with the value every earlier file implied.
 # An earlier file is one that names the norm's epsilon `layer_norm_eps` (now `norm_eps`).
-ADDED_FIELDS = {"n_kv_head": None, "pos_emb": "learned", "rope_theta": 10000.0, "norm": "layernorm",
-                "mlp": "gelu", "mlp_hidden": None}
+ADDED_FIELDS = {
+    "n_kv_head": None,
+    "pos_emb": "learned",
+    "rope_theta": 10000.0,
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "mlp_hidden": None,
+}
 
 
 @dataclass
@@ -57,8 +63,10 @@ class GPTConfig:
         problems = []
         if layer_norm_eps is not None:
             if self.norm_eps not in (1e-5, layer_norm_eps):  # 1e-5: norm_eps left at its default
-                problems.append(f"layer_norm_eps={layer_norm_eps} and norm_eps={self.norm_eps} disagree; give "
-                                "norm_eps only (layer_norm_eps is its old name)")
+                problems.append(
+                    f"layer_norm_eps={layer_norm_eps} and norm_eps={self.norm_eps} disagree; give "
+                    "norm_eps only (layer_norm_eps is its old name)"
+                )
             self.norm_eps = layer_norm_eps
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -74,8 +82,10 @@ class GPTConfig:
                 f"e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
         if not problems and self.n_head % self.kv_heads != 0:
-            problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each "
-                            "key/value head serves an equal group of query heads")
+            problems.append(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each "
+                "key/value head serves an equal group of query heads"
+            )
         if not problems and self.pos_emb == "rope" and self.head_dim % 2:
             problems.append(f"pos_emb=rope needs an even head size (n_embd / n_head = {self.head_dim})")
         if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):  # NaN fails both comparisons
@@ -87,8 +97,13 @@ class GPTConfig:
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
-        for name, choices in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS), ("attn_impl", ATTENTION_IMPLS),
-                              ("activation", tuple(ACTIVATIONS))):
+        for name, choices in (
+            ("pos_emb", POS_EMBS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("attn_impl", ATTENTION_IMPLS),
+            ("activation", tuple(ACTIVATIONS)),
+        ):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {list(choices)} (got {getattr(self, name)!r})")
         if problems:
@@ -133,9 +148,11 @@ class GPTConfig:
             raise GPTError(f"{source} has unknown keys {unknown}; expected a subset of {sorted(known)}")
         missing = sorted(known - set(d) - {"attn_impl", "dropout"})  # those two do not change a trained model
         if missing or d.get("vocab_size") is None:
-            raise GPTError(f"{source} lacks {missing or ['vocab_size']}; it was not written by this tool or was "
-                           "edited: re-export the model (a Hugging Face GPT-2 or Llama comes in through "
-                           "python -m gpt.convert import-hf)")
+            raise GPTError(
+                f"{source} lacks {missing or ['vocab_size']}; it was not written by this tool or was "
+                "edited: re-export the model (a Hugging Face GPT-2 or Llama comes in through "
+                "python -m gpt.convert import-hf)"
+            )
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:

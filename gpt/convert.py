@@ -27,16 +27,27 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from gpt.checkpoint import (ADAPTER_CONFIG_FILE, CONFIG_FILE, atomic_dir, check_tensors, load_model, load_weights,
-                            read_safetensors, save_model_dir, tied_keys, torch_load_safely)
+from gpt.checkpoint import (
+    ADAPTER_CONFIG_FILE,
+    CONFIG_FILE,
+    atomic_dir,
+    check_tensors,
+    load_model,
+    load_weights,
+    read_safetensors,
+    save_model_dir,
+    tied_keys,
+    torch_load_safely,
+)
 from gpt.cli import fail, user_errors
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
+from gpt.hftokenizer import read_json, save_hf_tokenizer, tokenizer_from_hf
 from gpt.llama import LLAMA_BLOCK, config_from_llama, llama_config, llama_state_dict, state_from_llama
 from gpt.model import GPT
-from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
+from gpt.tokenizer import Tokenizer
 
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
@@ -50,7 +61,12 @@ ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # a language model, no extra h
 # The block each Hugging Face class computes, in our config's terms
 GPT2_BLOCK = dict(pos_emb="learned", norm="layernorm", mlp="gelu")
 # In the order looked for: safetensors first, a single file before a sharded one.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,7 +84,11 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     A tied lm_head is left out, as transformers does. A model built with bias=False gets zero biases:
     GPT-2 always has them, and adding zero changes nothing.
     """
-    out = {k: (v.t().contiguous() if _is_conv1d(k) else v) for k, v in model.state_dict().items() if k not in tied_keys(model)}
+    out = {
+        k: (v.t().contiguous() if _is_conv1d(k) else v)
+        for k, v in model.state_dict().items()
+        if k not in tied_keys(model)
+    }
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head" and module.bias is None:
             w = module.weight
@@ -91,13 +111,19 @@ def state_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, source: str
     out = {"transformer." + k.removeprefix(prefix): (v.t() if _is_conv1d(k) else v) for k, v in state.items()}
     if config.tie_embeddings:
         if lm_head is not None and not torch.equal(lm_head, state[prefix + "wte.weight"]):
-            raise GPTError(f"{source}: 'lm_head.weight' differs from the token embedding '{prefix}wte.weight' but "
-                           "config.json says tie_word_embeddings=true; set it to false (an untied output layer)")
+            raise GPTError(
+                f"{source}: 'lm_head.weight' differs from the token embedding '{prefix}wte.weight' but "
+                "config.json says tie_word_embeddings=true; set it to false (an untied output layer)"
+            )
     else:  # an untied output layer (e.g. a merged LoRA adapter on lm_head): its own tensor
         if lm_head is None:
-            raise GPTError(f"{source} is missing tensor 'lm_head.weight' (config.json says tie_word_embeddings=false); "
-                           "download the checkpoint again (all of its files)")
-        check_tensors({"lm_head.weight": tuple(out["transformer.wte.weight"].shape)}, {"lm_head.weight": lm_head}, source)
+            raise GPTError(
+                f"{source} is missing tensor 'lm_head.weight' (config.json says tie_word_embeddings=false); "
+                "download the checkpoint again (all of its files)"
+            )
+        check_tensors(
+            {"lm_head.weight": tuple(out["transformer.wte.weight"].shape)}, {"lm_head.weight": lm_head}, source
+        )
         out["lm_head.weight"] = lm_head
     return out
 
@@ -113,128 +139,88 @@ def config_from_hf(raw: dict, source: str) -> GPTConfig:
         return config_from_llama(raw, source)
     if model_type != "gpt2":
         found = f"model_type {model_type!r}" + (f", architectures {archs}" if archs else "")
-        hint = ("it is already one of our model directories: use it as it is" if model_type == "gpt"
-                else "import-hf converts Hugging Face GPT-2 and Llama checkpoints (model_type 'gpt2' or 'llama') only")
+        hint = (
+            "it is already one of our model directories: use it as it is"
+            if model_type == "gpt"
+            else "import-hf converts Hugging Face GPT-2 and Llama checkpoints (model_type 'gpt2' or 'llama') only"
+        )
         raise GPTError(f"{source} describes {found}, not GPT-2 or Llama; {hint}")
     extra_heads = [a for a in archs if a not in ARCHITECTURES]
     if extra_heads:
-        raise GPTError(f"{source}: architectures {extra_heads} are not supported; import-hf takes a GPT-2 language "
-                       f"model ({' or '.join(ARCHITECTURES)}), without extra heads")
+        raise GPTError(
+            f"{source}: architectures {extra_heads} are not supported; import-hf takes a GPT-2 language "
+            f"model ({' or '.join(ARCHITECTURES)}), without extra heads"
+        )
     try:
         hf = GPT2Config.from_dict(raw)  # the defaults transformers itself fills in for fields a file leaves out
     except Exception as e:  # transformers validates types with its own exception classes
-        raise GPTError(f"{source} is not a valid GPT-2 config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise GPTError(
+            f"{source} is not a valid GPT-2 config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
     for field, value in REQUIRED.items():
         if getattr(hf, field) != value:
-            raise GPTError(f"{source}: {field}={getattr(hf, field)!r} is not supported (our GPT computes "
-                           f"{field}={value}); this checkpoint cannot be represented")
+            raise GPTError(
+                f"{source}: {field}={getattr(hf, field)!r} is not supported (our GPT computes "
+                f"{field}={value}); this checkpoint cannot be represented"
+            )
     if hf.n_inner not in (None, 4 * hf.n_embd):
-        raise GPTError(f"{source}: n_inner={hf.n_inner} is not supported (our MLP is 4 * n_embd = {4 * hf.n_embd} wide)")
+        raise GPTError(
+            f"{source}: n_inner={hf.n_inner} is not supported (our MLP is 4 * n_embd = {4 * hf.n_embd} wide)"
+        )
     if hf.activation_function not in ACTIVATION_FROM_HF:
-        raise GPTError(f"{source}: activation_function {hf.activation_function!r} is not supported; "
-                       f"supported: {', '.join(ACTIVATION_FROM_HF)}")
-    return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, bias=True, norm_eps=hf.layer_norm_epsilon,
-                     activation=ACTIVATION_FROM_HF[hf.activation_function],
-                     # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
-                     dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
-                     tie_embeddings=bool(hf.tie_word_embeddings))
+        raise GPTError(
+            f"{source}: activation_function {hf.activation_function!r} is not supported; "
+            f"supported: {', '.join(ACTIVATION_FROM_HF)}"
+        )
+    return GPTConfig(
+        block_size=hf.n_positions,
+        vocab_size=hf.vocab_size,
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        n_embd=hf.n_embd,
+        bias=True,
+        norm_eps=hf.layer_norm_epsilon,
+        activation=ACTIVATION_FROM_HF[hf.activation_function],
+        # One dropout rate for the three places GPT-2 names separately (all 0.1 in the releases).
+        dropout=float(max(hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop)),
+        tie_embeddings=bool(hf.tie_word_embeddings),
+    )
 
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> GPT2Config:
     """The GPT2Config of one of our models (its vocab_size, padding included, is the model's)."""
     eos = tokenizer.eos_id
-    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-                      n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
-                      activation_function=ACTIVATION_TO_HF[config.activation],
-                      resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                      layer_norm_epsilon=config.norm_eps, bos_token_id=eos, eos_token_id=eos,
-                      tie_word_embeddings=config.tie_embeddings)
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=None,
+        activation_function=ACTIVATION_TO_HF[config.activation],
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.norm_eps,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=config.tie_embeddings,
+    )
 
 
 def hf_format(config: GPTConfig) -> str:
-    """"gpt2" or "llama": the Hugging Face class that computes what this config does; anything else is refused."""
+    """ "gpt2" or "llama": the Hugging Face class that computes what this config does; anything else is refused."""
     choices = {k: getattr(config, k) for k in GPT2_BLOCK}
     if choices == GPT2_BLOCK and config.kv_heads == config.n_head and config.hidden_dim == 4 * config.n_embd:
         return "gpt2"
     if choices == LLAMA_BLOCK:
         return "llama"
     mine = ", ".join(f"{k}={v}" for k, v in choices.items())
-    raise GPTError(f"this model ({mine}, n_kv_head={config.kv_heads}, MLP width {config.hidden_dim}) is neither "
-                   "GPT-2's block (learned, layernorm, gelu, n_kv_head = n_head, width 4 * n_embd) nor Llama's (rope, "
-                   "rmsnorm, swiglu): no transformers class computes it, so export-hf cannot write it")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def tokenizer_from_hf(hf_dir: Path, raw: dict, vocab_size: int) -> Tokenizer:
-    """tokenizer.json as it is, or GPT-2's vocab.json + merges.txt; `<|endoftext|>` must be there (our EOS)."""
-    settings = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        tokenizer = Tokenizer.load(hf_dir)
-    elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
-        tokenizer = Tokenizer.from_gpt2_files(hf_dir / "vocab.json", hf_dir / "merges.txt",
-                                              add_prefix_space=bool(settings.get("add_prefix_space", False)))
-    else:
-        raise GPTError(f"{hf_dir} has no tokenizer: expected {TOKENIZER_FILE}, or vocab.json + merges.txt "
-                       "(download them together with the weights)")
-    # A tokenizer.json may carry a truncation or padding setting; ours never truncate or pad silently.
-    tokenizer.hf.no_truncation()
-    tokenizer.hf.no_padding()
-    if tokenizer.eos_id is None:
-        raise GPTError(f"{hf_dir}: the tokenizer has no {EOS} token (GPT-2's end of text, and ours); a tokenizer "
-                       "that ends texts with another token (Llama 2's </s>, Llama 3's <|end_of_text|>) cannot be used")
-    eos = raw.get("eos_token_id")
-    if eos is not None and tokenizer.eos_id not in (eos if isinstance(eos, list) else [eos]):
-        raise GPTError(f"{hf_dir / CONFIG_FILE}: eos_token_id={eos} but the tokenizer's {EOS} is id {tokenizer.eos_id}; "
-                       "the tokenizer and the model do not belong together")
-    if tokenizer.vocab_size > vocab_size:
-        raise GPTError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
-                       "(vocab_size in config.json); the tokenizer and the model do not belong together")
-    return tokenizer
-
-
-def gpt2_add_prefix_space(tokenizer: Tokenizer) -> Optional[bool]:
-    """add_prefix_space if `tokenizer` is exactly GPT-2's scheme (what transformers' GPT2Tokenizer rebuilds
-    from a tokenizer.json: byte-level BPE, no normalizer, no other special tokens), else None."""
-    spec = json.loads(tokenizer.to_str())
-    model, pre, dec = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
-    plain_bpe = model.get("type") == "BPE" and not any(
-        model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"))
-    if (plain_bpe and spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and dec.get("type") == "ByteLevel" and {t["content"] for t in spec.get("added_tokens", [])} <= {EOS}):
-        return bool(pre.get("add_prefix_space", False))
-    return None
-
-
-def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained` loads without custom code.
-
-    A GPT-2-style byte-level BPE is declared a `GPT2Tokenizer` (what GPT-2's own directory says); any other
-    tokenizer (e.g. char-level) a `PreTrainedTokenizerFast`, which takes tokenizer.json as it is.
-    """
-    prefix_space = gpt2_add_prefix_space(tokenizer)
-    specials = {}
-    if tokenizer.eos_id is not None:
-        specials.update(eos_token=EOS, bos_token=EOS)  # GPT-2 uses <|endoftext|> for both
-    if tokenizer.unk_id is not None:
-        specials["unk_token"] = UNK
-    elif prefix_space is not None and tokenizer.eos_id is not None:
-        specials["unk_token"] = EOS  # as GPT-2's own tokenizer_config (byte-level BPE never needs it)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, model_max_length=model_max_length,
-                                   clean_up_tokenization_spaces=False, **specials)
-    fast.save_pretrained(str(path))
-    tokenizer.save(path / TOKENIZER_FILE)  # ours as it is (transformers adds a post-processor that does nothing)
-    # transformers 5 writes its internal class name (TokenizersBackend), which earlier versions do not know.
-    config_path = path / "tokenizer_config.json"
-    settings = _read_json(config_path)
-    if prefix_space is None:
-        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    else:
-        settings.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=prefix_space)
-    config_path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    raise GPTError(
+        f"this model ({mine}, n_kv_head={config.kv_heads}, MLP width {config.hidden_dim}) is neither "
+        "GPT-2's block (learned, layernorm, gelu, n_kv_head = n_head, width 4 * n_embd) nor Llama's (rope, "
+        "rmsnorm, swiglu): no transformers class computes it, so export-hf cannot write it"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,23 +229,28 @@ def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -
 
 def check_hf_dir(hf_dir: Path) -> Path:
     if not hf_dir.is_dir() or not (hf_dir / CONFIG_FILE).is_file():
-        raise GPTError(f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
-                       "GPT-2 or Llama download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`")
+        raise GPTError(
+            f"{hf_dir} is not a Hugging Face model directory (needs {CONFIG_FILE}); point at a local "
+            "GPT-2 or Llama download, e.g. `hf download openai-community/gpt2 --local-dir gpt2`"
+        )
     return hf_dir
 
 
 def read_hf_dir(hf_dir: str | Path) -> tuple[GPT, Tokenizer, dict]:
     """Our model and tokenizer for a local Hugging Face GPT-2 or Llama directory, and where they came from."""
     hf_dir = check_hf_dir(Path(hf_dir))
-    raw = _read_json(hf_dir / CONFIG_FILE)
+    raw = read_json(hf_dir / CONFIG_FILE)
     config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
     tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
     state, source = read_hf_weights(hf_dir)
     model = GPT(config)
     from_hf = state_from_llama if raw["model_type"] == "llama" else state_from_hf
     load_weights(model, from_hf(state, config, source), source)
-    return model, tokenizer, {"format": f"huggingface-{raw['model_type']}", "path": str(hf_dir.resolve()),
-                              "weights": Path(source).name}
+    return (
+        model,
+        tokenizer,
+        {"format": f"huggingface-{raw['model_type']}", "path": str(hf_dir.resolve()), "weights": Path(source).name},
+    )
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> tuple[Path, GPT]:
@@ -275,8 +266,10 @@ def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) 
     """One of our models (exported dir or .ckpt) -> a directory transformers loads as GPT-2 or as Llama."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     if (model_path / ADAPTER_CONFIG_FILE).is_file():
-        raise GPTError(f"{model_path} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a whole model; merge it into its "
-                       "base model first and export the merged model directory")
+        raise GPTError(
+            f"{model_path} holds a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a whole model; merge it into its "
+            "base model first and export the merged model directory"
+        )
     out_dir = check_output_dir(out_dir, model_path, force)
     model, tokenizer = load_model(model_path)
     if hf_format(model.config) == "llama":
@@ -301,16 +294,6 @@ def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) 
 # Files
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPTError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(data, dict):
-        raise GPTError(f"{path} does not hold a JSON object; download it again")
-    return data
-
-
 def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of a Hugging Face model directory (single or sharded; safetensors preferred)."""
     path = next((hf_dir / name for name in WEIGHT_FILES if (hf_dir / name).is_file()), None)
@@ -318,7 +301,7 @@ def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise GPTError(f"{hf_dir} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
     if not path.name.endswith(".index.json"):
         return _read_weight_file(path), str(path)
-    weight_map = _read_json(path).get("weight_map")
+    weight_map = read_json(path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise GPTError(f"{path} has no weight_map; download it again")
     state: dict[str, torch.Tensor] = {}
@@ -333,7 +316,9 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_safetensors(path, "download it again")
     state = torch_load_safely(path, "use the model.safetensors file instead, or a source you trust")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise GPTError(f"{path} does not hold a state dict (a flat mapping of names to tensors)")
     return state
 
@@ -355,13 +340,18 @@ def check_output_dir(out: Path, source: Path, force: bool) -> Path:
     if entries and not force:
         raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
     if entries and (not (out / CONFIG_FILE).is_file() or any(p.is_dir() for p in entries)):
-        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise GPTError(f"{out} holds {shown}: not a model; --force only replaces a model directory, so choose a "
-                       "new directory")
+        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:4]) + (
+            ", ..." if len(entries) > 4 else ""
+        )
+        raise GPTError(
+            f"{out} holds {shown}: not a model; --force only replaces a model directory, so choose a new directory"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise GPTError(f"cannot create {out} ({e.strerror}: {e.filename}); choose a directory you can write to") from None
+        raise GPTError(
+            f"cannot create {out} ({e.strerror}: {e.filename}); choose a directory you can write to"
+        ) from None
     return out
 
 
@@ -375,8 +365,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = _Parser(prog="python -m gpt.convert", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m gpt.convert",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf}")
     imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama directory -> one of our model dirs")
     imp.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer files")
@@ -395,14 +388,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.verb == "import-hf":
             out, model = import_hf(args.hf_dir, args.out_dir, force=args.force)
             c = model.config
-            print(f"imported {args.hf_dir} -> {out}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dims, "
-                  f"context {c.block_size}, vocab {c.vocab_size}, {model.num_params(non_embedding=False) / 1e6:.1f}M "
-                  f"parameters\nsample from it: python sample.py ckpt={out}")
+            print(
+                f"imported {args.hf_dir} -> {out}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dims, "
+                f"context {c.block_size}, vocab {c.vocab_size}, {model.num_params(non_embedding=False) / 1e6:.1f}M "
+                f"parameters\nsample from it: python sample.py ckpt={out}"
+            )
         else:
             out = export_hf(args.model, args.hf_dir, force=args.force)
             kind = "Llama" if json.loads((out / CONFIG_FILE).read_text())["model_type"] == "llama" else "GPT-2"
-            print(f"exported {args.model} -> {out} (Hugging Face {kind}: "
-                  f"AutoModelForCausalLM.from_pretrained({str(out)!r}), AutoTokenizer.from_pretrained({str(out)!r}))")
+            print(
+                f"exported {args.model} -> {out} (Hugging Face {kind}: "
+                f"AutoModelForCausalLM.from_pretrained({str(out)!r}), AutoTokenizer.from_pretrained({str(out)!r}))"
+            )
 
 
 if __name__ == "__main__":

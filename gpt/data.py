@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.request
 from glob import escape
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gpt.datafiles import resolve_files, sha256_file
+from gpt.datafiles import load_hub_dataset, resolve_files, sha256_file
 from gpt.errors import GPTError, check_num_workers, storage_errors
 from gpt.textfiles import check_text_files
 from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
@@ -60,8 +59,13 @@ class TextSource:
         """Open a hub dataset now (a name that cannot be opened fails here, not inside a tokenizer's trainer)."""
         if self.hub and self._hub_dataset is None:
             hub = self.hub
-            self._hub_dataset = load_hub_dataset(hub["name"], hub.get("config"), hub.get("split", "train"),
-                                                 streaming=True, instead="use local files with data.path")
+            self._hub_dataset = load_hub_dataset(
+                hub["name"],
+                hub.get("config"),
+                hub.get("split", "train"),
+                streaming=True,
+                instead="use local files with data.path",
+            )
 
     def fingerprint(self) -> dict:
         if self.files:
@@ -75,8 +79,14 @@ class TextSource:
 
         if self.files:
             # data_files are patterns to datasets: a file name with [ ] * ? goes in escaped
-            ds = load_dataset("text", data_files=[escape(str(f)) for f in self.files], split="train",
-                              keep_linebreaks=True, streaming=True, chunksize=CHUNK_BYTES)
+            ds = load_dataset(
+                "text",
+                data_files=[escape(str(f)) for f in self.files],
+                split="train",
+                keep_linebreaks=True,
+                streaming=True,
+                chunksize=CHUNK_BYTES,
+            )
             per_file = ds.num_shards == len(self.files)  # the text builder's shards are its files, in order
             end = [EOS] if doc_ends and per_file and len(self.files) > 1 else []
             for i in range(ds.num_shards if per_file else 1):
@@ -94,52 +104,10 @@ class TextSource:
         column = self.hub.get("text_column", "text")
         for batch in self._hub_dataset.iter(batch_size=LINES_PER_BATCH):
             if column not in batch:
-                raise GPTError(f"hub dataset has no column {column!r} (columns: {sorted(batch)}); set data.hub.text_column")
+                raise GPTError(
+                    f"hub dataset has no column {column!r} (columns: {sorted(batch)}); set data.hub.text_column"
+                )
             yield [t + EOS for t in batch[column]] if doc_ends else batch[column]
-
-
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub's host name resolves: a machine without a network fails this at once.
-    Behind a proxy the proxy resolves it, so then the hub counts as reachable."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    proxies = urllib.request.getproxies()
-    if proxies.get("https") or proxies.get("all"):
-        return True
-    try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except (OSError, UnicodeError):
-        return False
-    return True
-
-
-def load_hub_dataset(name: str, config: Optional[str], split: str, *, streaming: bool = False, instead: str):
-    """datasets.load_dataset for a hub dataset; `instead` says what to use if it cannot be opened.
-
-    Where the hub cannot be reached, the call runs in the libraries' offline mode: a copy in the local cache
-    still loads, and a missing one fails at once instead of after huggingface_hub's five retries (~23 s).
-    """
-    import datasets
-    from huggingface_hub import constants
-
-    online = constants.HF_HUB_OFFLINE is False and hub_reachable()
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    try:
-        if not online:
-            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-        return datasets.load_dataset(name, config, split=split, streaming=streaming)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if not online:
-            raise GPTError(f"hub dataset {name!r} (split {split!r}) is not in the local cache and the hub cannot be "
-                           f"reached from here ({why}); download it on a machine with a network, or {instead}") from e
-        raise GPTError(f"could not open hub dataset {name!r} split {split!r} ({why}); check the name, "
-                       f"config and split on huggingface.co, or {instead}") from e
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,8 +144,10 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     if requested not in limits:
         raise GPTError(f"data.dtype must be auto, uint16 or uint32 (got {requested!r})")
     if vocab_size > limits[requested]:
-        raise GPTError(f"the tokenizer has {vocab_size} tokens, more than {requested} can hold ({limits[requested]}); "
-                       "use data.dtype=uint32 (or auto)")
+        raise GPTError(
+            f"the tokenizer has {vocab_size} tokens, more than {requested} can hold ({limits[requested]}); "
+            "use data.dtype=uint32 (or auto)"
+        )
     return np.dtype(requested)
 
 
@@ -199,34 +169,61 @@ def build_tokenizer(source: TextSource, kind: str, vocab_size: Optional[int], pa
             raise GPTError(f"data.vocab_size must be a positive number of BPE tokens, e.g. 2048 (got {vocab_size!r})")
         tok = Tokenizer.train_bpe(source.batches(doc_ends=False), vocab_size)
         if tok.vocab_size < vocab_size:  # BpeTrainer stops when no pair of tokens occurs twice
-            log.info("BPE: %d tokens, not the %d asked for: the corpus has no more merges to learn",
-                     tok.vocab_size, vocab_size)
+            log.info(
+                "BPE: %d tokens, not the %d asked for: the corpus has no more merges to learn",
+                tok.vocab_size,
+                vocab_size,
+            )
         return tok
     raise GPTError(f"data.tokenizer must be char, bpe or file (got {kind!r})")
 
 
-def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokenizer: str = "char",
-                   vocab_size: Optional[int] = None, tokenizer_path: Optional[str] = None,
-                   val_fraction: float = 0.1, dtype: str = "auto") -> TokenStore:
+def prepare_corpus(
+    source: TextSource,
+    cache_dir: str | Path,
+    name: str,
+    tokenizer: str = "char",
+    vocab_size: Optional[int] = None,
+    tokenizer_path: Optional[str] = None,
+    val_fraction: float = 0.1,
+    dtype: str = "auto",
+) -> TokenStore:
     """Tokenize the corpus once into `cache_dir/<name>-<key>/` (or reuse it) and return the store."""
     if not (0.0 < val_fraction < 1.0):
         raise GPTError(f"data.val_fraction must be in (0, 1) (got {val_fraction})")
     if vocab_size is not None and tokenizer != "bpe":  # e.g. data=hub (vocab_size 8192) data.tokenizer=char
-        log.warning("data.vocab_size=%s is not used: it sizes a BPE vocabulary to learn, and data.tokenizer=%s %s",
-                    vocab_size, tokenizer, "takes one token per character of the corpus" if tokenizer == "char"
-                    else "uses the vocabulary of the given tokenizer")
+        log.warning(
+            "data.vocab_size=%s is not used: it sizes a BPE vocabulary to learn, and data.tokenizer=%s %s",
+            vocab_size,
+            tokenizer,
+            "takes one token per character of the corpus"
+            if tokenizer == "char"
+            else "uses the vocabulary of the given tokenizer",
+        )
     tokenizer_file = None
     if tokenizer_path:
         if not Path(tokenizer_path).exists():
-            raise GPTError(f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a "
-                           "model directory holding one")
-        tokenizer_file = Path(tokenizer_path) / TOKENIZER_FILE if Path(tokenizer_path).is_dir() else Path(tokenizer_path)
+            raise GPTError(
+                f"data.tokenizer_path={tokenizer_path} does not exist; point it at a tokenizer.json or a "
+                "model directory holding one"
+            )
+        tokenizer_file = (
+            Path(tokenizer_path) / TOKENIZER_FILE if Path(tokenizer_path).is_dir() else Path(tokenizer_path)
+        )
         if not tokenizer_file.is_file():
-            raise GPTError(f"data.tokenizer_path={tokenizer_path} is a directory without a {TOKENIZER_FILE}; point it "
-                           "at a tokenizer.json or a model directory holding one (e.g. a run's checkpoints/best)")
-    spec = {"version": STORE_VERSION, "source": source.fingerprint(), "tokenizer": tokenizer,
-            "vocab_size": vocab_size, "val_fraction": val_fraction, "dtype": dtype,
-            "tokenizer_file": sha256_file(tokenizer_file) if tokenizer_file else None}
+            raise GPTError(
+                f"data.tokenizer_path={tokenizer_path} is a directory without a {TOKENIZER_FILE}; point it "
+                "at a tokenizer.json or a model directory holding one (e.g. a run's checkpoints/best)"
+            )
+    spec = {
+        "version": STORE_VERSION,
+        "source": source.fingerprint(),
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "val_fraction": val_fraction,
+        "dtype": dtype,
+        "tokenizer_file": sha256_file(tokenizer_file) if tokenizer_file else None,
+    }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache_dir) / f"{name}-{key}"
     if (final / "meta.json").is_file():
@@ -252,9 +249,17 @@ def prepare_corpus(source: TextSource, cache_dir: str | Path, name: str, tokeniz
         if n == 0:
             raise GPTError("the corpus holds no text; point data.path at a file with text")
         tok.save(tmp / "tokenizer.json")
-        meta = {**spec, "name": name, "n_tokens": n, "n_train": int(n * (1 - val_fraction)),
-                "dtype": np_dtype.name, "vocab_size_actual": tok.vocab_size, "tokenizer_kind": tok.kind,
-                "n_unknown": n_unknown, "unknown_chars": "".join(sorted(unknown)[:20])}
+        meta = {
+            **spec,
+            "name": name,
+            "n_tokens": n,
+            "n_train": int(n * (1 - val_fraction)),
+            "dtype": np_dtype.name,
+            "vocab_size_actual": tok.vocab_size,
+            "tokenizer_kind": tok.kind,
+            "n_unknown": n_unknown,
+            "unknown_chars": "".join(sorted(unknown)[:20]),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, final)  # atomic: a reader sees no store or a whole one
@@ -270,9 +275,15 @@ def warn_unknown(store: TokenStore) -> TokenStore:
     """Say so (on every run, cached store or not) when a fixed char vocabulary turned text into <|unk|>."""
     n_unknown, n = store.meta.get("n_unknown", 0), store.meta["n_tokens"]
     if n_unknown:
-        log.warning("%d of %d tokens (%.2f%%) are characters the tokenizer has never seen (%s); they train as %s. "
-                    "To keep them, build the vocabulary from this corpus (data.tokenizer=char) or use BPE",
-                    n_unknown, n, 100 * n_unknown / n, repr(store.meta.get("unknown_chars", "")), UNK)
+        log.warning(
+            "%d of %d tokens (%.2f%%) are characters the tokenizer has never seen (%s); they train as %s. "
+            "To keep them, build the vocabulary from this corpus (data.tokenizer=char) or use BPE",
+            n_unknown,
+            n,
+            100 * n_unknown / n,
+            repr(store.meta.get("unknown_chars", "")),
+            UNK,
+        )
     return store
 
 
@@ -292,10 +303,25 @@ class RandomWindows(IterableDataset):
     Iteration counts micro-batches: micro-batch i is step i // accumulate, part i % accumulate.
     """
 
-    def __init__(self, path, dtype, offset, n_tokens, block_size, batch_size, seed, rank=0, start=0, stop=None,
-                 world_size=1, accumulate=1):
+    def __init__(
+        self,
+        path,
+        dtype,
+        offset,
+        n_tokens,
+        block_size,
+        batch_size,
+        seed,
+        rank=0,
+        start=0,
+        stop=None,
+        world_size=1,
+        accumulate=1,
+    ):
         if not 0 <= rank < world_size or accumulate < 1:
-            raise ValueError(f"need 0 <= rank < world_size and accumulate >= 1 (got {rank}, {world_size}, {accumulate})")
+            raise ValueError(
+                f"need 0 <= rank < world_size and accumulate >= 1 (got {rank}, {world_size}, {accumulate})"
+            )
         self.path, self.dtype, self.offset, self.n_tokens = str(path), np.dtype(dtype), offset, n_tokens
         self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
         self.world_size, self.accumulate = world_size, accumulate
@@ -310,8 +336,9 @@ class RandomWindows(IterableDataset):
         return self.stop
 
     def __iter__(self):
-        data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,
-                         shape=(self.n_tokens,))
+        data = np.memmap(
+            self.path, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize, shape=(self.n_tokens,)
+        )
         window = np.arange(self.block_size + 1)
         B, parts = self.batch_size, self.world_size * self.accumulate
         # With DataLoader workers each one makes every num_workers-th micro-batch, and the DataLoader takes
@@ -323,7 +350,7 @@ class RandomWindows(IterableDataset):
             rng = np.random.default_rng([self.seed, 0, step])  # the 0 keeps one-process batches as they were
             starts = rng.integers(0, self.n_tokens - self.block_size, size=B * parts)
             part = micro * self.world_size + self.rank
-            starts = starts[part * B:(part + 1) * B]
+            starts = starts[part * B : (part + 1) * B]
             chunk = torch.from_numpy(data[starts[:, None] + window].astype(np.int64))  # one gather from the memmap
             yield {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
             i += stride
@@ -347,12 +374,27 @@ class FixedWindows(Dataset):
 class TextDataModule(L.LightningDataModule):
     """A pretraining corpus as a LightningDataModule. See configs/data/*.yaml for the options."""
 
-    def __init__(self, name: str, block_size: int, batch_size: int, path: Optional[str] = None,
-                 relpath: Optional[str] = None, url: Optional[str] = None, sha256: Optional[str] = None,
-                 hub: Optional[dict] = None, tokenizer: str = "char", vocab_size: Optional[int] = None,
-                 tokenizer_path: Optional[str] = None, val_fraction: float = 0.1, dtype: str = "auto",
-                 eval_batches: int = 20, seed: int = 1337, cache_dir: str = ".cache/gpt",
-                 num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        name: str,
+        block_size: int,
+        batch_size: int,
+        path: Optional[str] = None,
+        relpath: Optional[str] = None,
+        url: Optional[str] = None,
+        sha256: Optional[str] = None,
+        hub: Optional[dict] = None,
+        tokenizer: str = "char",
+        vocab_size: Optional[int] = None,
+        tokenizer_path: Optional[str] = None,
+        val_fraction: float = 0.1,
+        dtype: str = "auto",
+        eval_batches: int = 20,
+        seed: int = 1337,
+        cache_dir: str = ".cache/gpt",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.name, self.block_size, self.batch_size = name, block_size, batch_size
         self.path, self.relpath, self.url, self.sha256, self.hub = path, relpath, url, sha256, hub
@@ -375,8 +417,16 @@ class TextDataModule(L.LightningDataModule):
             check_text_files(files)
             source = TextSource(files=files)
         with storage_errors(self.cache_dir, "point GPT_CACHE_DIR (or data.cache_dir) at another disk"):
-            self.store = prepare_corpus(source, self.cache_dir, self.name, self.tokenizer_kind, self.vocab_size,
-                                        self.tokenizer_path, self.val_fraction, self.dtype)
+            self.store = prepare_corpus(
+                source,
+                self.cache_dir,
+                self.name,
+                self.tokenizer_kind,
+                self.vocab_size,
+                self.tokenizer_path,
+                self.val_fraction,
+                self.dtype,
+            )
         for split in ("train", "val"):
             n = self.store.split_range(split)[1]
             if n <= self.block_size:
@@ -404,8 +454,20 @@ class TextDataModule(L.LightningDataModule):
                 stop = trainer.max_steps * trainer.accumulate_grad_batches
             rank, world_size, accumulate = trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
         offset, n = self.store.split_range("train")
-        ds = RandomWindows(self.store.path, self.store.dtype, offset, n, self.block_size, self.batch_size,
-                           self.seed, rank=rank, start=start, stop=stop, world_size=world_size, accumulate=accumulate)
+        ds = RandomWindows(
+            self.store.path,
+            self.store.dtype,
+            offset,
+            n,
+            self.block_size,
+            self.batch_size,
+            self.seed,
+            rank=rank,
+            start=start,
+            stop=stop,
+            world_size=world_size,
+            accumulate=accumulate,
+        )
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:

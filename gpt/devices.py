@@ -16,8 +16,16 @@ from gpt.errors import GPTError
 
 CPU_BF16_ENV = "GPT_CPU_BF16"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "16": torch.float16,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,8 +34,10 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GPTError(f"device={name} but no CUDA GPU is visible; use device=cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise GPTError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
-                       "use device=cuda")
+        raise GPTError(
+            f"device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; "
+            "use device=cuda"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise GPTError("device=mps but this PyTorch build or machine has no Apple GPU (MPS); use device=cpu")
     return torch.device(name)
@@ -70,7 +80,7 @@ def check_dtype(dtype, prefix: str = "") -> None:
 
 
 def resolve_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """"auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
+    """ "auto" is bfloat16 where the device computes it natively (half the weight bytes to read per generated
     token), else float32."""
     check_dtype(dtype)
     return (torch.bfloat16 if has_fast_bf16(device) else torch.float32) if dtype == "auto" else DTYPES[dtype]

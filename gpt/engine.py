@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from gpt.errors import GPTError
 from gpt.completions import StreamPrinter, left_pad
+from gpt.errors import GPTError
 from gpt.generate import sample_next_token
 from gpt.model import GPT, KVCache
 
@@ -55,8 +55,7 @@ class Job:
 class Engine:
     """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
 
-    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16,
-                 batch_window_s=0.005):
+    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16, batch_window_s=0.005):
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
         self.eos = tokenizer.eos_id if stop_at_eos else None
         self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -197,8 +196,11 @@ class Engine:
         if not jobs:
             self.cache, self.logits = None, None
             return
-        if len(parts) == 1 and parts[0][1] == list(range(parts[0][0].k[0].size(0))) \
-                and parts[0][0].length < parts[0][0].max_len:  # the same rows, room left: keep the cache as it is
+        if (
+            len(parts) == 1
+            and parts[0][1] == list(range(parts[0][0].k[0].size(0)))
+            and parts[0][0].length < parts[0][0].max_len
+        ):  # the same rows, room left: keep the cache as it is
             self.cache, self.logits = parts[0][0], parts[0][2]
             if self.cache.slot is None:
                 self.cache.start_decoding()
@@ -244,5 +246,3 @@ def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
     out.length = L
     out.start_decoding()
     return out
-
-

@@ -64,6 +64,8 @@ def storage_errors(path, elsewhere: str = "write elsewhere (e.g. hydra.run.dir=/
         raise  # already says what to do (an inner storage_errors, or another mistake)
     except Exception as e:
         if _disk_full(e):
-            raise GPTError(f"no space left on device writing {path}; free some space or {elsewhere}; "
-                           "the previous version is intact") from e
+            raise GPTError(
+                f"no space left on device writing {path}; free some space or {elsewhere}; "
+                "the previous version is intact"
+            ) from e
         raise

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from gpt.errors import GPTError
-from gpt.lit import LanguageModel, quiet_lightning
 from gpt.completions import escape, generate_batch
 from gpt.devices import autocast, check_dtype, resolve_device
-from gpt.textfiles import read_text_file, write_lines_atomically
+from gpt.errors import GPTError
+from gpt.lit import LanguageModel, quiet_lightning
 from gpt.tasks import TaskDataModule
+from gpt.textfiles import read_text_file, write_lines_atomically
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ def score(hypotheses: list[str], references: list[str], metrics: Sequence[str]) 
     return out
 
 
-def validation_loss(model: torch.nn.Module, tokenizer: Tokenizer, datamodule: TaskDataModule,
-                    accelerator: str, precision: str) -> float:
+def validation_loss(
+    model: torch.nn.Module, tokenizer: Tokenizer, datamodule: TaskDataModule, accelerator: str, precision: str
+) -> float:
     """Token-weighted loss on the valid split's response tokens, through the same LightningModule as
     training (so it is the number training reports as val/loss)."""
     quiet_lightning()
@@ -77,41 +78,84 @@ def validation_loss(model: torch.nn.Module, tokenizer: Tokenizer, datamodule: Ta
     level = banner.level
     banner.setLevel(logging.WARNING)  # "GPU available: ..." is said by the run, not again for each score
     try:
-        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     finally:
         banner.setLevel(level)
     result = trainer.validate(LanguageModel(model, tokenizer), dataloaders=datamodule.val_dataloader(), verbose=False)
     return round(float(result[0]["val/loss"]), 4)
 
 
-def generate_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int, stops: Sequence[str],
-                       batch_size: int, dtype: str, decoding: Optional[dict] = None,
-                       sources: Optional[list[str]] = None) -> list[str]:
+def generate_responses(
+    model,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    stops: Sequence[str],
+    batch_size: int,
+    dtype: str,
+    decoding: Optional[dict] = None,
+    sources: Optional[list[str]] = None,
+) -> list[str]:
     """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache. A prompt that
     leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
     device = next(model.parameters()).device
     block = model.config.block_size
     fits = [i for i, ids in enumerate(tokenizer.encode_batch(prompts)) if len(ids) < block]
     if len(fits) < len(prompts):
-        log.warning("%d of %d prompts fill the model's context (%d tokens): their responses are empty",
-                    len(prompts) - len(fits), len(prompts), block)
+        log.warning(
+            "%d of %d prompts fill the model's context (%d tokens): their responses are empty",
+            len(prompts) - len(fits),
+            len(prompts),
+            block,
+        )
     outs = [""] * len(prompts)
     with autocast(device, dtype):
-        done = generate_batch(model, tokenizer, [prompts[i] for i in fits], max_new_tokens=max_new_tokens,
-                              temperature=0.0, stops=stops, batch_size=batch_size, strict=False,  # as trained
-                              sources=[sources[i] for i in fits] if sources is not None else None,
-                              **(decoding or {})) if fits else []
+        done = (
+            generate_batch(
+                model,
+                tokenizer,
+                [prompts[i] for i in fits],
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                stops=stops,
+                batch_size=batch_size,
+                strict=False,  # as trained
+                sources=[sources[i] for i in fits] if sources is not None else None,
+                **(decoding or {}),
+            )
+            if fits
+            else []
+        )
     for i, text in zip(fits, done):
         outs[i] = text.strip()
     return outs
 
 
-def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataModule, out_dir: Optional[Path] = None,
-                  *, max_examples: Optional[int] = None, batch_size: int = 64, max_new_tokens: Optional[int] = None,
-                  dtype: str = "float32", accelerator: str = "cpu", precision: str = "32-true",
-                  decoding: Optional[dict] = None, systems: Sequence[str] = ("base", "adapter", "copy"),
-                  base_model: Optional[torch.nn.Module] = None) -> dict:
+def evaluate_task(
+    model: PeftModel,
+    tokenizer: Tokenizer,
+    datamodule: TaskDataModule,
+    out_dir: Optional[Path] = None,
+    *,
+    max_examples: Optional[int] = None,
+    batch_size: int = 64,
+    max_new_tokens: Optional[int] = None,
+    dtype: str = "float32",
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    decoding: Optional[dict] = None,
+    systems: Sequence[str] = ("base", "adapter", "copy"),
+    base_model: Optional[torch.nn.Module] = None,
+) -> dict:
     """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt.
     "base" is `base_model` when given (full fine-tuning), else `model` with its adapter disabled; "copy" returns
     each input; any other system name is `model` itself ("adapter", "finetuned")."""
@@ -138,10 +182,21 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
             with context:
                 if "loss" in metrics:
                     entry["val_loss"] = validation_loss(scored, tokenizer, datamodule, accelerator, precision)
-                outputs = generate_responses(scored, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                             stops=datamodule.stop, batch_size=batch_size, dtype=dtype,
-                                             decoding=decoding, sources=[r["input"] or r["instruction"] for r in rows]
-                                             ) if gen_metrics else []
+                outputs = (
+                    generate_responses(
+                        scored,
+                        tokenizer,
+                        prompts,
+                        max_new_tokens=max_new_tokens,
+                        stops=datamodule.stop,
+                        batch_size=batch_size,
+                        dtype=dtype,
+                        decoding=decoding,
+                        sources=[r["input"] or r["instruction"] for r in rows],
+                    )
+                    if gen_metrics
+                    else []
+                )
         entry.update(score(outputs, references, gen_metrics) if gen_metrics else {})
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results[system] = entry
@@ -151,8 +206,13 @@ def evaluate_task(model: PeftModel, tokenizer: Tokenizer, datamodule: TaskDataMo
     kept = len(datamodule.data["valid"])  # the examples the loss was taken on: prompts that leave room for a response
     if "loss" in metrics:
         results["val_loss_examples"] = kept
-    loss_note = ("" if "loss" not in metrics or kept == len(rows) else
-                 f"; val_loss on all {kept}" if kept == len(all_rows) else f"; val_loss on {kept} of {len(all_rows)}")
+    loss_note = (
+        ""
+        if "loss" not in metrics or kept == len(rows)
+        else f"; val_loss on all {kept}"
+        if kept == len(all_rows)
+        else f"; val_loss on {kept} of {len(all_rows)}"
+    )
     log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))
     return results
 
@@ -170,8 +230,9 @@ def format_table(results: dict, systems: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[int] = None, batch_size: int = 8,
-                  dtype: str = "float32") -> dict:
+def bits_per_byte(
+    model, tokenizer: Tokenizer, text: str, *, stride: Optional[int] = None, batch_size: int = 8, dtype: str = "float32"
+) -> dict:
     """The model's cross-entropy on `text` in bits per UTF-8 byte (and in nats per token).
 
     The text is read as one document: <|endoftext|> first (as after the previous document), so every token of
@@ -187,8 +248,10 @@ def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[in
     unknown = tokenizer.unknown_chars(text)
     if unknown:
         shown = "".join(sorted(unknown))[:20]
-        raise GPTError(f"the text has characters the model's tokenizer has never seen ({shown!r}): it cannot score "
-                       "them; remove them, or score a model whose tokenizer has them (BPE has all)")
+        raise GPTError(
+            f"the text has characters the model's tokenizer has never seen ({shown!r}): it cannot score "
+            "them; remove them, or score a model whose tokenizer has them (BPE has all)"
+        )
     ids = tokenizer.encode(text)
     if tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id] + ids
@@ -205,10 +268,10 @@ def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[in
         starts.append(n - width)
     windows, labels, scored_to = [], [], 0
     for s in starts:
-        y = targets[s:s + width].clone()
-        y[:max(0, scored_to - s)] = -100  # scored by an earlier window
+        y = targets[s : s + width].clone()
+        y[: max(0, scored_to - s)] = -100  # scored by an earlier window
         scored_to = s + width
-        windows.append(inputs[s:s + width])
+        windows.append(inputs[s : s + width])
         labels.append(y)
     table = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
     nats, n_bytes, n_tokens = 0.0, 0, 0
@@ -216,20 +279,30 @@ def bits_per_byte(model, tokenizer: Tokenizer, text: str, *, stride: Optional[in
     t0 = time.perf_counter()
     with autocast(device, dtype):
         for i in range(0, len(windows), batch_size):
-            x = torch.stack(windows[i:i + batch_size]).to(device)
-            y = torch.stack(labels[i:i + batch_size])
+            x = torch.stack(windows[i : i + batch_size]).to(device)
+            y = torch.stack(labels[i : i + batch_size])
             logits = model(x).logits.float()
-            nats += F.cross_entropy(logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100,
-                                    reduction="sum").item()
+            nats += F.cross_entropy(
+                logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100, reduction="sum"
+            ).item()
             kept = y[y != -100]
             n_tokens += kept.numel()
             n_bytes += int(table[kept].sum())
     seconds = time.perf_counter() - t0
     if n_bytes == 0:
         raise GPTError("the text's tokens stand for no bytes (special tokens only): nothing to score in bits per byte")
-    return {"bpb": nats / n_bytes / math.log(2), "loss": nats / n_tokens, "tokens": n_tokens, "bytes": n_bytes,
-            "bytes_per_token": n_bytes / n_tokens, "text_bytes": len(text.encode("utf-8")), "context": block,
-            "stride": stride, "seconds": round(seconds, 2), "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+    return {
+        "bpb": nats / n_bytes / math.log(2),
+        "loss": nats / n_tokens,
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "bytes_per_token": n_bytes / n_tokens,
+        "text_bytes": len(text.encode("utf-8")),
+        "context": block,
+        "stride": stride,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
+    }
 
 
 def load_any_model(path: str | Path, device: torch.device):
@@ -258,14 +331,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         def error(self, message):  # argparse's usage + error block -> our one `error:` line, exit status 2
             fail(f"{message}; see `{self.prog} --help`")
 
-    parser = Parser(prog="python -m gpt.evaluate", description=__doc__.split("\n\n")[2],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="python -m gpt.evaluate",
+        description=__doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{bpb}")
     bpb = verbs.add_parser("bpb", help="bits per byte of a model on a text file")
     bpb.add_argument("model", help="a model directory or .ckpt of ours, or a Hugging Face GPT-2 / Llama directory")
     bpb.add_argument("text", help="a UTF-8 text file, scored as one document")
-    bpb.add_argument("--stride", type=int, default=None,
-                     help="window step in tokens (default: the model's context; smaller: more context per token)")
+    bpb.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="window step in tokens (default: the model's context; smaller: more context per token)",
+    )
     bpb.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     bpb.add_argument("--limit", type=int, default=None, help="score only the first N characters of the text")
     bpb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -277,15 +357,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise GPTError("--batch-size and --limit must be positive")
         check_dtype(args.dtype, "--")
         device = resolve_device(args.device)
-        text = read_text_file(args.text)[:args.limit]
+        text = read_text_file(args.text)[: args.limit]
         model, tokenizer = load_any_model(args.model, device)
         result = bits_per_byte(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size, dtype=args.dtype)
     if args.json:
         print(json.dumps({"model": str(args.model), "text": str(args.text), **result}))
     else:
-        print(f"{args.model} on {args.text}: {result['bpb']:.4f} bits per byte ({result['loss']:.4f} nats per token, "
-              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes/token; "
-              f"context {result['context']}, stride {result['stride']}; {result['seconds']} s)")
+        print(
+            f"{args.model} on {args.text}: {result['bpb']:.4f} bits per byte ({result['loss']:.4f} nats per token, "
+            f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes/token; "
+            f"context {result['context']}, stride {result['stride']}; {result['seconds']} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,13 @@ def compiled_decode_step(model: GPT) -> Callable:
         # Made once: a patch builds a class when made. Shapes never change within generate(), whose later steps
         # skip Dynamo's guards as well, so the row path also drops the per-call size checks of ~100 inputs.
         # (Flags an older torch lacks are left out: they change speed, not results.)
-        row_flags = torch._inductor.config.patch({key: value for key, value in (("deterministic", True),
-                                                  ("size_asserts", False)) if hasattr(torch._inductor.config, key)})
+        row_flags = torch._inductor.config.patch(
+            {
+                key: value
+                for key, value in (("deterministic", True), ("size_asserts", False))
+                if hasattr(torch._inductor.config, key)
+            }
+        )
         frozen_flags = torch._inductor.config.patch(freezing=True)
 
         def step(model, idx, cache):  # Dynamo reads the mode and flags while tracing, inductor while compiling

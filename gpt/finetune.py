@@ -28,14 +28,22 @@ from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
-from gpt.launch import build
+from gpt.completions import check_decoding, check_stop_strings
 from gpt.errors import GPTError, check_seed, is_int
+from gpt.evaluate import check_metrics, evaluate_task
+from gpt.launch import build
 from gpt.model import GPT
 from gpt.prompts import ChatTemplate, tokenizer_config
-from gpt.evaluate import check_metrics, evaluate_task
-from gpt.run import (RunLock, check_accelerator, check_run_dir_is_free, check_trainer_settings, hydra_run_dir,
-                     resolve_ckpt_path, train, write_metrics)
-from gpt.completions import check_decoding, check_stop_strings
+from gpt.run import (
+    RunLock,
+    check_accelerator,
+    check_run_dir_is_free,
+    check_trainer_settings,
+    hydra_run_dir,
+    resolve_ckpt_path,
+    train,
+    write_metrics,
+)
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
@@ -49,38 +57,58 @@ def check_options(cfg: DictConfig) -> None:
     method, freeze = cfg.get("method", "lora"), cfg.get("freeze") or {}
     if method not in METHODS:
         raise GPTError(f"method must be one of {list(METHODS)} (got {method!r})")
-    if not isinstance(freeze.get("embeddings", False), bool) or not is_int(freeze.get("layers", 0)) \
-            or freeze.get("layers", 0) < 0:
-        raise GPTError(f"freeze.embeddings is true or false and freeze.layers a whole number >= 0 (got "
-                       f"{freeze.get('embeddings')!r}, {freeze.get('layers')!r})")
+    if (
+        not isinstance(freeze.get("embeddings", False), bool)
+        or not is_int(freeze.get("layers", 0))
+        or freeze.get("layers", 0) < 0
+    ):
+        raise GPTError(
+            f"freeze.embeddings is true or false and freeze.layers a whole number >= 0 (got "
+            f"{freeze.get('embeddings')!r}, {freeze.get('layers')!r})"
+        )
     if method == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
         raise GPTError("freeze.* is for method=full; LoRA already leaves every base weight frozen")
     if method == "full" and (cfg.eval_only or cfg.merge):
-        raise GPTError("eval_only and merge are for LoRA adapters; a full fine-tune writes whole model directories "
-                       "(sample.py ckpt=<run>/checkpoints/best)")
+        raise GPTError(
+            "eval_only and merge are for LoRA adapters; a full fine-tune writes whole model directories "
+            "(sample.py ckpt=<run>/checkpoints/best)"
+        )
     if cfg.eval_only:
         check_accelerator(cfg.trainer)  # scoring runs on it too
         if cfg.get("ckpt_path"):
-            raise GPTError("ckpt_path resumes a fine-tuning run; eval_only=true scores an adapter: drop one of them "
-                           "(adapter=<its checkpoints/best> to score it)")
+            raise GPTError(
+                "ckpt_path resumes a fine-tuning run; eval_only=true scores an adapter: drop one of them "
+                "(adapter=<its checkpoints/best> to score it)"
+            )
     else:
         check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
     if cfg.get("adapter") and not cfg.eval_only:
-        raise GPTError("adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
-                       "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>")
+        raise GPTError(
+            "adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
+            "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>"
+        )
     e = cfg.eval
     nullable = {"max_examples": "the whole valid split", "max_new_tokens": "the task's default"}
     for key in ("batch_size", *nullable):
         value = e.get(key)
         if (value is not None or key not in nullable) and (not is_int(value) or value < 1):
-            raise GPTError(f"eval.{key} must be a positive integer (got {value!r})"
-                           + (f"; null = {nullable[key]}" if key in nullable else ""))
-    check_decoding(e.get("num_beams", 1), e.get("no_repeat_ngram_size", 0), e.get("copy_bonus", 0.0),
-                   e.get("length_penalty", 1.0), e.get("dtype", "auto"), prefix="eval.")
+            raise GPTError(
+                f"eval.{key} must be a positive integer (got {value!r})"
+                + (f"; null = {nullable[key]}" if key in nullable else "")
+            )
+    check_decoding(
+        e.get("num_beams", 1),
+        e.get("no_repeat_ngram_size", 0),
+        e.get("copy_bonus", 0.0),
+        e.get("length_penalty", 1.0),
+        e.get("dtype", "auto"),
+        prefix="eval.",
+    )
     answer = cfg.task.get("max_new_tokens", 128)
     if not is_int(answer) or answer < 1:
-        raise GPTError(f"task.max_new_tokens must be a positive integer (got {answer!r}): the longest answer scoring "
-                       "generates")
+        raise GPTError(
+            f"task.max_new_tokens must be a positive integer (got {answer!r}): the longest answer scoring generates"
+        )
     check_stop_strings(cfg.task.get("stop") or [], "task.stop")
 
 
@@ -93,21 +121,25 @@ def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
 
 def check_base_dir(base) -> Path:
     if not base:
-        raise GPTError("say which model to fine-tune: base=<exported model dir>, e.g. "
-                       "base=runs/<name>/latest/checkpoints/best")
+        raise GPTError(
+            "say which model to fine-tune: base=<exported model dir>, e.g. base=runs/<name>/latest/checkpoints/best"
+        )
     path = Path(base)
     if (path / ADAPTER_CONFIG_FILE).is_file():
-        raise GPTError(f"base={base} is a LoRA adapter, not a whole model; fine-tune its base (recorded in "
-                       f"{path / 'gpt_adapter.json'}), or merge it first (finetune.py eval_only=true merge=true "
-                       f"adapter={base}) and use the merged model as base")
+        raise GPTError(
+            f"base={base} is a LoRA adapter, not a whole model; fine-tune its base (recorded in "
+            f"{path / 'gpt_adapter.json'}), or merge it first (finetune.py eval_only=true merge=true "
+            f"adapter={base}) and use the merged model as base"
+        )
     if not (path / WEIGHTS_FILE).is_file():
         hint = f" (use the exported directory beside it: {path.with_suffix('')})" if path.suffix == ".ckpt" else ""
         raise GPTError(f"base={base} is not an exported model directory with {WEIGHTS_FILE}{hint}")
     return path
 
 
-def build_task(cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None,
-               **overrides) -> TaskDataModule:
+def build_task(
+    cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None, **overrides
+) -> TaskDataModule:
     if cfg.task.get("format") == "chat" and base_dir is not None and "chat_template" not in overrides:
         overrides["chat_template"] = ChatTemplate.for_model(base_dir).jinja  # None: ours (DEFAULT_CHAT_TEMPLATE)
     datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
@@ -126,22 +158,42 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
     """The task's valid split (eval_only), prompted the way the adapter was trained: the template and stop
     strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
     is read only when the valid split is held out of it."""
-    trained = {k: record["task"][k] for k in ("template", "template_no_input", "stop", "chat_template")
-               if k in record.get("task", {})}
+    trained = {
+        k: record["task"][k]
+        for k in ("template", "template_no_input", "stop", "chat_template")
+        if k in record.get("task", {})
+    }
     differs = {k: v for k, v in trained.items() if cfg.task.get(k) != v}
     if differs:
-        log.info("scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
-                 ", ".join(f"{k}={v!r}" for k, v in differs.items()), "/".join(differs))
+        log.info(
+            "scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
+            ", ".join(f"{k}={v!r}" for k, v in differs.items()),
+            "/".join(differs),
+        )
     return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
 
 
 def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule, **systems) -> dict:
     e = cfg.eval
-    return evaluate_task(model, tokenizer, datamodule, run_dir, **systems, max_examples=e.max_examples, batch_size=e.batch_size,
-                         max_new_tokens=e.max_new_tokens, dtype=e.dtype, accelerator=cfg.trainer.accelerator,
-                         precision=cfg.trainer.precision, decoding=dict(num_beams=e.num_beams, length_penalty=e.length_penalty,
-                                                                        no_repeat_ngram_size=e.no_repeat_ngram_size,
-                                                                        copy_bonus=e.get("copy_bonus", 0.0)))
+    return evaluate_task(
+        model,
+        tokenizer,
+        datamodule,
+        run_dir,
+        **systems,
+        max_examples=e.max_examples,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        dtype=e.dtype,
+        accelerator=cfg.trainer.accelerator,
+        precision=cfg.trainer.precision,
+        decoding=dict(
+            num_beams=e.num_beams,
+            length_penalty=e.length_penalty,
+            no_repeat_ngram_size=e.no_repeat_ngram_size,
+            copy_bonus=e.get("copy_bonus", 0.0),
+        ),
+    )
 
 
 def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
@@ -159,18 +211,31 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
-def score_and_merge(cfg: DictConfig, model, tokenizer, record: dict, adapter_dir: Path, run_dir: Path,
-                    datamodule: Optional[TaskDataModule], metrics: dict) -> None:
+def score_and_merge(
+    cfg: DictConfig,
+    model,
+    tokenizer,
+    record: dict,
+    adapter_dir: Path,
+    run_dir: Path,
+    datamodule: Optional[TaskDataModule],
+    metrics: dict,
+) -> None:
     """The adapter (loaded once) scored on the task (cfg.eval.enabled), then, with cfg.merge, folded into its
     base as checkpoints/merged/: one standalone model directory. Merging changes the model in place, so it
     comes last."""
     if cfg.eval.enabled:
         t0 = time.perf_counter()
-        metrics.update(eval=_evaluate(cfg, model, tokenizer, run_dir, datamodule),
-                       eval_seconds=round(time.perf_counter() - t0, 1))
+        metrics.update(
+            eval=_evaluate(cfg, model, tokenizer, run_dir, datamodule), eval_seconds=round(time.perf_counter() - t0, 1)
+        )
     if cfg.merge:
-        merged = save_model_dir(merge(model), tokenizer, run_dir / "checkpoints" / "merged",
-                                extra={"merged_from": record["base"], "adapter": str(adapter_dir.resolve())})
+        merged = save_model_dir(
+            merge(model),
+            tokenizer,
+            run_dir / "checkpoints" / "merged",
+            extra={"merged_from": record["base"], "adapter": str(adapter_dir.resolve())},
+        )
         metrics["merged"] = str(merged)
         log.info("merged model: %s", merged)
 
@@ -191,17 +256,36 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     peft_model = add_lora(model, lora)
     trainable, total = count_parameters(peft_model)
-    log.info("LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.lora_alpha,
-             ", ".join(sorted(lora.target_modules)), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %s trainable of %s parameters (%.2f%%)",
+        lora.r,
+        lora.lora_alpha,
+        ", ".join(sorted(lora.target_modules)),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
 
     record = {"base": base_record(base_dir), "task": datamodule.describe()}
-    trainer, metrics = train(cfg, run_dir, peft_model, tokenizer, datamodule, ckpt_path=ckpt_path, base=record["base"],
-                             export_fn=lambda t, path: save_adapter_dir(peft_model, tokenizer, path,
-                                                                         {**record, "step": t.global_step},
-                                                                         files=chat_files(datamodule)))
+    trainer, metrics = train(
+        cfg,
+        run_dir,
+        peft_model,
+        tokenizer,
+        datamodule,
+        ckpt_path=ckpt_path,
+        base=record["base"],
+        export_fn=lambda t, path: save_adapter_dir(
+            peft_model, tokenizer, path, {**record, "step": t.global_step}, files=chat_files(datamodule)
+        ),
+    )
     adapter_dir = run_dir / "checkpoints" / "best"
-    metrics.update(trainable_params=trainable, total_params=total, data=datamodule.stats,
-                   adapter=str(adapter_dir) if adapter_dir.is_dir() else None)
+    metrics.update(
+        trainable_params=trainable,
+        total_params=total,
+        data=datamodule.stats,
+        adapter=str(adapter_dir) if adapter_dir.is_dir() else None,
+    )
     if not trainer.is_global_zero:
         return metrics
     if trainer.interrupted or not adapter_dir.is_dir():
@@ -213,7 +297,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         score_and_merge(cfg, best, tokenizer, saved, adapter_dir, run_dir, datamodule, metrics)
     write_metrics(run_dir, metrics)
     log.info("adapter: %s", adapter_dir)
-    log.info("use it: python sample.py adapter=%s prompt=\"...\"", adapter_dir)
+    log.info('use it: python sample.py adapter=%s prompt="..."', adapter_dir)
     return metrics
 
 
@@ -248,17 +332,35 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
     frozen = freeze(model, **settings)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("full fine-tuning: %s trainable of %s parameters (%.2f%%)%s", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total, f"; frozen: {len(frozen)} tensors" if frozen else "")
+    log.info(
+        "full fine-tuning: %s trainable of %s parameters (%.2f%%)%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        f"; frozen: {len(frozen)} tensors" if frozen else "",
+    )
     base = {**base_record(base_dir), "method": "full", "freeze": settings}
     record = {"finetuned_from": base, "task": datamodule.describe()}
-    trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, base=base,
-                             export_fn=lambda t, path: save_model_dir(model, tokenizer, path,
-                                                                      extra={**record, "step": t.global_step},
-                                                                      files=chat_files(datamodule)))
+    trainer, metrics = train(
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        datamodule,
+        ckpt_path=ckpt_path,
+        base=base,
+        export_fn=lambda t, path: save_model_dir(
+            model, tokenizer, path, extra={**record, "step": t.global_step}, files=chat_files(datamodule)
+        ),
+    )
     best_dir = run_dir / "checkpoints" / "best"
-    metrics.update(method="full", trainable_params=trainable, total_params=total, data=datamodule.stats,
-                   model=str(best_dir) if best_dir.is_dir() else None)
+    metrics.update(
+        method="full",
+        trainable_params=trainable,
+        total_params=total,
+        data=datamodule.stats,
+        model=str(best_dir) if best_dir.is_dir() else None,
+    )
     if not trainer.is_global_zero:
         return metrics
     if trainer.interrupted or not best_dir.is_dir():
@@ -267,11 +369,14 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         best, _ = load_model_dir(best_dir)
         original, _ = load_model_dir(base_dir)
         t0 = time.perf_counter()
-        metrics.update(eval=_evaluate(cfg, best, tokenizer, run_dir, datamodule, base_model=original,
-                                      systems=("base", "finetuned", "copy")),
-                       eval_seconds=round(time.perf_counter() - t0, 1))
+        metrics.update(
+            eval=_evaluate(
+                cfg, best, tokenizer, run_dir, datamodule, base_model=original, systems=("base", "finetuned", "copy")
+            ),
+            eval_seconds=round(time.perf_counter() - t0, 1),
+        )
     write_metrics(run_dir, metrics)
     if best_dir.is_dir():
         log.info("fine-tuned model: %s", best_dir)
-        log.info("use it: python sample.py ckpt=%s prompt=\"...\"", best_dir)
+        log.info('use it: python sample.py ckpt=%s prompt="..."', best_dir)
     return metrics

@@ -20,12 +20,23 @@ from gpt.model import GPT
 
 
 @torch.no_grad()
-def generate(model: GPT, idx, max_new_tokens: int, *, attention_mask=None, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-             generator=None, on_context_full: str = "slide",
-             on_token: Optional[Callable[[torch.Tensor], object]] = None,
-             no_repeat_ngram_size: int = 0, logit_bias: Optional[torch.Tensor] = None,
-             compile: bool = False) -> torch.Tensor:
+def generate(
+    model: GPT,
+    idx,
+    max_new_tokens: int,
+    *,
+    attention_mask=None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    generator=None,
+    on_context_full: str = "slide",
+    on_token: Optional[Callable[[torch.Tensor], object]] = None,
+    no_repeat_ngram_size: int = 0,
+    logit_bias: Optional[torch.Tensor] = None,
+    compile: bool = False,
+) -> torch.Tensor:
     """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns the new tokens (B, n).
 
     Batches of different-length prompts are left-padded with attention_mask marking real tokens.
@@ -107,16 +118,28 @@ def generate(model: GPT, idx, max_new_tokens: int, *, attention_mask=None, tempe
         else:
             keep = max(1, (3 * block) // 4)
             cache.reset()
-            window_mask = None if real is None else real[:, n - keep:n]
-            logits = model(tokens[:, n - keep:n], attention_mask=window_mask, cache=cache,
-                          only_last=True).logits[:, -1]
+            window_mask = None if real is None else real[:, n - keep : n]
+            logits = model(tokens[:, n - keep : n], attention_mask=window_mask, cache=cache, only_last=True).logits[
+                :, -1
+            ]
             cache.start_decoding()
     return tokens[:, T:n]
 
+
 @torch.no_grad()
-def beam_search(model: GPT, idx, max_new_tokens: int, *, num_beams: int, eos_token_id: int, attention_mask=None,
-                length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                logit_bias: Optional[torch.Tensor] = None, stop_token_ids: Sequence[int] = ()) -> torch.Tensor:
+def beam_search(
+    model: GPT,
+    idx,
+    max_new_tokens: int,
+    *,
+    num_beams: int,
+    eos_token_id: int,
+    attention_mask=None,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    logit_bias: Optional[torch.Tensor] = None,
+    stop_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
     """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
     tokens, padded with eos_token_id after the end.
 
@@ -191,10 +214,13 @@ def beam_search(model: GPT, idx, max_new_tokens: int, *, num_beams: int, eos_tok
     out = idx.new_full((B, max_new_tokens), eos_token_id)
     for b in range(B):
         if active[b]:  # max_new_tokens ran out: the running beams compete with the finished ones, scored alike
-            finished[b] += [(score / max(1, written) ** length_penalty, tokens[b * K + k, :written])
-                            for k, score in enumerate(scores[b].tolist()) if score != float("-inf")]
+            finished[b] += [
+                (score / max(1, written) ** length_penalty, tokens[b * K + k, :written])
+                for k, score in enumerate(scores[b].tolist())
+                if score != float("-inf")
+            ]
         best = max(finished[b], key=lambda hyp: hyp[0])[1]
-        out[b, :len(best)] = best
+        out[b, : len(best)] = best
     return out
 
 
@@ -204,7 +230,7 @@ def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -
     if L < n:
         return logits
     ngrams = generated.unfold(1, n, 1)  # (B, L - n + 1, n): every n-gram so far
-    last = generated[:, L - n + 1:]  # (B, n - 1): what the next token would extend
+    last = generated[:, L - n + 1 :]  # (B, n - 1): what the next token would extend
     seen = (ngrams[:, :, :-1] == last[:, None, :]).all(-1)  # n-grams that start the same way
     rows, at = seen.nonzero(as_tuple=True)
     logits = logits.clone()
@@ -250,14 +276,16 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     try:
         probs = F.softmax(logits, dim=-1)
         if isinstance(generator, (list, tuple)):
-            choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+            choice = torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])
         else:
             choice = torch.multinomial(probs, 1, generator=generator)
         choice = choice.squeeze(-1)
     except RuntimeError as e:  # NaN/Inf logits: the weights themselves are broken
         if "probability tensor" not in str(e):
             raise
-        raise GPTError("the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf, or values so "
-                       "large that the logits overflow (a diverged run?); sample from another checkpoint, e.g. the "
-                       "run's checkpoints/best") from None
+        raise GPTError(
+            "the model's next-token probabilities are NaN or Inf: its weights hold NaN/Inf, or values so "
+            "large that the logits overflow (a diverged run?); sample from another checkpoint, e.g. the "
+            "run's checkpoints/best"
+        ) from None
     return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

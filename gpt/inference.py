@@ -23,7 +23,9 @@ def load_for_sampling(cfg) -> tuple[GPT, Tokenizer, torch.device]:
         model, tokenizer, _ = load_adapter(cfg.adapter, cfg.get("ckpt"), map_location=device)
     else:
         if not cfg.get("ckpt"):
-            raise GPTError("say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)")
+            raise GPTError(
+                "say which model to sample from: ckpt=<exported model dir or .ckpt> (or adapter=<adapter dir>)"
+            )
         model, tokenizer = load_model(cfg.ckpt, map_location=device)
     return prepare_for_sampling(model, device, cfg.dtype, cfg.get("quantize")), tokenizer, device
 
@@ -56,6 +58,7 @@ def quantize_weights(model, how: str) -> GPT:
     try:
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
     except (RuntimeError, ValueError) as e:  # e.g. a model with n_embd=1: torchao's kernels need wider rows
-        raise GPTError(f"quantize=int8 cannot quantize this model ({str(e).splitlines()[0][:120]}); sample it "
-                       "without quantize") from e
+        raise GPTError(
+            f"quantize=int8 cannot quantize this model ({str(e).splitlines()[0][:120]}); sample it without quantize"
+        ) from e
     return model

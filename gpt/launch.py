@@ -32,8 +32,10 @@ def distributed_overrides(config_name: str, args: list[str]) -> list[str]:
     if processes <= 1 or any(a in ("-m", "--multirun") for a in args):
         return args
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        raise GPTError(f"this is one of {processes} processes of a distributed launch (torchrun / srun); give them "
-                       "all the same run directory: hydra.run.dir=runs/<name>/<job id>")
+        raise GPTError(
+            f"this is one of {processes} processes of a distributed launch (torchrun / srun); give them "
+            "all the same run directory: hydra.run.dir=runs/<name>/<job id>"
+        )
     if is_launch_rank_zero() or "hydra.output_subdir=null" in args:
         return args
     rank = env.get("RANK", env.get("SLURM_PROCID", "n"))
@@ -52,14 +54,18 @@ def build(node, **kwargs):
         while cause is not None and not isinstance(cause, GPTError):
             if type(cause).__name__ == "MisconfigurationException":  # Lightning's word for a bad setting
                 key = re.search(r"full_key: (\S+)", str(e))
-                raise GPTError(f"{cause} (in the {key.group(1) if key else node.get('_target_')} config); fix "
-                               "those settings (`--cfg job` prints them)") from e
+                raise GPTError(
+                    f"{cause} (in the {key.group(1) if key else node.get('_target_')} config); fix "
+                    "those settings (`--cfg job` prints them)"
+                ) from e
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e.__cause__ or e))
         if unknown:  # +model.n_layr=3: added on purpose, but the target has no such parameter
             target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-            raise GPTError(f"{target} has no setting {unknown.group(1)!r} (a typo in a +key=... override?); "
-                           "`--cfg job` shows the settings it takes") from e
+            raise GPTError(
+                f"{target} has no setting {unknown.group(1)!r} (a typo in a +key=... override?); "
+                "`--cfg job` shows the settings it takes"
+            ) from e
         raise

@@ -30,20 +30,23 @@ log = logging.getLogger(__name__)
 
 def quiet_lightning() -> None:
     """Drop Lightning's advertising and warnings that do not apply to how we use it."""
+
     class _NoTips(logging.Filter):
         def filter(self, record):
             return "Tip:" not in record.getMessage()
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
-    for pattern in (".*IterableDataset.*has `__len__` defined.*",  # one stream per rank, by design
-                    ".*Experiment logs directory.*exists and is not empty.*",  # the run dir holds .hydra/
-                    ".*isinstance\\(treespec, LeafSpec\\).*",
-                    ".*does not have many workers.*",  # memmap batches need no worker processes
-                    # Our train stream does resume: it starts at the batch of trainer.global_step (gpt.data).
-                    ".*resuming from a checkpoint that ended before the epoch ended.*",
-                    ".*when logging on epoch level in distributed setting.*",  # val/loss is all-gathered by hand
-                    ".*all_gather is deprecated.*"):  # inside Lightning's all_gather
+    for pattern in (
+        ".*IterableDataset.*has `__len__` defined.*",  # one stream per rank, by design
+        ".*Experiment logs directory.*exists and is not empty.*",  # the run dir holds .hydra/
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+        ".*does not have many workers.*",  # memmap batches need no worker processes
+        # Our train stream does resume: it starts at the batch of trainer.global_step (gpt.data).
+        ".*resuming from a checkpoint that ended before the epoch ended.*",
+        ".*when logging on epoch level in distributed setting.*",  # val/loss is all-gathered by hand
+        ".*all_gather is deprecated.*",
+    ):  # inside Lightning's all_gather
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -51,8 +54,11 @@ def rng_states() -> dict:
     """Every random generator a training step may draw from (dropout: torch), as plain tensors and tuples so
     a .ckpt holding them still loads with weights_only=True."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -92,8 +98,10 @@ def lr_decay_steps(decay_steps, max_steps) -> int:
     """The steps the LR schedule decays over: optim.decay_steps, else trainer.max_steps (which must then end)."""
     steps = decay_steps or max_steps
     if not is_finite(steps) or steps <= 0:
-        raise GPTError(f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
-                       "decays over it (or over optim.decay_steps)")
+        raise GPTError(
+            f"trainer.max_steps must be a positive number of steps (got {max_steps!r}); the LR schedule "
+            "decays over it (or over optim.decay_steps)"
+        )
     return steps
 
 
@@ -105,26 +113,46 @@ class LanguageModel(L.LightningModule):
     (a GPT, or a PEFT-wrapped one) all use this class.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, lr: float = 6e-4, min_lr: float = 6e-5,
-                 warmup_steps: int = 100, decay_steps: Optional[int] = None, weight_decay: float = 0.1,
-                 betas: tuple = (0.9, 0.95), eps: float = 1e-8, fused: Optional[bool] = None,
-                 compile: bool = False, export_fn: Optional[Callable[[Path], None]] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        lr: float = 6e-4,
+        min_lr: float = 6e-5,
+        warmup_steps: int = 100,
+        decay_steps: Optional[int] = None,
+        weight_decay: float = 0.1,
+        betas: tuple = (0.9, 0.95),
+        eps: float = 1e-8,
+        fused: Optional[bool] = None,
+        compile: bool = False,
+        export_fn: Optional[Callable[[Path], None]] = None,
+    ):
         super().__init__()
         # is_finite first: NaN passes every range check written as "refuse if x < limit"
         if not (is_finite(lr) and is_finite(min_lr) and 0 < lr and 0 <= min_lr <= lr):
-            raise GPTError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, both finite numbers (got lr={lr}, "
-                           f"min_lr={min_lr})")
+            raise GPTError(
+                f"need 0 <= optim.min_lr <= optim.lr and lr > 0, both finite numbers (got lr={lr}, min_lr={min_lr})"
+            )
         if not is_int(warmup_steps) or warmup_steps < 0:
             raise GPTError(f"optim.warmup_steps must be a whole number >= 0 (got {warmup_steps!r})")
-        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2 \
-                or not all(is_finite(b) and 0.0 <= b < 1.0 for b in betas):
+        if (
+            isinstance(betas, (str, bytes))
+            or not hasattr(betas, "__len__")
+            or len(betas) != 2
+            or not all(is_finite(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
             raise GPTError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {betas!r})")
         if not (is_finite(eps) and eps > 0 and is_finite(weight_decay) and weight_decay >= 0):
-            raise GPTError(f"need optim.eps > 0 and optim.weight_decay >= 0, both finite numbers (got eps={eps}, "
-                           f"weight_decay={weight_decay})")
+            raise GPTError(
+                f"need optim.eps > 0 and optim.weight_decay >= 0, both finite numbers (got eps={eps}, "
+                f"weight_decay={weight_decay})"
+            )
         if decay_steps is not None and (not is_int(decay_steps) or decay_steps <= 0):
-            raise GPTError(f"optim.decay_steps must be a positive number of steps, or null for trainer.max_steps "
-                           f"(got {decay_steps!r})")
+            raise GPTError(
+                f"optim.decay_steps must be a positive number of steps, or null for trainer.max_steps "
+                f"(got {decay_steps!r})"
+            )
         if fused is not None and not isinstance(fused, bool):
             raise GPTError(f"optim.fused is true, false or null (got {fused!r})")
         self.model, self.tokenizer = model, tokenizer
@@ -218,12 +246,16 @@ class LanguageModel(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
         decay_steps = lr_decay_steps(self.decay_steps, self.trainer.max_steps)
         if self.warmup_steps >= decay_steps:
-            log.warning("optim.warmup_steps=%d is not below the %d steps the learning rate decays over: it stays in "
-                        "warmup, below optim.lr, and never decays (lower optim.warmup_steps)", self.warmup_steps,
-                        decay_steps)
+            log.warning(
+                "optim.warmup_steps=%d is not below the %d steps the learning rate decays over: it stays in "
+                "warmup, below optim.lr, and never decays (lower optim.warmup_steps)",
+                self.warmup_steps,
+                decay_steps,
+            )
         ratio = self.min_lr / self.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio))
+            optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_after_backward(self):
@@ -240,8 +272,12 @@ class LanguageModel(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         plugin = self.trainer.precision_plugin
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # Lightning's default
-        if (type(plugin) in (Precision, MixedPrecision) and getattr(plugin, "scaler", None) is None and gradient_clip_val
-                and algorithm == GradClipAlgorithmType.NORM):
+        if (
+            type(plugin) in (Precision, MixedPrecision)
+            and getattr(plugin, "scaler", None) is None
+            and gradient_clip_val
+            and algorithm == GradClipAlgorithmType.NORM
+        ):
             # fp32 or bf16-mixed (no loss scaling: the gradients are true): clip by the norm in one foreach pass
             # (Lightning's clip loops over the tensors in Python on a CPU), and for a fused AdamW too: Lightning's
             # AMP plugin refuses to clip for any fused optimizer, a rule meant for fp16's scaled gradients.
@@ -253,17 +289,29 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings and dicts only, so the .ckpt loads with torch.load(weights_only=True).
-        checkpoint["gpt"] = {"config": self.gpt_config.to_dict(), "tokenizer": self.tokenizer.to_str(),
-                             "settings": self.resume_settings(), "base": self.base}
+        checkpoint["gpt"] = {
+            "config": self.gpt_config.to_dict(),
+            "tokenizer": self.tokenizer.to_str(),
+            "settings": self.resume_settings(),
+            "base": self.base,
+        }
         checkpoint["rng"] = rng_states()
 
     def resume_settings(self) -> dict:
         """The settings a resumed run must share with its checkpoint, by config group: the optimizer's and
         the schedule's (the optimizer state and the schedule's position are restored, so a changed value
         would be dropped or mixed in), and LoRA's (the saved adapter weights have its shapes and scale)."""
-        settings = {"optim": {"lr": self.lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
-                              "decay_steps": self.decay_steps, "weight_decay": self.weight_decay,
-                              "betas": list(self.betas), "eps": self.eps}}
+        settings = {
+            "optim": {
+                "lr": self.lr,
+                "min_lr": self.min_lr,
+                "warmup_steps": self.warmup_steps,
+                "decay_steps": self.decay_steps,
+                "weight_decay": self.weight_decay,
+                "betas": list(self.betas),
+                "eps": self.eps,
+            }
+        }
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
             lora = peft_config["default"]
@@ -284,34 +332,49 @@ class LanguageModel(L.LightningModule):
         if base and self.base:  # both fine-tuning: the same method (lora | full) and, for full, the same freezing
             for key, default in (("method", "lora"), ("freeze", None)):
                 if base.get(key, default) != self.base.get(key, default):
-                    raise GPTError(f"the checkpoint was fine-tuned with {key}={base.get(key, default)}, this run has "
-                                   f"{self.base.get(key, default)}; resume with the settings it was trained with")
+                    raise GPTError(
+                        f"the checkpoint was fine-tuned with {key}={base.get(key, default)}, this run has "
+                        f"{self.base.get(key, default)}; resume with the settings it was trained with"
+                    )
         elif base and not self.base:
             raise GPTError("the checkpoint is a fine-tuning checkpoint: resume it with finetune.py ckpt_path=...")
         elif self.base and not base:
-            raise GPTError("the checkpoint is a pretraining checkpoint: finetune.py resumes only its own runs; to "
-                           "fine-tune that model, pass base=<its exported directory> (the directory beside the .ckpt)")
+            raise GPTError(
+                "the checkpoint is a pretraining checkpoint: finetune.py resumes only its own runs; to "
+                "fine-tune that model, pass base=<its exported directory> (the directory beside the .ckpt)"
+            )
         saved_lora = holds_lora(checkpoint.get("state_dict") or {})
         if saved_lora != holds_lora(name for name, _ in self.model.named_parameters()):
-            raise GPTError("the checkpoint is a LoRA fine-tuning checkpoint: resume it with finetune.py ckpt_path=..."
-                           if saved_lora else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
-                           "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
-                           "beside the .ckpt)")
+            raise GPTError(
+                "the checkpoint is a LoRA fine-tuning checkpoint: resume it with finetune.py ckpt_path=..."
+                if saved_lora
+                else "the checkpoint is a pretraining checkpoint: finetune.py resumes only its "
+                "own runs; to fine-tune that model, pass base=<its exported directory> (the directory "
+                "beside the .ckpt)"
+            )
         if base and self.base and base.get("sha256") != self.base.get("sha256"):
-            raise GPTError(f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
-                           f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "
-                           f"{self.base['sha256'][:12]}…; resume with base={base.get('path')}")
+            raise GPTError(
+                f"the checkpoint fine-tuned the base {base.get('path')} (weights sha256 "
+                f"{str(base.get('sha256'))[:12]}…), this run's base={self.base['path']} has sha256 "
+                f"{self.base['sha256'][:12]}…; resume with base={base.get('path')}"
+            )
         for key, value in GPTConfig.upgrade_dict(saved.get("config") or {}).items():
             if key not in ("dropout", "attn_impl") and mine.get(key) != value:
-                raise GPTError(f"the checkpoint was trained with model.{key}={value}, this run has {mine.get(key)} "
-                               "(a different model or data config?); resume with the settings it was trained with")
+                raise GPTError(
+                    f"the checkpoint was trained with model.{key}={value}, this run has {mine.get(key)} "
+                    "(a different model or data config?); resume with the settings it was trained with"
+                )
         if saved.get("tokenizer") not in (None, self.tokenizer.to_str()):
-            raise GPTError("the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
-                           "resume with the data settings it was trained with")
+            raise GPTError(
+                "the checkpoint's tokenizer differs from this run's (another corpus or data.tokenizer?); "
+                "resume with the data settings it was trained with"
+            )
         settings = self.resume_settings()
         for group, values in (saved.get("settings") or {}).items():
             for key, value in values.items():
                 if (settings.get(group) or {}).get(key, value) != value:
-                    raise GPTError(f"the checkpoint was trained with {group}.{key}={value}, this run has "
-                                   f"{settings[group][key]}; a resumed run continues its saved optimizer, schedule and "
-                                   "weights: resume with the settings it was trained with")
+                    raise GPTError(
+                        f"the checkpoint was trained with {group}.{key}={value}, this run has "
+                        f"{settings[group][key]}; a resumed run continues its saved optimizer, schedule and "
+                        "weights: resume with the settings it was trained with"
+                    )

@@ -20,21 +20,29 @@ LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 # Constants older transformers versions saved with Llama checkpoints (recomputed from rope_theta, as we do)
 ROTARY_BUFFER = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 LLAMA_BLOCK = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")  # the block LlamaForCausalLM computes
+
+
 def llama_names(config: GPTConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(our tensor, the LlamaForCausalLM tensors it stacks along dim 0), for every tensor of the model."""
-    names = [("transformer.wte.weight", ("model.embed_tokens.weight",)),
-             ("transformer.ln_f.weight", ("model.norm.weight",))]
+    names = [
+        ("transformer.wte.weight", ("model.embed_tokens.weight",)),
+        ("transformer.ln_f.weight", ("model.norm.weight",)),
+    ]
     if not config.tie_embeddings:
         names.append(("lm_head.weight", ("lm_head.weight",)))
     for i in range(config.n_layer):
         ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        names += [(ours + "ln_1.weight", (hf + "input_layernorm.weight",)),
-                  (ours + "ln_2.weight", (hf + "post_attention_layernorm.weight",))]
+        names += [
+            (ours + "ln_1.weight", (hf + "input_layernorm.weight",)),
+            (ours + "ln_2.weight", (hf + "post_attention_layernorm.weight",)),
+        ]
         for kind in ("weight", "bias") if config.bias else ("weight",):
-            names += [(f"{ours}attn.c_attn.{kind}", tuple(f"{hf}self_attn.{x}_proj.{kind}" for x in "qkv")),
-                      (f"{ours}attn.c_proj.{kind}", (f"{hf}self_attn.o_proj.{kind}",)),
-                      (f"{ours}mlp.c_fc.{kind}", (f"{hf}mlp.gate_proj.{kind}", f"{hf}mlp.up_proj.{kind}")),
-                      (f"{ours}mlp.c_proj.{kind}", (f"{hf}mlp.down_proj.{kind}",))]
+            names += [
+                (f"{ours}attn.c_attn.{kind}", tuple(f"{hf}self_attn.{x}_proj.{kind}" for x in "qkv")),
+                (f"{ours}attn.c_proj.{kind}", (f"{hf}self_attn.o_proj.{kind}",)),
+                (f"{ours}mlp.c_fc.{kind}", (f"{hf}mlp.gate_proj.{kind}", f"{hf}mlp.up_proj.{kind}")),
+                (f"{ours}mlp.c_proj.{kind}", (f"{hf}mlp.down_proj.{kind}",)),
+            ]
     return names
 
 
@@ -57,8 +65,10 @@ def state_from_llama(state: dict[str, torch.Tensor], config: GPTConfig, source: 
         expected = {k: tuple(v.shape) for k, v in llama_state_dict(GPT(config)).items()}
     check_tensors(expected, state, source, fix="download the checkpoint again (all of its files)")
     if lm_head is not None and not torch.equal(lm_head, state["model.embed_tokens.weight"]):
-        raise GPTError(f"{source}: 'lm_head.weight' differs from 'model.embed_tokens.weight' but config.json says "
-                       "tie_word_embeddings=true; set it to false (an untied output layer)")
+        raise GPTError(
+            f"{source}: 'lm_head.weight' differs from 'model.embed_tokens.weight' but config.json says "
+            "tie_word_embeddings=true; set it to false (an untied output layer)"
+        )
     return {ours: torch.cat([state[name] for name in theirs]) for ours, theirs in llama_names(config)}
 
 
@@ -66,8 +76,10 @@ def config_from_llama(raw: dict, source: str) -> GPTConfig:
     """Our GPTConfig for a Hugging Face Llama config.json; what we cannot compute is refused by name."""
     archs = raw.get("architectures") or []
     if [a for a in archs if a not in LLAMA_ARCHITECTURES]:
-        raise GPTError(f"{source}: architectures {archs} are not supported; import-hf takes a Llama language model "
-                       f"({' or '.join(LLAMA_ARCHITECTURES)}), without extra heads")
+        raise GPTError(
+            f"{source}: architectures {archs} are not supported; import-hf takes a Llama language model "
+            f"({' or '.join(LLAMA_ARCHITECTURES)}), without extra heads"
+        )
     try:
         hf = LlamaConfig.from_dict(raw)  # transformers' own defaults, and its reading of older rope_* fields
     except Exception as e:  # transformers validates types with its own exception classes
@@ -75,32 +87,59 @@ def config_from_llama(raw: dict, source: str) -> GPTConfig:
         raise GPTError(f"{source} is not a valid Llama config ({why})") from e
     rope = dict(hf.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     if rope.get("rope_type") != "default" or set(rope) - {"rope_type", "rope_theta"}:
-        raise GPTError(f"{source}: rope_scaling / rope_parameters {rope} is not supported (our RoPE is the plain one: "
-                       "rope_type 'default' with rope_theta); this checkpoint cannot be represented")
+        raise GPTError(
+            f"{source}: rope_scaling / rope_parameters {rope} is not supported (our RoPE is the plain one: "
+            "rope_type 'default' with rope_theta); this checkpoint cannot be represented"
+        )
     if hf.hidden_act != "silu":
         raise GPTError(f"{source}: hidden_act {hf.hidden_act!r} is not supported (our SwiGLU gates with 'silu')")
     if hf.head_dim != hf.hidden_size // hf.num_attention_heads:
-        raise GPTError(f"{source}: head_dim={hf.head_dim} is not supported (ours is hidden_size / num_attention_heads "
-                       f"= {hf.hidden_size // hf.num_attention_heads})")
+        raise GPTError(
+            f"{source}: head_dim={hf.head_dim} is not supported (ours is hidden_size / num_attention_heads "
+            f"= {hf.hidden_size // hf.num_attention_heads})"
+        )
     if hf.attention_bias != hf.mlp_bias:
-        raise GPTError(f"{source}: attention_bias={hf.attention_bias} with mlp_bias={hf.mlp_bias} is not supported "
-                       "(our `bias` is one switch for every projection)")
-    return GPTConfig(block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
-                     n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
-                     mlp_hidden=hf.intermediate_size, bias=bool(hf.attention_bias),
-                     rope_theta=float(rope["rope_theta"]),
-                     norm_eps=float(hf.rms_norm_eps), dropout=float(hf.attention_dropout or 0.0),
-                     tie_embeddings=bool(hf.tie_word_embeddings), **LLAMA_BLOCK)
+        raise GPTError(
+            f"{source}: attention_bias={hf.attention_bias} with mlp_bias={hf.mlp_bias} is not supported "
+            "(our `bias` is one switch for every projection)"
+        )
+    return GPTConfig(
+        block_size=hf.max_position_embeddings,
+        vocab_size=hf.vocab_size,
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        n_kv_head=hf.num_key_value_heads,
+        n_embd=hf.hidden_size,
+        mlp_hidden=hf.intermediate_size,
+        bias=bool(hf.attention_bias),
+        rope_theta=float(rope["rope_theta"]),
+        norm_eps=float(hf.rms_norm_eps),
+        dropout=float(hf.attention_dropout or 0.0),
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        **LLAMA_BLOCK,
+    )
 
 
 def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> LlamaConfig:
     """The LlamaConfig of one of our Llama-block models."""
     eos = tokenizer.eos_id
-    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.hidden_dim,
-                       num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                       num_key_value_heads=config.kv_heads, head_dim=config.head_dim, hidden_act="silu",
-                       max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                       attention_bias=config.bias, mlp_bias=config.bias, attention_dropout=config.dropout,
-                       bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=config.tie_embeddings,
-                       architectures=list(LLAMA_ARCHITECTURES))
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        attention_dropout=config.dropout,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=config.tie_embeddings,
+        architectures=list(LLAMA_ARCHITECTURES),
+    )

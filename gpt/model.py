@@ -1,9 +1,10 @@
 """A GPT language model, written from the math.
 
-Read top to bottom (the config, GPTConfig, is gpt/config.py): rotary position embeddings, causal self-attention (an explicit math path
-and the fused `scaled_dot_product_attention` path over the same weights), the two MLPs, a pre-norm block,
-the KV cache, and the model. Pure PyTorch: no Lightning, no Hydra, no transformers. The named shapes
-(presets) are `configs/model/*.yaml`; decoding (sampling, beam search, the generation loop) is gpt/generate.py.
+Read top to bottom (the config, GPTConfig, is gpt/config.py): rotary position embeddings, causal
+self-attention (an explicit math path and the fused `scaled_dot_product_attention` path over the same
+weights), the two MLPs, a pre-norm block, the KV cache, and the model. Pure PyTorch: no Lightning, no
+Hydra, no transformers. The named shapes (presets) are `configs/model/*.yaml`; decoding (sampling, beam
+search, the generation loop) is gpt/generate.py.
 
 GPT-2's architecture is the default. Each of Llama's changes is a config choice of its own: rotary instead
 of learned position embeddings (`pos_emb`), RMSNorm instead of LayerNorm (`norm`), the SiLU-gated MLP
@@ -99,8 +100,13 @@ class CausalSelfAttention(nn.Module):
             y = y.view(B, self.n_head, T, self.head_dim)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y)), (weights if need_weights else None)
@@ -189,7 +195,7 @@ class KVCache:
         if self.valid is None:
             self.valid = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
             self.seen = torch.full((B,), self.length, dtype=torch.long, device=device)
-        self.valid[:, self.length:] = False  # not written yet: decode_step attends over the whole buffer
+        self.valid[:, self.length :] = False  # not written yet: decode_step attends over the whole buffer
         self.slot = torch.tensor([self.length], device=device)
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -212,8 +218,8 @@ class KVCache:
             self.k[layer] = k.new_zeros(B, H, self.max_len, D)
             self.v[layer] = v.new_zeros(B, H, self.max_len, D)
         end = self.length + k.size(2)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -233,12 +239,14 @@ class GPT(nn.Module):
         layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos_emb == "learned":  # RoPE instead rotates queries and keys in every layer: no weights
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(dict(
-            **layers,
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                **layers,
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=make_norm(config),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out share one matrix (fewer parameters, and it
         # helps small models). The state dict still lists both names; they are the same tensor.
@@ -276,8 +284,17 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def forward(self, idx, targets=None, *, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                need_weights: bool = False, only_last: bool = False) -> GPTOutput:
+    def forward(
+        self,
+        idx,
+        targets=None,
+        *,
+        attention_mask=None,
+        position_ids=None,
+        cache: Optional[KVCache] = None,
+        need_weights: bool = False,
+        only_last: bool = False,
+    ) -> GPTOutput:
         """idx: (B, T) token ids. targets: (B, T) ids to predict, -100 where no loss is wanted.
 
         attention_mask: (B, T), 1 for real tokens and 0 for (left) padding. With a cache, the new tokens
@@ -362,8 +379,8 @@ class GPT(nn.Module):
             if cache.valid is None:  # first padded call: everything cached so far was real
                 cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
                 cache.seen = torch.full((B,), start, dtype=torch.long, device=device)
-            cache.valid[:, start:start + T] = new
-            keys_valid, seen = cache.valid[:, :start + T], cache.seen
+            cache.valid[:, start : start + T] = new
+            keys_valid, seen = cache.valid[:, : start + T], cache.seen
             cache.seen = seen + new.sum(1)
         # Each row's positions count only its real tokens, so a left-padded prompt gets the same position
         # embeddings (or rotations) as the unpadded one.
@@ -407,6 +424,8 @@ def check_fits_in_memory(config: GPTConfig) -> None:
     n = count_parameters(config)
     need, have = n * torch.get_default_dtype().itemsize, physical_memory()
     if have and need > have:
-        raise GPTError(f"impossible model config: {n:,} parameters need {need / 2**30:,.0f} GiB for the weights "
-                       f"alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a smaller model "
-                       "(n_layer, n_embd, vocab_size, block_size)")
+        raise GPTError(
+            f"impossible model config: {n:,} parameters need {need / 2**30:,.0f} GiB for the weights "
+            f"alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a smaller model "
+            "(n_layer, n_embd, vocab_size, block_size)"
+        )

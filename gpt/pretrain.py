@@ -22,13 +22,20 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from gpt.checkpoint import CONFIG_FILE, load_model_dir, save_model_dir
-from gpt.launch import build
-from gpt.errors import GPTError, check_seed
 from gpt.config import GPTConfig
+from gpt.errors import GPTError, check_seed
+from gpt.launch import build
 from gpt.model import GPT
+from gpt.run import (
+    RunLock,
+    check_run_dir_is_free,
+    check_trainer_settings,
+    hydra_run_dir,
+    resolve_ckpt_path,
+    train,
+    write_metrics,
+)
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
-from gpt.run import (RunLock, check_run_dir_is_free, check_trainer_settings, hydra_run_dir, resolve_ckpt_path, train,
-                     write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +44,18 @@ def complete_model_config(config: GPTConfig, vocab_size: int) -> GPTConfig:
     if config.vocab_size is None:
         return replace(config, vocab_size=vocab_size)
     if config.vocab_size < vocab_size:
-        raise GPTError(f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
-                       "leave it null to take the tokenizer's")
+        raise GPTError(
+            f"model.vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            "leave it null to take the tokenizer's"
+        )
     if config.vocab_size - vocab_size > 128:  # more than padding to a round size (e.g. 50304 for 50257)
-        log.warning("model.vocab_size=%d is larger than the tokenizer's %d tokens: %s embedding rows will never be "
-                    "used; model.vocab_size=null takes the tokenizer's", config.vocab_size, vocab_size,
-                    f"{config.vocab_size - vocab_size:,}")
+        log.warning(
+            "model.vocab_size=%d is larger than the tokenizer's %d tokens: %s embedding rows will never be "
+            "used; model.vocab_size=null takes the tokenizer's",
+            config.vocab_size,
+            vocab_size,
+            f"{config.vocab_size - vocab_size:,}",
+        )
     return config
 
 
@@ -65,33 +78,55 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
     config: GPTConfig = build(cfg.model)  # shape errors before any data work
     datamodule = build(cfg.data)
     if datamodule.block_size > config.block_size:  # the model has no position embedding past its block_size
-        raise GPTError(f"data.block_size={datamodule.block_size} is longer than the model's context "
-                       f"(model.block_size={config.block_size}); raise model.block_size or lower data.block_size")
+        raise GPTError(
+            f"data.block_size={datamodule.block_size} is longer than the model's context "
+            f"(model.block_size={config.block_size}); raise model.block_size or lower data.block_size"
+        )
     tokenizer = datamodule.tokenizer  # builds (or reuses) the token store
     config = complete_model_config(config, tokenizer.vocab_size)
     model = GPT(config)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    log.info("model: %s layers, %s heads, %s dims, context %s, vocab %s: %.2fM parameters",
-             config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size,
-             model.num_params() / 1e6)
+    log.info(
+        "model: %s layers, %s heads, %s dims, context %s, vocab %s: %.2fM parameters",
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.block_size,
+        config.vocab_size,
+        model.num_params() / 1e6,
+    )
 
-    trainer, metrics = train(cfg, run_dir, model, tokenizer, datamodule, ckpt_path=ckpt_path, export_fn=lambda t, path:
-                             save_model_dir(model, tokenizer, path, extra={"step": t.global_step, "data": datamodule.name}))
+    trainer, metrics = train(
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        datamodule,
+        ckpt_path=ckpt_path,
+        export_fn=lambda t, path: save_model_dir(
+            model, tokenizer, path, extra={"step": t.global_step, "data": datamodule.name}
+        ),
+    )
     best = run_dir / "checkpoints" / "best"
     metrics.update(params=model.num_params(), best_model=str(best) if best.is_dir() else None)
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
-        log.info("step %d: val loss %s, %s tokens/s, %.1f s", metrics["step"],
-                 f"{metrics['val_loss']:.4f}" if metrics["val_loss"] is not None else "n/a",
-                 f"{metrics['tokens_per_s']:,.0f}", metrics["wall_seconds"])
+        log.info(
+            "step %d: val loss %s, %s tokens/s, %.1f s",
+            metrics["step"],
+            f"{metrics['val_loss']:.4f}" if metrics["val_loss"] is not None else "n/a",
+            f"{metrics['tokens_per_s']:,.0f}",
+            metrics["wall_seconds"],
+        )
         exported = next((d for d in (best, best.with_name("last")) if d.is_dir()), None)
         if exported is not None:
             log.info("exported model: %s", exported)
             log.info("sample from it: python sample.py ckpt=%s", exported)
         else:
-            log.info("no model exported: no validation ran (trainer.limit_val_batches=0?) and the run saved no "
-                     "checkpoint")
+            log.info(
+                "no model exported: no validation ran (trainer.limit_val_batches=0?) and the run saved no checkpoint"
+            )
     return metrics
 
 
@@ -116,8 +151,10 @@ def read_init(path: Path, run_dir: Path) -> tuple[GPT, Tokenizer, Path]:
     tokenizer file the data reads (keyed by its hash in the token cache): the model's own tokenizer.json, or
     for a Hugging Face directory the tokenizer gpt.convert made of it, saved in the run directory."""
     if not path.is_dir():
-        raise GPTError(f"init_from={path} is not a directory; point at an exported model (a run's checkpoints/best) "
-                       "or a local Hugging Face GPT-2 directory")
+        raise GPTError(
+            f"init_from={path} is not a directory; point at an exported model (a run's checkpoints/best) "
+            "or a local Hugging Face GPT-2 directory"
+        )
     try:
         raw = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -141,22 +178,33 @@ def load_init(cfg: DictConfig, run_dir: Path) -> GPT:
     given = given_overrides()
     loaded = model.config.to_dict()
     presets = [k for k in loaded if cfg.model.get(k) is not None] if "model" in given else []  # model=<preset>
-    for key in dict.fromkeys([*presets, *(k[len("model."):] for k in given if k.startswith("model."))]):
+    for key in dict.fromkeys([*presets, *(k[len("model.") :] for k in given if k.startswith("model."))]):
         if key in loaded and key not in FREE_MODEL_KEYS and cfg.model.get(key) != loaded[key]:
             drop = f"model.{key}={given[f'model.{key}']}" if f"model.{key}" in given else f"model={given['model']}"
-            raise GPTError(f"init_from={path} has model.{key}={loaded[key]}, this run asks for {cfg.model.get(key)}; "
-                           f"the shape comes from the loaded model: drop {drop}")
+            raise GPTError(
+                f"init_from={path} has model.{key}={loaded[key]}, this run asks for {cfg.model.get(key)}; "
+                f"the shape comes from the loaded model: drop {drop}"
+            )
     for key in ("data.tokenizer", "data.vocab_size", "data.tokenizer_path"):
         if key in given and not (key == "data.tokenizer" and given[key] == "file"):
             if key == "data.tokenizer_path" and Tokenizer.load(given[key]).to_str() == tokenizer.to_str():
                 continue  # the model's own tokenizer, named again
-            raise GPTError(f"init_from={path} brings its own tokenizer and the corpus is tokenized with it; "
-                           f"drop {key}={given[key]}")
+            raise GPTError(
+                f"init_from={path} brings its own tokenizer and the corpus is tokenized with it; "
+                f"drop {key}={given[key]}"
+            )
     with open_dict(cfg):
         for key, value in loaded.items():
             if key != "model_type" and key not in FREE_MODEL_KEYS:
                 cfg.model[key] = value
         cfg.data.tokenizer, cfg.data.tokenizer_path, cfg.data.vocab_size = "file", str(tokenizer_file), None
-    log.info("init_from %s: %s layers, %s heads, %s dims, context %s, vocab %s", path, model.config.n_layer,
-             model.config.n_head, model.config.n_embd, model.config.block_size, model.config.vocab_size)
+    log.info(
+        "init_from %s: %s layers, %s heads, %s dims, context %s, vocab %s",
+        path,
+        model.config.n_layer,
+        model.config.n_head,
+        model.config.n_embd,
+        model.config.block_size,
+        model.config.vocab_size,
+    )
     return model

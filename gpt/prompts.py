@@ -26,23 +26,32 @@ class PromptTemplate:
             if not isinstance(t, str):
                 raise GPTError(f"prompt template {t!r} is not text; give a template with an {{input}} field")
             try:
-                parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(t)
-                          if name is not None]
+                parsed = [
+                    (name, spec, conversion)
+                    for _, name, spec, conversion in string.Formatter().parse(t)
+                    if name is not None
+                ]
             except ValueError as e:
                 raise GPTError(f"prompt template {t!r} is malformed ({e}); write literal braces as {{{{ }}}}") from None
             for name, spec, conversion in parsed:
                 if spec or conversion:  # {input:d}, {input!r}: the text goes in as it is, never formatted
                     field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-                    raise GPTError(f"prompt template {t!r} formats a field ({field}); fields are filled with the text "
-                                   f"as it is: write {{{name}}} (and literal braces as {{{{ }}}})")
+                    raise GPTError(
+                        f"prompt template {t!r} formats a field ({field}); fields are filled with the text "
+                        f"as it is: write {{{name}}} (and literal braces as {{{{ }}}})"
+                    )
             names = {name for name, _, _ in parsed}
             unknown = names - {"instruction", "input"}
             if unknown:
-                raise GPTError(f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "
-                               "only {instruction} and {input} are filled in")
+                raise GPTError(
+                    f"prompt template {t!r} uses unknown field(s) {sorted(unknown)}; "
+                    "only {instruction} and {input} are filled in"
+                )
             if not names:
-                raise GPTError(f"prompt template {t!r} has no {{input}} field, so the prompt would be dropped; "
-                               "put {input} where it goes, e.g. 'Q: {input}\\nA: '")
+                raise GPTError(
+                    f"prompt template {t!r} has no {{input}} field, so the prompt would be dropped; "
+                    "put {input} where it goes, e.g. 'Q: {input}\\nA: '"
+                )
             self.fields[t] = names
         self.template, self.template_no_input = template, template_no_input
 
@@ -100,8 +109,12 @@ class ChatTemplate:
             from transformers.utils.chat_template_utils import render_jinja_template
 
             try:
-                rendered, _ = render_jinja_template([list(messages)], chat_template=self.jinja,
-                                                    add_generation_prompt=add_generation_prompt, **self.special)
+                rendered, _ = render_jinja_template(
+                    [list(messages)],
+                    chat_template=self.jinja,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.special,
+                )
             except Exception as e:  # jinja2's errors (syntax, raise_exception in the template)
                 raise GPTError(f"the model's chat_template failed on these messages ({e})") from None
             return rendered[0]
@@ -117,11 +130,11 @@ class ChatTemplate:
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def tokenizer_config(jinja: str) -> dict:
     """tokenizer_config.json for a model or adapter directory: transformers' PreTrainedTokenizerFast reads it
     beside tokenizer.json (chat_template, end-of-text token); ChatTemplate.for_model reads it back."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS,
-            "bos_token": EOS}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS, "bos_token": EOS}

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
-from hydra.errors import InstantiationException
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -27,11 +27,19 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from gpt.callbacks import (
+    ExportingCheckpoint,
+    FinalSamples,
+    LeanAutocastForLoRA,
+    LossCurve,
+    NonFiniteGuard,
+    SaveOnInterrupt,
+    SpeedMonitor,
+    progress_callback,
+)
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
-from gpt.launch import build, is_launch_rank_zero
 from gpt.errors import GPTError, is_finite, is_int
-from gpt.callbacks import (ExportingCheckpoint, FinalSamples, LeanAutocastForLoRA, LossCurve, NonFiniteGuard,
-                           SaveOnInterrupt, SpeedMonitor, progress_callback)
+from gpt.launch import build, is_launch_rank_zero
 from gpt.lit import LanguageModel, lr_decay_steps, quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -66,8 +74,10 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise GPTError(f"another run (pid {holder}) is writing to {self.path.parent}; wait for it or choose "
-                           "another directory (hydra.run.dir=...)") from None
+            raise GPTError(
+                f"another run (pid {holder}) is writing to {self.path.parent}; wait for it or choose "
+                "another directory (hydra.run.dir=...)"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -86,26 +96,37 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path, max_steps: Option
         return None
     if ckpt_path == "last":
         # runs/<name>/latest is a link to one of these runs, not a run: it is about to move to this new one
-        candidates = sorted((c for c in run_dir.parent.glob("*/checkpoints/last.ckpt") if not c.parent.parent.is_symlink()),
-                            key=lambda p: p.stat().st_mtime)
+        candidates = sorted(
+            (c for c in run_dir.parent.glob("*/checkpoints/last.ckpt") if not c.parent.parent.is_symlink()),
+            key=lambda p: p.stat().st_mtime,
+        )
         candidates = [c for c in candidates if c.parent.parent.resolve() != run_dir.resolve()] or candidates
         if not candidates:
-            raise GPTError(f"ckpt_path=last: no earlier run with checkpoints/last.ckpt under {run_dir.parent}; "
-                           "pass the path of a .ckpt file")
+            raise GPTError(
+                f"ckpt_path=last: no earlier run with checkpoints/last.ckpt under {run_dir.parent}; "
+                "pass the path of a .ckpt file"
+            )
         ckpt_path = str(candidates[-1])
     if Path(ckpt_path).is_dir():
-        raise GPTError(f"ckpt_path={ckpt_path} is a directory; resuming needs a Lightning .ckpt file, e.g. "
-                       f"{Path(ckpt_path).with_suffix('.ckpt')} (or ckpt_path=last)")
+        raise GPTError(
+            f"ckpt_path={ckpt_path} is a directory; resuming needs a Lightning .ckpt file, e.g. "
+            f"{Path(ckpt_path).with_suffix('.ckpt')} (or ckpt_path=last)"
+        )
     if not Path(ckpt_path).is_file():
-        raise GPTError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt from an earlier run's checkpoints/ "
-                       "(or ckpt_path=last)")
+        raise GPTError(
+            f"ckpt_path={ckpt_path} does not exist; pass a .ckpt from an earlier run's checkpoints/ (or ckpt_path=last)"
+        )
     if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives; a cut-off one has no directory
-        raise GPTError(f"ckpt_path={ckpt_path} is not a whole checkpoint (truncated, or not written by train.py); "
-                       "resume from another .ckpt, e.g. the run's best.ckpt")
+        raise GPTError(
+            f"ckpt_path={ckpt_path} is not a whole checkpoint (truncated, or not written by train.py); "
+            "resume from another .ckpt, e.g. the run's best.ckpt"
+        )
     step = saved_step(ckpt_path)
     if step is not None and max_steps is not None and 0 < max_steps <= step:
-        raise GPTError(f"ckpt_path={ckpt_path} is already at step {step} and trainer.max_steps={max_steps}: nothing "
-                       f"is left to train; raise trainer.max_steps to go on (e.g. trainer.max_steps={2 * step})")
+        raise GPTError(
+            f"ckpt_path={ckpt_path} is already at step {step} and trainer.max_steps={max_steps}: nothing "
+            f"is left to train; raise trainer.max_steps to go on (e.g. trainer.max_steps={2 * step})"
+        )
     return ckpt_path
 
 
@@ -122,8 +143,10 @@ def peek_checkpoint(ckpt_path: str) -> Optional[dict]:
 
 
 def unsafe_checkpoint(ckpt_path, e: Exception) -> GPTError:
-    return GPTError(f"{ckpt_path} cannot be loaded safely ({why_unloadable(e)}); it carries code or objects a "
-                    "checkpoint never holds; only resume from checkpoints written by this tool")
+    return GPTError(
+        f"{ckpt_path} cannot be loaded safely ({why_unloadable(e)}); it carries code or objects a "
+        "checkpoint never holds; only resume from checkpoints written by this tool"
+    )
 
 
 def saved_step(ckpt_path: str) -> Optional[int]:
@@ -140,8 +163,10 @@ def resumes_run_in(run_dir: Path, ckpt_path: Optional[str]) -> bool:
 def check_run_dir_is_free(run_dir: Path, ckpt_path: Optional[str]) -> None:
     """A directory that holds a finished or interrupted run is only reused to resume that run."""
     if is_launch_rank_zero() and (run_dir / "checkpoints").exists() and not resumes_run_in(run_dir, ckpt_path):
-        raise GPTError(f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
-                       f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+        raise GPTError(
+            f"{run_dir} already holds a run's checkpoints; choose a new hydra.run.dir, or resume it with "
+            f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+        )
 
 
 def clear_dead_writes(ckpt_path: str) -> None:
@@ -167,8 +192,10 @@ def point_latest(run_dir: Path) -> None:
     directory, a link to somewhere else) is the user's: it is left alone, and the run says so."""
     link = run_dir.parent / "latest"
     if os.path.lexists(link) and not is_our_link(link):
-        log.warning(f"{link} is not a link to a run of this experiment (it was not made by train.py); left it as it "
-                    f"is: the new run is {run_dir}")
+        log.warning(
+            f"{link} is not a link to a run of this experiment (it was not made by train.py); left it as it "
+            f"is: the new run is {run_dir}"
+        )
         return
     tmp = run_dir.parent / f".latest.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     try:
@@ -221,22 +248,43 @@ def make_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list = ()) -> 
     quiet_lightning()
     speed = SpeedMonitor()
     checkpoint = ExportingCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss", mode="min", save_top_k=1,
-        save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
+        dirpath=str(run_dir / "checkpoints"),
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     samples = cfg.get("log_samples")
     if samples and (not is_int(samples.get("n", 0)) or samples.get("n", 0) < 0):
         raise GPTError(f"log_samples.n must be a whole number >= 0 (got {samples.get('n')!r}); 0 = no samples")
     if samples and samples.get("n", 0) > 0:
         extra_callbacks = [*extra_callbacks, FinalSamples(run_dir / "samples.txt", **samples)]
     # The progress bar first: on an exception it ends its line before the others print theirs.
-    progress = progress_callback(cfg.trainer.get("enable_progress_bar", True), cfg.trainer.get("log_every_n_steps", 50),
-                                 cfg.trainer.get("max_steps", -1))
+    progress = progress_callback(
+        cfg.trainer.get("enable_progress_bar", True),
+        cfg.trainer.get("log_every_n_steps", 50),
+        cfg.trainer.get("max_steps", -1),
+    )
     callbacks = progress + [
-        checkpoint, speed, NonFiniteGuard(cfg.get("on_nan", "stop")), SaveOnInterrupt(), LossCurve(),
-        LeanAutocastForLoRA(), *extra_callbacks]  # before FinalSamples: it samples with the fp32 weights
+        checkpoint,
+        speed,
+        NonFiniteGuard(cfg.get("on_nan", "stop")),
+        SaveOnInterrupt(),
+        LossCurve(),
+        LeanAutocastForLoRA(),
+        *extra_callbacks,
+    ]  # before FinalSamples: it samples with the fp32 weights
     try:
-        trainer = build(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                        logger=make_loggers(cfg.get("logger"), run_dir), default_root_dir=str(run_dir))
+        trainer = build(
+            cfg.trainer,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            logger=make_loggers(cfg.get("logger"), run_dir),
+            default_root_dir=str(run_dir),
+        )
     except InstantiationException as e:
         if isinstance(e.__cause__, (ValueError, TypeError)):  # Lightning checking the values it was given
             raise GPTError(f"trainer config: {e.__cause__}; fix the trainer.* settings (`--cfg job` shows them)") from e
@@ -251,7 +299,11 @@ def check_trainer_settings(t: DictConfig, decay_steps=None) -> None:
     """Checked by each training verb before any data work (and before the Trainer prints its banner).
     What Lightning accepts but cannot mean: a negative clip (it would flip every gradient and train uphill),
     no validation interval, no micro-batch per step, no end for the LR schedule; and a GPU this machine lacks."""
-    clip, interval, accumulate = t.get("gradient_clip_val"), t.get("val_check_interval"), t.get("accumulate_grad_batches")
+    clip, interval, accumulate = (
+        t.get("gradient_clip_val"),
+        t.get("val_check_interval"),
+        t.get("accumulate_grad_batches"),
+    )
     lr_decay_steps(decay_steps, t.get("max_steps"))
     check_accelerator(t)
     if clip is not None and (not is_finite(clip) or clip < 0):
@@ -266,13 +318,18 @@ def check_accelerator(t: DictConfig) -> None:
     """A GPU accelerator this machine lacks: Lightning's own words are "No supported gpu backend found!"."""
     accelerator = str(t.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise GPTError(f"trainer.accelerator={accelerator} but torch {torch.__version__} sees no CUDA GPU on this machine; "
-                       "use trainer=cpu, or install a CUDA build of torch (TORCH_SPEC, README Quick start)")
+        raise GPTError(
+            f"trainer.accelerator={accelerator} but torch {torch.__version__} sees no CUDA GPU on this machine; "
+            "use trainer=cpu, or install a CUDA build of torch (TORCH_SPEC, README Quick start)"
+        )
     if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise GPTError("trainer.accelerator=mps but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu")
+        raise GPTError(
+            "trainer.accelerator=mps but this PyTorch build or machine has no Apple GPU (MPS); use trainer=cpu"
+        )
     if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):  # tpu, hpu, ...: other packages this project lacks
-        raise GPTError(f"trainer.accelerator={accelerator} is not one this project runs on; use cpu, gpu (cuda), mps "
-                       "or auto")
+        raise GPTError(
+            f"trainer.accelerator={accelerator} is not one this project runs on; use cpu, gpu (cuda), mps or auto"
+        )
 
 
 def in_sweep() -> bool:
@@ -291,10 +348,16 @@ def check_launch(trainer: L.Trainer) -> None:
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
-    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes * launcher.num_nodes > 1
-            and not launcher.cluster_environment.creates_processes_externally and in_sweep()):
-        raise GPTError("a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
-                       "command, or start the processes with torchrun / srun (see README, Multi-GPU)")
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes * launcher.num_nodes > 1
+        and not launcher.cluster_environment.creates_processes_externally
+        and in_sweep()
+    ):
+        raise GPTError(
+            "a Hydra sweep (-m) cannot start DDP processes itself; run each configuration as its own "
+            "command, or start the processes with torchrun / srun (see README, Multi-GPU)"
+        )
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_path: Optional[str] = None) -> None:
@@ -309,15 +372,23 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ckpt_pat
         raise SystemExit(128 + (stop.signum if stop and stop.signum else 15)) from None
 
 
-def train(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tokenizer, datamodule,
-          export_fn: Callable[[L.Trainer, Path], Any], ckpt_path: Optional[str] = None,
-          base: Optional[dict] = None) -> tuple[L.Trainer, dict]:
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    datamodule,
+    export_fn: Callable[[L.Trainer, Path], Any],
+    ckpt_path: Optional[str] = None,
+    base: Optional[dict] = None,
+) -> tuple[L.Trainer, dict]:
     """What pretraining and fine-tuning share: the LightningModule around `model` (cfg.optim, cfg.compile),
     the Trainer, the exported directory beside each checkpoint (export_fn(trainer, path)), the fit, and
     the summary every run reports in metrics.json (each verb adds its own keys). base: fine-tuning's record
     of its base model, kept in the checkpoints so that a resume on another base is refused."""
-    module = LanguageModel(model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True),
-                           compile=cfg.get("compile", False))
+    module = LanguageModel(
+        model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True), compile=cfg.get("compile", False)
+    )
     module.base = base
     if ckpt_path and (ckpt := peek_checkpoint(ckpt_path)) is not None:
         module.check_resumable(ckpt)  # before the Trainer prints its banner

@@ -18,12 +18,20 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE)
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
+from gpt.completions import (
+    StreamPrinter,
+    check_decoding,
+    check_stop_strings,
+    encode_prompt,
+    escape,
+    generate_batch,
+    source_token_bias,
+    unescape,
+)
 from gpt.errors import GPTError, check_seed, is_int
-from gpt.inference import load_for_sampling
-from gpt.completions import (StreamPrinter, check_decoding, check_stop_strings, encode_prompt, escape,
-                             generate_batch, source_token_bias, unescape)
 from gpt.generate import check_sampling_args, generate, prompt_too_long
+from gpt.inference import load_for_sampling
 from gpt.model import GPT
 from gpt.prompts import PromptTemplate
 from gpt.textfiles import read_text_file, split_lines, write_lines_atomically
@@ -51,8 +59,10 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
 
         task = task or read_adapter_record(cfg.adapter).get("task") or {}
         if "template" not in task:
-            raise GPTError(f"adapter {cfg.adapter} does not record its task's prompt template; give one: "
-                           "template='...{input}...' (or template=none for prompts as they are)")
+            raise GPTError(
+                f"adapter {cfg.adapter} does not record its task's prompt template; give one: "
+                "template='...{input}...' (or template=none for prompts as they are)"
+            )
         template = PromptTemplate(task["template"], task.get("template_no_input"))
         field = "instruction" if task.get("format") == "alpaca" else "input"  # what one line of input is
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
@@ -80,18 +90,28 @@ def check_options(cfg) -> None:
     """sample.py's settings, all checked before the model is loaded; nothing given is silently ignored."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     check_seed(cfg.seed)
-    positive = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size,
-                "attention_max_tokens": cfg.get("attention_max_tokens", 64)}
+    positive = {
+        "num_samples": cfg.num_samples,
+        "batch_size": cfg.batch_size,
+        "attention_max_tokens": cfg.get("attention_max_tokens", 64),
+    }
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
-    check_decoding(cfg.get("num_beams", 1), cfg.get("no_repeat_ngram_size", 0), cfg.get("copy_bonus", 0.0),
-                   cfg.get("length_penalty", 1.0), cfg.get("dtype", "auto"))
+    check_decoding(
+        cfg.get("num_beams", 1),
+        cfg.get("no_repeat_ngram_size", 0),
+        cfg.get("copy_bonus", 0.0),
+        cfg.get("length_penalty", 1.0),
+        cfg.get("dtype", "auto"),
+    )
     check_stop_strings(cfg.get("stop") or [], "stop")
     head = cfg.get("attention_head")
     if not (head is None or is_int(head)) or not is_int(cfg.get("attention_layer", -1)):
-        raise GPTError(f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
-                       f"(got {cfg.get('attention_layer')!r}, {head!r})")
+        raise GPTError(
+            f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
+            f"(got {cfg.get('attention_layer')!r}, {head!r})"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise GPTError(f"device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
     if cfg.on_context_full not in ("slide", "stop"):
@@ -101,24 +121,36 @@ def check_options(cfg) -> None:
     if cfg.input_file and not cfg.output_file:
         raise GPTError("batch mode needs output_file=<path> beside input_file")
     if cfg.output_file and not cfg.input_file:
-        raise GPTError("output_file is for batch mode: give input_file=<prompts, one per line> too (a single "
-                       "prompt's sample goes to stdout: redirect it with > file)")
+        raise GPTError(
+            "output_file is for batch mode: give input_file=<prompts, one per line> too (a single "
+            "prompt's sample goes to stdout: redirect it with > file)"
+        )
     if cfg.input_file and cfg.output_file and Path(cfg.output_file).resolve() == Path(cfg.input_file).resolve():
-        raise GPTError(f"output_file={cfg.output_file} is the input_file: the completions would replace the prompts; "
-                       "choose another output_file")
+        raise GPTError(
+            f"output_file={cfg.output_file} is the input_file: the completions would replace the prompts; "
+            "choose another output_file"
+        )
     if cfg.input_file and cfg.num_samples != 1:
-        raise GPTError("num_samples is for a single prompt; in batch mode each line of input_file gets one completion "
-                       "(repeat a line to get several)")
+        raise GPTError(
+            "num_samples is for a single prompt; in batch mode each line of input_file gets one completion "
+            "(repeat a line to get several)"
+        )
     if cfg.input_file and cfg.prompt_file:
         raise GPTError("give input_file (batch mode: one prompt per line) or prompt_file (one prompt), not both")
     if (cfg.input_file or cfg.prompt_file) and cfg.prompt != DEFAULT_PROMPT:
-        raise GPTError(f"prompt= and {'input_file' if cfg.input_file else 'prompt_file'}= both give the prompt; "
-                       "keep one of them")
+        raise GPTError(
+            f"prompt= and {'input_file' if cfg.input_file else 'prompt_file'}= both give the prompt; keep one of them"
+        )
     for key in ("input_file", "prompt_file"):
         if cfg.get(key) and not Path(cfg[key]).is_file():
-            what = ("is a directory, not a file" if Path(cfg[key]).is_dir() else "does not exist"
-                    if not os.path.lexists(cfg[key]) else "is not a regular file (a pipe, device or socket: it is "
-                    "read twice, to check it and to use it); write its text to a file first")
+            what = (
+                "is a directory, not a file"
+                if Path(cfg[key]).is_dir()
+                else "does not exist"
+                if not os.path.lexists(cfg[key])
+                else "is not a regular file (a pipe, device or socket: it is "
+                "read twice, to check it and to use it); write its text to a file first"
+            )
             raise GPTError(f"{key} {cfg[key]} {what}; point it at a UTF-8 text file")
     for key, suffix_ok in (("output_file", True), ("attention_map", False)):
         out = cfg.get(key)
@@ -130,8 +162,9 @@ def check_options(cfg) -> None:
         read = next((p for p in files_read(cfg) if os.path.samefile(out, p)), None) if out.exists() else None
         if read is not None:  # even with overwrite=true: the run would destroy what it reads
             what = "a file" if os.path.abspath(out) == os.path.abspath(read) else f"the same file as {read}, a file"
-            raise GPTError(f"{key}={out} is {what} this run reads (the prompts or the model's own files); "
-                           "choose another path")
+            raise GPTError(
+                f"{key}={out} is {what} this run reads (the prompts or the model's own files); choose another path"
+            )
         if out.exists() and not cfg.overwrite:
             raise GPTError(f"{out} exists; choose another {key} or pass overwrite=true")
         if not suffix_ok:
@@ -139,16 +172,18 @@ def check_options(cfg) -> None:
 
             formats = Figure().canvas.get_supported_filetypes()
             if out.suffix.lstrip(".").lower() not in formats:
-                raise GPTError(f"attention_map={out}: the name must end in an image type, e.g. .png "
-                               f"({', '.join(sorted(formats))})")
+                raise GPTError(
+                    f"attention_map={out}: the name must end in an image type, e.g. .png ({', '.join(sorted(formats))})"
+                )
         parent = out.parent if out.parent != Path("") else Path(".")
         existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
         try:  # can a file be made there? (what the write will do; permission bits alone do not tell, e.g. as root)
             with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as e:
-            raise GPTError(f"cannot write {key}={out}: no file can be made in {existing} ({e.strerror}); choose another "
-                           "path") from None
+            raise GPTError(
+                f"cannot write {key}={out}: no file can be made in {existing} ({e.strerror}); choose another path"
+            ) from None
     if cfg.get("attention_map") and cfg.input_file:
         raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
 
@@ -185,20 +220,40 @@ def sample(cfg) -> Optional[list[str]]:
         check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                stops=stops, stop_at_eos=cfg.stop_at_eos, generator=generator, on_context_full=cfg.on_context_full,
-                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), compile=cfg.get("compile", False))
+    args = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stops=stops,
+        stop_at_eos=cfg.stop_at_eos,
+        generator=generator,
+        on_context_full=cfg.on_context_full,
+        no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0),
+        compile=cfg.get("compile", False),
+    )
     strict = cfg.get("unknown_chars", "error") == "error"
-    beams = dict(num_beams=cfg.get("num_beams", 1), length_penalty=cfg.get("length_penalty", 1.0),
-                 copy_bonus=cfg.get("copy_bonus", 0.0))
+    beams = dict(
+        num_beams=cfg.get("num_beams", 1),
+        length_penalty=cfg.get("length_penalty", 1.0),
+        copy_bonus=cfg.get("copy_bonus", 0.0),
+    )
 
     with torch.inference_mode():
         if cfg.input_file:  # batch mode: a file of prompts -> a file of completions
             lines = [unescape(line) for line in split_lines(read_text_file(cfg.input_file))]
             if not lines:
                 raise GPTError(f"input_file {cfg.input_file} is empty: batch mode completes one prompt per line")
-            completions = generate_batch(model, tokenizer, [wrap(line) for line in lines], batch_size=cfg.batch_size,
-                                         sources=lines, strict=strict, **args, **beams)
+            completions = generate_batch(
+                model,
+                tokenizer,
+                [wrap(line) for line in lines],
+                batch_size=cfg.batch_size,
+                sources=lines,
+                strict=strict,
+                **args,
+                **beams,
+            )
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             plural = "" if len(completions) == 1 else "s"
             print(f"wrote {len(completions)} completion{plural} to {cfg.output_file}", file=sys.stderr)
@@ -210,26 +265,40 @@ def sample(cfg) -> Optional[list[str]]:
             raw = unescape(cfg.prompt)
         prompt = wrap(raw)
         if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
-            text = generate_batch(model, tokenizer, [prompt], batch_size=1, sources=[raw], strict=strict, **args,
-                                  **beams)[0]
+            text = generate_batch(
+                model, tokenizer, [prompt], batch_size=1, sources=[raw], strict=strict, **args, **beams
+            )[0]
             sys.stdout.write(prompt + text + "\n---------------\n")
             return [text]
         ids = encode_prompt(tokenizer, prompt, strict)
         if len(ids) > model.config.block_size:  # before any of it is printed
             raise prompt_too_long(len(ids), model.config.block_size)
-        bias = source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device) \
-            if beams["copy_bonus"] else None
+        bias = (
+            source_token_bias(tokenizer, [raw], model.config.vocab_size, beams["copy_bonus"], device)
+            if beams["copy_bonus"]
+            else None
+        )
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         samples = []
         for i in range(cfg.num_samples):
             out = sys.stdout if cfg.stream else io.StringIO()  # not streamed: printed whole below
             printer = StreamPrinter(tokenizer, stops, out)
             out.write(prompt)
-            generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None, generator=generator,
-                           on_context_full=cfg.on_context_full, on_token=printer,
-                           no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0), logit_bias=bias,
-                           compile=cfg.get("compile", False))
+            generate(
+                model,
+                idx,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                eos_token_id=tokenizer.eos_id if cfg.stop_at_eos else None,
+                generator=generator,
+                on_context_full=cfg.on_context_full,
+                on_token=printer,
+                no_repeat_ngram_size=cfg.get("no_repeat_ngram_size", 0),
+                logit_bias=bias,
+                compile=cfg.get("compile", False),
+            )
             text = printer.finish()
             if not cfg.stream:
                 sys.stdout.write(prompt + text)

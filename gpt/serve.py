@@ -27,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.chat import ChatTemplate, chat_template
-from gpt.errors import GPTError, is_int, is_number
 from gpt.completions import encode_prompt
 from gpt.devices import check_dtype
+from gpt.engine import Engine, Job
+from gpt.errors import GPTError, is_int, is_number
 from gpt.generate import check_sampling_args
 from gpt.inference import load_for_sampling
-from gpt.engine import Engine, Job
 from gpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,14 +75,22 @@ class ChatRequest(Sampling):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -93,8 +101,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if error.get("type") == "model_attributes_type" or not loc:
         return APIError(400, "the request body must be a JSON object with the request's fields")
     param = ".".join(loc)
-    message = f"{param}: {error['msg']}" + (f" (got {error['input']!r})" if error.get("type") != "missing"
-                                            and not isinstance(error.get("input"), (dict, list)) else "")
+    message = f"{param}: {error['msg']}" + (
+        f" (got {error['input']!r})"
+        if error.get("type") != "missing" and not isinstance(error.get("input"), (dict, list))
+        else ""
+    )
     return APIError(400, message, param, "unknown_field" if error.get("type") == "extra_forbidden" else "invalid_value")
 
 
@@ -111,8 +122,11 @@ class Guard:
         if self.api_key and scope["path"] != "/health":
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
-                error = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
+                error = APIError(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
                 return await error.response()(scope, receive, send)
         too_large = APIError(413, f"the request body is larger than max_body_bytes={self.limit}", code="body_too_large")
         length = headers.get(b"content-length")
@@ -146,8 +160,14 @@ class Server:
         self.name = cfg.get("model_name") or str(cfg.get("adapter") or cfg.get("ckpt"))
         self.created = int(time.time())
         self.strict = cfg.unknown_chars == "error"
-        self.engine = Engine(model, tokenizer, top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos,
-                             max_batch_size=cfg.max_batch_size, batch_window_s=cfg.batch_window_ms / 1000)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            top_k=cfg.top_k,
+            stop_at_eos=cfg.stop_at_eos,
+            max_batch_size=cfg.max_batch_size,
+            batch_window_s=cfg.batch_window_ms / 1000,
+        )
 
     def encode(self, text: str, param: str) -> list[int]:
         try:
@@ -155,19 +175,29 @@ class Server:
         except GPTError as e:
             raise APIError(400, str(e), param, "invalid_value") from None
         if len(ids) > self.block:
-            raise APIError(400, f"{param} is {len(ids)} tokens but the model's context is {self.block}: shorten it",
-                           param, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param} is {len(ids)} tokens but the model's context is {self.block}: shorten it",
+                param,
+                "context_length_exceeded",
+            )
         return ids
 
-    def jobs(self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], param: str, stops: list[str],
-             send) -> list[Job]:
+    def jobs(
+        self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], param: str, stops: list[str], send
+    ) -> list[Job]:
         """Job i * n + j: choice j of prompt i (OpenAI's choice index)."""
         if max_tokens is not None and not 0 < max_tokens <= self.block:
-            raise APIError(400, f"{param} must be between 1 and the model's context, {self.block} (got {max_tokens})",
-                           param, "invalid_value")
+            raise APIError(
+                400,
+                f"{param} must be between 1 and the model's context, {self.block} (got {max_tokens})",
+                param,
+                "invalid_value",
+            )
         if body.n > self.cfg.max_n:
-            raise APIError(400, f"n must be at most {self.cfg.max_n} (the server's max_n; got {body.n})", "n",
-                           "invalid_value")
+            raise APIError(
+                400, f"n must be at most {self.cfg.max_n} (the server's max_n; got {body.n})", "n", "invalid_value"
+            )
         given = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(given) > 4 or any(not s for s in given):
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
@@ -185,8 +215,17 @@ class Server:
                 if temperature > 0:  # choice 0 uses the seed itself, as sample.py does; the others their own streams
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seed if k == 0 else (seed * 1_000_003 + k) % 2**63)
-                jobs.append(Job(list(ids), limit, temperature, top_p, given + [s for s in stops if s not in given],
-                                generator, lambda event, k=k: send((k, event))))
+                jobs.append(
+                    Job(
+                        list(ids),
+                        limit,
+                        temperature,
+                        top_p,
+                        given + [s for s in stops if s not in given],
+                        generator,
+                        lambda event, k=k: send((k, event)),
+                    )
+                )
         return jobs
 
 
@@ -200,8 +239,10 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         model, tokenizer, _ = load_for_sampling(cfg)
     server = Server(cfg, model, tokenizer, chat_template(cfg))
     if cfg.max_tokens is not None and cfg.max_tokens > server.block:
-        raise GPTError(f"max_tokens={cfg.max_tokens} is more than the model's context ({server.block}); "
-                       "lower it, or null: until the context is full")
+        raise GPTError(
+            f"max_tokens={cfg.max_tokens} is more than the model's context ({server.block}); "
+            "lower it, or null: until the context is full"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -222,17 +263,33 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+        return APIError(
+            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+        ).response()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.name, "running": len(server.engine.rows),
-                "waiting": server.engine.waiting.qsize()}
+        return {
+            "status": "ok",
+            "model": server.name,
+            "running": len(server.engine.rows),
+            "waiting": server.engine.waiting.qsize(),
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "gpt", "context_length": server.block}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "gpt",
+                    "context_length": server.block,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -263,8 +320,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         jobs = server.jobs(body, prompts, max_tokens, param, stops, send)
         server.engine.submit(jobs)
         kind = "chat.completion" if chat else "text_completion"
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "object": kind,
-                "created": int(time.time()), "model": server.name}
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            "object": kind,
+            "created": int(time.time()),
+            "model": server.name,
+        }
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
 
         def choice(k, text, reason):
@@ -285,6 +346,7 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 job.cancelled = True
 
         if body.stream:
+
             async def stream():
                 try:
                     if chat:
@@ -300,19 +362,29 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                             done += 1
                             yield sse(chunk(k, "", event[1]))
                         else:
-                            yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
-                                                 "code": None}})
+                            yield sse(
+                                {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
+                            )
                             return
                     if body.stream_options and body.stream_options.include_usage:
                         total = usage["prompt_tokens"] + usage["completion_tokens"]
-                        yield sse({**head, "object": kind + ".chunk" if chat else kind, "choices": [],
-                                   "usage": {**usage, "total_tokens": total}})
+                        yield sse(
+                            {
+                                **head,
+                                "object": kind + ".chunk" if chat else kind,
+                                "choices": [],
+                                "usage": {**usage, "total_tokens": total},
+                            }
+                        )
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client disconnected: its rows leave the batch at the next step
                     cancel()
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
 
         texts, reasons, done = [""] * len(jobs), [None] * len(jobs), 0
         try:
@@ -371,11 +443,20 @@ def serve(cfg, sockets=None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     app = create_app(cfg)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                            timeout_graceful_shutdown=cfg.shutdown_timeout, access_log=cfg.access_log)
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        timeout_graceful_shutdown=cfg.shutdown_timeout,
+        access_log=cfg.access_log,
+    )
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {cfg.host}, reachable from other machines"
-              + ("" if app.api_key else " by anyone: set api_key= or GPT_API_KEY"), file=sys.stderr)
+        print(
+            f"warning: serving on {cfg.host}, reachable from other machines"
+            + ("" if app.api_key else " by anyone: set api_key= or GPT_API_KEY"),
+            file=sys.stderr,
+        )
     # uvicorn answers SIGTERM with a graceful shutdown (in-flight requests finish, at most shutdown_timeout
     # seconds) and then raises the signal again on the handler found before it; a no-op one makes that exit 0.
     if threading.current_thread() is threading.main_thread():

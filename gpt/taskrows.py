@@ -10,8 +10,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from gpt.data import load_hub_dataset
-from gpt.datafiles import fetch_known
+from gpt.datafiles import fetch_known, load_hub_dataset
 from gpt.errors import GPTError
 from gpt.textfiles import check_text_files, read_text, split_lines
 
@@ -25,8 +24,14 @@ FORMATS = {
     "prompt_response": {"input": "prompt", "output": "response"},
     # conversations: the list's key, each message's role and content keys, and our role -> the file's role name
     # (OpenAI's layout; ShareGPT's: messages=conversations role=from content=value user=human assistant=gpt)
-    "chat": {"messages": "messages", "role": "role", "content": "content", "system": "system", "user": "user",
-             "assistant": "assistant"},
+    "chat": {
+        "messages": "messages",
+        "role": "role",
+        "content": "content",
+        "system": "system",
+        "user": "user",
+        "assistant": "assistant",
+    },
 }
 REQUIRED = ("output",)  # a row without a response teaches nothing; `input` may be empty (Alpaca)
 ON_BAD_ROW = ("error", "skip")
@@ -52,8 +57,9 @@ class BadRows:
 
     def report(self, split: str) -> int:
         if self.skipped:
-            log.warning("%s %s: skipped %d malformed rows (first: %s)", self.task, split, len(self.skipped),
-                        self.skipped[0])
+            log.warning(
+                "%s %s: skipped %d malformed rows (first: %s)", self.task, split, len(self.skipped), self.skipped[0]
+            )
         n, self.skipped = len(self.skipped), []
         return n
 
@@ -63,8 +69,10 @@ def check_file(path: Path, task: str) -> Path:
         fetch_known(path, f"task {task}")  # a named task's file under $GPT_DATA_DIR: downloaded, checked
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise GPTError(f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
-                       "or $GPT_DATA_DIR for named tasks)")
+        raise GPTError(
+            f"task {task}: {path} {what}; check the path (task.root / task.train / task.valid, "
+            "or $GPT_DATA_DIR for named tasks)"
+        )
     check_text_files([path], allow_empty=True)  # binary or not UTF-8: one line naming the file (and the offset)
     return path
 
@@ -94,16 +102,21 @@ def normalise_chat(record: dict, fields: dict, where: str, bad: BadRows) -> Opti
     the last assistant message as "output" and the user message before it as "input"}, or None if malformed."""
     messages = record.get(fields["messages"])
     if not isinstance(messages, list) or not messages:
-        return bad(where, f"field {fields['messages']!r} must be a non-empty list of messages (the record has "
-                          f"{sorted(record)})")
+        return bad(
+            where,
+            f"field {fields['messages']!r} must be a non-empty list of messages (the record has {sorted(record)})",
+        )
     roles = {fields[r]: r for r in ("system", "user", "assistant")}
     out = []
     for i, m in enumerate(messages):
         role = m.get(fields["role"]) if isinstance(m, dict) else None
         content = m.get(fields["content"]) if isinstance(m, dict) else None
         if role not in roles or not isinstance(content, str):
-            return bad(where, f"message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
-                              f"{fields['content']!r} (got {m!r:.80})")
+            return bad(
+                where,
+                f"message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
+                f"{fields['content']!r} (got {m!r:.80})",
+            )
         out.append({"role": roles[role], "content": content})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         return bad(where, "the conversation has no assistant message to learn from")
@@ -120,8 +133,10 @@ def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[d
         check_file(path, task)
         sides.append(split_lines(read_text(path)))
     if len(sides[0]) != len(sides[1]):
-        raise GPTError(f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
-                       f"{len(sides[1])}; every source line needs exactly one target line")
+        raise GPTError(
+            f"parallel files are not line-aligned: {source} has {len(sides[0])} lines but {target} has "
+            f"{len(sides[1])}; every source line needs exactly one target line"
+        )
     rows = []
     for i, (src, tgt) in enumerate(zip(*sides), start=1):
         if not src.strip() or not tgt.strip():
@@ -143,8 +158,10 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise GPTError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file (a JSON array of "
-                           "records, or one JSON record per line)") from None
+            raise GPTError(
+                f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file (a JSON array of "
+                "records, or one JSON record per line)"
+            ) from None
         located = [(f"{path} record {i}", r) for i, r in enumerate(records, start=1)]
     else:  # JSON Lines
         located = []
@@ -158,8 +175,11 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
     rows = []
     for where, record in located:
         if not isinstance(record, dict):
-            bad(where, f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
-                       f"got {type(record).__name__}")
+            bad(
+                where,
+                f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
+                f"got {type(record).__name__}",
+            )
             continue
         row = (normalise_chat if "messages" in fields else normalise)(record, fields, where, bad)
         if row is not None:
@@ -172,12 +192,15 @@ def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> li
     columns = [fields["messages"]] if "messages" in fields else fields.values()  # chat: one column of messages
     missing = [key for key in columns if key and key not in ds.column_names]
     if missing:
-        raise GPTError(f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
-                       "map the columns with task.fields.<instruction|input|output>=<column>")
+        raise GPTError(
+            f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
+            "map the columns with task.fields.<instruction|input|output>=<column>"
+        )
     rows = []
     for i, record in enumerate(ds):
-        row = (normalise_chat if "messages" in fields else normalise)(record, fields, f"{hub['name']}[{split}] row {i}",
-                                                                       bad)
+        row = (normalise_chat if "messages" in fields else normalise)(
+            record, fields, f"{hub['name']}[{split}] row {i}", bad
+        )
         if row is not None:
             rows.append(row)
     return rows

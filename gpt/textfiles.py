@@ -39,8 +39,10 @@ def check_text_files(files: list[Path], allow_empty: bool = False) -> None:
             bom = head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
             alternating = max(head[0::2].count(0), head[1::2].count(0)) > len(head) // 4  # NUL in every other byte
             if bom or (len(head) >= 4 and alternating):  # what UTF-16 makes of mostly-ASCII text, BOM or not
-                raise GPTError(f"{f} is UTF-16 text, not UTF-8; convert it, e.g. "
-                               f"`iconv -f utf-16 -t utf-8 {f} > {f.stem}.utf8.txt`")
+                raise GPTError(
+                    f"{f} is UTF-16 text, not UTF-8; convert it, e.g. "
+                    f"`iconv -f utf-16 -t utf-8 {f} > {f.stem}.utf8.txt`"
+                )
             if b"\x00" in head:
                 raise GPTError(f"{f} looks binary (it contains NUL bytes); it must be UTF-8 text")
             fh.seek(0)

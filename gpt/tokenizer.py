@@ -45,8 +45,9 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def train_bpe(cls, batches: Iterator[list[str]], vocab_size: int, length: Optional[int] = None,
-                  show_progress: bool = True) -> "Tokenizer":
+    def train_bpe(
+        cls, batches: Iterator[list[str]], vocab_size: int, length: Optional[int] = None, show_progress: bool = True
+    ) -> "Tokenizer":
         """Byte-level BPE: any text is representable (no unknown tokens), merges learned from `batches`."""
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + 1:
@@ -54,13 +55,16 @@ class Tokenizer:
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet,
-                                      show_progress=show_progress)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=show_progress
+        )
         hf.train_from_iterator(batches, trainer=trainer, length=length)
         return cls(hf)
 
     @classmethod
-    def from_gpt2_files(cls, vocab_file: str | Path, merges_file: str | Path, add_prefix_space: bool = False) -> "Tokenizer":
+    def from_gpt2_files(
+        cls, vocab_file: str | Path, merges_file: str | Path, add_prefix_space: bool = False
+    ) -> "Tokenizer":
         """GPT-2's original tokenizer files (vocab.json + merges.txt): byte-level BPE, like `train_bpe`."""
         try:
             hf = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
@@ -83,16 +87,20 @@ class Tokenizer:
         try:
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises plain Exception for malformed files
-            raise GPTError(f"{path} is not a valid tokenizer.json ({e}); use a tokenizer.json saved by Hugging Face "
-                           "tokenizers (a model directory's own: re-export the model)") from e
+            raise GPTError(
+                f"{path} is not a valid tokenizer.json ({e}); use a tokenizer.json saved by Hugging Face "
+                "tokenizers (a model directory's own: re-export the model)"
+            ) from e
 
     @classmethod
     def from_str(cls, s: str, source: str = "the tokenizer") -> "Tokenizer":
         try:
             return cls(HFTokenizer.from_str(s))
         except Exception as e:  # the Rust side raises plain Exception for malformed text
-            raise GPTError(f"{source} is not a valid Hugging Face tokenizer ({str(e)[:150]}); re-export the model "
-                           "from another checkpoint") from e
+            raise GPTError(
+                f"{source} is not a valid Hugging Face tokenizer ({str(e)[:150]}); re-export the model "
+                "from another checkpoint"
+            ) from e
 
     def to_str(self) -> str:
         return self.hf.to_str()

@@ -16,9 +16,9 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import numpy as np
 import torch
-import matplotlib
 from matplotlib import font_manager
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
@@ -36,10 +36,15 @@ def drawable_chars(families: tuple[str, ...]) -> frozenset[int]:
     """Code points that the label fonts (these families and the fallbacks matplotlib tries after them) can
     draw. Without this a CJK character or an emoji becomes an empty box when no installed font has it."""
     # the font matplotlib falls back to when none of the families is installed (DejaVu Sans, its own)
-    chars: set[int] = set(FT2Font(font_manager.findfont(font_manager.FontProperties(family=list(families)))).get_charmap())
+    chars: set[int] = set(
+        FT2Font(font_manager.findfont(font_manager.FontProperties(family=list(families)))).get_charmap()
+    )
     for family in families:
-        names = matplotlib.rcParams.get(f"font.{family}", [family]) if family in font_manager.font_family_aliases \
+        names = (
+            matplotlib.rcParams.get(f"font.{family}", [family])
+            if family in font_manager.font_family_aliases
             else [family]
+        )
         for name in names:
             try:
                 path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
@@ -80,13 +85,22 @@ def attention_weights(model, ids: list[int]) -> list[torch.Tensor]:
 def check_attention_choice(config, layer: int, head: Optional[int]) -> None:
     n_layer, n_head = config.n_layer, config.n_head
     if not -n_layer <= layer < n_layer:
-        raise GPTError(f"attention_layer={layer} but the model has {n_layer} layers (0..{n_layer - 1}, or -1 for the last)")
+        raise GPTError(
+            f"attention_layer={layer} but the model has {n_layer} layers (0..{n_layer - 1}, or -1 for the last)"
+        )
     if head is not None and not 0 <= head < n_head:
         raise GPTError(f"attention_head={head} but the model has {n_head} heads (0..{n_head - 1}); null draws them all")
 
 
-def attention_heatmap(model, tokenizer: Tokenizer, ids: list[int], path: str | Path, layer: int = -1,
-                      head: Optional[int] = None, title: Optional[str] = None) -> np.ndarray:
+def attention_heatmap(
+    model,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    path: str | Path,
+    layer: int = -1,
+    head: Optional[int] = None,
+    title: Optional[str] = None,
+) -> np.ndarray:
     """Draw what every token of `ids` attends to in `layer`: one `head`, or a grid of all heads (head=None).
 
     Rows are queries (the token doing the looking), columns keys (the tokens looked at); each row is a

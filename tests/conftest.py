@@ -18,8 +18,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 # A tiny, fast training setup on the shipped text (add trainer.max_steps=...)
-TINY = ["model=tiny", "model.block_size=32", "data.batch_size=16", "data.eval_batches=4",
-        "trainer.enable_progress_bar=false", f"data.path={FIXTURES / 'tinyshakespeare.txt'}"]
+TINY = [
+    "model=tiny",
+    "model.block_size=32",
+    "data.batch_size=16",
+    "data.eval_batches=4",
+    "trainer.enable_progress_bar=false",
+    f"data.path={FIXTURES / 'tinyshakespeare.txt'}",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +46,12 @@ def shakespeare_full() -> Path:
     """The whole of Tiny Shakespeare, resolved the way the named dataset is (GPT_DATA_DIR, else download)."""
     from gpt.datafiles import resolve_files
 
-    return resolve_files(relpath="tinyshakespeare/input.txt",
-                         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-                         name="shakespeare_char")[0]
+    return resolve_files(
+        relpath="tinyshakespeare/input.txt",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        name="shakespeare_char",
+    )[0]
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +92,15 @@ class _Preloaded:
     def __init__(self):
         self.env = {k: v for k, v in os.environ.items() if k not in ("GPT_VERBOSE", "HYDRA_FULL_ERROR")}
         self.env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "preloaded.py")], cwd=ROOT, env=self.env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "preloaded.py")],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     # What may differ between the session's environment and a call's: gpt's own variables and what tests
     # set in-process (pytest; Lightning's seed_everything), all read at run time, never at import.
@@ -94,19 +109,29 @@ class _Preloaded:
     def serves(self, env: dict) -> bool:
         """Whether a call with `env` behaves as a fresh process would (see RUNTIME_ONLY)."""
         ignore = lambda k: k.startswith(self.RUNTIME_ONLY)  # noqa: E731
-        return self.proc.poll() is None and ({k: v for k, v in env.items() if not ignore(k)}
-                                             == {k: v for k, v in self.env.items() if not ignore(k)})
+        return self.proc.poll() is None and (
+            {k: v for k, v in env.items() if not ignore(k)} == {k: v for k, v in self.env.items() if not ignore(k)}
+        )
 
     def differs(self, env: dict) -> list[str]:
-        return sorted(k for k in set(env) ^ set(self.env) | {k for k in env if self.env.get(k) != env[k]}
-                      if not k.startswith(self.RUNTIME_ONLY))
+        return sorted(
+            k
+            for k in set(env) ^ set(self.env) | {k for k in env if self.env.get(k) != env[k]}
+            if not k.startswith(self.RUNTIME_ONLY)
+        )
 
     def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as d:
             out, err = Path(d) / "out", Path(d) / "err"
             module = argv[1] == "-m"
-            request = {"module" if module else "script": argv[1 + module], "args": argv[2 + module:], "cwd": str(cwd),
-                       "env": env, "stdout": str(out), "stderr": str(err)}
+            request = {
+                "module" if module else "script": argv[1 + module],
+                "args": argv[2 + module :],
+                "cwd": str(cwd),
+                "env": env,
+                "stdout": str(out),
+                "stderr": str(err),
+            }
             self.proc.stdin.write(json.dumps(request) + "\n")
             pid = json.loads(self.proc.stdout.readline())["pid"]
             timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
@@ -115,8 +140,9 @@ class _Preloaded:
             if not timer.is_alive():
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
             timer.cancel()
-            return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"),
-                                               err.read_text(errors="replace"))
+            return subprocess.CompletedProcess(
+                argv, code, out.read_text(errors="replace"), err.read_text(errors="replace")
+            )
 
 
 _preloaded: list = []
@@ -149,7 +175,7 @@ def assert_user_error(proc, *needles: str):
     """Non-zero exit, one `error:` line naming the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr
     for needle in needles:
         assert needle.lower() in lines[0].lower(), lines[0]

@@ -84,6 +84,7 @@ def injected(*callbacks):
 
 # -- checking that a resumed run is the uninterrupted one ---------------------------------------------
 
+
 def logged(run_dir: Path, key: str) -> dict[int, float]:
     """{step: value} of one metric in a run's metrics.csv."""
     with open(run_dir / "metrics.csv") as f:
@@ -101,13 +102,21 @@ def assert_resumed_run_matches(run: Path, ref: Path, resumed_at: int, steps: int
     metrics, ref_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
     assert metrics["step"] == steps and abs(metrics["val_loss"] - ref_metrics["val_loss"]) < 1e-3  # the issue's bar
     assert metrics["best_val_loss"] == ref_metrics["best_val_loss"]  # the best of the whole run, not since resume
+
     def best(d):
         return sorted((p.name, p.read_bytes()) for p in (d / "checkpoints" / "best").iterdir())
+
     assert best(run) == best(ref)
 
 
-def kill_then_resume(script: str, args: list, root: Path, kill: str = "kill_saving@30", env: Optional[dict] = None,
-                     inspect_killed: Callable[[Path], None] = lambda run_dir: None) -> tuple[Path, Path, Path]:
+def kill_then_resume(
+    script: str,
+    args: list,
+    root: Path,
+    kill: str = "kill_saving@30",
+    env: Optional[dict] = None,
+    inspect_killed: Callable[[Path], None] = lambda run_dir: None,
+) -> tuple[Path, Path, Path]:
     """Through the real script: an uninterrupted run (root/ref), the same run killed as `kill` says
     (root/exp/killed; `inspect_killed` looks at it before anything else touches it), then that run resumed
     with ckpt_path=last (root/exp/resumed). Returns the three run dirs, for assert_resumed_run_matches.

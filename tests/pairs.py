@@ -8,23 +8,71 @@ something. Deterministic: the same files on every machine.
 import random
 from pathlib import Path
 
-ARCHAIC = {"you": "thou", "your": "thy", "yours": "thine", "are": "art", "do": "dost", "does": "doth",
-           "has": "hath", "before": "ere", "often": "oft", "yes": "ay", "no": "nay", "there": "yonder",
-           "why": "wherefore", "here": "hither", "my": "mine", "perhaps": "perchance", "truly": "verily"}
+ARCHAIC = {
+    "you": "thou",
+    "your": "thy",
+    "yours": "thine",
+    "are": "art",
+    "do": "dost",
+    "does": "doth",
+    "has": "hath",
+    "before": "ere",
+    "often": "oft",
+    "yes": "ay",
+    "no": "nay",
+    "there": "yonder",
+    "why": "wherefore",
+    "here": "hither",
+    "my": "mine",
+    "perhaps": "perchance",
+    "truly": "verily",
+}
 
 SUBJECTS = ["I", "you", "he", "she", "we", "they", "my lord", "the king", "your sister", "the good friar"]
 VERBS = ["love", "hate", "see", "know", "fear", "serve", "trust", "follow", "remember", "forgive"]
-OBJECTS = ["you", "the queen", "your father", "this letter", "my horse", "the night", "your name", "the sea",
-           "his sword", "her heart"]
-TAILS = ["before dawn", "often", "over there", "here", "no more", "truly", "perhaps", "with all my heart",
-         "in Verona", "tonight"]
+OBJECTS = [
+    "you",
+    "the queen",
+    "your father",
+    "this letter",
+    "my horse",
+    "the night",
+    "your name",
+    "the sea",
+    "his sword",
+    "her heart",
+]
+TAILS = [
+    "before dawn",
+    "often",
+    "over there",
+    "here",
+    "no more",
+    "truly",
+    "perhaps",
+    "with all my heart",
+    "in Verona",
+    "tonight",
+]
 OPENERS = ["", "", "", "yes ,", "no ,", "why ,", "good sir ,", "madam ,"]
 ENDS = [".", ".", "!", "?"]
 
 
 def sentence(rng: random.Random) -> str:
-    words = " ".join(filter(None, [rng.choice(OPENERS), rng.choice(SUBJECTS), rng.choice(["do", "does", "", ""]),
-                                   rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(TAILS), rng.choice(ENDS)]))
+    words = " ".join(
+        filter(
+            None,
+            [
+                rng.choice(OPENERS),
+                rng.choice(SUBJECTS),
+                rng.choice(["do", "does", "", ""]),
+                rng.choice(VERBS),
+                rng.choice(OBJECTS),
+                rng.choice(TAILS),
+                rng.choice(ENDS),
+            ],
+        )
+    )
     return words[0].upper() + words[1:]
 
 

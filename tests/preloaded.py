@@ -15,8 +15,18 @@ import logging
 import os
 import sys
 
-PRELOAD = ("torch", "numpy", "lightning", "hydra", "omegaconf", "safetensors", "tokenizers", "transformers", "peft",
-           "datasets")
+PRELOAD = (
+    "torch",
+    "numpy",
+    "lightning",
+    "hydra",
+    "omegaconf",
+    "safetensors",
+    "tokenizers",
+    "transformers",
+    "peft",
+    "datasets",
+)
 
 
 def child(request: dict, protocol) -> None:

@@ -29,9 +29,16 @@ def tiny():
 def test_templates_plain_and_jinja(tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert ChatTemplate()(messages) == "System: Be brief.\nUser: Hi\nAssistant:"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
-        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": (
+                    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+                )
+            }
+        )
+    )
     jinja = ChatTemplate.for_model(None, tmp_path)
     assert jinja(messages) == "<|system|>Be brief.<|endoftext|><|user|>Hi<|endoftext|><|assistant|>"
     assert jinja.stops == [] and ChatTemplate.for_model(tmp_path / "nothing").stops[0] == "\nUser:"
@@ -39,8 +46,9 @@ def test_templates_plain_and_jinja(tmp_path):
 
 def test_a_new_turn_reuses_the_cache_and_its_logits_equal_a_full_prefill(tiny):
     model, tok = tiny
-    session = ChatSession(model, tok, ChatTemplate(), max_new_tokens=6, temperature=0, stop_at_eos=False,
-                          notices=io.StringIO())
+    session = ChatSession(
+        model, tok, ChatTemplate(), max_new_tokens=6, temperature=0, stop_at_eos=False, notices=io.StringIO()
+    )
     first = session.reply("Hi", io.StringIO())
     opening = len("User: Hi\nAssistant:")
     assert session.prefilled == opening
@@ -64,8 +72,18 @@ def test_the_repl_over_stdin_two_turns_reset_and_a_full_context(tiny, tmp_path, 
     model, tok = tiny
     model_dir = save_model_dir(model, tok, tmp_path / "model")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("sample", overrides=[f"ckpt={model_dir}", "chat=true", "temperature=0", "max_new_tokens=6",
-                                           "stop_at_eos=false", "device=cpu", "dtype=float32"])
+        cfg = compose(
+            "sample",
+            overrides=[
+                f"ckpt={model_dir}",
+                "chat=true",
+                "temperature=0",
+                "max_new_tokens=6",
+                "stop_at_eos=false",
+                "device=cpu",
+                "dtype=float32",
+            ],
+        )
     long = "A longer message fills the context"  # fits alone, not after the first turn
     monkeypatch.setattr("sys.stdin", io.StringIO(f"Hi\nGo on\n/reset\nHi\n{long}\n/exit\nnever read\n"))
     replies = sample(cfg)

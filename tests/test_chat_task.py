@@ -13,16 +13,28 @@ from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, tokenizer_config
 from gpt.tasks import TaskDataModule
 from gpt.tokenizer import EOS, Tokenizer
 
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name?"},
-                {"role": "assistant", "content": "Bot."}]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Name?"},
+    {"role": "assistant", "content": "Bot."},
+]
 
 
 def chat_task(tmp_path, records, **kw):
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = Tokenizer.char_level(string.ascii_letters + string.punctuation + " \n")
-    task = TaskDataModule(name="chat", format="chat", template="{input}", tokenizer=tok, block_size=256,
-                          train=str(tmp_path / "chats.jsonl"), valid=str(tmp_path / "chats.jsonl"), **kw)
+    task = TaskDataModule(
+        name="chat",
+        format="chat",
+        template="{input}",
+        tokenizer=tok,
+        block_size=256,
+        train=str(tmp_path / "chats.jsonl"),
+        valid=str(tmp_path / "chats.jsonl"),
+        **kw,
+    )
     task.prepare_data()
     return task, tok
 
@@ -37,7 +49,7 @@ def test_the_loss_counts_every_assistant_message_token_by_token(tmp_path):
     learned = " Hello.<|endoftext|>", " Bot.<|endoftext|>"
     want = [-100] * len(ids[1:])
     for span in learned:  # the label at i is token i + 1: learned when that token is in an assistant message
-        start = len(tok.encode(text[:text.index(span)]))
+        start = len(tok.encode(text[: text.index(span)]))
         for j in range(start, start + len(tok.encode(span))):
             want[j - 1] = ids[j]
     assert e["labels"] == want
@@ -48,8 +60,12 @@ def test_the_loss_counts_every_assistant_message_token_by_token(tmp_path):
 
 
 def test_sharegpt_layout_through_the_field_mapping(tmp_path):
-    shared = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
-                                 "value": m["content"]} for m in CONVERSATION]}
+    shared = {
+        "conversations": [
+            {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+            for m in CONVERSATION
+        ]
+    }
     fields = dict(messages="conversations", role="from", content="value", user="human", assistant="gpt")
     task, _ = chat_task(tmp_path, [shared], fields=fields)
     openai, _ = chat_task(tmp_path / "..", [{"messages": CONVERSATION}])
@@ -65,7 +81,9 @@ def test_the_stored_template_renders_the_same_prompt_in_transformers(tmp_path):
         theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert theirs == ChatTemplate.for_model(out)(messages) == task.chat(messages)
     # a base model's own template is the one used (and stored)
-    own = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}" \
-          "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    own = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     task2, _ = chat_task(tmp_path / "..", [{"messages": CONVERSATION}], chat_template=own)
     assert task2.prompt(task2.load_rows()["valid"][0]).endswith("<user>Name?<assistant>")

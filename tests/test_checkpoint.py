@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_model, save_model_dir
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
@@ -38,7 +38,8 @@ def test_export_then_reload_gives_identical_logits(model_and_tok, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
-        ["config.json", "model.safetensors", "tokenizer.json"], 0o666 & ~umask)  # no private (0600) weights
+        ["config.json", "model.safetensors", "tokenizer.json"], 0o666 & ~umask
+    )  # no private (0600) weights
 
 
 def test_export_replaces_an_existing_directory_whole(model_and_tok, tmp_path):
@@ -56,8 +57,10 @@ def test_export_replaces_an_existing_directory_whole(model_and_tok, tmp_path):
 
 def test_lightning_style_ckpt_loads_with_weights_only(model_and_tok, tmp_path):
     model, tok = model_and_tok
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "gpt": {"config": model.config.to_dict(), "tokenizer": tok.to_str()}}
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "gpt": {"config": model.config.to_dict(), "tokenizer": tok.to_str()},
+    }
     torch.save(ckpt, tmp_path / "last.ckpt")
     again, _ = load_model(tmp_path / "last.ckpt")
     x = torch.tensor([tok.encode(TEXT[:20])])

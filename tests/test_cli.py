@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, assert_user_error, run_cli
 
 from gpt.checkpoint import load_model
@@ -13,15 +12,21 @@ from gpt.errors import GPTError
 from gpt.generate import generate
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for 300 steps on Tiny Shakespeare through train.py."""
     run_dir = tmp_path_factory.mktemp("run") / "r"
-    proc = run_cli("train.py", *TINY, "trainer.max_steps=300", "trainer.val_check_interval=100",
-                   "optim.lr=3e-3", "optim.warmup_steps=20", f"hydra.run.dir={run_dir}",
-                   "trainer.enable_progress_bar=true",  # stdout is a file here: plain progress lines
-                   env={"GPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")})
+    proc = run_cli(
+        "train.py",
+        *TINY,
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=100",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=20",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=true",  # stdout is a file here: plain progress lines
+        env={"GPT_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
@@ -31,8 +36,9 @@ def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(trained):
     log = (trained / "stdout.txt").read_text()
     assert "\r" not in log and max(map(len, log.splitlines())) < 300
     # every 10 steps (log_every_n_steps) x ceil(300 / 50 / 10): a line every 10 steps, and the last one
-    steps = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ")
-             and "/300 |" in line]
+    steps = [
+        int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ") and "/300 |" in line
+    ]
     assert steps == list(range(10, 301, 10)), steps
     last = next(line for line in log.splitlines() if line.startswith("step 300/300 |"))
     assert "train/loss" in last and "| lr " in last and "train/tokens_per_s" in last and last.endswith(" s")
@@ -63,7 +69,10 @@ def test_training_lowers_the_loss_and_writes_the_run(trained):
     for name in ("best", "last"):
         assert (trained / "checkpoints" / f"{name}.ckpt").is_file()
         assert {p.name for p in (trained / "checkpoints" / name).iterdir()} == {
-            "config.json", "model.safetensors", "tokenizer.json"}
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        }
 
 
 def test_exported_model_equals_the_lightning_checkpoint(trained):
@@ -97,8 +106,13 @@ def test_batch_mode_one_completion_per_line(trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("\ufeffROMEO:\r\nJULIET:\\nO\nKING\u2028QUEEN\x0c\n".encode())
     out = tmp_path / "out.txt"
-    args = [f"ckpt={trained / 'checkpoints' / 'best'}", f"input_file={prompts}", f"output_file={out}",
-            "max_new_tokens=20", "temperature=0"]
+    args = [
+        f"ckpt={trained / 'checkpoints' / 'best'}",
+        f"input_file={prompts}",
+        f"output_file={out}",
+        "max_new_tokens=20",
+        "temperature=0",
+    ]
     refused = run_cli("sample.py", *args)  # U+2028 and the form feed are not in Tiny Shakespeare
     assert_user_error(refused, "prompt 3 (line 3 of a batch input)", "never seen", "unknown_chars=unk")
     proc = run_cli("sample.py", *args, "unknown_chars=unk")  # read as <|unk|>, as fine-tuning reads them
@@ -122,7 +136,7 @@ def test_stop_strings_typed_with_backslash_escapes_stop_the_sample(trained):
     args = [f"ckpt={trained / 'checkpoints' / 'best'}", "prompt=ROMEO:\\n", "max_new_tokens=120", "seed=1"]
     full = run_cli("sample.py", *args, "stop_at_eos=false")  # seeded: the stop changes nothing before it
     assert full.returncode == 0, full.stderr
-    first_line = full.stdout[:full.stdout.index("\n", len("ROMEO:\n"))]  # the prompt + the first completed line
+    first_line = full.stdout[: full.stdout.index("\n", len("ROMEO:\n"))]  # the prompt + the first completed line
     assert len(first_line) > len("ROMEO:\n")
     for stop in ('stop=["\\n"]', "stop=\\n"):
         stopped = run_cli("sample.py", *args, "stop_at_eos=false", stop)
@@ -135,9 +149,19 @@ def test_stop_strings_typed_with_backslash_escapes_stop_the_sample(trained):
 
 # -- distributed launches (torchrun / srun / Lightning's launcher) ------------------------------------
 
-@pytest.mark.parametrize("env, zero", [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, False),
-                                       ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
-                                       ({"SLURM_PROCID": "2"}, False), ({"RANK": "0", "SLURM_PROCID": "1"}, True)])
+
+@pytest.mark.parametrize(
+    "env, zero",
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "3"}, False),
+        ({"LOCAL_RANK": "1"}, False),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+        ({"SLURM_PROCID": "2"}, False),
+        ({"RANK": "0", "SLURM_PROCID": "1"}, True),
+    ],
+)
 def test_launch_rank_zero(monkeypatch, env, zero):
     from gpt.launch import is_launch_rank_zero
 
@@ -169,8 +193,10 @@ def test_hydra_flags_with_a_value_are_not_taken_for_settings():
     """`--cfg job` (how the README and every error message say to list the keys) was refused as a bare word."""
     from gpt.cli import split_flags
 
-    assert split_flags(["--cfg", "job", "-p", "model", "a=1", "-m", "--info", "config", "b=2", "--info"]) == \
-        (["--cfg", "job", "-p", "model", "-m", "--info", "config", "--info"], ["a=1", "b=2"])
+    assert split_flags(["--cfg", "job", "-p", "model", "a=1", "-m", "--info", "config", "b=2", "--info"]) == (
+        ["--cfg", "job", "-p", "model", "-m", "--info", "config", "--info"],
+        ["a=1", "b=2"],
+    )
     for script in ("train.py", "finetune.py", "sample.py"):
         proc = run_cli(script, "--cfg", "job", "seed=7")
         assert proc.returncode == 0 and "\nseed: 7\n" in "\n" + proc.stdout, (script, proc.stderr[-2000:])
@@ -180,15 +206,23 @@ def test_hydra_flags_with_a_value_are_not_taken_for_settings():
 def test_help_lists_each_scripts_own_config_groups_and_a_foreign_group_is_named():
     """Hydra's --help lists every group under configs/, the other scripts' too (sample.py showed model/,
     data/, ...); ours lists the script's own and its settings."""
-    for script, shown, foreign in (("train.py", "model: baby, gpt2", "task: alpaca"),
-                                   ("finetune.py", "task: alpaca, chat, parallel", "data: hub"),
-                                   ("sample.py", "ckpt: null", "model: baby")):
+    for script, shown, foreign in (
+        ("train.py", "model: baby, gpt2", "task: alpaca"),
+        ("finetune.py", "task: alpaca, chat, parallel", "data: hub"),
+        ("sample.py", "ckpt: null", "model: baby"),
+    ):
         proc = run_cli(script, "--help")
         assert proc.returncode == 0, proc.stderr
-        assert shown in proc.stdout and foreign not in proc.stdout and proc.stdout.startswith(("Pretraining", "Fine-tuning", "Sampling"))
+        assert (
+            shown in proc.stdout
+            and foreign not in proc.stdout
+            and proc.stdout.startswith(("Pretraining", "Fine-tuning", "Sampling"))
+        )
     assert_user_error(run_cli("sample.py", "model=tiny"), "model is not a config group of sample.py", "--help")
-    assert_user_error(run_cli("finetune.py", "experiment=shakespeare_char_cpu"),
-                      "experiment=shakespeare_char_cpu sets model, which is not a config group of finetune.py")
+    assert_user_error(
+        run_cli("finetune.py", "experiment=shakespeare_char_cpu"),
+        "experiment=shakespeare_char_cpu sets model, which is not a config group of finetune.py",
+    )
     assert_user_error(run_cli("train.py", "--help", "model=bogus"), "unknown choice 'model/bogus'")
 
 
@@ -197,6 +231,8 @@ def test_sampling_code_does_not_import_lightning():
     import subprocess
     import sys
 
-    code = "import sys, gpt.sample, gpt.prompts; print(sorted(m for m in ('lightning', 'datasets') if m in sys.modules))"
+    code = (
+        "import sys, gpt.sample, gpt.prompts; print(sorted(m for m in ('lightning', 'datasets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -9,23 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import preset, run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from conftest import run_cli
-
 from gpt.checkpoint import load_model, save_model_dir
+from gpt.config import GPTConfig
 from gpt.convert import config_from_hf, export_hf, hf_state_dict, import_hf, main
 from gpt.errors import GPTError
-from conftest import preset
 from gpt.generate import generate
-from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.tokenizer import EOS, Tokenizer
 
 TOL = 1e-5  # fp32
-TEXT = ("It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious moon,\n"
-        "Who is already sick and pale with grief. Ünïcödé — 日本語, tabs\tand  double  spaces.\n")
+TEXT = (
+    "It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious moon,\n"
+    "Who is already sick and pale with grief. Ünïcödé — 日本語, tabs\tand  double  spaces.\n"
+)
 PROBES = ["Juliet is the sun", " envious moon\n\nWho", "ünïcödé 日本 zebra", f"end{EOS}start", "  tabs\tx"]
 
 
@@ -45,8 +45,15 @@ def bpe():
 def hf_model(bpe):
     """A random transformers GPT-2: 2 layers, 4 heads, 64 dims, vocab 1000 (the tokenizer's 300 + padding)."""
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64,
-                     bos_token_id=bpe.eos_id, eos_token_id=bpe.eos_id)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        vocab_size=1000,
+        n_positions=64,
+        bos_token_id=bpe.eos_id,
+        eos_token_id=bpe.eos_id,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     perturb(model.parameters())
     model.generation_config.eos_token_id = None  # generation comparisons run to max_new_tokens
@@ -78,8 +85,8 @@ def left_padded(lengths, vocab, pad, seed=2):
     idx = torch.full((len(lengths), T), pad)
     mask = torch.zeros(len(lengths), T, dtype=torch.long)
     for i, n in enumerate(lengths):
-        idx[i, T - n:] = tokens(1, n, vocab, seed + i)[0]
-        mask[i, T - n:] = 1
+        idx[i, T - n :] = tokens(1, n, vocab, seed + i)[0]
+        mask[i, T - n :] = 1
     return idx, mask
 
 
@@ -88,6 +95,7 @@ def max_diff(a, b) -> float:
 
 
 # -- import: logits, cache, padding, generation ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
 def test_imported_logits_equal_transformers(imported, hf_model, attn_impl):
@@ -110,7 +118,7 @@ def test_imported_logits_with_our_kv_cache_equal_transformers(imported, hf_model
         theirs = hf_model(x).logits
         cache = model.new_cache()
         steps = [model(x[:, :12], cache=cache).logits]  # prefill, then one token at a time
-        steps += [model(x[:, t:t + 1], cache=cache).logits for t in range(12, 30)]
+        steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(12, 30)]
     assert max_diff(torch.cat(steps, 1), theirs) < TOL
 
 
@@ -130,8 +138,9 @@ def test_greedy_generation_is_token_identical_to_transformers_generate(imported,
     _, model, _ = imported
     idx, mask = left_padded(lengths, 1000, pad=bpe.eos_id, seed=5)
     ours = generate(model, idx, 24, attention_mask=mask if len(lengths) > 1 else None, temperature=0)
-    theirs = hf_model.generate(idx, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                               pad_token_id=bpe.eos_id)[:, idx.shape[1]:]
+    theirs = hf_model.generate(idx, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=bpe.eos_id)[
+        :, idx.shape[1] :
+    ]
     assert theirs.shape == (len(lengths), 24)
     assert torch.equal(ours, theirs)
 
@@ -174,11 +183,14 @@ def test_released_checkpoint_layout_imports(hf_model, hf_dir, bpe, tmp_path):
     assert tok.eos_id == bpe.eos_id
 
 
-@pytest.mark.parametrize("fields", [
-    dict(activation_function="gelu"),  # exact GELU
-    dict(activation_function="gelu_pytorch_tanh"),  # GPT-2's tanh GELU, computed by torch
-    dict(reorder_and_upcast_attn=True),  # only changes float precision (eager attention)
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(activation_function="gelu"),  # exact GELU
+        dict(activation_function="gelu_pytorch_tanh"),  # GPT-2's tanh GELU, computed by torch
+        dict(reorder_and_upcast_attn=True),  # only changes float precision (eager attention)
+    ],
+)
 def test_config_variants_we_can_represent_import_exactly(hf_dir, tmp_path, fields):
     src = tmp_path / "variant"
     shutil.copytree(hf_dir, src)
@@ -206,6 +218,7 @@ def test_sharded_safetensors_import(hf_model, bpe, tmp_path):
 
 # -- export ------------------------------------------------------------------------------------------
 
+
 def random_gpt(tok, **kw) -> GPT:
     torch.manual_seed(1)
     cfg = dict(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32)
@@ -215,10 +228,16 @@ def random_gpt(tok, **kw) -> GPT:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind, kw", [
-    ("char", dict(bias=False, activation="gelu", vocab_size=64)),  # nanoGPT-style: no biases, exact GELU, padded vocab
-    ("bpe", dict(bias=True, activation="gelu_tanh")),  # GPT-2-style
-])
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        (
+            "char",
+            dict(bias=False, activation="gelu", vocab_size=64),
+        ),  # nanoGPT-style: no biases, exact GELU, padded vocab
+        ("bpe", dict(bias=True, activation="gelu_tanh")),  # GPT-2-style
+    ],
+)
 def test_exported_model_loads_in_transformers_with_equal_logits(kind, kw, bpe, tmp_path):
     tok = Tokenizer.char_level(TEXT) if kind == "char" else bpe
     model = random_gpt(tok, **kw)
@@ -226,7 +245,9 @@ def test_exported_model_loads_in_transformers_with_equal_logits(kind, kw, bpe, t
     out = export_hf(src, tmp_path / "hf")
 
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"] and "auto_map" not in config
+    assert (
+        config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"] and "auto_map" not in config
+    )
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.config.vocab_size == model.config.vocab_size
     x = tokens(3, 30, vocab=tok.vocab_size, seed=9)
@@ -234,8 +255,9 @@ def test_exported_model_loads_in_transformers_with_equal_logits(kind, kw, bpe, t
         assert max_diff(model(x).logits, hf(x).logits) < TOL
         idx, mask = left_padded([5, 12], tok.vocab_size, pad=tok.eos_id, seed=10)
         ours = generate(model, idx, 16, attention_mask=mask, temperature=0)
-        theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                             pad_token_id=tok.eos_id)[:, idx.shape[1]:]
+        theirs = hf.generate(
+            idx, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_id
+        )[:, idx.shape[1] :]
     assert torch.equal(ours, theirs)
 
     hf_tok = AutoTokenizer.from_pretrained(out)
@@ -255,8 +277,17 @@ def test_import_then_export_gives_the_same_tensors(imported, hf_dir, tmp_path):
     for k in original:
         assert torch.equal(original[k], again[k]), k
     a, b = json.loads((hf_dir / "config.json").read_text()), json.loads((back / "config.json").read_text())
-    for field in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "activation_function",
-                  "layer_norm_epsilon", "eos_token_id", "tie_word_embeddings"):
+    for field in (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "vocab_size",
+        "activation_function",
+        "layer_norm_epsilon",
+        "eos_token_id",
+        "tie_word_embeddings",
+    ):
         assert a[field] == b[field], field
 
 
@@ -286,10 +317,12 @@ def test_merged_lora_model_exports_the_same_way(bpe, tmp_path):
 
 def test_gpt2_presets_have_the_released_checkpoint_shapes():
     """Our presets, mapped to GPT-2's names, have exactly the tensors of transformers' GPT-2 of that size."""
-    published = {"gpt2": GPT2Config(),  # transformers' defaults are GPT-2 124M
-                 "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
-                 "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
-                 "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600)}
+    published = {
+        "gpt2": GPT2Config(),  # transformers' defaults are GPT-2 124M
+        "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+        "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+        "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+    }
     for name, hf_cfg in published.items():
         config = preset(name)
         assert replace(config_from_hf(hf_cfg.to_dict(), name), dropout=config.dropout) == config, name
@@ -301,11 +334,13 @@ def test_gpt2_presets_have_the_released_checkpoint_shapes():
 
 # -- refusals ----------------------------------------------------------------------------------------
 
+
 def edit_config(**fields):
     def edit(path: Path):
         cfg = json.loads((path / "config.json").read_text())
         cfg.update(fields)
         (path / "config.json").write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -314,36 +349,61 @@ def edit_weights(fn):
         state = load_file(str(path / "model.safetensors"))
         fn(state)
         save_file(state, str(path / "model.safetensors"))
+
     return edit
 
 
-MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 1000}
+MISTRAL = {
+    "model_type": "mistral",
+    "architectures": ["MistralForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+}
 
 
-@pytest.mark.parametrize("edit, needles", [
-    (lambda p: (p / "config.json").write_text(json.dumps(MISTRAL)), ["model_type 'mistral'", "MistralForCausalLM"]),
-    # a Llama config.json over GPT-2's weights: read as Llama, and the weights do not match it
-    (lambda p: (p / "config.json").write_text(json.dumps({**MISTRAL, "model_type": "llama", "architectures": None})),
-     ["missing tensor 'lm_head.weight'", "does not match its config.json"]),
-    (edit_config(architectures=["GPT2ForSequenceClassification"]), ["GPT2ForSequenceClassification"]),
-    (edit_weights(lambda s: s.pop("transformer.h.1.mlp.c_fc.weight")), ["missing", "transformer.h.1.mlp.c_fc.weight"]),
-    (edit_weights(lambda s: s.update({"transformer.h.0.attn.q_proj.weight": torch.zeros(64, 64)})),
-     ["unexpected", "transformer.h.0.attn.q_proj.weight"]),
-    (edit_weights(lambda s: s.update({"transformer.wpe.weight": torch.zeros(32, 64)})),
-     ["transformer.wpe.weight", "(32, 64)", "(64, 64)"]),
-    (edit_weights(lambda s: s.update({"lm_head.weight": torch.zeros(1000, 64)})), ["lm_head.weight", "tie_word_embeddings=true"]),
-    (edit_config(activation_function="relu"), ["activation_function 'relu'"]),
-    (edit_config(scale_attn_by_inverse_layer_idx=True), ["scale_attn_by_inverse_layer_idx"]),
-    (edit_config(add_cross_attention=True), ["add_cross_attention"]),
-    (edit_config(tie_word_embeddings=False), ["lm_head.weight", "tie_word_embeddings=false"]),
-    (edit_config(n_inner=100), ["n_inner"]),
-    (edit_config(vocab_size=200), ["300 tokens", "200"]),
-    (edit_config(eos_token_id=5), ["eos_token_id=5"]),
-    (lambda p: (p / "tokenizer.json").unlink(), ["no tokenizer"]),
-    (lambda p: (p / "model.safetensors").unlink(), ["no weights", "model.safetensors"]),
-    (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 64), ["model.safetensors", "corrupt"]),
-])
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda p: (p / "config.json").write_text(json.dumps(MISTRAL)), ["model_type 'mistral'", "MistralForCausalLM"]),
+        # a Llama config.json over GPT-2's weights: read as Llama, and the weights do not match it
+        (
+            lambda p: (p / "config.json").write_text(
+                json.dumps({**MISTRAL, "model_type": "llama", "architectures": None})
+            ),
+            ["missing tensor 'lm_head.weight'", "does not match its config.json"],
+        ),
+        (edit_config(architectures=["GPT2ForSequenceClassification"]), ["GPT2ForSequenceClassification"]),
+        (
+            edit_weights(lambda s: s.pop("transformer.h.1.mlp.c_fc.weight")),
+            ["missing", "transformer.h.1.mlp.c_fc.weight"],
+        ),
+        (
+            edit_weights(lambda s: s.update({"transformer.h.0.attn.q_proj.weight": torch.zeros(64, 64)})),
+            ["unexpected", "transformer.h.0.attn.q_proj.weight"],
+        ),
+        (
+            edit_weights(lambda s: s.update({"transformer.wpe.weight": torch.zeros(32, 64)})),
+            ["transformer.wpe.weight", "(32, 64)", "(64, 64)"],
+        ),
+        (
+            edit_weights(lambda s: s.update({"lm_head.weight": torch.zeros(1000, 64)})),
+            ["lm_head.weight", "tie_word_embeddings=true"],
+        ),
+        (edit_config(activation_function="relu"), ["activation_function 'relu'"]),
+        (edit_config(scale_attn_by_inverse_layer_idx=True), ["scale_attn_by_inverse_layer_idx"]),
+        (edit_config(add_cross_attention=True), ["add_cross_attention"]),
+        (edit_config(tie_word_embeddings=False), ["lm_head.weight", "tie_word_embeddings=false"]),
+        (edit_config(n_inner=100), ["n_inner"]),
+        (edit_config(vocab_size=200), ["300 tokens", "200"]),
+        (edit_config(eos_token_id=5), ["eos_token_id=5"]),
+        (lambda p: (p / "tokenizer.json").unlink(), ["no tokenizer"]),
+        (lambda p: (p / "model.safetensors").unlink(), ["no weights", "model.safetensors"]),
+        (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 64), ["model.safetensors", "corrupt"]),
+    ],
+)
 def test_mismatches_are_refused_naming_the_key(hf_dir, tmp_path, edit, needles):
     src = tmp_path / "broken"
     shutil.copytree(hf_dir, src)
@@ -380,13 +440,15 @@ def test_export_refuses_a_lora_adapter_directory(tmp_path):
 
 # -- command line ------------------------------------------------------------------------------------
 
+
 def test_cli_import_then_sample(hf_dir, tmp_path):
     out = tmp_path / "ours"
     proc = run_cli("-m gpt.convert", "import-hf", str(hf_dir), str(out))
     assert proc.returncode == 0, proc.stderr
     assert "2 layers, 4 heads, 64 dims" in proc.stdout
-    proc = run_cli("sample.py", f"ckpt={out}", "prompt=Juliet", "max_new_tokens=8", "temperature=0", "device=cpu",
-                   "stream=false")
+    proc = run_cli(
+        "sample.py", f"ckpt={out}", "prompt=Juliet", "max_new_tokens=8", "temperature=0", "device=cpu", "stream=false"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Juliet") and len(proc.stdout) > len("Juliet")
 
@@ -424,12 +486,15 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
     assert "is the working directory or holds it" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["import-hf", "somewhere"], ["out_dir"]),  # argparse's own errors follow the one-line rule too
-    (["convert-everything"], ["invalid choice"]),
-    (["import-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "not a Hugging Face model directory"]),
-    (["export-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "does not exist"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["import-hf", "somewhere"], ["out_dir"]),  # argparse's own errors follow the one-line rule too
+        (["convert-everything"], ["invalid choice"]),
+        (["import-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "not a Hugging Face model directory"]),
+        (["export-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "does not exist"]),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(argv, needles, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([a.format(tmp=tmp_path) for a in argv])

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.data import FixedWindows, RandomWindows, TextDataModule, TextSource, check_text_files, prepare_corpus, token_dtype
+from gpt.data import (
+    FixedWindows,
+    RandomWindows,
+    TextDataModule,
+    TextSource,
+    check_text_files,
+    prepare_corpus,
+    token_dtype,
+)
 from gpt.datafiles import resolve_files
 from gpt.errors import GPTError
 from gpt.tokenizer import EOS, Tokenizer
@@ -18,6 +26,7 @@ SHAKESPEARE_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc56
 
 
 # -- tokenizers --------------------------------------------------------------------------------------
+
 
 def test_char_tokenizer_round_trip_and_reload(tmp_path):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
@@ -59,6 +68,7 @@ def test_bpe_vocab_size_too_small():
 
 # -- finding the corpus ------------------------------------------------------------------------------
 
+
 def test_explicit_path_wins_then_data_dir_then_download(tmp_path, monkeypatch):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "a.txt").write_text("from the data dir")
@@ -98,10 +108,11 @@ def test_the_named_task_downloads_its_pairs_checked_by_sha256(tmp_path, monkeypa
     URL (the authors' release), is checked against its sha256 and read; offline, one line says where to put it."""
     import hashlib
 
+    from test_finetune import compose_task
+
     from gpt import datafiles as data
     from gpt.tasks import TaskDataModule
     from gpt.tokenizer import Tokenizer
-    from test_finetune import compose_task
 
     served = {}
     for rel in [k for k in data.KNOWN_FILES if k.startswith("shakespeare_modern/")]:
@@ -149,8 +160,12 @@ def test_offline_and_missing_says_where_to_put_the_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(GPTError) as e:
-        resolve_files(relpath="tinyshakespeare/input.txt", url="https://example/input.txt", sha256=SHAKESPEARE_SHA,
-                      name="shakespeare_char")
+        resolve_files(
+            relpath="tinyshakespeare/input.txt",
+            url="https://example/input.txt",
+            sha256=SHAKESPEARE_SHA,
+            name="shakespeare_char",
+        )
     msg = str(e.value)
     assert str(tmp_path / "tinyshakespeare" / "input.txt") in msg and "GPT_DATA_DIR" in msg
 
@@ -163,11 +178,10 @@ def test_wrong_file_for_a_named_dataset_is_refused(tmp_path, monkeypatch):
         resolve_files(relpath="tinyshakespeare/input.txt", sha256=SHAKESPEARE_SHA, name="shakespeare_char")
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "empty"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
-    (b"caf\xe9 au lait\n", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [(b"", "empty"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"), (b"caf\xe9 au lait\n", "not UTF-8")],
+)
 def test_bad_corpus_files(tmp_path, content, needle):
     f = tmp_path / "corpus.txt"
     f.write_bytes(content)
@@ -181,6 +195,7 @@ def test_no_file_matches(tmp_path):
 
 
 # -- the token store ---------------------------------------------------------------------------------
+
 
 def test_token_store_matches_the_text_and_is_cached(shakespeare, tmp_path):
     store = prepare_corpus(TextSource(files=[shakespeare]), tmp_path, "sc", tokenizer="char")
@@ -215,7 +230,9 @@ def test_several_files_are_documents_ended_by_end_of_text_and_a_bom_is_dropped(t
     assert tok.decode(ids, skip_special_tokens=False) == "".join(doc + EOS for doc in docs)
     if tokenizer == "char":  # neither the mark nor the characters of "<|endoftext|>" became text tokens
         assert tok.vocab_size == len(set("".join(docs))) + 2
-    single = prepare_corpus(TextSource(files=files[1:2]), tmp_path / "cache", "one", tokenizer=tokenizer, vocab_size=300)
+    single = prepare_corpus(
+        TextSource(files=files[1:2]), tmp_path / "cache", "one", tokenizer=tokenizer, vocab_size=300
+    )
     assert single.tokenizer.decode(single.tokens("train").tolist() + single.tokens("val").tolist()) == docs[1]
 
 
@@ -228,8 +245,13 @@ def test_characters_a_fixed_vocabulary_lacks_are_counted_and_reported(tmp_path, 
     for attempt in range(2):  # built, then reused from the cache
         caplog.clear()
         with caplog.at_level("WARNING", logger="gpt.data"):
-            store = prepare_corpus(TextSource(files=[corpus]), tmp_path / "cache", "c", tokenizer="file",
-                                   tokenizer_path=str(tmp_path / "tokenizer.json"))
+            store = prepare_corpus(
+                TextSource(files=[corpus]),
+                tmp_path / "cache",
+                "c",
+                tokenizer="file",
+                tokenizer_path=str(tmp_path / "tokenizer.json"),
+            )
         ids = np.concatenate([store.tokens("train"), store.tokens("val")])
         assert int((ids == store.tokenizer.unk_id).sum()) == store.meta["n_unknown"] == 2
         warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -253,14 +275,24 @@ def test_a_hub_corpus_without_a_network_fails_at_once_and_leaves_the_offline_fla
     import datasets
     from huggingface_hub import constants
 
-    import gpt.data
+    import gpt.datafiles
 
-    monkeypatch.setattr(gpt.data, "hub_reachable", lambda: False)  # as on a machine whose DNS finds no huggingface.co
+    monkeypatch.setattr(
+        gpt.datafiles, "hub_reachable", lambda: False
+    )  # as on a machine whose DNS finds no huggingface.co
     before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    with pytest.raises(GPTError, match="'nobody/no-such-corpus' .split 'train'. is not in the local cache and the hub "
-                                       "cannot be reached from here .*OfflineModeIsEnabled.*use local files with data.path"):
-        prepare_corpus(TextSource(hub={"name": "nobody/no-such-corpus"}), tmp_path / "cache", "hub", tokenizer="bpe",
-                       vocab_size=300)
+    with pytest.raises(
+        GPTError,
+        match="'nobody/no-such-corpus' .split 'train'. is not in the local cache and the hub "
+        "cannot be reached from here .*OfflineModeIsEnabled.*use local files with data.path",
+    ):
+        prepare_corpus(
+            TextSource(hub={"name": "nobody/no-such-corpus"}),
+            tmp_path / "cache",
+            "hub",
+            tokenizer="bpe",
+            vocab_size=300,
+        )
     assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
     assert list((tmp_path / "cache").iterdir()) == []  # no half-built store left
 
@@ -333,8 +365,9 @@ def test_corpus_shorter_than_one_block(tmp_path):
 
 @pytest.mark.data
 def test_datamodule_on_the_real_corpus(shakespeare_full, tmp_path):
-    dm = TextDataModule(name="sc", path=str(shakespeare_full), block_size=32, batch_size=5, eval_batches=3,
-                        cache_dir=str(tmp_path))
+    dm = TextDataModule(
+        name="sc", path=str(shakespeare_full), block_size=32, batch_size=5, eval_batches=3, cache_dir=str(tmp_path)
+    )
     dm.setup("fit")
     assert dm.tokenizer.vocab_size == 65 + 2
     batch = next(iter(dm.train_dataloader()))
@@ -380,9 +413,13 @@ def test_preparing_a_corpus_takes_bounded_memory(shakespeare, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", PREPARE_SCRIPT, str(shakespeare), str(tmp_path), "6000000"],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", PREPARE_SCRIPT, str(shakespeare), str(tmp_path), "6000000"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_tokens"] == result["bytes"] >= 6_000_000  # char-level: a token per character

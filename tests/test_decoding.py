@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt.config import GPTConfig
 from gpt.errors import GPTError
 from gpt.generate import ban_repeated_ngrams, beam_search, generate
-from gpt.config import GPTConfig
 from gpt.model import GPT
 
 EOS = 0
@@ -34,7 +34,7 @@ def sequence_logprob(model, prompt, new):
     if (new == EOS).any():
         new = new[: int((new == EOS).nonzero()[0]) + 1]
     ids = torch.cat([prompt, new])[None]
-    logp = F.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+    logp = F.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), -1)
     return float(logp.gather(-1, new[:, None]).sum().detach())
 
 
@@ -45,10 +45,10 @@ def test_no_repeat_ngram_off_is_plain_greedy_and_on_never_repeats(model):
     for n in (2, 3):
         out = generate(model, idx, 30, attention_mask=mask, temperature=0, no_repeat_ngram_size=n)
         for row in out.tolist():
-            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
             assert len(grams) == len(set(grams)), (n, row)
     # the unconstrained model does loop here, so the constraint changed something
-    assert any(len({tuple(r[i:i + 2]) for i in range(len(r) - 1)}) < len(r) - 1 for r in plain.tolist())
+    assert any(len({tuple(r[i : i + 2]) for i in range(len(r) - 1)}) < len(r) - 1 for r in plain.tolist())
 
 
 def test_ban_repeated_ngrams_bans_exactly_the_completing_tokens():
@@ -139,8 +139,12 @@ def test_wide_beam_search_with_a_stop_token_finds_the_exact_most_likely_output()
     beam = beam_search(model, idx, 3, num_beams=64, eos_token_id=EOS, length_penalty=0.0, stop_token_ids=[4])
     found_stop = False
     for row in range(4):
-        outputs = [torch.tensor([*body, end]) for n in range(3) for body in itertools.product(range(1, 4), repeat=n)
-                   for end in (EOS, 4)]
+        outputs = [
+            torch.tensor([*body, end])
+            for n in range(3)
+            for body in itertools.product(range(1, 4), repeat=n)
+            for end in (EOS, 4)
+        ]
         best = max(outputs, key=lambda out: sequence_logprob(model, idx[row], out))
         end = int(((beam[row] == EOS) | (beam[row] == 4)).nonzero()[0])
         assert beam[row][: end + 1].tolist() == best.tolist(), row
@@ -163,15 +167,18 @@ def test_copy_bonus_steers_towards_the_source_tokens_and_zero_changes_nothing():
     m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
     prompts, sources = ["abc: ", "hij: "], ["bad", "jig"]
     bias = source_token_bias(tok, sources, tok.vocab_size, 2.5, "cpu")
-    assert [sorted(tok.decode([i]) for i in row.nonzero().flatten().tolist()) for row in bias] == \
-        [[" ", "a", "b", "d"], [" ", "g", "i", "j"]]
+    assert [sorted(tok.decode([i]) for i in row.nonzero().flatten().tolist()) for row in bias] == [
+        [" ", "a", "b", "d"],
+        [" ", "g", "i", "j"],
+    ]
     assert set(bias.unique().tolist()) == {0.0, 2.5}
     args = dict(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
     plain = generate_batch(m, tok, prompts, **args)
     assert generate_batch(m, tok, prompts, copy_bonus=0.0, sources=sources, **args) == plain
     for beams in (1, 3):
-        steered = generate_batch(m, tok, prompts, copy_bonus=1e4, sources=sources, num_beams=beams,
-                                 **{**args, "stop_at_eos": beams > 1})
+        steered = generate_batch(
+            m, tok, prompts, copy_bonus=1e4, sources=sources, num_beams=beams, **{**args, "stop_at_eos": beams > 1}
+        )
         for text, source in zip(steered, sources):  # nothing but the source's characters (and the space)
             assert text and set(text) <= set(source) | {" "}, (text, source)
     assert steered != plain
@@ -199,7 +206,7 @@ def test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation
     for t in range(6):
         with torch.no_grad():
             assert quantized(seq).logits[0, -1].argmax() == new[0, t]
-        seq = torch.cat([seq, new[:, t:t + 1]], 1)
+        seq = torch.cat([seq, new[:, t : t + 1]], 1)
     with pytest.raises(GPTError, match="quantize must be null or int8"):
         quantize_weights(copy.deepcopy(model), "int4")
 
@@ -215,8 +222,10 @@ def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
     m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
     prompts = ["abc: ", "hij: ", "a", "abc: ", "jihgfedcba "]  # different lengths: sorted, padded batches
     args = dict(max_new_tokens=20, temperature=1.0, top_k=8, stop_at_eos=False)
-    runs = [generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7), **args)
-            for b in (1, 2, 5)]
+    runs = [
+        generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7), **args)
+        for b in (1, 2, 5)
+    ]
     assert runs[0] == runs[1] == runs[2]
     assert runs[0][0] != runs[0][3]  # the same prompt twice: two draws, not one copied
     alone = generate_batch(m, tok, prompts[3:4], generator=torch.Generator().manual_seed(7), **args)
@@ -225,7 +234,9 @@ def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
     # past the context (64): each prompt slides (or stops) where it would alone, not where its padded batch does
     for full in ("slide", "stop"):
         long = dict(args, max_new_tokens=90, on_context_full=full)
-        alone, batched = (generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7),
-                                         **long) for b in (1, 5))
+        alone, batched = (
+            generate_batch(m, tok, prompts, batch_size=b, generator=torch.Generator().manual_seed(7), **long)
+            for b in (1, 5)
+        )
         assert batched == alone, full
     assert len(alone[2]) > len(alone[0])  # stop: "a" goes further than "abc: " before the context is full

@@ -26,5 +26,6 @@ def test_the_probe_uses_torchs_own_cpu_feature_checks(monkeypatch):
     assert callable(torch.cpu._is_avx512_bf16_supported) and callable(torch.cpu._is_amx_tile_supported)
     monkeypatch.delenv("GPT_CPU_BF16", raising=False)
     expected = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
     assert cpu_has_native_bf16() == expected

@@ -10,24 +10,25 @@ import pytest
 import sacrebleu
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, assert_user_error, run_cli
+from faults import assert_resumed_run_matches, kill_then_resume
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, assert_user_error, run_cli
-from faults import assert_resumed_run_matches, kill_then_resume
-
-from gpt.adapter import add_lora, load_adapter, lora_config, merge, save_adapter_dir, base_record
+from gpt.adapter import add_lora, base_record, load_adapter, lora_config, merge, save_adapter_dir
+from gpt.batches import encode_example, pad_batch
 from gpt.checkpoint import load_model, load_model_dir, read_lightning_ckpt, save_model_dir
+from gpt.completions import cut_at_stop, escape, generate_batch
+from gpt.config import GPTConfig
 from gpt.datafiles import data_dir
 from gpt.errors import GPTError
 from gpt.evaluate import evaluate_task, score
-from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.prompts import PromptTemplate
-from gpt.completions import cut_at_stop, escape, generate_batch
 from gpt.taskrows import BadRows, read_json_records, read_parallel
-from gpt.tasks import TaskDataModule, encode_example, pad_batch
+from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
+
 
 def read_pairs(root: Path, split: str, n: int) -> tuple[list[str], list[str]]:
     if not (root / f"{split}.modern").is_file():
@@ -61,9 +62,20 @@ def base_dir(task_files, tmp_path_factory):
 
 
 def task(task_files, tokenizer, block_size=160, **kw) -> TaskDataModule:
-    args = dict(name="pairs", format="parallel", template="{input}\n", tokenizer=tokenizer, block_size=block_size,
-                batch_size=8, root=str(task_files), train=["train.src", "train.tgt"], valid=["valid.src", "valid.tgt"],
-                metrics=["loss", "bleu", "chrf"], stop=["\n"], max_new_tokens=24)
+    args = dict(
+        name="pairs",
+        format="parallel",
+        template="{input}\n",
+        tokenizer=tokenizer,
+        block_size=block_size,
+        batch_size=8,
+        root=str(task_files),
+        train=["train.src", "train.tgt"],
+        valid=["valid.src", "valid.tgt"],
+        metrics=["loss", "bleu", "chrf"],
+        stop=["\n"],
+        max_new_tokens=24,
+    )
     args.update(kw)
     return TaskDataModule(**args)
 
@@ -77,6 +89,7 @@ def randomise_lora(model: PeftModel) -> None:
 
 
 # -- task data ---------------------------------------------------------------------------------------
+
 
 def compose_task(name: str, *overrides: str) -> dict:
     """configs/task/<name>.yaml with overrides, as finetune.py composes it (without _target_)."""
@@ -98,7 +111,7 @@ def test_labels_mask_the_prompt_and_the_padding_exactly():
         n = len(full) - 1
         assert batch["input_ids"][row, :n].tolist() == full[:-1]
         # the token predicted at position i is full[i+1]; it counts iff it is part of the response (or EOS)
-        expected = [-100] * (len(p) - 1) + full[len(p):] + [-100] * (batch["labels"].size(1) - n)
+        expected = [-100] * (len(p) - 1) + full[len(p) :] + [-100] * (batch["labels"].size(1) - n)
         assert batch["labels"][row].tolist() == expected
     assert batch["n_tokens"] == 5 + 6 == batch["input_ids"].numel() - 1  # prompt + response: tokens/s counts no padding
 
@@ -119,8 +132,9 @@ def test_the_loss_ignores_prompt_positions_and_padding(task_files, base_dir):
     assert torch.allclose(model(batch["input_ids"], batch["labels"]).loss, loss)
     # the masked positions are exactly the prompts and the padding: count them from the raw rows
     rows = dm.load_rows()["valid"]
-    n_response = sum(max(0, min(len(tok.encode(r["output"])) + 1, 160 + 1 - len(tok.encode(dm.prompt(r)))))
-                     for r in rows)
+    n_response = sum(
+        max(0, min(len(tok.encode(r["output"])) + 1, 160 + 1 - len(tok.encode(dm.prompt(r))))) for r in rows
+    )
     assert sum(int((b["labels"] != -100).sum()) for b in dm.val_dataloader()) == n_response
 
 
@@ -141,10 +155,14 @@ def test_batches_are_padded_to_their_longest_example(task_files, base_dir):
     # grouping by length: far less padding than batches drawn at random would carry
     plain = task(task_files, tok, group_by_length=False)
     plain.setup()
-    random_padding = sum(b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
-                         for b in plain.train_dataloader())
-    grouped_padding = sum(b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
-                          for b in dm.train_dataloader())
+    random_padding = sum(
+        b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
+        for b in plain.train_dataloader()
+    )
+    grouped_padding = sum(
+        b["input_ids"].size(1) * b["input_ids"].size(0) - int((b["labels"] != -100).sum())
+        for b in dm.train_dataloader()
+    )
     assert grouped_padding < 0.8 * random_padding
 
 
@@ -169,26 +187,36 @@ def test_long_examples_are_truncated_and_counted(task_files, base_dir):
 def test_mismatched_parallel_files_name_both_files_and_counts(tmp_path, base_dir):
     (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
     (tmp_path / "b.txt").write_text("uno\ndos\n")
-    proc = run_cli("finetune.py", f"base={base_dir}", "task=parallel", f"task.root={tmp_path}", "task.train=[a.txt,b.txt]",
-                   f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(
+        "finetune.py",
+        f"base={base_dir}",
+        "task=parallel",
+        f"task.root={tmp_path}",
+        "task.train=[a.txt,b.txt]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert_user_error(proc, f"{tmp_path / 'a.txt'} has 3 lines", f"{tmp_path / 'b.txt'} has 2")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted(tmp_path):
     f = tmp_path / "data.jsonl"
-    f.write_text('{"instruction": "Add", "input": "1 2", "output": "3"}\n'
-                 '{"instruction": "Add", "input": "2 2" "output": "4"}\n'  # line 2: a missing comma
-                 '{"instruction": "Say hi", "output": "hi"}\n'  # no input: fine for Alpaca
-                 '{"instruction": "Add", "input": "5 5"}\n'  # line 4: no output
-                 '["not", "an", "object"]\n')  # line 5
+    f.write_text(
+        '{"instruction": "Add", "input": "1 2", "output": "3"}\n'
+        '{"instruction": "Add", "input": "2 2" "output": "4"}\n'  # line 2: a missing comma
+        '{"instruction": "Say hi", "output": "hi"}\n'  # no input: fine for Alpaca
+        '{"instruction": "Add", "input": "5 5"}\n'  # line 4: no output
+        '["not", "an", "object"]\n'
+    )  # line 5
     fields = {"instruction": "instruction", "input": "input", "output": "output"}
     with pytest.raises(GPTError, match=f"{f}:2: not valid JSON"):
         read_json_records(f, fields, "t", BadRows("error", "t"))
     bad = BadRows("skip", "t")
     rows = read_json_records(f, fields, "t", bad)
-    assert rows == [{"instruction": "Add", "input": "1 2", "output": "3"},
-                    {"instruction": "Say hi", "input": "", "output": "hi"}]
+    assert rows == [
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ]
     assert [s.split(": ")[0] for s in bad.skipped] == [f"{f}:2", f"{f}:4", f"{f}:5"]
     assert "'output'" in bad.skipped[1]
     assert bad.report("train") == 3
@@ -196,14 +224,23 @@ def test_malformed_jsonl_names_file_and_line_or_is_skipped_and_counted(tmp_path)
 
 def test_json_array_and_prompt_response_with_own_keys(tmp_path):
     f = tmp_path / "qa.json"
-    f.write_text(json.dumps([{"question": "2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris"},
-                             {"question": "Empty?", "answer": ""}]))
+    f.write_text(
+        json.dumps(
+            [
+                {"question": "2+2?", "answer": "4"},
+                {"question": "Capital of France?", "answer": "Paris"},
+                {"question": "Empty?", "answer": ""},
+            ]
+        )
+    )
     fields = {"input": "question", "output": "answer"}
     with pytest.raises(GPTError, match=f"{f} record 3: missing or empty field 'answer'"):
         read_json_records(f, fields, "qa", BadRows("error", "qa"))
     rows = read_json_records(f, fields, "qa", BadRows("skip", "qa"))
-    assert rows == [{"instruction": "", "input": "2+2?", "output": "4"},
-                    {"instruction": "", "input": "Capital of France?", "output": "Paris"}]
+    assert rows == [
+        {"instruction": "", "input": "2+2?", "output": "4"},
+        {"instruction": "", "input": "Capital of France?", "output": "Paris"},
+    ]
 
 
 def test_task_files_are_read_as_files_count_lines(tmp_path):
@@ -237,19 +274,35 @@ def test_a_parallel_task_reads_the_source_and_target_columns_of_a_hub_dataset(mo
     composed = compose_task("parallel", "task.hub.name=someone/pairs", "task.hub.valid_split=train")
     tok = Tokenizer.char_level("abcxy \n")
     rows = TaskDataModule(**{**composed, "tokenizer": tok, "block_size": 32}).load_rows()
-    assert [(r["input"], r["output"]) for r in rows["valid"]] == [("a b", "x"), ("c", "y")] == \
-        [(r["input"], r["output"]) for r in rows["train"]]
+    assert (
+        [(r["input"], r["output"]) for r in rows["valid"]]
+        == [("a b", "x"), ("c", "y")]
+        == [(r["input"], r["output"]) for r in rows["train"]]
+    )
 
 
 def test_row_text_the_template_has_no_place_for_is_refused(tmp_path):
     tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz ?:\n")
     rows = tmp_path / "a.jsonl"
-    rows.write_text('{"instruction": "say hi", "input": "", "output": "hi"}\n'
-                    '{"instruction": "add", "input": "two two", "output": "four"}\n')
-    task = lambda template, **kw: TaskDataModule(name="t", format="alpaca", template=template, tokenizer=tok,  # noqa: E731
-                                                 block_size=64, train=str(rows), valid=str(rows), **kw)
-    with pytest.raises(GPTError, match=r"t train: 2 of 2 rows have an \{instruction\} that the prompt template "
-                                       r"'in: \{input\}\\n' leaves out"):
+    rows.write_text(
+        '{"instruction": "say hi", "input": "", "output": "hi"}\n'
+        '{"instruction": "add", "input": "two two", "output": "four"}\n'
+    )
+    task = lambda template, **kw: TaskDataModule(
+        name="t",
+        format="alpaca",
+        template=template,
+        tokenizer=tok,  # noqa: E731
+        block_size=64,
+        train=str(rows),
+        valid=str(rows),
+        **kw,
+    )
+    with pytest.raises(
+        GPTError,
+        match=r"t train: 2 of 2 rows have an \{instruction\} that the prompt template "
+        r"'in: \{input\}\\n' leaves out",
+    ):
         task("in: {input}\n").prepare_data()  # e.g. an adapter trained on parallel text, scored on Alpaca rows
     task("{instruction}: {input}\n", template_no_input="{instruction}:\n").prepare_data()  # Alpaca's way: all used
 
@@ -258,8 +311,15 @@ def test_scoring_reads_only_the_valid_split(tmp_path):
     tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz0123456789 ?\n")
     one = tmp_path / "one.jsonl"
     one.write_text('{"prompt": "2 2?", "response": "4"}\n{"prompt": "3 3?", "response": "6"}\n')
-    task = lambda **kw: TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok,  # noqa: E731
-                                       block_size=64, valid_only=True, **kw)
+    task = lambda **kw: TaskDataModule(
+        name="t",
+        format="prompt_response",
+        template="{input}\n",
+        tokenizer=tok,  # noqa: E731
+        block_size=64,
+        valid_only=True,
+        **kw,
+    )
     dm = task(train=str(tmp_path / "not-there.jsonl"), valid=str(one))  # the train file is never opened
     dm.prepare_data()
     assert set(dm.data) == {"valid"} and len(dm.data["valid"]) == 2
@@ -271,8 +331,14 @@ def test_scoring_reads_only_the_valid_split(tmp_path):
 
 def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp_path):
     tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz0123456789 ?")
-    task = lambda **kw: TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok,  # noqa: E731
-                                       block_size=64, **kw)
+    task = lambda **kw: TaskDataModule(
+        name="t",
+        format="prompt_response",
+        template="{input}\n",
+        tokenizer=tok,  # noqa: E731
+        block_size=64,
+        **kw,
+    )
     one = tmp_path / "one.jsonl"
     one.write_text('{"prompt": "2 2?", "response": "4"}\n')
     with pytest.raises(GPTError, match=r"the train split has no usable rows \(its 1 row\(s\) went to the valid split"):
@@ -283,7 +349,9 @@ def test_a_task_with_no_training_rows_says_why_and_files_plus_hub_is_refused(tmp
         task(train=str(bad), on_bad_row="skip").load_rows()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    with pytest.raises(GPTError, match=re.escape(f"no usable rows; read from {empty}: give it rows with 'prompt', 'response'")):
+    with pytest.raises(
+        GPTError, match=re.escape(f"no usable rows; read from {empty}: give it rows with 'prompt', 'response'")
+    ):
         task(train=str(empty)).load_rows()
     with pytest.raises(GPTError, match="both task.train .files. and task.hub.name=someone/qa give the data; keep one"):
         task(train=str(one), hub={"name": "someone/qa"})
@@ -296,10 +364,21 @@ def test_task_characters_a_char_base_lacks_are_said_before_training_and_scored_a
 
     tok = Tokenizer.char_level("abcdefghijklmnopqrstuvwxyz ?\n")
     rows = tmp_path / "qa.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in
-                            [("café?", "yes"), ("tea?", "no"), ("naïve?", "sí"), ("milk?", "ok")]))
-    dm = TaskDataModule(name="t", format="prompt_response", template="{input}\n", tokenizer=tok, block_size=64,
-                        train=str(rows), valid=str(rows))
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": p, "response": r}) + "\n"
+            for p, r in [("café?", "yes"), ("tea?", "no"), ("naïve?", "sí"), ("milk?", "ok")]
+        )
+    )
+    dm = TaskDataModule(
+        name="t",
+        format="prompt_response",
+        template="{input}\n",
+        tokenizer=tok,
+        block_size=64,
+        train=str(rows),
+        valid=str(rows),
+    )
     with caplog.at_level("WARNING", logger="gpt.tasks"):
         dm.prepare_data()
     said = [r.getMessage() for r in caplog.records if "never seen" in r.getMessage()]
@@ -314,17 +393,22 @@ def test_task_characters_a_char_base_lacks_are_said_before_training_and_scored_a
 def test_alpaca_task_through_the_cli_names_the_bad_line(tmp_path, base_dir):
     data = tmp_path / "alpaca.jsonl"
     data.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n{"instruction": "Say hi"\n')
-    proc = run_cli("finetune.py", f"base={base_dir}", "task=alpaca", f"task.train={data}", f"hydra.run.dir={tmp_path / 'r'}")
+    proc = run_cli(
+        "finetune.py", f"base={base_dir}", "task=alpaca", f"task.train={data}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     assert_user_error(proc, f"{data}:2", "on_bad_row=skip")
 
 
 # -- adapters ----------------------------------------------------------------------------------------
 
+
 def test_a_rank_as_wide_as_the_layer_is_said(caplog):
     def warnings_for(rank):
         caplog.clear()
         with caplog.at_level("WARNING", logger="gpt.adapter"):
-            add_lora(GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=32)), lora_config(rank=rank))
+            add_lora(
+                GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=32)), lora_config(rank=rank)
+            )
         return [r.getMessage() for r in caplog.records]
 
     assert warnings_for(31) == []  # below the narrowest side (32) of every targeted layer
@@ -337,7 +421,8 @@ def test_lora_targets_map_to_our_module_names(base_dir):
     wrapped = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and n.count("lora_") == 0)
     assert [n.split("model.", 2)[-1] for n in wrapped] == sorted(
         [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-        + ["lm_head"])
+        + ["lm_head"]
+    )
     with pytest.raises(GPTError, match="matches no linear layer"):
         add_lora(load_model_dir(base_dir)[0], lora_config(targets=["q_proj"]))
 
@@ -409,9 +494,17 @@ def test_lean_autocast_trains_the_same_adapter_and_checkpoints_the_fp32_base(bas
         peft_model = add_lora(model, lora_config(rank=4, dropout=0.0, targets=["qkv", "attn_out", "mlp", "lm_head"]))
         before = {n: p.clone() for n, p in peft_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         probe = Probe(tmp_path / f"lean{lean}.ckpt")
-        trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=6, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[probe] + ([LeanAutocastForLoRA()] if lean else []))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="bf16-mixed",
+            max_steps=6,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[probe] + ([LeanAutocastForLoRA()] if lean else []),
+        )
         module = LanguageModel(peft_model, tok, lr=1e-2, warmup_steps=0)
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         return peft_model, probe, before
@@ -437,8 +530,12 @@ def test_adapter_dir_loads_with_peft_and_refuses_another_base(base_dir, tmp_path
     peft_model = add_lora(model, lora_config(rank=4)).eval()
     randomise_lora(peft_model)
     adapter = save_adapter_dir(peft_model, tok, tmp_path / "adapter", {"base": base_record(base_dir), "task": {}})
-    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                    "tokenizer.json", "gpt_adapter.json"}
+    assert {p.name for p in adapter.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "gpt_adapter.json",
+    }
     x = torch.randint(0, tok.vocab_size, (1, 30))
     plain = PeftModel.from_pretrained(load_model_dir(base_dir)[0], str(adapter)).eval()  # PEFT's own loader
     ours, _, record = load_adapter(adapter)
@@ -465,16 +562,23 @@ def _drop_first_block(adapter: Path) -> None:
 
 def _other_rank(adapter: Path) -> None:
     state = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in state.items()}, str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in state.items()},
+        str(adapter / "adapter_model.safetensors"),
+    )
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (_break_weights_file, "truncated or corrupt adapter (SafetensorError"),
-    (lambda a: (a / "adapter_config.json").write_text("{x"), "truncated or corrupt adapter (JSONDecodeError"),
-    (lambda a: (a / "gpt_adapter.json").write_text("[]"), "does not record the adapter's base model"),
-    (_drop_first_block, "lacks 2 LoRA tensors"),  # PEFT itself would only warn, and run block 0 bare
-    (_other_rank, "truncated or corrupt adapter (RuntimeError"),
-], ids=["truncated weights", "broken adapter_config", "record without base", "missing factors", "other rank"])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (_break_weights_file, "truncated or corrupt adapter (SafetensorError"),
+        (lambda a: (a / "adapter_config.json").write_text("{x"), "truncated or corrupt adapter (JSONDecodeError"),
+        (lambda a: (a / "gpt_adapter.json").write_text("[]"), "does not record the adapter's base model"),
+        (_drop_first_block, "lacks 2 LoRA tensors"),  # PEFT itself would only warn, and run block 0 bare
+        (_other_rank, "truncated or corrupt adapter (RuntimeError"),
+    ],
+    ids=["truncated weights", "broken adapter_config", "record without base", "missing factors", "other rank"],
+)
 def test_a_damaged_adapter_directory_is_refused_naming_the_fix(base_dir, tmp_path, damage, needle):
     model, tok = load_model_dir(base_dir)
     peft_model = add_lora(model, lora_config(rank=4, targets=["qkv"]))
@@ -487,6 +591,7 @@ def test_a_damaged_adapter_directory_is_refused_naming_the_fix(base_dir, tmp_pat
 
 
 # -- evaluation --------------------------------------------------------------------------------------
+
 
 def test_scores_are_sacrebleus():
     hyps = ["the cat sat on the mat .", "thou art a villain", "good morrow , sir"]
@@ -516,17 +621,32 @@ def test_stop_strings_end_generation_early_with_the_same_text(base_dir):
 
 # -- end to end through finetune.py and sample.py -----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def finetuned(task_files, base_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ft") / "run"
-    proc = run_cli("finetune.py", f"base={base_dir}", "task=parallel", f"task.root={task_files}",
-                   "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
-                   "task.batch_size=16", "task.max_new_tokens=24", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                   "optim.lr=1e-2", "optim.warmup_steps=5", "lora.rank=8", "lora.targets=[qkv,attn_out,mlp,lm_head]",
-                   "merge=true", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
-                   # fp32 (the CPU default may be bf16-mixed): this 40-step toy adapter then answers with text,
-                   # not only EOS, so reproducing its outputs below compares something
-                   "trainer.precision=32-true")
+    proc = run_cli(
+        "finetune.py",
+        f"base={base_dir}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.batch_size=16",
+        "task.max_new_tokens=24",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=5",
+        "lora.rank=8",
+        "lora.targets=[qkv,attn_out,mlp,lm_head]",
+        "merge=true",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        # fp32 (the CPU default may be bf16-mixed): this 40-step toy adapter then answers with text,
+        # not only EOS, so reproducing its outputs below compares something
+        "trainer.precision=32-true",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -535,7 +655,10 @@ def test_finetune_trains_only_the_adapter_and_reports_it(finetuned, base_dir, ta
     run_dir, proc = finetuned
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < 0.2 * metrics["total_params"]
-    assert f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters" in proc.stdout + proc.stderr
+    assert (
+        f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters"
+        in proc.stdout + proc.stderr
+    )
     ev = metrics["eval"]
     assert ev["examples"] == 24 and set(ev) >= {"base", "adapter", "copy"}
     assert ev["adapter"]["val_loss"] < ev["base"]["val_loss"] - 0.5  # it learned something
@@ -544,8 +667,11 @@ def test_finetune_trains_only_the_adapter_and_reports_it(finetuned, base_dir, ta
     # the base weights are the same after fine-tuning: compare the trained module's frozen tensors
     state = read_lightning_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
     base, _ = load_model_dir(base_dir)
-    frozen = {k.replace("model.base_model.model.", "").replace(".base_layer", ""): v
-              for k, v in state.items() if "lora_" not in k}
+    frozen = {
+        k.replace("model.base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in state.items()
+        if "lora_" not in k
+    }
     for name, tensor in base.state_dict().items():
         assert torch.equal(frozen[name], tensor), name
     lora_b = [v for k, v in state.items() if "lora_B" in k]
@@ -556,9 +682,16 @@ def test_adapter_reproduces_its_outputs_in_a_fresh_process(finetuned, task_files
     run_dir, _ = finetuned
     adapter = run_dir / "checkpoints" / "best"
     out = tmp_path / "out.txt"
-    proc = run_cli("sample.py", f"adapter={adapter}", f"input_file={task_files / 'valid.src'}",
-                   f"output_file={out}", "temperature=0", "max_new_tokens=24", "batch_size=64",
-                   "dtype=float32")  # what the evaluation generated in (eval.dtype)
+    proc = run_cli(
+        "sample.py",
+        f"adapter={adapter}",
+        f"input_file={task_files / 'valid.src'}",
+        f"output_file={out}",
+        "temperature=0",
+        "max_new_tokens=24",
+        "batch_size=64",
+        "dtype=float32",
+    )  # what the evaluation generated in (eval.dtype)
     assert proc.returncode == 0, proc.stderr
     expected = (run_dir / "valid.adapter.txt").read_text().splitlines()
     assert [line.strip() for line in out.read_text().splitlines()] == expected
@@ -566,16 +699,32 @@ def test_adapter_reproduces_its_outputs_in_a_fresh_process(finetuned, task_files
     # time), so the same comparison once more with sampled text, which is never all empty: the fresh process
     # draws exactly what this process draws from the adapter with the same seed.
     sampled = tmp_path / "sampled.txt"
-    proc = run_cli("sample.py", f"adapter={adapter}", f"input_file={task_files / 'valid.src'}",
-                   f"output_file={sampled}", "temperature=1.0", "top_k=null", "seed=7", "max_new_tokens=24",
-                   "batch_size=64", "dtype=float32")
+    proc = run_cli(
+        "sample.py",
+        f"adapter={adapter}",
+        f"input_file={task_files / 'valid.src'}",
+        f"output_file={sampled}",
+        "temperature=1.0",
+        "top_k=null",
+        "seed=7",
+        "max_new_tokens=24",
+        "batch_size=64",
+        "dtype=float32",
+    )
     assert proc.returncode == 0, proc.stderr
     model, tok, record = load_adapter(adapter)
     template = PromptTemplate(record["task"]["template"])
     lines = (task_files / "valid.src").read_text().splitlines()
-    here = generate_batch(model.eval(), tok, [template(input=line) for line in lines], max_new_tokens=24,
-                          temperature=1.0, stops=record["task"]["stop"], batch_size=64,
-                          generator=torch.Generator().manual_seed(7))
+    here = generate_batch(
+        model.eval(),
+        tok,
+        [template(input=line) for line in lines],
+        max_new_tokens=24,
+        temperature=1.0,
+        stops=record["task"]["stop"],
+        batch_size=64,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert sampled.read_text().splitlines() == [escape(text) for text in here]
     assert sum(map(len, here)) > 24
 
@@ -597,9 +746,19 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     assert_user_error(proc, "belongs to a different base", str(wrong))
     # Scoring a held-out file: no train split needed, and the prompts are the adapter's (its recorded template
     # and stop strings), not the task config's: the same figures as the training run's own scoring.
-    proc = run_cli("finetune.py", "eval_only=true", f"adapter={adapter}", "task=parallel", f"task.root={task_files}",
-                   "task.valid=[valid.src,valid.tgt]", 'task.template="Q: {input} A:"', "task.stop=[]",
-                   "task.max_new_tokens=24", "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'eval'}")
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        f"adapter={adapter}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.valid=[valid.src,valid.tgt]",
+        'task.template="Q: {input} A:"',
+        "task.stop=[]",
+        "task.max_new_tokens=24",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = proc.stdout + proc.stderr
     assert "scoring with the adapter's own template=" in said and f"run directory: {tmp_path / 'eval'}" in said
@@ -609,17 +768,38 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
         assert again[system].get("val_loss") == first[system].get("val_loss")
         assert again[system]["bleu"] == first[system]["bleu"]
     # merge=true with eval_only folds the existing adapter into its base: the training run's merged model
-    proc = run_cli("finetune.py", "eval_only=true", "merge=true", "eval.enabled=false", f"adapter={adapter}",
-                   "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
-                   f"hydra.run.dir={tmp_path / 'merge'}")
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        "merge=true",
+        "eval.enabled=false",
+        f"adapter={adapter}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        f"hydra.run.dir={tmp_path / 'merge'}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged, trained = load_file(tmp_path / "merge/checkpoints/merged/model.safetensors"), load_file(wrong / "model.safetensors")
+    merged, trained = (
+        load_file(tmp_path / "merge/checkpoints/merged/model.safetensors"),
+        load_file(wrong / "model.safetensors"),
+    )
     assert merged.keys() == trained.keys() and all(torch.equal(merged[k], trained[k]) for k in merged)
     assert "eval" not in json.loads((tmp_path / "merge" / "metrics.json").read_text())
-    assert json.loads((tmp_path / "merge/checkpoints/merged/config.json").read_text())["gpt"]["adapter"] == str(adapter.resolve())
+    assert json.loads((tmp_path / "merge/checkpoints/merged/config.json").read_text())["gpt"]["adapter"] == str(
+        adapter.resolve()
+    )
     # a mistake in the task is found before anything is written
-    proc = run_cli("finetune.py", "eval_only=true", "merge=true", f"adapter={adapter}", "task=parallel",
-                   f"task.root={task_files}", "task.valid=[valid.src,missing.tgt]", f"hydra.run.dir={tmp_path / 'bad'}")
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        "merge=true",
+        f"adapter={adapter}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.valid=[valid.src,missing.tgt]",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+    )
     assert_user_error(proc, "missing.tgt not found")
     assert not (tmp_path / "bad" / "checkpoints").exists()  # no merged model (the named directory itself stays)
 
@@ -629,12 +809,23 @@ def test_a_resume_with_other_lora_settings_or_another_base_is_refused(finetuned,
     rank (before: a page of state_dict shape errors) or on another base (before: accepted, and the adapter
     recorded the new base) is refused in one line, before anything is written."""
     run_dir, _ = finetuned
-    resume = ("finetune.py", "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
-              "task.valid=[valid.src,valid.tgt]", "trainer.max_steps=60", "optim.lr=1e-2", "optim.warmup_steps=5",
-              "lora.targets=[qkv,attn_out,mlp,lm_head]", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    resume = (
+        "finetune.py",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        "task.valid=[valid.src,valid.tgt]",
+        "trainer.max_steps=60",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=5",
+        "lora.targets=[qkv,attn_out,mlp,lm_head]",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    )
     proc = run_cli(*resume, f"base={base_dir}", "lora.rank=4", f"hydra.run.dir={tmp_path / 'rank'}")
     assert_user_error(proc, "lora.rank=8, this run has 4", "resume with the settings")
-    proc = run_cli(*resume, "lora.rank=8", f"base={run_dir / 'checkpoints' / 'merged'}", f"hydra.run.dir={tmp_path / 'base'}")
+    proc = run_cli(
+        *resume, "lora.rank=8", f"base={run_dir / 'checkpoints' / 'merged'}", f"hydra.run.dir={tmp_path / 'base'}"
+    )
     assert_user_error(proc, "the checkpoint fine-tuned the base", "resume with base=")
     assert not (tmp_path / "rank" / "checkpoints").exists() and not (tmp_path / "base" / "checkpoints").exists()
 
@@ -643,9 +834,22 @@ def test_killed_finetuning_resumes_exactly_where_it_stopped(task_files, base_dir
     """SIGKILL in the middle of writing the step-30 checkpoint, resume with ckpt_path=last: the same losses,
     step by step, and the same best adapter as a run never stopped (mid-epoch and across epochs: 19 batches
     an epoch)."""
-    args = [f"base={base_dir}", "task=parallel", f"task.root={task_files}", "task.train=[train.src,train.tgt]",
-            "task.valid=[valid.src,valid.tgt]", "task.batch_size=16", "trainer.max_steps=40",
-            "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "optim.warmup_steps=5", "lora.rank=4",
-            "lora.dropout=0.1", "eval.enabled=false", "trainer.enable_progress_bar=false", "name=ft-resume"]
+    args = [
+        f"base={base_dir}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.batch_size=16",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=1",
+        "optim.warmup_steps=5",
+        "lora.rank=4",
+        "lora.dropout=0.1",
+        "eval.enabled=false",
+        "trainer.enable_progress_bar=false",
+        "name=ft-resume",
+    ]
     ref, killed, resumed = kill_then_resume("finetune.py", args, tmp_path)
     assert_resumed_run_matches(resumed, ref, resumed_at=20, steps=40)

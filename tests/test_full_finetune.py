@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_cli
 from test_finetune import base_dir, task_files  # noqa: F401 (fixtures)
 
@@ -27,18 +26,39 @@ def test_freeze_stops_the_embeddings_and_the_first_blocks(base_dir):
 
 def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_files, base_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("finetune.py", f"base={base_dir}", "method=full", "freeze.layers=1", "task=parallel",
-                   f"task.root={task_files}", "task.train=[train.src,train.tgt]", "task.valid=[valid.src,valid.tgt]",
-                   "task.batch_size=16", "task.max_new_tokens=8", "trainer.max_steps=8", "trainer.val_check_interval=4",
-                   "optim.lr=3e-3", "optim.warmup_steps=2", "eval.max_examples=8", "trainer.enable_progress_bar=false",
-                   "trainer.precision=32-true", f"hydra.run.dir={run_dir}")
+    proc = run_cli(
+        "finetune.py",
+        f"base={base_dir}",
+        "method=full",
+        "freeze.layers=1",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.batch_size=16",
+        "task.max_new_tokens=8",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "eval.max_examples=8",
+        "trainer.enable_progress_bar=false",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["method"] == "full" and 0.5 * metrics["total_params"] < metrics["trainable_params"] < metrics["total_params"]
+    assert (
+        metrics["method"] == "full"
+        and 0.5 * metrics["total_params"] < metrics["trainable_params"] < metrics["total_params"]
+    )
     assert set(metrics["eval"]) >= {"base", "finetuned", "copy"}
     assert metrics["eval"]["finetuned"]["val_loss"] < metrics["eval"]["base"]["val_loss"]
     base, _ = load_model_dir(base_dir)
-    state = {k.removeprefix("model."): v for k, v in read_lightning_ckpt(run_dir / "checkpoints/last.ckpt")["state_dict"].items()}
+    state = {
+        k.removeprefix("model."): v
+        for k, v in read_lightning_ckpt(run_dir / "checkpoints/last.ckpt")["state_dict"].items()
+    }
     for name, tensor in base.state_dict().items():
         if name.startswith("transformer.h.0."):
             assert torch.equal(state[name], tensor), name  # frozen: bit-identical
@@ -55,13 +75,28 @@ def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_fi
     assert config["finetuned_from"]["method"] == "full" and config["task"]["template"] == "Input: {input}\nOutput:\n"
     # sample.py reads it, prompting with the recorded task template: the scoring's greedy outputs again
     (tmp_path / "in.txt").write_text("".join((task_files / "valid.src").read_text().splitlines(True)[:8]))
-    proc = run_cli("sample.py", f"ckpt={run_dir / 'checkpoints' / 'best'}", f"input_file={tmp_path / 'in.txt'}",
-                   f"output_file={tmp_path / 'out.txt'}", "temperature=0", "max_new_tokens=8", "dtype=float32")
+    proc = run_cli(
+        "sample.py",
+        f"ckpt={run_dir / 'checkpoints' / 'best'}",
+        f"input_file={tmp_path / 'in.txt'}",
+        f"output_file={tmp_path / 'out.txt'}",
+        "temperature=0",
+        "max_new_tokens=8",
+        "dtype=float32",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [line.strip() for line in (tmp_path / "out.txt").read_text().splitlines()] == \
-        (run_dir / "valid.finetuned.txt").read_text().splitlines()
+    assert [line.strip() for line in (tmp_path / "out.txt").read_text().splitlines()] == (
+        run_dir / "valid.finetuned.txt"
+    ).read_text().splitlines()
     # a resume as LoRA, or with other freezing, is refused in one line
-    resume = ["finetune.py", f"base={base_dir}", "task=parallel", f"task.root={task_files}",
-              "task.train=[train.src,train.tgt]", f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}", "trainer.max_steps=20"]
+    resume = [
+        "finetune.py",
+        f"base={base_dir}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}",
+        "trainer.max_steps=20",
+    ]
     assert_user_error(run_cli(*resume, "method=full", f"hydra.run.dir={tmp_path / 'r1'}"), "freeze=")
     assert_user_error(run_cli(*resume, f"hydra.run.dir={tmp_path / 'r2'}"), "method=full")

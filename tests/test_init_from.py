@@ -3,13 +3,12 @@ loaded model's shape and tokenizer; settings that say otherwise are refused by n
 
 import pytest
 import torch
-
 from conftest import TINY, assert_user_error, run_cli, train_config
 
 from gpt.checkpoint import save_model_dir
+from gpt.config import GPTConfig
 from gpt.convert import export_hf
 from gpt.launch import build
-from gpt.config import GPTConfig
 from gpt.model import GPT
 from gpt.pretrain import pretrain
 from gpt.tokenizer import Tokenizer
@@ -27,9 +26,18 @@ def source(shakespeare, tmp_path_factory):
 
 
 def first_val_loss(init_from, run_dir):
-    cfg = train_config(*DATA, f"init_from={init_from}", "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.log_every_n_steps=1",
-                       "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0", "log_samples.n=0",
-                       "trainer.precision=32-true")
+    cfg = train_config(
+        *DATA,
+        f"init_from={init_from}",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "trainer.log_every_n_steps=1",
+        "optim.lr=1e-12",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "log_samples.n=0",
+        "trainer.precision=32-true",
+    )
     metrics = pretrain(cfg, run_dir)
     return metrics["val_loss"], cfg
 
@@ -63,8 +71,14 @@ def test_init_from_our_dir_and_a_hf_dir_starts_at_the_source_models_loss(source,
 def test_another_tokenizer_or_shape_with_init_from_is_refused(source, tmp_path):
     src, _ = source
     args = ["train.py", *DATA, f"init_from={src}", "trainer.max_steps=1"]
-    assert_user_error(run_cli(*args, "data.tokenizer=bpe", "data.vocab_size=300", f"hydra.run.dir={tmp_path / 'a'}"),
-                      "brings its own tokenizer", "drop data.")
-    assert_user_error(run_cli(*args, "model.n_layer=4", f"hydra.run.dir={tmp_path / 'b'}"),
-                      "has model.n_layer=3", "drop model.n_layer=4")
+    assert_user_error(
+        run_cli(*args, "data.tokenizer=bpe", "data.vocab_size=300", f"hydra.run.dir={tmp_path / 'a'}"),
+        "brings its own tokenizer",
+        "drop data.",
+    )
+    assert_user_error(
+        run_cli(*args, "model.n_layer=4", f"hydra.run.dir={tmp_path / 'b'}"),
+        "has model.n_layer=3",
+        "drop model.n_layer=4",
+    )
     assert_user_error(run_cli(*args, "model=mini", f"hydra.run.dir={tmp_path / 'c'}"), "drop model=mini")

@@ -22,8 +22,9 @@ def imports(path: Path) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    return {m: {i.split(".")[1] for i in imports(PACKAGE / f"{m}.py") if i.startswith("gpt.")} & modules
-            for m in modules}
+    return {
+        m: {i.split(".")[1] for i in imports(PACKAGE / f"{m}.py") if i.startswith("gpt.")} & modules for m in modules
+    }
 
 
 def test_no_import_circle_among_the_modules():
@@ -31,7 +32,7 @@ def test_no_import_circle_among_the_modules():
     done, active = set(), []
 
     def visit(module):
-        assert module not in active, "import circle: " + " -> ".join(active[active.index(module):] + [module])
+        assert module not in active, "import circle: " + " -> ".join(active[active.index(module) :] + [module])
         if module in done:
             return
         active.append(module)

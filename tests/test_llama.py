@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.generate import generate
 from gpt.model import GPT
 
@@ -45,11 +45,12 @@ def padded_prompts(lengths):
     idx = torch.randint(0, V, (len(lengths), T), generator=g)
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        mask[i, T - n:] = True
+        mask[i, T - n :] = True
     return idx, mask
 
 
 # -- every new option: math path = SDPA path, cache = no cache ---------------------------------------
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_math_path_equals_sdpa_path(variant):
@@ -61,7 +62,7 @@ def test_math_path_equals_sdpa_path(variant):
         set_impl(model, impl)
         cache = model.new_cache()
         pieces = [model(x[:, :9], cache=cache).logits]  # prefill
-        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(9, 12)]  # one token at a time
+        pieces += [model(x[:, t : t + 1], cache=cache).logits for t in range(9, 12)]  # one token at a time
         pieces.append(model(x[:, 12:], cache=cache).logits)  # a chunk after a prefix (explicit mask)
         outs[impl] = (model(x).logits, torch.cat(pieces, 1), model(idx, attention_mask=mask).logits[mask])
     for a, b in zip(outs["sdpa"], outs["math"]):
@@ -86,7 +87,7 @@ def test_decode_step_with_left_padding_equals_recompute(variant):
         logits = model.decode_step(nxt[:, None], cache)
         cache.length += 1
         for i in range(3):
-            rows[i] = torch.cat([rows[i], nxt[i:i + 1]])
+            rows[i] = torch.cat([rows[i], nxt[i : i + 1]])
             assert (logits[i] - model(rows[i][None]).logits[0, -1]).abs().max().item() <= 1e-5, (t, i)
 
 
@@ -96,7 +97,7 @@ def test_rope_generation_slides_exactly():
     prompt = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(4))
     out = generate(model, prompt, 30, temperature=0)
     full = torch.cat([prompt, out], 1)
-    assert int(model(full[:, 17 - 12:17]).logits[0, -1].argmax()) == int(full[0, 17])
+    assert int(model(full[:, 17 - 12 : 17]).logits[0, -1].argmax()) == int(full[0, 17])
 
 
 def test_rope_scores_depend_on_the_offset_only():
@@ -113,15 +114,18 @@ def test_rope_scores_depend_on_the_offset_only():
     assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
 
 
-@pytest.mark.parametrize("kw, needle", [
-    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
-    (dict(pos_emb="alibi"), "pos_emb"),
-    (dict(norm="batchnorm"), "norm"),
-    (dict(mlp="relu"), "mlp"),
-    (dict(n_embd=12, n_head=4, pos_emb="rope"), "even head size"),
-    (dict(norm_eps=0), "norm_eps"),
-    (dict(layer_norm_eps=1e-6, norm_eps=1e-3), "disagree"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+        (dict(pos_emb="alibi"), "pos_emb"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(mlp="relu"), "mlp"),
+        (dict(n_embd=12, n_head=4, pos_emb="rope"), "even head size"),
+        (dict(norm_eps=0), "norm_eps"),
+        (dict(layer_norm_eps=1e-6, norm_eps=1e-3), "disagree"),
+    ],
+)
 def test_impossible_choices_are_refused(kw, needle):
     with pytest.raises(GPTError, match=needle):
         GPTConfig(**{**dict(n_embd=32, n_head=4), **kw})
@@ -130,8 +134,11 @@ def test_impossible_choices_are_refused(kw, needle):
 def test_layer_norm_eps_is_norm_eps_old_name_and_old_configs_load():
     assert GPTConfig(layer_norm_eps=1e-6).norm_eps == GPTConfig(norm_eps=1e-6).layer_norm_eps == 1e-6
     assert replace(GPTConfig(layer_norm_eps=1e-6), n_layer=2).norm_eps == 1e-6
-    old = {k: v for k, v in GPTConfig(vocab_size=10).to_dict().items()
-           if k not in ("n_kv_head", "pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden")}
+    old = {
+        k: v
+        for k, v in GPTConfig(vocab_size=10).to_dict().items()
+        if k not in ("n_kv_head", "pos_emb", "rope_theta", "norm", "norm_eps", "mlp", "mlp_hidden")
+    }
     old["layer_norm_eps"] = 1e-6  # a config.json written before the architecture choices
     assert GPTConfig.from_dict(old) == GPTConfig(vocab_size=10, norm_eps=1e-6)
     new = GPTConfig(vocab_size=10, norm="rmsnorm").to_dict()
@@ -142,8 +149,10 @@ def test_layer_norm_eps_is_norm_eps_old_name_and_old_configs_load():
 
 # -- Llama interop: random transformers models (2 layers, 8 heads, 2 key/value heads) -------------------
 
-TEXT = ("It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious moon,\n"
-        "Who is already sick and pale with grief. Ünïcödé — 日本語, tabs\tand  double  spaces.\n")
+TEXT = (
+    "It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious moon,\n"
+    "Who is already sick and pale with grief. Ünïcödé — 日本語, tabs\tand  double  spaces.\n"
+)
 TOL = 1e-4  # fp32
 
 
@@ -161,10 +170,25 @@ def llama_dir(path, bpe, tied: bool, **kw):
     from gpt.tokenizer import EOS
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**{**dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=48,
-                                rope_theta=1000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
-                                bos_token_id=bpe.eos_id, eos_token_id=bpe.eos_id), **kw})
+    cfg = LlamaConfig(
+        **{
+            **dict(
+                vocab_size=320,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                max_position_embeddings=48,
+                rope_theta=1000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=tied,
+                bos_token_id=bpe.eos_id,
+                eos_token_id=bpe.eos_id,
+            ),
+            **kw,
+        }
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # RMSNorm gains start at 1: random ones would catch a swapped norm
         for p in model.parameters():
@@ -187,15 +211,28 @@ def test_llama_import_export_round_trip(tmp_path, bpe, tied):
     ours, tok = load_model(out)
     ours.eval()
     c = ours.config
-    assert (c.pos_emb, c.norm, c.mlp, c.n_head, c.kv_heads, c.hidden_dim, c.bias, c.tie_embeddings, c.rope_theta,
-            c.norm_eps, c.block_size) == ("rope", "rmsnorm", "swiglu", 8, 2, 96, False, tied, 1000.0, 1e-6, 48)
+    assert (
+        c.pos_emb,
+        c.norm,
+        c.mlp,
+        c.n_head,
+        c.kv_heads,
+        c.hidden_dim,
+        c.bias,
+        c.tie_embeddings,
+        c.rope_theta,
+        c.norm_eps,
+        c.block_size,
+    ) == ("rope", "rmsnorm", "swiglu", 8, 2, 96, False, tied, 1000.0, 1e-6, 48)
     x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(x).logits
         assert (ours(x).logits - want).abs().max().item() <= TOL
         cache = ours.new_cache()  # the same logits through our KV cache, in pieces
-        got = torch.cat([ours(x[:, :17], cache=cache).logits] + [ours(x[:, t:t + 1], cache=cache).logits
-                                                                  for t in range(17, 40)], 1)
+        got = torch.cat(
+            [ours(x[:, :17], cache=cache).logits] + [ours(x[:, t : t + 1], cache=cache).logits for t in range(17, 40)],
+            1,
+        )
         assert (got - want).abs().max().item() <= TOL
         # greedy generation: token for token what transformers' generate does
         prompt = x[:1, :6]
@@ -219,18 +256,29 @@ def test_an_untied_llama_with_biases_and_multi_query_attention(tmp_path, bpe):
         assert (ours.eval()(x).logits - hf(x).logits).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
-    (dict(attention_bias=True, mlp_bias=False), "attention_bias"),
-    (dict(head_dim=16), "head_dim"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+        (dict(attention_bias=True, mlp_bias=False), "attention_bias"),
+        (dict(head_dim=16), "head_dim"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
+    ],
+)
 def test_llama_configs_we_cannot_compute_are_refused_by_name(edit, needle):
     from gpt.convert import config_from_hf
 
-    raw = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64,
-               intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+    raw = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     config_from_hf(raw, "config.json")  # as is: fine
     with pytest.raises(GPTError, match=needle):
         config_from_hf({**raw, **edit}, "config.json")
@@ -252,8 +300,9 @@ def test_lora_targets_reach_the_llama_block():
     x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     before = model(x).logits
     peft = add_lora(model, lora_config(rank=2, dropout=0.0, targets=["qkv", "attn_out", "mlp"])).eval()
-    wrapped = {n.split(".h.0.")[-1].split(".lora_A")[0] for n, _ in peft.named_parameters()
-               if ".h.0." in n and "lora_A" in n}
+    wrapped = {
+        n.split(".h.0.")[-1].split(".lora_A")[0] for n, _ in peft.named_parameters() if ".h.0." in n and "lora_A" in n
+    }
     assert wrapped == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # q/k/v, output, gate/up, down
     with torch.no_grad():
         for n, p in peft.named_parameters():
@@ -266,6 +315,7 @@ def test_lora_targets_reach_the_llama_block():
 
 
 # -- bits per byte ------------------------------------------------------------------------------------
+
 
 def test_byte_lengths_add_up_to_the_text_bytes(bpe):
     from gpt.tokenizer import Tokenizer
@@ -313,8 +363,13 @@ def test_bpb_of_a_bpe_model_and_in_validation(bpe):
     assert r["bpb"] == pytest.approx(loss * n_tokens / n_bytes / math.log(2), rel=1e-5)
     # every validation reports val/bpb beside val/loss: the same number for the same tokens
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     loader = torch.utils.data.DataLoader([batch], batch_size=None)  # the one batch as it is
     metrics = trainer.validate(LanguageModel(model, bpe), dataloaders=loader, verbose=False)[0]
     assert metrics["val/loss"] == pytest.approx(loss, rel=1e-5)
@@ -367,8 +422,9 @@ def test_the_memory_check_counts_the_parameters_the_model_has(variant):
     from gpt.model import count_parameters
 
     kw = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2) if variant != "gpt2" else {}
-    config = GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32,
-                       tie_embeddings=variant != "llama_untied", **kw)
+    config = GPTConfig(
+        block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32, tie_embeddings=variant != "llama_untied", **kw
+    )
     assert count_parameters(config) == sum(p.numel() for p in GPT(config).parameters())
     huge = GPTConfig(block_size=32, vocab_size=50, n_layer=10**12, n_head=4, n_embd=32)
     with pytest.raises(GPTError, match="parameters need"):  # counted, not built: at once, in no memory

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from gpt.errors import GPTError
 from conftest import PRESETS, preset
 from hydra.utils import instantiate
+
+from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.fastdecode import RowTimesWeights
 from gpt.generate import generate, sample_next_token
-from gpt.config import GPTConfig
 from gpt.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,15 +34,19 @@ def set_impl(model: GPT, impl: str):
 
 # -- configuration -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, needle", [
-    (dict(n_embd=100, n_head=3), "divisible"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(block_size=-1), "block_size"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(activation="relu6"), "activation"),
-    (dict(attn_impl="flash9"), "attn_impl"),
-    (dict(vocab_size=0), "vocab_size"),
-])
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(n_embd=100, n_head=3), "divisible"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(block_size=-1), "block_size"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(activation="relu6"), "activation"),
+        (dict(attn_impl="flash9"), "attn_impl"),
+        (dict(vocab_size=0), "vocab_size"),
+    ],
+)
 def test_impossible_shapes_are_refused(kw, needle):
     with pytest.raises(GPTError, match=needle):
         GPTConfig(**kw)
@@ -103,6 +107,7 @@ def test_attention_is_causal():
 
 # -- math path = SDPA path ---------------------------------------------------------------------------
 
+
 def test_math_path_equals_sdpa_path_causal():
     model = tiny()
     x = torch.randint(0, 61, (3, 32))
@@ -140,7 +145,7 @@ def test_math_path_equals_sdpa_path_with_kv_cache():
         set_impl(model, impl)
         cache = model.new_cache()
         pieces = [model(x[:, :9], cache=cache).logits]  # prefill
-        pieces += [model(x[:, t:t + 1], cache=cache).logits for t in range(9, 14)]  # one token at a time
+        pieces += [model(x[:, t : t + 1], cache=cache).logits for t in range(9, 14)]  # one token at a time
         pieces.append(model(x[:, 14:], cache=cache).logits)  # a chunk after a prefix (explicit mask)
         outs[impl] = torch.cat(pieces, 1)
     assert (outs["sdpa"] - outs["math"]).abs().max().item() <= 1e-5
@@ -157,6 +162,7 @@ def test_attention_weights_are_a_causal_distribution():
 
 
 # -- KV cache = full recompute ----------------------------------------------------------------------
+
 
 def greedy_without_cache(model, idx, n):
     """Reference: recompute the whole sequence for every new token."""
@@ -190,7 +196,7 @@ def padded_prompts(lengths, vocab=61):
     idx = torch.randint(0, vocab, (len(lengths), T))
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        mask[i, T - n:] = True
+        mask[i, T - n :] = True
     return idx, mask
 
 
@@ -207,7 +213,7 @@ def test_decode_step_logits_equal_a_full_recompute_with_left_padding():
         logits = model.decode_step(nxt[:, None], cache)
         cache.length += 1
         for i in range(3):
-            rows[i] = torch.cat([rows[i], nxt[i:i + 1]])
+            rows[i] = torch.cat([rows[i], nxt[i : i + 1]])
             ref = model(rows[i][None]).logits[0, -1]
             assert (logits[i] - ref).abs().max().item() <= 1e-5, (t, i)
 
@@ -271,8 +277,8 @@ def test_batched_prompts_of_different_lengths_match_one_by_one():
     idx = torch.zeros(3, T, dtype=torch.long)
     mask = torch.zeros(3, T, dtype=torch.long)
     for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = p
-        mask[i, T - len(p):] = 1
+        idx[i, T - len(p) :] = p
+        mask[i, T - len(p) :] = 1
     batched = generate(model, idx, 12, attention_mask=mask, temperature=0)
     for i, p in enumerate(prompts):
         alone = generate(model, p[None], 12, temperature=0)
@@ -300,20 +306,23 @@ def test_context_limit_stop_and_slide():
     assert torch.equal(slid[:, :7], stopped)
     # after a slide the next token is what the model predicts from the most recent 3/4 of the context
     full = torch.cat([prompt, slid], 1)
-    window = full[:, 17 - 12:17]
+    window = full[:, 17 - 12 : 17]
     assert int(model(window).logits[0, -1].argmax()) == int(full[0, 17])
     with pytest.raises(GPTError, match="context"):
         generate(model, torch.randint(0, 61, (1, 17)), 5)
 
 
-@pytest.mark.parametrize("kw, needle", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=-3), "max_new_tokens"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=0), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+    ],
+)
 def test_bad_sampling_arguments(kw, needle):
     model = tiny()
     args = dict(max_new_tokens=5, temperature=1.0)
@@ -323,6 +332,7 @@ def test_bad_sampling_arguments(kw, needle):
 
 
 # -- sampling ----------------------------------------------------------------------------------------
+
 
 def test_top_k_and_top_p_only_draw_allowed_tokens():
     torch.manual_seed(0)

@@ -6,10 +6,10 @@ import string
 import torch
 import torch.nn.functional as F
 
+from gpt.batches import pack_examples, pad_batch
 from gpt.config import GPTConfig
-
 from gpt.model import GPT
-from gpt.tasks import TaskDataModule, pack_examples, pad_batch
+from gpt.tasks import TaskDataModule
 from gpt.tokenizer import Tokenizer
 
 
@@ -21,14 +21,24 @@ def per_token_losses(model, batch):
 
 def test_packed_rows_give_each_example_its_own_loss(tmp_path):
     torch.manual_seed(0)
-    words = ["".join(string.ascii_lowercase[int(c)] for c in torch.randint(0, 26, (int(n),)))
-             for n in torch.randint(1, 20, (60,))]
+    words = [
+        "".join(string.ascii_lowercase[int(c)] for c in torch.randint(0, 26, (int(n),)))
+        for n in torch.randint(1, 20, (60,))
+    ]
     (tmp_path / "src.txt").write_text("\n".join(words[:30]) + "\n")
     (tmp_path / "tgt.txt").write_text("\n".join(words[30:]) + "\n")
     tok = Tokenizer.char_level(string.ascii_lowercase + ":\n ")
-    task = TaskDataModule(name="t", format="parallel", template="q: {input}\n", tokenizer=tok, block_size=128,
-                          batch_size=4, train=[str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")],
-                          valid=[str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")], packing=True)
+    task = TaskDataModule(
+        name="t",
+        format="parallel",
+        template="q: {input}\n",
+        tokenizer=tok,
+        block_size=128,
+        batch_size=4,
+        train=[str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")],
+        valid=[str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")],
+        packing=True,
+    )
     task.prepare_data()
     examples, rows = task.data["valid"], task.data["train"]  # the same rows: valid unpacked, train packed
     assert sum(len(r["segments"]) for r in rows) == len(examples) and len(rows) <= len(examples) / 3
@@ -46,17 +56,26 @@ def test_packed_rows_give_each_example_its_own_loss(tmp_path):
     for b, row in enumerate(rows[:4]):
         start = 0
         for n in row["segments"]:
-            ids, labels = row["input_ids"][start:start + n], torch.tensor(row["labels"][start:start + n])
-            got = packed[b, start:start + n][labels != -100]
+            ids, labels = row["input_ids"][start : start + n], torch.tensor(row["labels"][start : start + n])
+            got = packed[b, start : start + n][labels != -100]
             assert (got - alone[tuple(ids)]).abs().max() <= 1e-5
             start, checked = start + n, checked + 1
     assert checked > 4
     # through the model's own loss too: a packed batch's mean loss is the token-weighted mean of its examples
     with torch.no_grad():
-        loss = model(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"]).loss
-    want = torch.cat([alone[tuple(r["input_ids"][sum(r["segments"][:k]):sum(r["segments"][:k + 1])])]
-                      for r in rows[:4] for k in range(len(r["segments"]))]).mean()
+        loss = model(
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).loss
+    want = torch.cat(
+        [
+            alone[tuple(r["input_ids"][sum(r["segments"][:k]) : sum(r["segments"][: k + 1])])]
+            for r in rows[:4]
+            for k in range(len(r["segments"]))
+        ]
+    ).mean()
     assert abs(float(loss) - float(want)) <= 1e-5
 
 

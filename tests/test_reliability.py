@@ -16,21 +16,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
-
 from conftest import TINY, run_cli, train_config
 from faults import assert_resumed_run_matches, injected, kill_then_resume, logged
+from lightning.pytorch.callbacks import Callback
 
 from gpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_lightning_ckpt, save_model_dir
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.pretrain import pretrain
 from gpt.run import RunLock, resolve_ckpt_path
 from gpt.tokenizer import Tokenizer
 
-RUN = [*TINY, "trainer.max_steps=40", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1",
-       "model.dropout=0.1", "optim.warmup_steps=5", "name=rel"]
+RUN = [
+    *TINY,
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=1",
+    "model.dropout=0.1",
+    "optim.warmup_steps=5",
+    "name=rel",
+]
 
 
 def config(*overrides):
@@ -81,8 +87,13 @@ def test_sigkill_while_saving_then_resume_ends_where_the_uninterrupted_run_ends(
         with RunLock(killed):  # the dead run's lock went with it
             pass
 
-    ref, killed, resumed = kill_then_resume("train.py", [*RUN, f"data.path={shakespeare}"], tmp_path / "rel",
-                                            kill="kill_saving@30", inspect_killed=killed_halfway_through_a_save)
+    ref, killed, resumed = kill_then_resume(
+        "train.py",
+        [*RUN, f"data.path={shakespeare}"],
+        tmp_path / "rel",
+        kill="kill_saving@30",
+        inspect_killed=killed_halfway_through_a_save,
+    )
     last = killed / "checkpoints" / "last.ckpt"
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(last)  # ckpt_path=last found it
     assert_resumed_run_matches(resumed, ref, resumed_at=20, steps=40)
@@ -140,8 +151,7 @@ def test_nan_skip_drops_that_step_and_counts_it(experiment, train):
     assert snapshot.before.keys() and metrics["val_loss"] < logged(experiment / "nan-skip", "val/loss")[9]
 
 
-def test_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_survives(experiment, train,
-                                                                                        monkeypatch):
+def test_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_survives(experiment, train, monkeypatch):
     real_save, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):  # the third .ckpt write (step 20's best.ckpt) hits a full disk halfway
@@ -191,9 +201,17 @@ def test_a_second_run_into_a_directory_in_use_is_refused(experiment, train):
 def test_data_parallel_workers_share_the_run_directory(tmp_path, shakespeare):
     """Rank 1 re-runs train.py into rank 0's directory: the one-run-per-directory checks must let it in."""
     run = tmp_path / "ddp"
-    proc = run_cli("train.py", *TINY, f"data.path={shakespeare}", "trainer.devices=2", "+trainer.strategy=ddp",
-                   "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.run.dir={run}",
-                   env={"OMP_NUM_THREADS": "1"})  # two processes on a shared machine: one thread each
+    proc = run_cli(
+        "train.py",
+        *TINY,
+        f"data.path={shakespeare}",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        f"hydra.run.dir={run}",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # two processes on a shared machine: one thread each
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["step"] == 4 and ckpt_step(run / "checkpoints/last.ckpt") == 4
 
@@ -203,7 +221,7 @@ def test_resuming_with_another_model_or_vocabulary_is_refused(experiment, train,
     with pytest.raises(GPTError, match="model.n_embd=64, this run has 32"):
         train("other-shape", f"ckpt_path={last}", "model.n_embd=32", "trainer.max_steps=50")
     corpus = tmp_path / "other.txt"
-    corpus.write_text("".join(chr(c) for c in range(0x400, 0x4a0)) * 40)  # another alphabet: another vocabulary
+    corpus.write_text("".join(chr(c) for c in range(0x400, 0x4A0)) * 40)  # another alphabet: another vocabulary
     with pytest.raises(GPTError, match="model.vocab_size=61"):
         train("other-vocab", f"ckpt_path={last}", f"data.path={corpus}", "trainer.max_steps=50")
 
@@ -227,8 +245,9 @@ def test_the_last_step_is_validated_and_saved_whatever_the_val_check_interval(ex
 
 def test_resuming_a_finished_run_is_refused_with_the_fix(experiment, train):
     last = experiment / "ref" / "checkpoints" / "last.ckpt"
-    with pytest.raises(GPTError, match="already at step 40 and trainer.max_steps=40: nothing is left to train; "
-                                       "raise trainer.max_steps"):
+    with pytest.raises(
+        GPTError, match="already at step 40 and trainer.max_steps=40: nothing is left to train; raise trainer.max_steps"
+    ):
         train("finished", f"ckpt_path={last}")
     assert not (experiment / "finished" / "checkpoints").exists()
 
@@ -243,6 +262,7 @@ class GradNormAtStep(Callback):
         def record(opt, *_):
             grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
             self.seen.append((opt.defaults["fused"], float(torch.nn.utils.get_total_norm(grads))))
+
         trainer.optimizers[0].register_step_post_hook(record)  # grads are computed inside step()
 
 
@@ -251,14 +271,20 @@ def test_bf16_mixed_clips_gradients_for_a_fused_adamw(train):
     plugin alone refuses to clip for any fused optimizer, a rule for fp16's scaled gradients)."""
     norms = GradNormAtStep()
     with injected(norms):
-        metrics = train("bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                        "trainer.gradient_clip_val=0.05")
+        metrics = train(
+            "bf16",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.gradient_clip_val=0.05",
+        )
     assert metrics["step"] == 4 and metrics["precision"] == "bf16-mixed" and metrics["val_loss"] < 4.5
     assert [fused for fused, _ in norms.seen] == [True] * 4
     assert all(norm <= 0.05 * 1.001 for _, norm in norms.seen), norms.seen  # unclipped norms are ~1 here
 
 
 # -- a model directory replaced while a kill strikes -------------------------------------------------
+
 
 def _die_at(event: int):
     """In a forked child: SIGKILL at the `event`-th filesystem step of a directory replacement."""
@@ -274,6 +300,7 @@ def _die_at(event: int):
             if count[0] == event:
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args, **kwargs)
+
         return wrapped
 
     real_save = ck.save_file
@@ -305,8 +332,11 @@ def test_a_kill_at_any_point_of_an_export_leaves_a_loadable_model(tmp_path, even
     # 5 steps: the weights write, 3 renames, removing .old (leftovers are only removed where there are some).
     assert os.WIFSIGNALED(status) == (event <= 5)
     loaded, _ = load_model(tmp_path / "m")  # recovers an interrupted swap if it has to
-    same_as = [m for m in (old, new) if all(torch.equal(a, b) for a, b in
-                                           zip(loaded.state_dict().values(), m.state_dict().values()))]
+    same_as = [
+        m
+        for m in (old, new)
+        if all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
+    ]
     assert len(same_as) == 1  # one whole version, old or new, never a mixture
     save_model_dir(new, tok, tmp_path / "m")  # and the next export cleans up whatever was left
     assert [p.name for p in tmp_path.iterdir()] == ["m"]

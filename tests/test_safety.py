@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, assert_user_error, run_cli
 from omegaconf import OmegaConf
 
-from conftest import TINY, assert_user_error, run_cli
-
 from gpt.checkpoint import MARKER, atomic_file, load_model, recover_dir, save_model_dir
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
@@ -75,6 +74,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 # -- data loss: the mechanisms, in-process --------------------------------------------------------------
 
+
 def test_an_export_touches_none_of_the_users_look_alikes(model_dir, tmp_path):
     model, tok = load_model(model_dir)
     look_alikes(tmp_path, "X")
@@ -83,8 +83,13 @@ def test_an_export_touches_none_of_the_users_look_alikes(model_dir, tmp_path):
     save_model_dir(model, tok, tmp_path / "X")  # a replacement: the .new/.old swap runs
     unchanged(before, [tmp_path])
     assert not (tmp_path / "X" / MARKER).exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".X.") and p.name.split("-")[-1] not in
-                ("abc", "notours", "0" * 32) and p.name not in (".X.old", ".X.new")]  # nothing of ours left
+    assert not [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith(".X.")
+        and p.name.split("-")[-1] not in ("abc", "notours", "0" * 32)
+        and p.name not in (".X.old", ".X.new")
+    ]  # nothing of ours left
 
 
 def test_recovery_adopts_only_a_marked_new(model_dir, tmp_path):
@@ -142,6 +147,7 @@ def test_latest_is_replaced_only_when_it_is_our_link(tmp_path):
 
 # -- data loss and text: through the real scripts ---------------------------------------------------------
 
+
 def test_refused_resume_changes_nothing_and_the_output_name_is_no_glob(model_dir, tmp_path):
     look_alikes(tmp_path, "junk.ckpt")
     write(tmp_path / f".last.ckpt.tmp-{DEAD_PID}-{'e' * 32}", "looks exactly like ours, but no resume was accepted")
@@ -155,8 +161,14 @@ def test_refused_resume_changes_nothing_and_the_output_name_is_no_glob(model_dir
     look_alikes(out, "o*")
     write(out / f".other.tmp-{DEAD_PID}-{'f' * 32}", "another file's leftover, alike but for the name")
     before = snapshot(out)
-    proc = run_cli("sample.py", f"ckpt={model_dir}", "max_new_tokens=3", "temperature=0",
-                   f"input_file={write(tmp_path / 'in.txt', 'RO')}", f"output_file={out / 'o*'}")
+    proc = run_cli(
+        "sample.py",
+        f"ckpt={model_dir}",
+        "max_new_tokens=3",
+        "temperature=0",
+        f"input_file={write(tmp_path / 'in.txt', 'RO')}",
+        f"output_file={out / 'o*'}",
+    )
     assert proc.returncode == 0, proc.stderr
     unchanged(before, [out])
     assert (out / "o*").read_text().count("\n") == 1
@@ -181,21 +193,40 @@ def test_text_that_is_not_text_gets_one_line(model_dir, tmp_path):
         ((*sample, "optim.lr=nan"), ["unknown config key"]),  # sample.py has no optimizer: the typo is the news
         (("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r1'}", "optim.lr=nan"), ["optim.lr must be a finite number"]),
         (("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r2'}", "optim.eps=inf"), ["optim.eps must be a finite"]),
-        (("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r3'}", "model.vocab_size=1000000000000", "data=text",
-          f"data.path={write(tmp_path / 'c.txt', TEXT * 5)}"), ["GiB", "smaller model"]),
+        (
+            (
+                "train.py",
+                *TINY,
+                f"hydra.run.dir={tmp_path / 'r3'}",
+                "model.vocab_size=1000000000000",
+                "data=text",
+                f"data.path={write(tmp_path / 'c.txt', TEXT * 5)}",
+            ),
+            ["GiB", "smaller model"],
+        ),
     ]
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     cases.append(((*sample, f"input_file={fifo}", f"output_file={tmp_path / 'o.txt'}"), ["not a regular file"]))
     corpus = write(tmp_path / "utf16.txt", TEXT.encode("utf-16"))
-    cases.append((("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r4'}", "data=text", f"data.path={corpus}"),
-                  ["UTF-16", "iconv -f utf-16"]))
+    cases.append(
+        (
+            ("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r4'}", "data=text", f"data.path={corpus}"),
+            ["UTF-16", "iconv -f utf-16"],
+        )
+    )
     for args, needles in cases:
         assert_user_error(run_cli(*args), *needles)
     unchanged(before, [tmp_path, model_dir])
     # What the escapes mean: \${...} is literal text; a huge max_new_tokens allocates only what is generated.
-    proc = run_cli(*sample, "prompt=\\${x}", "max_new_tokens=10000000000", "on_context_full=stop", "temperature=0",
-                   "unknown_chars=unk")
+    proc = run_cli(
+        *sample,
+        "prompt=\\${x}",
+        "max_new_tokens=10000000000",
+        "on_context_full=stop",
+        "temperature=0",
+        "unknown_chars=unk",
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("${x}"), proc.stderr
 
 
@@ -208,8 +239,14 @@ def test_a_corpus_path_with_glob_characters_is_that_file(tmp_path):
 
 # -- the table: every key of every config, every field of our records -------------------------------------
 
-BAD = {"word": ("fast", "fast"), "nan": ("nan", math.nan), "inf": ("inf", math.inf), "negative": ("-1", -1),
-       "huge": ("1000000000000", 10**12), "null": ("null", None)}
+BAD = {
+    "word": ("fast", "fast"),
+    "nan": ("nan", math.nan),
+    "inf": ("inf", math.inf),
+    "negative": ("-1", -1),
+    "huge": ("1000000000000", 10**12),
+    "null": ("null", None),
+}
 
 
 def leaves(node, prefix=""):
@@ -234,10 +271,10 @@ def compositions():
 
 def verb_checks(script: str, cfg, tiny: GPT, tok: Tokenizer) -> None:
     """What each script checks before it does any work (and that needs no files): the same functions."""
-    from gpt.launch import build
     from gpt.errors import check_num_workers, check_seed
-    from gpt.lit import LanguageModel
     from gpt.generate import check_sampling_args
+    from gpt.launch import build
+    from gpt.lit import LanguageModel
     from gpt.model import check_fits_in_memory
 
     if script == "sample":
@@ -332,8 +369,16 @@ def test_every_key_of_every_config_with_bad_values(capsys, tmp_path):
     assert sum(counts.values()) > 500
 
 
-RECORD_BAD = {"word": "fast", "nan": math.nan, "negative": -1, "huge": 10**12, "null": None, "list": [1],
-              "float": 2.5, "bool": True}
+RECORD_BAD = {
+    "word": "fast",
+    "nan": math.nan,
+    "negative": -1,
+    "huge": 10**12,
+    "null": None,
+    "list": [1],
+    "float": 2.5,
+    "bool": True,
+}
 
 
 def test_every_field_of_config_json_and_the_ckpt_record(model_dir, tmp_path):
@@ -358,8 +403,11 @@ def test_every_field_of_config_json_and_the_ckpt_record(model_dir, tmp_path):
                 one_line(str(e))
             unchanged(before, [d])
             cases += 1
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in state_dict_for_saving(model).items()},
-            "gpt": {"config": model.config.to_dict(), "tokenizer": tok.to_str()}, "global_step": 1}
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in state_dict_for_saving(model).items()},
+        "gpt": {"config": model.config.to_dict(), "tokenizer": tok.to_str()},
+        "global_step": 1,
+    }
     entries = [("gpt",), ("state_dict",), ("gpt", "config"), ("gpt", "tokenizer")]
     for entry in entries:
         for value in [*RECORD_BAD.values(), "missing", "garbage"]:
@@ -382,9 +430,17 @@ def test_every_field_of_the_adapter_record(model_dir, tmp_path):
     from gpt.adapter import read_adapter_record
     from gpt.sample import prompt_template
 
-    good = {"base": {"path": str(model_dir), "sha256": "0" * 64},
-            "task": {"name": "t", "format": "parallel", "template": "Q: {input}\nA:", "template_no_input": None,
-                     "stop": ["\n"]}, "step": 3}
+    good = {
+        "base": {"path": str(model_dir), "sha256": "0" * 64},
+        "task": {
+            "name": "t",
+            "format": "parallel",
+            "template": "Q: {input}\nA:",
+            "template_no_input": None,
+            "stop": ["\n"],
+        },
+        "step": 3,
+    }
     adapter = tmp_path / "a"
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         write(adapter / f, "{}")

@@ -9,19 +9,28 @@ import struct
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from conftest import assert_user_error, run_cli
+from hydra import compose, initialize_config_dir
 
 from gpt.checkpoint import load_model
 from gpt.cli import CONFIG_DIR
 from gpt.viz import read_metrics_csv
 
 STEPS = 12
-COMMON = ["model=tiny", "model.block_size=32", "data.eval_batches=4", "trainer.enable_progress_bar=false",
-          f"trainer.max_steps={STEPS}", "trainer.val_check_interval=6", "trainer.log_every_n_steps=2",
-          "optim.lr=3e-3", "optim.warmup_steps=2", "log_samples.n=2", "log_samples.max_new_tokens=20",
-          "trainer.precision=32-true"]  # the equivalences below are float32's; bf16 rounding depends on batch shapes
+COMMON = [
+    "model=tiny",
+    "model.block_size=32",
+    "data.eval_batches=4",
+    "trainer.enable_progress_bar=false",
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=2",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "log_samples.n=2",
+    "log_samples.max_new_tokens=20",
+    "trainer.precision=32-true",
+]  # the equivalences below are float32's; bf16 rounding depends on batch shapes
 # Equivalent runs differ only by float32 summation order (DDP's all-reduce, accumulated micro-batches), which
 # Adam's normalisation carries into the weights: max |difference| 6e-6 after these 12 steps, while the
 # weights move by ~2e-2. The same 12 steps on other windows (data.seed=7) differ by 3e-2.
@@ -30,8 +39,11 @@ WEIGHT_TOL = 1e-4
 
 def clean_env(tmp_path) -> dict:
     # W&B's own caches and settings go to the test's directory, never the user's home
-    return {"WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    return {
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+    }
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -47,11 +59,25 @@ def runs(tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp("scale")
     env = clean_env(root)
     data = f"data.path={shakespeare}"
-    ddp = run_cli("train.py", *COMMON, data, "trainer=ddp_cpu", "data.batch_size=8",
-                  f"hydra.run.dir={root / 'ddp' / 'run'}", env=env)
+    ddp = run_cli(
+        "train.py",
+        *COMMON,
+        data,
+        "trainer=ddp_cpu",
+        "data.batch_size=8",
+        f"hydra.run.dir={root / 'ddp' / 'run'}",
+        env=env,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_cli("train.py", *COMMON, data, "data.batch_size=16", "logger=tensorboard",
-                     f"hydra.run.dir={root / 'single' / 'run'}", env=env)
+    single = run_cli(
+        "train.py",
+        *COMMON,
+        data,
+        "data.batch_size=16",
+        "logger=tensorboard",
+        f"hydra.run.dir={root / 'single' / 'run'}",
+        env=env,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     return {"ddp": root / "ddp" / "run", "single": root / "single" / "run"}
 
@@ -74,13 +100,24 @@ def test_under_ddp_only_rank_zero_writes(runs):
     assert "model: 2 layers" in rank1_log
     # ... but everything the run writes was written once, by rank 0
     assert sorted(p.name for p in ddp.iterdir()) == [
-        ".hydra", ".lock", "checkpoints", "loss.png", "metrics.csv", "metrics.json", "samples.txt", "train.log",
-        "train_ddp_process_1.log"]
+        ".hydra",
+        ".lock",
+        "checkpoints",
+        "loss.png",
+        "metrics.csv",
+        "metrics.json",
+        "samples.txt",
+        "train.log",
+        "train_ddp_process_1.log",
+    ]
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best", "best.ckpt", "last", "last.ckpt"]
     rank0_log = (ddp / "train.log").read_text()
     for line in ("samples from the final model", "loss curve:", "exported model:"):
         assert line in rank0_log and line not in rank1_log
-    assert sorted(p.name for p in ddp.parent.iterdir()) == ["latest", "run"] and os.readlink(ddp.parent / "latest") == "run"
+    assert (
+        sorted(p.name for p in ddp.parent.iterdir()) == ["latest", "run"]
+        and os.readlink(ddp.parent / "latest") == "run"
+    )
 
 
 def test_loss_curve_and_samples_at_the_end_of_a_run(runs):
@@ -112,18 +149,30 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, shakespeare):
 
     def run(name, *overrides):
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[*COMMON, f"data.path={shakespeare}", "log_samples.n=0",
-                                              "trainer.val_check_interval=24", *overrides])
+            cfg = compose(
+                "train",
+                overrides=[
+                    *COMMON,
+                    f"data.path={shakespeare}",
+                    "log_samples.n=0",
+                    "trainer.val_check_interval=24",
+                    *overrides,
+                ],
+            )
         return pretrain(cfg, run_dir=tmp_path / name)
 
     accumulated = run("acc", "data.batch_size=8", "trainer.accumulate_grad_batches=2")
     big = run("big", "data.batch_size=16")
     assert accumulated["step"] == big["step"] == STEPS
-    assert max_weight_diff(tmp_path / "acc" / "checkpoints" / "last", tmp_path / "big" / "checkpoints" / "last") < WEIGHT_TOL
+    assert (
+        max_weight_diff(tmp_path / "acc" / "checkpoints" / "last", tmp_path / "big" / "checkpoints" / "last")
+        < WEIGHT_TOL
+    )
     assert (tmp_path / "acc" / "loss.png").is_file()
 
 
 # -- Hydra sweeps and W&B --------------------------------------------------------------------------------
+
 
 def read_wandb_records(run_dir: Path) -> list:
     """The records of an offline W&B run (run-*.wandb: W&B's LevelDB-style log of protobuf records)."""
@@ -136,10 +185,10 @@ def read_wandb_records(run_dir: Path) -> list:
         if block - pos % block < 7:  # a block never starts a record header in its last 6 bytes
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             break
-        part += data[pos + 7:pos + 7 + length]
+        part += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
@@ -153,9 +202,18 @@ def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
     """`train.py -m optim.lr=...`: one directory per run, each with its own offline W&B run holding the
     config, the losses, lr and tokens/s (the same numbers as metrics.csv) and the samples table."""
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be the default
-    proc = run_cli("train.py", "-m", "optim.lr=1e-3,3e-3", *[a for a in COMMON if not a.startswith("optim.lr")],
-                   f"data.path={shakespeare}", "data.batch_size=8", "trainer.max_steps=6", "logger=wandb",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", env=clean_env(tmp_path))
+    proc = run_cli(
+        "train.py",
+        "-m",
+        "optim.lr=1e-3,3e-3",
+        *[a for a in COMMON if not a.startswith("optim.lr")],
+        f"data.path={shakespeare}",
+        "data.batch_size=8",
+        "trainer.max_steps=6",
+        "logger=wandb",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env=clean_env(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_ids = set()
     for num, lr in (("0", 1e-3), ("1", 3e-3)):
@@ -164,8 +222,11 @@ def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
         records = read_wandb_records(run)
         config = {i.key: json.loads(i.value_json) for r in records if r.HasField("config") for i in r.config.update}
         assert config["optim"]["lr"] == lr and config["trainer"]["max_steps"] == 6
-        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-                   for r in records if r.HasField("history")]
+        history = [
+            {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r in records
+            if r.HasField("history")
+        ]
         csv_log = read_metrics_csv(run / "metrics.csv")
         for key in ("train/loss", "train/lr", "train/tokens_per_s", "val/loss"):
             logged = [(h["trainer/global_step"], pytest.approx(h[key])) for h in history if key in h]
@@ -178,8 +239,16 @@ def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
 
 
 def test_a_sweep_cannot_launch_ddp_processes(tmp_path, shakespeare):
-    proc = run_cli("train.py", "-m", "optim.lr=1e-3,3e-3", *COMMON[:5], f"data.path={shakespeare}", "trainer=ddp_cpu",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", env=clean_env(tmp_path))
+    proc = run_cli(
+        "train.py",
+        "-m",
+        "optim.lr=1e-3,3e-3",
+        *COMMON[:5],
+        f"data.path={shakespeare}",
+        "trainer=ddp_cpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env=clean_env(tmp_path),
+    )
     assert_user_error(proc, "sweep (-m)", "torchrun")
     assert not list((tmp_path / "sweep").glob("*/checkpoints"))
 
@@ -208,14 +277,15 @@ def test_multi_process_trainer_configs_build_their_strategy(choice):
 def test_log_samples_prompt_is_checked_before_training(tmp_path):
     from types import SimpleNamespace
 
-    from gpt.errors import GPTError
     from gpt.callbacks import FinalSamples
     from gpt.config import GPTConfig
+    from gpt.errors import GPTError
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.char_level("abc\n")
-    module = SimpleNamespace(tokenizer=tok, gpt_config=GPTConfig(block_size=8, vocab_size=tok.vocab_size, n_layer=1,
-                                                                 n_head=1, n_embd=8))
+    module = SimpleNamespace(
+        tokenizer=tok, gpt_config=GPTConfig(block_size=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8)
+    )
     FinalSamples(tmp_path / "s.txt", prompt="ab\n").on_fit_start(None, module)
     with pytest.raises(GPTError, match="log_samples.prompt='xyz'.*never seen.*log_samples.n=0"):
         FinalSamples(tmp_path / "s.txt", prompt="xyz").on_fit_start(None, module)

@@ -16,8 +16,8 @@ import openai
 import pytest
 import torch
 import uvicorn
-
 from conftest import ROOT, run_cli
+
 from gpt.chat import PLAIN_STOPS
 from gpt.checkpoint import save_model_dir
 from gpt.config import GPTConfig
@@ -51,8 +51,15 @@ def serve_config(*overrides):
 @pytest.fixture(scope="module")
 def server(model_dir):
     """The app in a uvicorn thread on a free loopback port; yields (base url, the app's shared state)."""
-    cfg = serve_config(f"ckpt={model_dir}", "device=cpu", "dtype=float32", "stop_at_eos=false", f"api_key={KEY}",
-                       "max_body_bytes=2000", "log_level=warning")
+    cfg = serve_config(
+        f"ckpt={model_dir}",
+        "device=cpu",
+        "dtype=float32",
+        "stop_at_eos=false",
+        f"api_key={KEY}",
+        "max_body_bytes=2000",
+        "log_level=warning",
+    )
     app = create_app(cfg)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -74,12 +81,21 @@ def client(server):
 
 def sample_py(model_dir, prompt, n, *extra, temperature=0):
     """sample.py's completion of `prompt` (stdout is the prompt, the text and a dashed line)."""
-    proc = run_cli("sample.py", f"ckpt={model_dir}", f"prompt='{prompt}'", f"temperature={temperature}",
-                   f"max_new_tokens={n}",
-                   "stop_at_eos=false", "stream=false", "device=cpu", "dtype=float32", *extra)
+    proc = run_cli(
+        "sample.py",
+        f"ckpt={model_dir}",
+        f"prompt='{prompt}'",
+        f"temperature={temperature}",
+        f"max_new_tokens={n}",
+        "stop_at_eos=false",
+        "stream=false",
+        "device=cpu",
+        "dtype=float32",
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(prompt) and proc.stdout.endswith("\n---------------\n"), proc.stdout
-    return proc.stdout[len(prompt):-len("\n---------------\n")]
+    return proc.stdout[len(prompt) : -len("\n---------------\n")]
 
 
 def test_greedy_completions_equal_sample_py_streamed_or_not(client, model_dir):
@@ -87,8 +103,7 @@ def test_greedy_completions_equal_sample_py_streamed_or_not(client, model_dir):
     r = client.completions.create(model="m", prompt="Hello there", max_tokens=24, temperature=0)
     assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (11, 24, 35)
-    chunks = list(client.completions.create(model="m", prompt="Hello there", max_tokens=24, temperature=0,
-                                            stream=True))
+    chunks = list(client.completions.create(model="m", prompt="Hello there", max_tokens=24, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "length"
     assert [m.id for m in client.models.list()] == [str(model_dir)]
@@ -101,8 +116,9 @@ def test_chat_is_the_completion_of_its_template(client):
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0)
     assert r.choices[0].message.content == plain.choices[0].text
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(prompt)
-    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=30, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].text
@@ -113,9 +129,10 @@ def test_stop_strings_cut_the_text_and_end_it(client):
     full = client.completions.create(model="m", prompt="abc", max_tokens=30, temperature=0).choices[0].text
     stop = full[6:8]
     r = client.completions.create(model="m", prompt="abc", max_tokens=30, temperature=0, stop=[stop, "QQQQ"])
-    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model="m", prompt="abc", max_tokens=30, temperature=0, stop=stop,
-                                            stream=True))
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(model="m", prompt="abc", max_tokens=30, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text  # nothing past the stop leaks out
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -131,8 +148,10 @@ def test_n_choices_seeds_and_batched_requests_equal_single_ones(client, model_di
     assert two.choices[0].text == sample_py(model_dir, "Once", 20, "seed=5", "top_k=null", temperature=1.0)
     # Concurrent requests of different lengths and settings share the batch (joining, leaving, left padding):
     # each gets what it gets alone.
-    requests = [dict(model="m", prompt=p, max_tokens=m, temperature=0) for p, m in
-                (("a", 40), ("Hello there, who", 12), ("To be or", 25), ("x", 5), ("What is it?", 33))]
+    requests = [
+        dict(model="m", prompt=p, max_tokens=m, temperature=0)
+        for p, m in (("a", 40), ("Hello there, who", 12), ("To be or", 25), ("x", 5), ("What is it?", 33))
+    ]
     alone = [client.completions.create(**r).choices[0].text for r in requests]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: client.completions.create(**r).choices[0].text, requests))
@@ -144,7 +163,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     auth = {"Authorization": f"Bearer {KEY}"}
     cases = [  # (route, body or raw bytes, headers, status, param)
         ("/v1/completions", b'{"prompt": "a",', auth, 400, None),
-        ("/v1/completions", b'[1, 2]', auth, 400, None),
+        ("/v1/completions", b"[1, 2]", auth, 400, None),
         ("/v1/completions", {"prompt": "a", "max_tokenz": 5}, auth, 400, "max_tokenz"),
         ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, auth, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "a", "temperature": True}, auth, 400, "temperature"),
@@ -213,9 +232,14 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "gpt.serve", f"ckpt={model_dir}", f"port={port}", "device=cpu",
-                             "stop_at_eos=false"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt.serve", f"ckpt={model_dir}", f"port={port}", "device=cpu", "stop_at_eos=false"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             deadline = time.time() + 60
@@ -262,9 +286,20 @@ def test_continuous_batching_rows_join_and_leave_and_each_gets_what_it_gets_alon
         with torch.inference_mode():
             step = 0
             while len(done) < sum(map(len, jobs_at.values())):
-                engine.submit([Job(list(ids), n, 0.0, None, [], None,
-                                   lambda e, key=key: done.__setitem__(key, e) if e[0] != "delta" else None)
-                               for key, (ids, n) in jobs_at.get(step, [])])
+                engine.submit(
+                    [
+                        Job(
+                            list(ids),
+                            n,
+                            0.0,
+                            None,
+                            [],
+                            None,
+                            lambda e, key=key: done.__setitem__(key, e) if e[0] != "delta" else None,
+                        )
+                        for key, (ids, n) in jobs_at.get(step, [])
+                    ]
+                )
                 engine.step()
                 step += 1
         return done
@@ -276,8 +311,10 @@ def test_continuous_batching_rows_join_and_leave_and_each_gets_what_it_gets_alon
     torch.set_num_threads(1)  # tiny matrices: a second thread only waits (and on a busy machine, long)
     try:
         together = run(Engine(model, tok, stop_at_eos=False, max_batch_size=5, batch_window_s=0), arrivals)
-        alone = {key: run(Engine(model, tok, stop_at_eos=False, batch_window_s=0), {0: [(key, spec)]})[key]
-                 for key, spec in enumerate(specs)}
+        alone = {
+            key: run(Engine(model, tok, stop_at_eos=False, batch_window_s=0), {0: [(key, spec)]})[key]
+            for key, spec in enumerate(specs)
+        }
     finally:
         torch.set_num_threads(threads)
     assert together == alone

@@ -4,17 +4,16 @@ the CSV log)."""
 import csv
 import math
 
-import numpy as np
 import matplotlib
+import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error, run_cli
 from matplotlib.image import imread
 
-from conftest import assert_user_error, run_cli
-
 from gpt.checkpoint import save_model_dir
-from gpt.errors import GPTError
 from gpt.config import GPTConfig
+from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 from gpt.viz import attention_heatmap, loss_curve, token_labels
@@ -99,15 +98,25 @@ def write_lightning_csv(path, rows):
 def test_loss_curve_plots_what_the_csv_says(tmp_path):
     rows = []
     for step in range(9, 100, 10):
-        rows.append({"epoch": 0, "step": step, "train/loss": 4 * math.exp(-step / 50), "train/lr": 1e-3 * (step + 1) / 100,
-                     "train/tokens_per_s": 1000})
+        rows.append(
+            {
+                "epoch": 0,
+                "step": step,
+                "train/loss": 4 * math.exp(-step / 50),
+                "train/lr": 1e-3 * (step + 1) / 100,
+                "train/tokens_per_s": 1000,
+            }
+        )
         if step % 50 == 49:
             rows.append({"epoch": 0, "step": step, "val/loss": 4.1 * math.exp(-step / 60), "val/ppl": 1.0})
     write_lightning_csv(tmp_path / "metrics.csv", rows)
     drawn = loss_curve(tmp_path / "metrics.csv", tmp_path / "loss.png")
     assert_png(tmp_path / "loss.png")
     assert drawn["train/loss"] == [(r["step"], pytest.approx(r["train/loss"])) for r in rows if "train/loss" in r]
-    assert drawn["val/loss"] == [(49, pytest.approx(4.1 * math.exp(-49 / 60))), (99, pytest.approx(4.1 * math.exp(-99 / 60)))]
+    assert drawn["val/loss"] == [
+        (49, pytest.approx(4.1 * math.exp(-49 / 60))),
+        (99, pytest.approx(4.1 * math.exp(-99 / 60))),
+    ]
     assert [s for s, _ in drawn["train/lr"]] == list(range(9, 100, 10))
 
 
@@ -121,8 +130,15 @@ def test_sample_py_draws_the_attention_of_prompt_and_completion(model_and_tok, t
     model, tok = model_and_tok
     save_model_dir(model, tok, tmp_path / "m")
     png = tmp_path / "attn.png"
-    proc = run_cli("sample.py", f"ckpt={tmp_path / 'm'}", "prompt=ROMEO:", "max_new_tokens=10", "temperature=0",
-                   f"attention_map={png}", "attention_layer=0")
+    proc = run_cli(
+        "sample.py",
+        f"ckpt={tmp_path / 'm'}",
+        "prompt=ROMEO:",
+        "max_new_tokens=10",
+        "temperature=0",
+        f"attention_map={png}",
+        "attention_layer=0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert_png(png)
     assert f"16 tokens, layer 0, all heads): {png}" in proc.stderr  # 6 prompt + 10 new tokens
