@@ -1,7 +1,7 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
-# make test-avx2  the numerics tests as an AVX2-only CPU runs them (torch's AVX2 kernels, no native bf16)
+# make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
 #             modern English -> Shakespeare -> score the full valid split (BLEU, chrF; base/adapter/copy)
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>.json)
@@ -44,8 +44,7 @@ test-data: $(STAMP)
 
 # ATEN_CPU_CAPABILITY=avx2: torch's own kernels as on an AVX2-only CPU; GPT_CPU_BF16=0: our bf16 probe says no.
 test-avx2: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 GPT_CPU_BF16=0 $(PY) -m pytest -q tests/test_model.py tests/test_decoding.py \
-		tests/test_finetune.py tests/test_checkpoint.py
+	ATEN_CPU_CAPABILITY=avx2 GPT_CPU_BF16=0 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
