@@ -43,8 +43,12 @@ test-data: $(STAMP)
 	$(PY) -m pytest -q -m data tests
 
 # ATEN_CPU_CAPABILITY=avx2: torch's own kernels as on an AVX2-only CPU; GPT_CPU_BF16=0: our bf16 probe says no.
+# The int8 test runs in a process of its own: under this emulation (AVX2 kernels on an AVX-512 CPU), torchao's
+# quantization followed by torch.compile in the same process crashed (SIGSEGV); on its own each passes.
+INT8_TEST = tests/test_decoding.py::test_int8_weights_stay_close_to_the_model_and_decode_like_full_recomputation
 test-avx2: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 GPT_CPU_BF16=0 $(PY) -m pytest -q tests
+	ATEN_CPU_CAPABILITY=avx2 GPT_CPU_BF16=0 $(PY) -m pytest -q tests --deselect $(INT8_TEST)
+	ATEN_CPU_CAPABILITY=avx2 GPT_CPU_BF16=0 $(PY) -m pytest -q $(INT8_TEST)
 
 demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
