@@ -47,7 +47,7 @@ def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX, as torch's own kernels will use them.
 
     torch has no public probe for these instructions: `torch.cpu._is_avx512_bf16_supported` and
-    `_is_amx_tile_supported` are what torch.compile's CPU backend itself asks (tests/test_model.py fails if
+    `_is_amx_tile_supported` are what torch.compile's CPU backend itself asks (tests/test_devices.py fails if
     they go away). Kernels dispatched below AVX-512 (ATEN_CPU_CAPABILITY=avx2, or an AVX2-only CPU) emulate
     bf16, which is slower than fp32: no native bf16 then, whatever the CPU has.
     """
