@@ -115,6 +115,7 @@ def resolve_files(
         return files
     if not relpath:
         raise GPTError(f"dataset {name!r} has no files: set data.path=<file or glob>")
+    url, sha256 = (url, sha256) if url or sha256 else KNOWN_FILES.get(str(relpath), (None, None))
     local = data_dir() / relpath
     if not local.is_file():
         if url:

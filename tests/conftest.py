@@ -46,12 +46,7 @@ def shakespeare_full() -> Path:
     """The whole of Tiny Shakespeare, resolved the way the named dataset is (GPT_DATA_DIR, else download)."""
     from gpt.datafiles import resolve_files
 
-    return resolve_files(
-        relpath="tinyshakespeare/input.txt",
-        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        name="shakespeare_char",
-    )[0]
+    return resolve_files(relpath="tinyshakespeare/input.txt", name="shakespeare_char")[0]
 
 
 @pytest.fixture(scope="session")
