@@ -12,7 +12,8 @@ pretraining. A run directory (runs/<name>/<time>/) receives:
     valid.{base,adapter,copy}.txt      greedy outputs on the valid split
     metrics.csv, metrics.json          training log; summary with the evaluation side by side
 
-`eval_only=true adapter=<dir>` scores an existing adapter the same way without training.
+`eval_only=true adapter=<dir>` scores an existing adapter the same way without training; `eval_only=true
+model_dir=<dir>` scores a fully fine-tuned model directory (beside the copy baseline, and the base when base= is given).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
-from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, finetuned_task, load_model_dir, save_model_dir
 from gpt.completions import check_decoding, check_stop_strings
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
@@ -68,11 +69,20 @@ def check_options(cfg: DictConfig) -> None:
         )
     if method == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
         raise GPTError("freeze.* is for method=full; LoRA already leaves every base weight frozen")
-    if method == "full" and (cfg.eval_only or cfg.merge):
+    if method == "full" and cfg.merge:
         raise GPTError(
-            "eval_only and merge are for LoRA adapters; a full fine-tune writes whole model directories "
+            "merge is for LoRA adapters; a full fine-tune writes whole model directories "
             "(sample.py ckpt=<run>/checkpoints/best)"
         )
+    if cfg.get("model_dir") and not cfg.eval_only:
+        raise GPTError(
+            "model_dir= names a fully fine-tuned model directory to score (with eval_only=true); to fine-tune a "
+            "model, give it as base=<dir>"
+        )
+    if cfg.get("model_dir") and cfg.get("adapter"):
+        raise GPTError("eval_only scores one thing: give adapter=<adapter dir> or model_dir=<model dir>, not both")
+    if cfg.get("model_dir") and cfg.merge:
+        raise GPTError("merge=true folds an adapter into its base; model_dir= is already a whole model directory")
     if cfg.eval_only:
         check_accelerator(cfg.trainer)  # scoring runs on it too
         if cfg.get("ckpt_path"):
@@ -155,8 +165,8 @@ def chat_files(datamodule: TaskDataModule) -> dict:
 
 
 def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
-    """The task's valid split (eval_only), prompted the way the adapter was trained: the template and stop
-    strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
+    """The task's valid split (eval_only), prompted the way the adapter or model was trained: the template and
+    stop strings recorded with it, as sample.py uses them, whatever task config names the files. The train split
     is read only when the valid split is held out of it."""
     trained = {
         k: record["task"][k]
@@ -166,7 +176,7 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
     differs = {k: v for k, v in trained.items() if cfg.task.get(k) != v}
     if differs:
         log.info(
-            "scoring with the adapter's own %s (recorded in gpt_adapter.json), not task.%s",
+            "scoring with the %s recorded with what is scored (as it was trained), not task.%s",
             ", ".join(f"{k}={v!r}" for k, v in differs.items()),
             "/".join(differs),
         )
@@ -197,8 +207,13 @@ def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: Task
 
 
 def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.get("model_dir"):
+        return _evaluate_model_dir(cfg, run_dir)
     if not cfg.get("adapter"):
-        raise GPTError("eval_only=true needs adapter=<adapter dir> (a fine-tuning run's checkpoints/best)")
+        raise GPTError(
+            "eval_only=true needs adapter=<adapter dir> (a LoRA run's checkpoints/best) or model_dir=<model dir> (a "
+            "method=full run's checkpoints/best)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
     base = Path(cfg.base) if cfg.get("base") else None
@@ -207,6 +222,31 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     # the task's files are read (and their mistakes found) before anything is written
     datamodule = scoring_task(cfg, tokenizer, model.config.block_size, record) if cfg.eval.enabled else None
     score_and_merge(cfg, model, tokenizer, record, Path(cfg.adapter), run_dir, datamodule, metrics)
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _evaluate_model_dir(cfg: DictConfig, run_dir: Path) -> dict:
+    """eval_only=true model_dir=<dir>: a fully fine-tuned model directory scored on the task's valid split, prompted
+    with the template and stop strings its config.json records, beside the copy baseline (and the base model,
+    when base= names one)."""
+    model_dir = Path(cfg.model_dir)
+    model, tokenizer = load_model_dir(model_dir)
+    task = finetuned_task(model_dir)
+    if task is None:
+        log.info("%s records no fine-tuning task; scoring it with task.template as configured", model_dir)
+    base_model = load_model_dir(check_base_dir(cfg.base))[0] if cfg.get("base") else None
+    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, {"task": task or {}})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir)
+    metrics: dict = {"model": str(model_dir.resolve())}
+    if cfg.eval.enabled:
+        systems = ("base", "finetuned", "copy") if base_model is not None else ("finetuned", "copy")
+        t0 = time.perf_counter()
+        metrics.update(
+            eval=_evaluate(cfg, model, tokenizer, run_dir, datamodule, base_model=base_model, systems=systems),
+            eval_seconds=round(time.perf_counter() - t0, 1),
+        )
     write_metrics(run_dir, metrics)
     return metrics
 

@@ -8,7 +8,6 @@ completion are written as the two characters `\\n` so that lines stay lines.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import sys
@@ -18,7 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
+from gpt.checkpoint import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CONFIG_FILE,
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    finetuned_task,
+)
 from gpt.completions import (
     StreamPrinter,
     check_decoding,
@@ -68,19 +74,6 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
         return (lambda text: template(**{field: text})), stops + [s for s in task.get("stop", []) if s not in stops]
     template = PromptTemplate(unescape(name))
     return (lambda text: template(input=text)), stops
-
-
-def finetuned_task(ckpt) -> Optional[dict]:
-    """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
-    template=auto prompts it as it was trained; None for any other checkpoint."""
-    path = Path(str(ckpt)) / "config.json" if ckpt else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        task = (json.loads(path.read_text()).get("gpt") or {}).get("task")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # loading the model says what is wrong with it
-    return task if isinstance(task, dict) and isinstance(task.get("template"), str) else None
 
 
 DEFAULT_PROMPT = "\\n"  # configs/sample.yaml's prompt (a new line, as typed: unescaped when used)

@@ -88,6 +88,31 @@ def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_fi
     assert [line.strip() for line in (tmp_path / "out.txt").read_text().splitlines()] == (
         run_dir / "valid.finetuned.txt"
     ).read_text().splitlines()
+    # eval_only=true model_dir=<dir> scores the saved model again: the same outputs and figures as after training
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        f"model_dir={run_dir / 'checkpoints' / 'best'}",
+        f"base={base_dir}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.train=[train.src,train.tgt]",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.max_new_tokens=8",
+        "eval.max_examples=8",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={tmp_path / 'scored'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())["eval"]
+    for system in ("base", "finetuned", "copy"):
+        assert (tmp_path / "scored" / f"valid.{system}.txt").read_text() == (
+            run_dir / f"valid.{system}.txt"
+        ).read_text()
+        figures = {k: v for k, v in metrics["eval"][system].items() if k != "seconds"}
+        assert {k: scored[system][k] for k in figures} == pytest.approx(figures, rel=1e-6), system
+    # model_dir= without eval_only, or beside adapter=, is refused in one line
+    assert_user_error(run_cli("finetune.py", f"model_dir={run_dir / 'checkpoints' / 'best'}"), "eval_only=true")
     # a resume as LoRA, or with other freezing, is refused in one line
     resume = [
         "finetune.py",
