@@ -147,7 +147,8 @@ def beam_search(
     by every token; the `num_beams` best (by summed log-probability) survive, and the KV cache rows
     follow them. A beam that emits EOS is finished and scored by log-probability / length**length_penalty
     (so longer outputs are not penalised just for having more terms). A row stops once it holds
-    `num_beams` finished continuations; the best one wins. num_beams=1 is greedy decoding.
+    `num_beams` finished continuations and its best running beam, scored as if it ended now, is no better
+    than the best finished one; the best one wins. num_beams=1 is greedy decoding.
     A token of `stop_token_ids` (e.g. one that contains a stop string) also finishes a beam, and is kept.
     """
     check_sampling_args(max_new_tokens, 0.0)
@@ -200,7 +201,12 @@ def beam_search(
                     kept += 1
                 if kept == K:
                     break
-            if len(finished[b]) >= K or kept == 0:
+            # Done when no running beam, were it to end now, would beat the best finished one (transformers'
+            # early_stopping=False rule): stopping at the first K finished ones would favour short outputs.
+            if kept == 0 or (
+                len(finished[b]) >= K
+                and max(f[0] for f in finished[b]) >= next_scores[b, 0].item() / (step + 1) ** length_penalty
+            ):
                 active[b] = False
         src = (torch.arange(B, device=idx.device)[:, None] * K + next_beam).view(-1)
         tokens = tokens[src]

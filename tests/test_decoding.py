@@ -240,3 +240,34 @@ def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
         )
         assert batched == alone, full
     assert len(alone[2]) > len(alone[0])  # stop: "a" goes further than "abc: " before the context is full
+
+
+def test_beam_search_keeps_going_while_a_running_beam_would_win():
+    """A row is not done at its first num_beams finished outputs while a running beam, ended now, would
+    score better (transformers' early_stopping=False rule); stopping there favoured short outputs. The model is
+    a Markov chain: from the prompt, A (p 0.5) or B (0.3); from A, C (0.9); from B, EOS (0.9); from C, EOS (0.95).
+    With 2 beams, step 2 finishes B EOS and A EOS (two finished outputs) while A C runs on: A C EOS
+    (log-probability -0.85) beats B EOS (-1.31), by plain log-probability and per token alike."""
+    from types import SimpleNamespace
+
+    A, B, C, START = 1, 2, 3, 4
+    probs = torch.full((5, 5), 1e-6)
+    probs[START, A], probs[START, B], probs[START, EOS] = 0.5, 0.3, 0.2
+    probs[A, C], probs[A, EOS] = 0.9, 0.1
+    probs[B, EOS], probs[B, C] = 0.9, 0.1
+    probs[C, EOS] = probs[EOS, EOS] = 0.95
+
+    class Chain(torch.nn.Module):
+        config = SimpleNamespace(block_size=16)
+
+        def new_cache(self):
+            return SimpleNamespace(reorder=lambda src: None)
+
+        def forward(self, idx, attention_mask=None, cache=None, only_last=True):
+            return SimpleNamespace(logits=probs.log()[idx[:, -1]][:, None, :])
+
+    for length_penalty in (0.0, 1.0):
+        out = beam_search(
+            Chain(), torch.tensor([[START]]), 6, num_beams=2, eos_token_id=EOS, length_penalty=length_penalty
+        )
+        assert out[0, :3].tolist() == [A, C, EOS], length_penalty
