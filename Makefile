@@ -4,7 +4,9 @@
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
 #             modern English -> Shakespeare -> score the full valid split (BLEU, chrF; base/adapter/copy)
-# make bench  install, then benchmark against peers (writes bench/results/<host>-<date>.json)
+# make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
+#             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
+#             and on an AVX-512 CPU both again as an AVX2-only CPU runs them (--isa avx2)
 #
 # TORCH_SPEC picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -14,6 +16,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
 STAMP       = $(VENV)/.installed
+AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
@@ -61,6 +64,11 @@ shakespeare-lora: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+	$(PY) bench/recipe.py
+ifeq ($(AVX512),yes)
+	$(PY) bench/bench.py --isa avx2
+	$(PY) bench/recipe.py --isa avx2
+endif
 
 clean:
 	rm -rf $(VENV) .cache runs multirun .pytest_cache

@@ -5,6 +5,7 @@
     python bench/bench.py --quick            # fewer repeats (a smoke run, figures not for quoting)
     python bench/bench.py --cases train_baby trainer.precision=32-true compile=true   # ours with other settings
     python bench/bench.py --cases gen_b1 sample.dtype=float32 sample.compile=true       # (sample.yaml keys)
+    python bench/bench.py --isa avx2         # every contender as an AVX2-only CPU runs it (bench/isa.py)
 
 Each (case, implementation) runs in a fresh child process, so peak memory (max RSS on CPU, max allocated on
 CUDA) belongs to that case alone and no warm cache leaks between contenders. The contenders of a case warm up
@@ -39,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.isa import ISA_CHOICES, isa_env  # noqa: E402
+
 VOCAB = 65  # Tiny Shakespeare's characters, as in nanoGPT's char recipes
 
 # name -> (description, dims); dims = n_layer, n_head, n_embd, block, batch
@@ -70,6 +73,7 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+ISA = "native"  # --isa: the instruction set the children run with (bench/isa.py)
 OVERRIDES: list[str] = []  # key=value overrides of configs/train.yaml (sample.key=value: sample.yaml) for "ours"
 
 
@@ -435,7 +439,7 @@ def child_cmd(case, impl, quick, *extra) -> list[str]:
 
 
 def run_child(case, impl, quick) -> dict:
-    proc = subprocess.run(child_cmd(case, impl, quick), capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(child_cmd(case, impl, quick), capture_output=True, text=True, cwd=ROOT, env=isa_env(ISA))
     if proc.returncode != 0:
         return {"case": case, "impl": impl, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -457,6 +461,7 @@ def run_in_turns(case, impls, quick) -> list[dict]:
             stderr=err,
             text=True,
             cwd=ROOT,
+            env=isa_env(ISA),
         )
         children[impl] = (proc, err, [])
         read_until_ready(proc, children[impl][2])  # warm, waiting for its first turn
@@ -495,7 +500,7 @@ def plan(cases, device):
 
     from gpt.devices import has_fast_bf16
 
-    bf16 = has_fast_bf16(torch.device(device))
+    bf16 = has_fast_bf16(torch.device(device)) and ISA == "native"  # --isa avx2: no native bf16
     contenders = []
     for case in cases:
         if case in TRAIN_CASES:
@@ -580,6 +585,7 @@ def main():
         help="comma-separated: " + ",".join([*TRAIN_CASES, *GEN_CASES, "lora", "packing", "gpt2"]),
     )
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps (smoke run)")
+    ap.add_argument("--isa", choices=ISA_CHOICES, default="native", help="avx2: run as an AVX2-only CPU would")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<host>-<date>.json)")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # a child that takes turns
@@ -590,6 +596,8 @@ def main():
     )
     args = ap.parse_args()
     OVERRIDES.extend(args.overrides)
+    global ISA
+    ISA = args.isa
 
     if args.child:
         global TAKE_TURNS
@@ -639,6 +647,7 @@ def main():
         "torch": torch.__version__,
         "quick": args.quick,
         "interleaved": True,
+        "isa": ISA,
         "overrides": OVERRIDES,
         "peak_flops": peak,
         "cases": cases,
@@ -647,7 +656,12 @@ def main():
         "raw": results,
         "seconds": round(time.time() - t0, 1),
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}.json"
+    suffix = "" if ISA == "native" else f"-{ISA}"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / f"{socket.gethostname()}-{dt.date.today()}{suffix}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merge_earlier(out, report, cases), indent=2))
     print(f"wrote {out}")
@@ -659,7 +673,9 @@ def merge_earlier(out: Path, report: dict, cases: list[str]) -> dict:
     if not out.is_file():
         return report
     old = json.loads(out.read_text())
-    same = all(old.get(k) == report[k] for k in ("host", "device", "torch", "quick", "overrides"))
+    same = all(old.get(k, "native") == report[k] for k in ("isa",)) and all(
+        old.get(k) == report[k] for k in ("host", "device", "torch", "quick", "overrides")
+    )
     if not same:
         return report
     keep = [r for r in old.get("parts", [old]) if not set(r["cases"]) <= set(cases)]

@@ -1,0 +1,1 @@
+"""Benchmarks against peers (bench.py, recipe.py); not part of the gpt package."""
