@@ -2,8 +2,9 @@
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
-# make shakespeare-lora  install, then pretrain a base on in-domain text -> LoRA fine-tune it on
-#             modern English -> Shakespeare -> score the full valid split (BLEU, chrF; base/adapter/copy)
+# make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
+#             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~27 min
+# make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
 #             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
 #             and on an AVX-512 CPU both again as an AVX2-only CPU runs them (--isa avx2)
@@ -20,7 +21,7 @@ AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install lint test test-data test-avx2 demo shakespeare-lora bench clean
+.PHONY: install lint test test-data test-avx2 demo shakespeare shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -57,6 +58,10 @@ demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
 	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300 \
 		attention_map=runs/shakespeare_char_cpu/latest/attention.png
+
+shakespeare: $(STAMP)
+	$(PY) train.py experiment=shakespeare_modern_base
+	$(PY) finetune.py experiment=shakespeare_modern_full
 
 shakespeare-lora: $(STAMP)
 	$(PY) train.py experiment=shakespeare_modern_base
