@@ -489,16 +489,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model = GPT(config)
     load_weights(model, state, str(path))
     return model.to(map_location), tokenizer
-
-
-def finetuned_task(ckpt) -> Optional[dict]:
-    """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
-    template=auto prompts it as it was trained; None for any other checkpoint."""
-    path = Path(str(ckpt)) / "config.json" if ckpt else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        task = (json.loads(path.read_text()).get("gpt") or {}).get("task")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # loading the model says what is wrong with it
-    return task if isinstance(task, dict) and isinstance(task.get("template"), str) else None

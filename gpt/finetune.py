@@ -28,13 +28,13 @@ import torch
 from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
-from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, finetuned_task, load_model_dir, save_model_dir
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 from gpt.completions import check_decoding, check_stop_strings
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.launch import build
 from gpt.model import GPT
-from gpt.prompts import ChatTemplate, tokenizer_config
+from gpt.prompts import ChatTemplate, finetuned_task, tokenizer_config
 from gpt.run import (
     RunLock,
     check_accelerator,

@@ -138,3 +138,16 @@ def tokenizer_config(jinja: str) -> dict:
     """tokenizer_config.json for a model or adapter directory: transformers' PreTrainedTokenizerFast reads it
     beside tokenizer.json (chat_template, end-of-text token); ChatTemplate.for_model reads it back."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS, "bos_token": EOS}
+
+
+def finetuned_task(ckpt) -> Optional[dict]:
+    """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
+    template=auto prompts it as it was trained; None for any other checkpoint."""
+    path = Path(str(ckpt)) / "config.json" if ckpt else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        task = (json.loads(path.read_text()).get("gpt") or {}).get("task")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # loading the model says what is wrong with it
+    return task if isinstance(task, dict) and isinstance(task.get("template"), str) else None

@@ -17,14 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt.checkpoint import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    CONFIG_FILE,
-    RECORD_FILE,
-    WEIGHTS_FILE,
-    finetuned_task,
-)
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
 from gpt.completions import (
     StreamPrinter,
     check_decoding,
@@ -39,7 +32,7 @@ from gpt.errors import GPTError, check_seed, is_int
 from gpt.generate import check_sampling_args, generate, prompt_too_long
 from gpt.inference import load_for_sampling
 from gpt.model import GPT
-from gpt.prompts import PromptTemplate
+from gpt.prompts import PromptTemplate, finetuned_task
 from gpt.textfiles import read_text_file, split_lines, write_lines_atomically
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
