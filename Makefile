@@ -3,7 +3,7 @@
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
-#             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~27 min
+#             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~25 min
 # make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
 #             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
