@@ -1,6 +1,7 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
+# make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation)
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
 #             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~25 min
@@ -21,7 +22,7 @@ AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install lint test test-data test-avx2 demo shakespeare shakespeare-lora bench clean
+.PHONY: install lint test test-data test-slow test-avx2 demo shakespeare shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -45,6 +46,9 @@ test: lint
 
 test-data: $(STAMP)
 	$(PY) -m pytest -q -m data tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 # ATEN_CPU_CAPABILITY=avx2: torch's own kernels as on an AVX2-only CPU; GPT_CPU_BF16=0: our bf16 probe says no.
 # The int8 test runs in a process of its own: under this emulation (AVX2 kernels on an AVX-512 CPU), torchao's

@@ -406,6 +406,7 @@ print(json.dumps({"growth": peak() - before, "n_tokens": store.meta["n_tokens"],
 """
 
 
+@pytest.mark.slow
 def test_preparing_a_corpus_takes_bounded_memory(shakespeare, tmp_path):
     """The token store is built in a streaming pass: preparing 6 MB of text (6M tokens) grows the process's
     peak memory by less than the corpus's tokens would take as int64 (8 bytes each) - any version that held the

@@ -198,6 +198,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused(experiment, train):
     assert not (busy / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_data_parallel_workers_share_the_run_directory(tmp_path, shakespeare):
     """Rank 1 re-runs train.py into rank 0's directory: the one-run-per-directory checks must let it in."""
     run = tmp_path / "ddp"

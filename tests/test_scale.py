@@ -82,6 +82,7 @@ def runs(tmp_path_factory, shakespeare):
     return {"ddp": root / "ddp" / "run", "single": root / "single" / "run"}
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(runs):
     # Rank r trains on its own half of every global batch of 16 windows; DDP averages the two gradients.
     # Same windows + averaged gradients = the same weights as one process on all 16 windows. Ranks that read
@@ -93,6 +94,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(runs
     assert lrs[0] == lrs[1] and len(lrs[0]) == STEPS // 2  # the same schedule, logged every 2 steps
 
 
+@pytest.mark.slow
 def test_under_ddp_only_rank_zero_writes(runs):
     ddp = runs["ddp"]
     # rank 1 ran the same command (Lightning's launcher) into the same directory: its Hydra log is there ...
@@ -120,6 +122,7 @@ def test_under_ddp_only_rank_zero_writes(runs):
     )
 
 
+@pytest.mark.slow
 def test_loss_curve_and_samples_at_the_end_of_a_run(runs):
     for run in ("ddp", "single"):
         png = runs[run] / "loss.png"
@@ -129,6 +132,7 @@ def test_loss_curve_and_samples_at_the_end_of_a_run(runs):
         assert len(samples) == 3 and samples[-1] == "" and all(s.startswith("\n") and len(s) > 1 for s in samples[:2])
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_losses_config_and_samples(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -198,6 +202,7 @@ def read_wandb_records(run_dir: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
     """`train.py -m optim.lr=...`: one directory per run, each with its own offline W&B run holding the
     config, the losses, lr and tokens/s (the same numbers as metrics.csv) and the samples table."""
@@ -238,6 +243,7 @@ def test_hydra_sweep_with_wandb_offline(tmp_path, shakespeare, monkeypatch):
     assert not (tmp_path / "sweep" / "latest").exists()  # jobs are numbered dirs; no link to list one twice
 
 
+@pytest.mark.slow
 def test_a_sweep_cannot_launch_ddp_processes(tmp_path, shakespeare):
     proc = run_cli(
         "train.py",
