@@ -180,7 +180,27 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
             ", ".join(f"{k}={v!r}" for k, v in differs.items()),
             "/".join(differs),
         )
+    scored = record.get("decoding")
+    if isinstance(scored, dict) and cfg.eval.enabled and scored != decoding(cfg):
+        log.warning(
+            "the training run scored this with %s; now eval.%s: its figures will differ (give the training run's "
+            "experiment= or those eval.* keys to compare)",
+            ", ".join(f"{k}={v}" for k, v in scored.items()),
+            ", eval.".join(f"{k}={v}" for k, v in decoding(cfg).items()),
+        )
     return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
+
+
+def decoding(cfg: DictConfig) -> dict:
+    """How eval decodes the valid split; recorded with what a run writes, so that a later eval_only can say
+    when it decodes otherwise (its figures would not be the training run's)."""
+    e = cfg.eval
+    return dict(
+        num_beams=e.num_beams,
+        length_penalty=e.length_penalty,
+        no_repeat_ngram_size=e.no_repeat_ngram_size,
+        copy_bonus=e.get("copy_bonus", 0.0),
+    )
 
 
 def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule, **systems) -> dict:
@@ -197,12 +217,7 @@ def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: Task
         dtype=e.dtype,
         accelerator=cfg.trainer.accelerator,
         precision=cfg.trainer.precision,
-        decoding=dict(
-            num_beams=e.num_beams,
-            length_penalty=e.length_penalty,
-            no_repeat_ngram_size=e.no_repeat_ngram_size,
-            copy_bonus=e.get("copy_bonus", 0.0),
-        ),
+        decoding=decoding(cfg),
     )
 
 
@@ -232,11 +247,11 @@ def _evaluate_model_dir(cfg: DictConfig, run_dir: Path) -> dict:
     when base= names one)."""
     model_dir = Path(cfg.model_dir)
     model, tokenizer = load_model_dir(model_dir)
-    task = finetuned_task(model_dir)
+    task, scored = finetuned_task(model_dir), finetuned_task(model_dir, "decoding")
     if task is None:
         log.info("%s records no fine-tuning task; scoring it with task.template as configured", model_dir)
     base_model = load_model_dir(check_base_dir(cfg.base))[0] if cfg.get("base") else None
-    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, {"task": task or {}})
+    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, {"task": task or {}, "decoding": scored})
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
     metrics: dict = {"model": str(model_dir.resolve())}
@@ -306,7 +321,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         100 * trainable / total,
     )
 
-    record = {"base": base_record(base_dir), "task": datamodule.describe()}
+    record = {"base": base_record(base_dir), "task": datamodule.describe(), "decoding": decoding(cfg)}
     trainer, metrics = train(
         cfg,
         run_dir,
@@ -380,7 +395,7 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         f"; frozen: {len(frozen)} tensors" if frozen else "",
     )
     base = {**base_record(base_dir), "method": "full", "freeze": settings}
-    record = {"finetuned_from": base, "task": datamodule.describe()}
+    record = {"finetuned_from": base, "task": datamodule.describe(), "decoding": decoding(cfg)}
     trainer, metrics = train(
         cfg,
         run_dir,

@@ -140,14 +140,17 @@ def tokenizer_config(jinja: str) -> dict:
     return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS, "bos_token": EOS}
 
 
-def finetuned_task(ckpt) -> Optional[dict]:
+def finetuned_task(ckpt, entry: str = "task") -> Optional[dict]:
     """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
-    template=auto prompts it as it was trained; None for any other checkpoint."""
+    template=auto prompts it as it was trained (entry="decoding": how its run scored it); None for any other
+    checkpoint."""
     path = Path(str(ckpt)) / "config.json" if ckpt else None
     if path is None or not path.is_file():
         return None
     try:
-        task = (json.loads(path.read_text()).get("gpt") or {}).get("task")
+        found = (json.loads(path.read_text()).get("gpt") or {}).get(entry)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None  # loading the model says what is wrong with it
-    return task if isinstance(task, dict) and isinstance(task.get("template"), str) else None
+    if entry == "task":
+        return found if isinstance(found, dict) and isinstance(found.get("template"), str) else None
+    return found if isinstance(found, dict) else None

@@ -73,6 +73,7 @@ def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_fi
         assert torch.equal(last.eval()(x).logits, trained.eval()(x).logits)
     config = json.loads((run_dir / "checkpoints/best/config.json").read_text())["gpt"]
     assert config["finetuned_from"]["method"] == "full" and config["task"]["template"] == "Input: {input}\nOutput:\n"
+    assert config["decoding"] == {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "copy_bonus": 0.0}
     # sample.py reads it, prompting with the recorded task template: the scoring's greedy outputs again
     (tmp_path / "in.txt").write_text("".join((task_files / "valid.src").read_text().splitlines(True)[:8]))
     proc = run_cli(
@@ -111,6 +112,26 @@ def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_fi
         ).read_text()
         figures = {k: v for k, v in metrics["eval"][system].items() if k != "seconds"}
         assert {k: scored[system][k] for k in figures} == pytest.approx(figures, rel=1e-6), system
+    warning = (
+        "the training run scored this with num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, copy_bonus=0.0"
+    )
+    assert warning not in (tmp_path / "scored" / "finetune.log").read_text()
+    # decoded otherwise than in training: scored as asked, with one line saying the figures will differ
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        f"model_dir={run_dir / 'checkpoints' / 'best'}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.max_new_tokens=8",
+        "eval.max_examples=2",
+        "eval.num_beams=2",
+        f"hydra.run.dir={tmp_path / 'beams'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "beams" / "finetune.log").read_text()
+    assert f"{warning}; now eval.num_beams=2, eval.length_penalty=1.0," in log
     # model_dir= without eval_only, or beside adapter=, is refused in one line
     assert_user_error(run_cli("finetune.py", f"model_dir={run_dir / 'checkpoints' / 'best'}"), "eval_only=true")
     # a resume as LoRA, or with other freezing, is refused in one line
