@@ -713,6 +713,7 @@ def test_adapter_reproduces_its_outputs_in_a_fresh_process(finetuned, task_files
     )
     assert proc.returncode == 0, proc.stderr
     model, tok, record = load_adapter(adapter)
+    assert record["decoding"] == {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "copy_bonus": 0.0}
     template = PromptTemplate(record["task"]["template"])
     lines = (task_files / "valid.src").read_text().splitlines()
     here = generate_batch(
