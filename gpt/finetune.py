@@ -34,7 +34,7 @@ from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.launch import build
 from gpt.model import GPT
-from gpt.prompts import ChatTemplate, finetuned_task, tokenizer_config
+from gpt.prompts import ChatTemplate, finetuned_record, tokenizer_config
 from gpt.run import (
     RunLock,
     check_accelerator,
@@ -180,13 +180,13 @@ def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> T
             ", ".join(f"{k}={v!r}" for k, v in differs.items()),
             "/".join(differs),
         )
-    scored = record.get("decoding")
-    if isinstance(scored, dict) and cfg.eval.enabled and scored != decoding(cfg):
+    scored, now = record.get("decoding"), decoding(cfg)
+    if isinstance(scored, dict) and cfg.eval.enabled and scored != now:
         log.warning(
             "the training run scored this with %s; now eval.%s: its figures will differ (give the training run's "
             "experiment= or those eval.* keys to compare)",
             ", ".join(f"{k}={v}" for k, v in scored.items()),
-            ", eval.".join(f"{k}={v}" for k, v in decoding(cfg).items()),
+            ", eval.".join(f"{k}={v}" for k, v in now.items()),
         )
     return build_task(cfg, tokenizer, block_size, **trained, valid_only=True)
 
@@ -247,11 +247,11 @@ def _evaluate_model_dir(cfg: DictConfig, run_dir: Path) -> dict:
     when base= names one)."""
     model_dir = Path(cfg.model_dir)
     model, tokenizer = load_model_dir(model_dir)
-    task, scored = finetuned_task(model_dir), finetuned_task(model_dir, "decoding")
-    if task is None:
+    record = finetuned_record(model_dir)
+    if record.get("task") is None:
         log.info("%s records no fine-tuning task; scoring it with task.template as configured", model_dir)
     base_model = load_model_dir(check_base_dir(cfg.base))[0] if cfg.get("base") else None
-    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, {"task": task or {}, "decoding": scored})
+    datamodule = scoring_task(cfg, tokenizer, model.config.block_size, {**record, "task": record.get("task") or {}})
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
     metrics: dict = {"model": str(model_dir.resolve())}

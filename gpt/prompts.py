@@ -140,17 +140,18 @@ def tokenizer_config(jinja: str) -> dict:
     return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja, "eos_token": EOS, "bos_token": EOS}
 
 
-def finetuned_task(ckpt, entry: str = "task") -> Optional[dict]:
-    """The task a fully fine-tuned model directory records in its config.json (finetune.py method=full), so that
-    template=auto prompts it as it was trained (entry="decoding": how its run scored it); None for any other
-    checkpoint."""
+def finetuned_record(ckpt) -> dict:
+    """What a fully fine-tuned model directory records about its run in config.json (finetune.py method=full):
+    "task", so that template=auto prompts it as it was trained, and "decoding", how the run scored it. {} for
+    any other checkpoint; a task entry without a template is left out."""
     path = Path(str(ckpt)) / "config.json" if ckpt else None
     if path is None or not path.is_file():
-        return None
+        return {}
     try:
-        found = (json.loads(path.read_text()).get("gpt") or {}).get(entry)
+        record = json.loads(path.read_text()).get("gpt")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # loading the model says what is wrong with it
-    if entry == "task":
-        return found if isinstance(found, dict) and isinstance(found.get("template"), str) else None
-    return found if isinstance(found, dict) else None
+        return {}  # loading the model says what is wrong with it
+    if not isinstance(record, dict):
+        return {}
+    task = record.get("task")
+    return record if isinstance(task, dict) and isinstance(task.get("template"), str) else {**record, "task": None}

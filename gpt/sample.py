@@ -32,7 +32,7 @@ from gpt.errors import GPTError, check_seed, is_int
 from gpt.generate import check_sampling_args, generate, prompt_too_long
 from gpt.inference import load_for_sampling
 from gpt.model import GPT
-from gpt.prompts import PromptTemplate, finetuned_task
+from gpt.prompts import PromptTemplate, finetuned_record
 from gpt.textfiles import read_text_file, split_lines, write_lines_atomically
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -50,7 +50,7 @@ def prompt_template(cfg) -> tuple[Callable[[str], str], list[str]]:
     name = cfg.get("template", "auto")
     if not isinstance(name, str):
         raise GPTError(f"template must be auto, none, or a text with an {{input}} field (got {name!r})")
-    task = finetuned_task(cfg.get("ckpt")) if name == "auto" and not cfg.get("adapter") else None
+    task = finetuned_record(cfg.get("ckpt")).get("task") if name == "auto" and not cfg.get("adapter") else None
     if name == "none" or (name == "auto" and not cfg.get("adapter") and task is None):
         return (lambda text: text), stops
     if name == "auto":
