@@ -81,11 +81,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
 
         weights = None
-        # One query (a decode step) takes the explicit product: the fused kernel saves nothing there, and
-        # on CPUs its bf16 version is several times slower than these three small ops. So is its bf16
-        # backward pass for training-sized blocks on CPUs (2-5x at T = 64..256; it wins from T ~ 512 on).
-        slow_fused = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T < 512
-        if need_weights or not self.use_sdpa or T == 1 or slow_fused:
+        # On CPUs the fused kernel's bf16 version is several times slower than the explicit product for one
+        # query (a decode step), and so is its bf16 backward pass for training-sized blocks (2-5x at
+        # T = 64..256; it wins from T ~ 512 on). In fp32 it is the faster one for an eager decode step (26 vs
+        # 52 us at 150 cached positions). A compiled decode step keeps the explicit product: inductor's
+        # fused CPU attention for it gave wrong tokens under AVX2 kernels (torch 2.13), and was no faster.
+        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        slow_fused = (cpu_bf16 and torch.is_grad_enabled() and T < 512) or (
+            T == 1 and (cpu_bf16 or torch.compiler.is_compiling())
+        )
+        if need_weights or not self.use_sdpa or slow_fused:
             # The query heads of one group take turns as rows against their shared keys: (B, n_kv, group * T, S),
             # read as (B, n_head, T, S). No copy of the keys and values (with one group this is plain attention).
             S, group = k.size(-2), self.n_head // self.n_kv_head
@@ -183,20 +188,37 @@ class KVCache:
         self.valid: Optional[torch.Tensor] = None  # (B, max_len) bool, once padding was seen or decoding began
         self.seen: Optional[torch.Tensor] = None  # (B,) real tokens per row, likewise
         self.slot: Optional[torch.Tensor] = None  # (1,) the next column, as a tensor: for GPT.decode_step
+        self.padded = False  # whether any filled column is padding (set by start_decoding)
 
     def reset(self):
-        self.length, self.valid, self.seen, self.slot = 0, None, None, None
+        self.length, self.valid, self.seen, self.slot, self.padded = 0, None, None, None, False
 
     def start_decoding(self) -> None:
         """Keep the state of one-token decoding in tensors (which columns hold real tokens, each row's count
         of real tokens, the next column), so that every decode step has the same shapes and reads no
         changing Python number: one compiled graph then serves every step (see GPT.decode_step)."""
         B, device = self.k[0].size(0), self.k[0].device
-        if self.valid is None:
+        if self.valid is None:  # no padding so far
             self.valid = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
             self.seen = torch.full((B,), self.length, dtype=torch.long, device=device)
+            self.padded = False
+        else:  # one look per prompt (a sync on a GPU), not one per token
+            self.padded = not bool(self.valid[:, : self.length].all())
         self.valid[:, self.length :] = False  # not written yet: decode_step attends over the whole buffer
         self.slot = torch.tensor([self.length], device=device)
+
+    def decode_columns(self) -> int:
+        """The columns a decode step attends over: compiled, the whole buffer (shapes that never change make
+        one graph for every step); eager, the filled ones and the new one only (the rest are masked anyway,
+        and reading them took a third of an eager step at 150 of 512 columns filled)."""
+        return self.max_len if torch.compiler.is_compiling() else self.length + 1
+
+    def decode_mask(self) -> Optional[torch.Tensor]:
+        """Which of those columns each row may see in a decode step, (B, 1, 1, S); None: all of them (eager,
+        and no row has padding: attention then runs without a mask, its fastest path)."""
+        if torch.compiler.is_compiling() or self.padded:
+            return self.valid[:, None, None, : self.decode_columns()]
+        return None
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i continues from row rows[i] (beam search: each new beam extends one old beam)."""
@@ -209,10 +231,11 @@ class KVCache:
             self.valid, self.seen = self.valid[rows], self.seen[rows]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.slot is not None:  # a decode step: one new column, attention over the whole (masked) buffer
+        if self.slot is not None:  # a decode step: one new column, attention over decode_columns() (masked)
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
-            return self.k[layer], self.v[layer]
+            end = self.decode_columns()
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         if self.k[layer] is None or self.k[layer].dtype != k.dtype:  # allocated lazily: autocast decides dtype
             B, H, _, D = k.shape
             self.k[layer] = k.new_zeros(B, H, self.max_len, D)
@@ -339,16 +362,16 @@ class GPT(nn.Module):
     def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) of one new token per row (idx: (B, 1)) that follows the cached ones.
 
-        forward() with a cache does the same with shapes that grow by one every token. Here they never
-        change: the new keys/values go to column cache.slot, attention runs over the whole buffer under
+        forward() with a cache does the same with shapes that grow by one every token. Here, compiled, they
+        never change: the new keys/values go to column cache.slot, attention runs over the whole buffer under
         the mask of filled columns (cache.valid), and the bookkeeping (slot, valid, per-row positions
         cache.seen) moves in place in tensors. So torch.compile makes one graph for all steps, with no
-        Python per layer (generate(compile=True)). Call cache.start_decoding() first; the caller counts
-        cache.length.
+        Python per layer (generate(compile=True)). Eager, attention reads the filled columns only (see
+        KVCache.decode_columns). Call cache.start_decoding() first; the caller counts cache.length.
         """
         cache.valid.index_fill_(1, cache.slot, True)
         x, rope = self.embed(idx, cache.seen[:, None])
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): each row sees its filled, real columns
+        mask = cache.decode_mask()  # each row's filled, real columns
         for layer, block in enumerate(self.transformer.h):
             x, _ = block(x, mask, False, cache, layer, rope=rope)
         cache.seen.add_(1)

@@ -200,19 +200,22 @@ def padded_prompts(lengths, vocab=61):
     return idx, mask
 
 
-def test_decode_step_logits_equal_a_full_recompute_with_left_padding():
-    """The fixed-shape step (whole buffer, mask of filled columns) = the model on each row's real tokens."""
+@pytest.mark.parametrize("lengths", [[3, 7, 5], [6, 6]])
+def test_decode_step_logits_equal_a_full_recompute_with_left_padding(lengths):
+    """The decode step (eager: the filled columns, under the mask of real ones when a row has padding) = the
+    model on each row's real tokens. Rows of equal length have no padding: the step runs without a mask."""
     model = tiny()
-    idx, mask = padded_prompts([3, 7, 5])
+    idx, mask = padded_prompts(lengths)
     cache = model.new_cache()
     model(idx, attention_mask=mask, cache=cache)
     cache.start_decoding()
-    rows = [idx[i][mask[i]] for i in range(3)]
+    assert cache.padded == (len(set(lengths)) > 1)
+    rows = [idx[i][mask[i]] for i in range(len(lengths))]
     for t in range(6):
-        nxt = torch.randint(0, 61, (3,))
+        nxt = torch.randint(0, 61, (len(lengths),))
         logits = model.decode_step(nxt[:, None], cache)
         cache.length += 1
-        for i in range(3):
+        for i in range(len(lengths)):
             rows[i] = torch.cat([rows[i], nxt[i : i + 1]])
             ref = model(rows[i][None]).logits[0, -1]
             assert (logits[i] - ref).abs().max().item() <= 1e-5, (t, i)
