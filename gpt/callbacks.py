@@ -1,6 +1,7 @@
 """The training callbacks every run gets (gpt.run.make_trainer): model-directory export beside Lightning's
-checkpoints, a checkpoint on SIGTERM/Ctrl-C, the NaN guard, progress (a bar in a terminal, plain lines in a
+checkpoints, a checkpoint on SIGTERM/Ctrl-C, progress (a bar in a terminal, plain lines in a
 log), tokens/s and training time, the bf16-held LoRA base, the loss curve and samples from the final model.
+The NaN guard is gpt/guard.py.
 """
 
 from __future__ import annotations
@@ -142,64 +143,6 @@ class SaveOnInterrupt(Callback):
                 path,
                 path,
             )
-
-
-class NonFiniteGuard(Callback):
-    """A NaN/Inf training loss or gradient, found before the optimizer applies it (so the weights, and the
-    last checkpoint, stay good). on_nan=stop: raise a GPTError naming the step. on_nan=skip: drop that
-    optimizer step (no update, no moment change) and count it in train/skipped_steps; stop anyway after
-    `max_consecutive_skips` skipped steps in a row, which no longer looks like a passing spike."""
-
-    HINT = "lower optim.lr, train in fp32 (trainer.precision=32-true) or clip gradients (trainer.gradient_clip_val=1.0)"
-
-    def __init__(self, action: str = "stop", max_consecutive_skips: int = 50):
-        if action not in ("stop", "skip"):
-            raise GPTError(f"on_nan must be stop or skip (got {action!r})")
-        self.action, self.max_consecutive_skips = action, max_consecutive_skips
-        self.skipped = self._in_a_row = 0
-        self._bad: Optional[torch.Tensor] = None  # any non-finite micro-batch loss since the last step
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        bad = ~torch.isfinite(loss.detach())
-        self._bad = bad if self._bad is None else self._bad | bad
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        bad, self._bad = self._bad, None
-        # fp16's GradScaler expects inf gradients now and then and skips those steps itself.
-        norm = pl_module.grad_norm(optimizer) if getattr(trainer.precision_plugin, "scaler", None) is None else None
-        if norm is not None:  # the same norm that clipping then uses
-            grad_bad = ~torch.isfinite(norm)
-            bad = grad_bad if bad is None else bad | grad_bad
-        if bad is None or not bool(bad):  # one device sync per optimizer step
-            self._in_a_row = 0
-            return
-        step = trainer.global_step + 1
-        if self.action == "stop" or self._in_a_row + 1 >= self.max_consecutive_skips:
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-            saved = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            why, alt = (
-                (f" for {self._in_a_row + 1} steps in a row", "")
-                if self.action == "skip"
-                else ("", ", or set on_nan=skip to skip such steps")
-            )
-            raise GPTError(
-                f"non-finite loss or gradients (NaN/Inf) at step {step}{why}; training stopped and "
-                f"{saved}; {self.HINT}{alt}"
-            )
-        optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves the parameter and its moments alone
-        self.skipped += 1
-        self._in_a_row += 1
-        log.warning("non-finite loss or gradients at step %d: optimizer step skipped (%d so far)", step, self.skipped)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.action == "skip" and getattr(pl_module, "logs_now", False):
-            pl_module.log("train/skipped_steps", float(self.skipped))
-
-    def state_dict(self) -> dict:  # saved in the .ckpt: a resumed run keeps counting
-        return {"skipped": self.skipped, "in_a_row": self._in_a_row}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.skipped, self._in_a_row = state_dict.get("skipped", 0), state_dict.get("in_a_row", 0)
 
 
 class StepProgressBar(TQDMProgressBar):

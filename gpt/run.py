@@ -32,13 +32,13 @@ from gpt.callbacks import (
     FinalSamples,
     LeanAutocastForLoRA,
     LossCurve,
-    NonFiniteGuard,
     SaveOnInterrupt,
     SpeedMonitor,
     progress_callback,
 )
 from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
 from gpt.errors import GPTError, is_finite, is_int
+from gpt.guard import NonFiniteGuard
 from gpt.launch import build, is_launch_rank_zero
 from gpt.lit import LanguageModel, lr_decay_steps, quiet_lightning
 

@@ -130,25 +130,32 @@ class Snapshot(Callback):
             self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def test_nan_stops_with_the_step_and_a_hint_keeping_the_last_good_checkpoint(experiment, train):
+# How the guard meets a bad step: read at every step; read only at logged steps (every 4th) while the fused AdamW
+# drops the step on the device (gpt/guard.py); read and dropped at every step by an unfused AdamW.
+GUARDS = {"every-step": [], "deferred": ["trainer.log_every_n_steps=4"], "unfused": ["optim.fused=false"]}
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+def test_nan_stops_with_the_step_and_a_hint_keeping_the_last_good_checkpoint(experiment, train, guard):
     with injected("nan@15"), pytest.raises(GPTError) as e:
-        train("nan-stop")
+        train(f"nan-stop-{guard}", *GUARDS[guard])
     msg = str(e.value)
     assert "at step 15" in msg and "optim.lr" in msg and "on_nan=skip" in msg
-    last = experiment / "nan-stop" / "checkpoints" / "last.ckpt"
+    last = experiment / f"nan-stop-{guard}" / "checkpoints" / "last.ckpt"
     assert str(last) in msg and ckpt_step(last) == 10  # nothing was saved on the way out
     model, _ = load_model(last)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_nan_skip_drops_that_step_and_counts_it(experiment, train):
-    snapshot = Snapshot(15)
+@pytest.mark.parametrize("guard", GUARDS)
+def test_nan_skip_drops_that_step_and_counts_it(experiment, train, guard):
+    snapshot, run = Snapshot(15), experiment / f"nan-skip-{guard}"
     with injected("nan@15", snapshot):
-        metrics = train("nan-skip", "on_nan=skip", "trainer.max_steps=20")
+        metrics = train(run.name, "on_nan=skip", "trainer.max_steps=20", *GUARDS[guard])
     assert metrics["step"] == 20 and metrics["skipped_steps"] == 1
-    assert logged(experiment / "nan-skip", "train/skipped_steps")[19] == 1
+    assert logged(run, "train/skipped_steps")[19] == 1
     assert all(torch.equal(snapshot.before[k], snapshot.after[k]) for k in snapshot.before)  # no update at all
-    assert snapshot.before.keys() and metrics["val_loss"] < logged(experiment / "nan-skip", "val/loss")[9]
+    assert snapshot.before.keys() and metrics["val_loss"] < logged(run, "val/loss")[9]
 
 
 def test_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_survives(experiment, train, monkeypatch):
