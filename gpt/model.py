@@ -204,7 +204,7 @@ class KVCache:
             self.padded = False
         else:  # one look per prompt (a sync on a GPU), not one per token
             self.padded = not bool(self.valid[:, : self.length].all())
-        self.valid[:, self.length :] = False  # not written yet: decode_step attends over the whole buffer
+        self.valid[:, self.length :] = False  # not written yet (a compiled decode_step attends over the whole buffer)
         self.slot = torch.tensor([self.length], device=device)
 
     def decode_columns(self) -> int:
