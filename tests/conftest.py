@@ -17,6 +17,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# Inductor's cache of compiled code does not tell code built under ATEN_CPU_CAPABILITY (make test-avx2) from
+# native code: a native run that loaded the compiled decode step of an AVX2 run crashed (double free). A run
+# with torch's kernels held back keeps a cache of its own (bench/isa.py does the same for the benchmarks).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY']}_{os.getuid()}"
+    )
 # A tiny, fast training setup on the shipped text (add trainer.max_steps=...)
 TINY = [
     "model=tiny",
