@@ -67,11 +67,8 @@ class NonFiniteGuard(Callback):
         if bad is None:
             return
         self._count(bad, trainer.global_step + 1)
-        if on_device:
-            return
-        if bool(bad):  # one device sync per optimizer step
+        if not on_device and self.check(trainer):  # one device sync per optimizer step
             optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves the parameter and its moments alone
-        self.check(trainer)
 
     def _count(self, bad: torch.Tensor, step: int) -> None:
         c = self._counts
@@ -84,14 +81,15 @@ class NonFiniteGuard(Callback):
         c["longest"] = torch.maximum(c["longest"], c["run"])
         c["first"] = torch.where((c["first"] < 0) & bad, step, c["first"])
 
-    def check(self, trainer) -> None:
-        """Read the counts since the last check (a device sync); stop, or log the skipped steps."""
+    def check(self, trainer) -> int:
+        """Read the counts since the last check (one device sync); stop, or log the skipped steps and return
+        how many there were."""
         if self._counts is None:
-            return
-        n, run, longest, first = (int(self._counts[k]) for k in ("n", "run", "longest", "first"))
+            return 0
+        n, run, longest, first = torch.stack([self._counts[k] for k in ("n", "run", "longest", "first")]).tolist()
         self._counts, self._in_a_row = None, run
         if n == 0:
-            return
+            return 0
         if self.action == "stop" or longest >= self.max_consecutive_skips:
             last = getattr(trainer.checkpoint_callback, "last_model_path", "")
             saved = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
@@ -107,6 +105,7 @@ class NonFiniteGuard(Callback):
         self.skipped += n
         steps = f"step {first}" if n == 1 else f"{n} steps from step {first} on"
         log.warning("non-finite loss or gradients at %s: optimizer step skipped (%d so far)", steps, self.skipped)
+        return n
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if getattr(pl_module, "logs_now", False):
