@@ -37,6 +37,7 @@ from gpt.prompts import (  # noqa: F401 (the templates: gpt.prompts, shared with
     ROLES,
     ChatTemplate,
 )
+from gpt.textfiles import decode_line, user_text
 from gpt.tokenizer import Tokenizer
 
 
@@ -181,12 +182,21 @@ def chat(cfg, stdin: TextIO = None, stdout: TextIO = None) -> list[str]:
     interactive = stdin.isatty()
     if interactive:
         stdout.write("chat: one message a line; /reset starts over, /exit quits\n")
+    # Lines are read as bytes where stdin has them and decoded under the one text rule (gpt/textfiles.py):
+    # \r\n and a byte-order mark read as a file's are, bytes that are not UTF-8 refused for that line only.
+    raw = getattr(stdin, "buffer", None)
     replies = []
     while True:
         if interactive:
             stdout.write("> ")
             stdout.flush()
-        line = stdin.readline()
+        line = raw.readline() if raw is not None else stdin.readline()
+        try:
+            line = decode_line(line, "this line") if raw is not None else user_text(line, "this line")
+        except GPTError as e:
+            stdout.write(f"error: {e}\n")
+            stdout.flush()
+            continue
         if not line or line.strip() == "/exit":
             break
         line = line.rstrip("\n")

@@ -125,7 +125,6 @@ class GPTConfig:
             return self.mlp_hidden
         return 4 * self.n_embd if self.mlp == "gelu" else 8 * math.ceil(self.n_embd / 3)
 
-    @classmethod
     @staticmethod
     def upgrade_dict(d: dict) -> dict:
         """A saved config in today's field names: a file from before the architecture choices (it names the

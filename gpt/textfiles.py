@@ -13,10 +13,37 @@ from gpt.errors import GPTError, storage_errors
 
 
 def read_text(path: Path) -> str:
-    r"""A UTF-8 text file's text: \r\n line ends read as \n, a lone \r kept (it ends no line for `wc -l`),
-    a leading byte-order mark dropped."""
+    r"""A UTF-8 text file's text, under the text rule (`user_text`)."""
     with open(path, encoding="utf-8", newline="") as f:
-        return f.read().removeprefix("\ufeff").replace("\r\n", "\n")
+        return user_text(f.read(), str(path))
+
+
+def user_text(text: str, what: str) -> str:
+    r"""The one text rule, for every text a user hands us (files, prompts, chat lines, HTTP fields): \r\n line
+    ends read as \n, a lone \r kept (it ends no line for `wc -l`), a leading byte-order mark dropped, and a lone
+    surrogate (what JSON's "\ud800" or undecodable bytes become in Python) refused by name: it is not text, and
+    no tokenizer or file can hold it. (Bytes that are not UTF-8 are refused where bytes are read: `decode_line`,
+    `check_text_files`.)"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GPTError(
+            f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not "
+            "text: send UTF-8 text (in JSON, a \\ud800-\\udfff escape only as half of a pair)"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def decode_line(line: bytes, what: str) -> str:
+    """A line of bytes (a chat REPL line) as text under the text rule; bytes that are not UTF-8 refused as a
+    file's are, naming the offset."""
+    try:
+        return user_text(line.decode("utf-8"), what)
+    except UnicodeDecodeError as e:
+        raise GPTError(
+            f"{what} is not UTF-8 text (bad byte 0x{line[e.start]:02x} at offset {e.start}); "
+            "use a UTF-8 terminal, or convert the input, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def split_lines(text: str) -> list[str]:

@@ -91,3 +91,37 @@ def test_the_repl_over_stdin_two_turns_reset_and_a_full_context(tiny, tmp_path, 
     assert len(replies) == 4 and replies[2] == replies[0]  # after /reset the first message is answered again alike
     assert "(conversation reset)" in out and all(r in out for r in replies)
     assert "context full: dropped the oldest turn" in err
+
+
+def test_the_repl_reads_lines_under_the_text_rule(tiny, tmp_path, monkeypatch, capsys):
+    """A byte-order mark and \\r\\n line ends read as a file's are; a line that is not UTF-8 gets one error line
+    and the REPL goes on (it used to die with a traceback, and took \\r and the BOM for unknown characters)."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt.cli import CONFIG_DIR
+    from gpt.sample import sample
+
+    model, tok = tiny
+    model_dir = save_model_dir(model, tok, tmp_path / "model")
+    overrides = [f"ckpt={model_dir}", "chat=true", "temperature=0", "max_new_tokens=6", "stop_at_eos=false"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=overrides + ["device=cpu", "dtype=float32"])
+    stdin = io.TextIOWrapper(io.BytesIO(b"Hi\n/reset\n\xef\xbb\xbfHi\r\n/reset\nH\xffi\r\nHi\r\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", stdin)
+    replies = sample(cfg)
+    out, _ = capsys.readouterr()
+    assert len(replies) == 3 and replies[1] == replies[0]  # "\ufeffHi\r\n" is "Hi"
+    assert "error: this line is not UTF-8 text (bad byte 0xff at offset 1)" in out
+    assert "Traceback" not in out
+
+
+def test_user_text_is_one_rule_for_every_input():
+    from gpt.errors import GPTError
+    from gpt.textfiles import decode_line, user_text
+
+    assert user_text("\ufeffa\r\nb\rc\r\n", "x") == "a\nb\rc\n"  # a lone \r stays, as in files
+    assert decode_line(b"\xef\xbb\xbfHi\r\n", "x") == "Hi\n"
+    with pytest.raises(GPTError, match=r"prompt holds a lone surrogate \(U\+D800 at character 2\)"):
+        user_text("ab\ud800", "prompt")
+    with pytest.raises(GPTError, match=r"x is not UTF-8 text \(bad byte 0xe9 at offset 3\)"):
+        decode_line(b"caf\xe9\n", "x")
