@@ -3,6 +3,7 @@
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation)
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
+# make test-newest  make test on the newest Python the project supports (3.13), in a venv of its own
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
 #             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~25 min
 # make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
@@ -22,7 +23,7 @@ AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install lint test test-data test-slow test-avx2 demo shakespeare shakespeare-lora bench clean
+.PHONY: install lint test test-data test-slow test-avx2 test-newest demo shakespeare shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -43,6 +44,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# pyenv's 3.13 where it is there (these machines), else python3.13 on the PATH. Its torch is PyPI's build (CUDA
+# libraries included: no CPU wheel of 2.13.0 for 3.13 is on these machines), which runs on the CPU alike.
+PYTHON_NEWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+test-newest:
+	$(MAKE) test PYTHON=$(PYTHON_NEWEST) VENV=.venv313
 
 test-data: $(STAMP)
 	$(PY) -m pytest -q -m data tests
