@@ -31,6 +31,16 @@ from gpt.errors import GPTError, check_seed
 log = logging.getLogger(__name__)
 
 
+def check_not_a_link(path: Path) -> None:
+    """A model directory is replaced only at its own path: a symbolic link there (to a folder of the user's,
+    say) is refused by name, never written through, and what it points to is never removed."""
+    if path.is_symlink():
+        raise GPTError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); a run writes its model directories only at "
+            "their own paths: remove the link, or train into a new run directory"
+        )
+
+
 class ExportingCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (last.ckpt + best by val loss) that also writes an exported model
     directory beside each checkpoint it saves: checkpoints/best.ckpt -> checkpoints/best/."""
@@ -42,6 +52,7 @@ class ExportingCheckpoint(ModelCheckpoint):
         module = trainer.lightning_module
         if not trainer.is_global_zero or getattr(module, "export_fn", None) is None:
             return
+        check_not_a_link(Path(filepath).with_suffix(""))
         if isinstance(trainer.strategy, FSDPStrategy):
             # No rank holds the whole model (and gathering it is a collective call that rank 0 cannot make
             # alone), but Lightning has just consolidated the full weights into the .ckpt: export those.
@@ -74,6 +85,7 @@ class ExportingCheckpoint(ModelCheckpoint):
         carried, self._carried_best = self._carried_best, None
         if carried is not None:
             if trainer.is_global_zero:
+                check_not_a_link(Path(self.best_model_path).with_suffix(""))
                 copy_atomically(carried, Path(self.best_model_path))
                 if carried.with_suffix("").is_dir():
                     copy_atomically(carried.with_suffix(""), Path(self.best_model_path).with_suffix(""))

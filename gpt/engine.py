@@ -5,7 +5,9 @@ top_p, random stream, stop strings and max_tokens) and runs one decode step over
 request that finishes leaves the batch and a waiting one joins it at the next step, without draining the
 others: the batch's KV cache is re-gathered, each row's cached positions packed to the right (a row's
 positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask
-of real positions, as with left padding). The HTTP side is gpt/serve.py.
+of real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
+fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves
+the batch at the next step, and the queue at once, with every other cancelled one. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -63,6 +66,7 @@ class Engine:
         self.block = model.config.block_size
         self.device = next(model.parameters()).device
         self.waiting: "queue.Queue[Job]" = queue.Queue()
+        self.purge = threading.Event()  # set when a request cancels: drop its jobs from the queue at the next step
         self.rows: list[Job] = []  # the running batch, in the cache's row order
         self.cache: Optional[KVCache] = None
         self.logits: Optional[torch.Tensor] = None  # (rows, vocab): each row's next-token logits
@@ -72,6 +76,13 @@ class Engine:
     def submit(self, jobs: list[Job]) -> None:
         for job in jobs:
             self.waiting.put(job)
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """The request is gone (any thread): its running rows leave at the next step, its waiting jobs are
+        dropped from the queue then, all at once, however full the batch is."""
+        for job in jobs:
+            job.cancelled = True
+        self.purge.set()
 
     def start(self) -> None:
         self.thread.start()
@@ -94,53 +105,64 @@ class Engine:
             while not self.stopping.is_set():
                 try:
                     self.step()
-                except Exception as e:  # a bug or broken weights: fail the batch, keep serving
-                    message = str(e) if isinstance(e, GPTError) else f"{type(e).__name__}: {e}"
+                except Exception as e:  # model-wide (the decode step, a bug): fail the batch, keep serving
+                    message = failure(e)
                     for job in self.rows:
                         job.send(("error", message))
                     self.rows, self.cache, self.logits = [], None, None
-                    if not isinstance(e, GPTError):
-                        import traceback
-
-                        traceback.print_exc()
 
     def take_waiting(self) -> list[Job]:
         """New jobs for the free rows. An idle engine waits for one, then for the batch window, so that
-        requests arriving together start together."""
+        requests arriving together start together. Cancelled jobs are dropped as they come, not counted: a
+        queue of abandoned jobs drains in one step, without a batch window each."""
+        if self.purge.is_set():  # a request was cancelled: its jobs leave the queue even when no row is free
+            self.purge.clear()
+            with self.waiting.mutex:
+                live = [job for job in self.waiting.queue if not job.cancelled]
+                self.waiting.queue.clear()
+                self.waiting.queue.extend(live)
         jobs = []
         if not self.rows:
-            try:
-                jobs.append(self.waiting.get(timeout=0.1))
-            except queue.Empty:
-                return []
+            deadline = time.monotonic() + 0.1
+            while not jobs:
+                try:
+                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return []
+                if not job.cancelled:
+                    jobs.append(job)
             if self.window:
                 time.sleep(self.window)
         with contextlib.suppress(queue.Empty):
             while len(self.rows) + len(jobs) < self.max_batch_size:
-                jobs.append(self.waiting.get_nowait())
-        return [job for job in jobs if not job.cancelled]
+                job = self.waiting.get_nowait()
+                if not job.cancelled:
+                    jobs.append(job)
+        return [job for job in jobs if not job.cancelled]  # (some may have been cancelled during the window)
 
     def step(self) -> None:
         new = self.take_waiting()
         if new:
-            try:
-                self.admit(new)
-            except Exception as e:
-                for job in new:
-                    job.send(("error", str(e)))
-                raise
+            self.admit(new)
         if not self.rows:
             return
-        tokens = self.sample()
+        tokens, errors = self.sample()
         keep = []
         for row, job in enumerate(self.rows):
-            reason = None if job.cancelled else self.advance(job, int(tokens[row]))
             if job.cancelled:
                 continue
-            if reason:
-                text = job.printer.finish()
-                job.send(("done", reason, len(job.generated), text))
-            else:
+            if row in errors:  # this request's sampling failed: it alone gets the error
+                job.send(("error", errors[row]))
+                continue
+            try:
+                reason = self.advance(job, int(tokens[row]))
+                if reason:
+                    text = job.printer.finish()
+                    job.send(("done", reason, len(job.generated), text))
+            except Exception as e:  # this job's tokens or stop strings: fail it alone
+                job.send(("error", failure(e)))
+                continue
+            if not reason:
                 keep.append(row)
         if len(keep) < len(self.rows):
             self.regroup([(self.cache, keep, self.logits)], [self.rows[r] for r in keep])
@@ -165,27 +187,51 @@ class Engine:
             return "length"
         return None
 
-    def sample(self) -> torch.Tensor:
-        """One token per row, rows with the same settings sampled together, each from its own random stream."""
+    def sample(self) -> tuple[torch.Tensor, dict[int, str]]:
+        """One token per row, rows with the same settings sampled together, each from its own random stream;
+        and {row: error message} for the rows whose sampling failed. A failure never spreads beyond its rows:
+        a group that fails is sampled again row by row (from the random states it started with), so only the
+        rows that fail alone are failed."""
         groups: dict[tuple, list[int]] = {}
         for row, job in enumerate(self.rows):
             groups.setdefault((job.temperature, job.top_p), []).append(row)
-        tokens = torch.empty(len(self.rows), dtype=torch.long)
+        tokens = torch.zeros(len(self.rows), dtype=torch.long)
+        errors: dict[int, str] = {}
         for (temperature, top_p), rows in groups.items():
             generators = None if temperature == 0 else [self.rows[r].generator for r in rows]
-            tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
-        return tokens
+            states = None if generators is None else [g.get_state() for g in generators]
+            try:
+                tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
+                continue
+            except Exception:
+                if generators is not None:  # rewind: each row draws again what it would have drawn
+                    for g, state in zip(generators, states):
+                        g.set_state(state)
+            for i, r in enumerate(rows):
+                try:
+                    g = None if generators is None else [generators[i]]
+                    tokens[r] = sample_next_token(self.logits[r : r + 1], temperature, self.top_k, top_p, g).cpu()[0]
+                except Exception as e:
+                    errors[r] = failure(e)
+        return tokens, errors
 
     def admit(self, jobs: list[Job]) -> None:
-        """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch."""
-        prompts: dict[tuple, int] = {}
-        for job in jobs:
-            prompts.setdefault(tuple(job.ids), len(prompts))
-            job.cached = len(job.ids)
-            job.printer = StreamPrinter(self.tokenizer, job.stops, job)
-        idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
-        cache = self.model.new_cache()
-        logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+        """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch.
+        A failure here (a prompt the model cannot read, memory) fails the new jobs only: the batch runs on."""
+        try:
+            prompts: dict[tuple, int] = {}
+            for job in jobs:
+                prompts.setdefault(tuple(job.ids), len(prompts))
+                job.cached = len(job.ids)
+                job.printer = StreamPrinter(self.tokenizer, job.stops, job)
+            idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
+            cache = self.model.new_cache()
+            logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+        except Exception as e:
+            message = failure(e)
+            for job in jobs:
+                job.send(("error", message))
+            return
         parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
         parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
         self.regroup(parts, self.rows + jobs)
@@ -207,6 +253,15 @@ class Engine:
             return
         self.cache = pack_rows([(cache, rows) for cache, rows, _ in parts], self.model.new_cache())
         self.logits = torch.cat([logits[rows] for _, rows, logits in parts])
+
+
+def failure(e: Exception) -> str:
+    """The error event's message for an exception, on one line; a bug (not a GPTError) also prints its traceback."""
+    if isinstance(e, GPTError):
+        return str(e)
+    traceback.print_exception(e)
+    detail = " ".join(f"{type(e).__name__}: {e}".split())
+    return f"the server failed on this request ({detail}); this is a bug: please report it"
 
 
 def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:

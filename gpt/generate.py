@@ -260,6 +260,15 @@ def check_sampling_args(max_new_tokens, temperature, top_k=None, top_p=None, pre
         raise GPTError(f"{prefix}top_p must be in (0, 1] or null (got {top_p!r})")
 
 
+def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, exact for every temperature > 0, however small. Dividing the logits themselves by
+    a tiny one (1e-300, which float32 rounds to 0) makes inf - inf = NaN in the softmax; so the row's largest
+    logit is subtracted first and stays 0 (the top token keeps weight 1), and the others go to -inf, never NaN:
+    a tiny temperature is greedy decoding. NaN logits (broken weights) stay NaN and are refused by the caller."""
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.where(shifted == 0, shifted, shifted / temperature)  # 0 / (a temperature that is 0 in float32)
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """One token per row from (B, vocab) logits. Greedy at temperature 0.
 
@@ -268,7 +277,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = scale_by_temperature(logits.float(), temperature)
     candidates = None  # token ids the (sorted) logits refer to, when filtered
     if top_k is not None and top_k < logits.size(-1):
         logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, descending
@@ -276,8 +285,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         if candidates is None:
             logits, candidates = torch.sort(logits, dim=-1, descending=True)
         probs = F.softmax(logits, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+        # Drop a token when the tokens ranked above it already cover top_p. The first always stays, said
+        # outright: a top_p below float32's resolution (1e-300 is 0 there) would otherwise drop every token.
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop, float("-inf"))
     try:
         probs = F.softmax(logits, dim=-1)

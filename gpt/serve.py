@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import os
 import secrets
 import signal
 import sys
 import threading
 import time
-from typing import Literal, Optional, Union
+from typing import Optional
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt.api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Guard,
+    Sampling,
+    internal_error,
+    sse,
+    text_field,
+    validation_error,
+)
 from gpt.chat import ChatTemplate, chat_template
 from gpt.completions import encode_prompt
 from gpt.devices import check_dtype
@@ -36,118 +44,7 @@ from gpt.inference import load_for_sampling
 from gpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
-# The HTTP API (OpenAI's request and response shapes)
-
-
-class Strict(BaseModel):
-    # A misspelt or unknown field, or a value of the wrong type ("5" for 5), is an error, never ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False  # one more chunk before [DONE], with the usage counts
-
-
-class Sampling(Strict):
-    model: Optional[str] = None  # one model is served: any name is answered by it
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-
-
-class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
-
-
-class Message(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
-            status_code=self.status,
-        )
-
-
-def validation_error(exc: RequestValidationError) -> APIError:
-    error = exc.errors()[0]
-    loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-    if error.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})")
-    if error.get("type") == "model_attributes_type" or not loc:
-        return APIError(400, "the request body must be a JSON object with the request's fields")
-    param = ".".join(loc)
-    message = f"{param}: {error['msg']}" + (
-        f" (got {error['input']!r})"
-        if error.get("type") != "missing" and not isinstance(error.get("input"), (dict, list))
-        else ""
-    )
-    return APIError(400, message, param, "unknown_field" if error.get("type") == "extra_forbidden" else "invalid_value")
-
-
-class Guard:
-    """ASGI middleware in front of every route: the API key (all but /health) and the body size limit."""
-
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
-        self.app, self.api_key, self.limit = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
-                error = APIError(
-                    401,
-                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                return await error.response()(scope, receive, send)
-        too_large = APIError(413, f"the request body is larger than max_body_bytes={self.limit}", code="body_too_large")
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await too_large.response()(scope, receive, send)
-        # Read the body here (it is small), counting, so that a chunked body cannot exceed the limit either.
-        messages, size = [], 0
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            while True:
-                message = await receive()
-                messages.append(message)
-                size += len(message.get("body", b""))
-                if size > self.limit:
-                    return await too_large.response()(scope, receive, send)
-                if message["type"] != "http.request" or not message.get("more_body"):
-                    break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        return await self.app(scope, replay, send)
+# The routes (their request shapes, errors and middleware: gpt/api.py)
 
 
 class Server:
@@ -183,6 +80,27 @@ class Server:
             )
         return ids
 
+    def check(self, body: Sampling, count: int) -> None:
+        """What a request of `count` prompts asks for, checked before any text is read: n, n times the prompts
+        (every choice is a row of the batch: one request must not queue unbounded work), the stop strings."""
+        if body.n > self.cfg.max_n:
+            raise APIError(
+                400, f"n must be at most {self.cfg.max_n} (the server's max_n; got {body.n})", "n", "invalid_value"
+            )
+        if count * body.n > self.cfg.max_choices:
+            raise APIError(
+                400,
+                f"{count} prompts x n={body.n} is {count * body.n} choices, more than the server's "
+                f"max_choices={self.cfg.max_choices}; send fewer prompts or a smaller n per request",
+                "n" if count == 1 else "prompt",
+                "invalid_value",
+            )
+        given = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(given) > 4 or any(not s for s in given):
+            raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
+        for s in given:
+            text_field(s, "stop", "stop")  # (refuses a lone surrogate; a stop string is matched as given)
+
     def jobs(
         self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], param: str, stops: list[str], send
     ) -> list[Job]:
@@ -194,13 +112,7 @@ class Server:
                 param,
                 "invalid_value",
             )
-        if body.n > self.cfg.max_n:
-            raise APIError(
-                400, f"n must be at most {self.cfg.max_n} (the server's max_n; got {body.n})", "n", "invalid_value"
-            )
         given = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(given) > 4 or any(not s for s in given):
-            raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
         temperature = self.cfg.temperature if body.temperature is None else body.temperature
         top_p = self.cfg.top_p if body.top_p is None else body.top_p
         seed = body.seed if body.seed is not None else self.cfg.seed
@@ -227,10 +139,6 @@ class Server:
                     )
                 )
         return jobs
-
-
-def sse(data) -> str:
-    return f"data: {json.dumps(data)}\n\n"
 
 
 def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
@@ -260,6 +168,10 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         return validation_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc: Exception):  # answered in OpenAI's shape; Guard logs the traceback
+        return internal_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -296,13 +208,20 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise APIError(400, "prompt is an empty list: give a prompt", "prompt", "invalid_value")
-        prompts = [server.encode(t, "prompt") for t in texts]
+        server.check(body, len(texts))
+        what = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
+        prompts = [server.encode(text_field(t, w, "prompt"), "prompt") for t, w in zip(texts, what)]
         return await respond(request, body, prompts, body.max_tokens, "max_tokens", [], chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        server.check(body, 1)
+        messages = [
+            {"role": m.role, "content": text_field(m.content, f"messages[{i}].content", "messages")}
+            for i, m in enumerate(body.messages)
+        ]
         try:
-            text = server.template([m.model_dump() for m in body.messages])
+            text = server.template(messages)
         except GPTError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
         prompts = [server.encode(text, "messages")]
@@ -318,7 +237,24 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         jobs = server.jobs(body, prompts, max_tokens, param, stops, send)
+        finished = set()  # the choices that ended (done or error); the others are cancelled when the client leaves
+
+        def cancel():
+            if len(finished) < len(jobs):
+                server.engine.cancel(jobs)
+
+        async def watch():
+            # The client's disconnect, seen the moment it happens, however busy the stream of events is: the
+            # request's jobs are cancelled at once (waiting ones leave the queue, running ones the batch at the
+            # next step), and the reader wakes up (None). Guard has replayed the body already; what `receive`
+            # brings now is http.disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancel()
+            events.put_nowait(None)
+
         server.engine.submit(jobs)
+        watcher = asyncio.create_task(watch())
         kind = "chat.completion" if chat else "text_completion"
         head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
@@ -341,10 +277,6 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 c = {"index": k, "text": text, "logprobs": None, "finish_reason": reason}
             return {**head, "object": kind + ".chunk" if chat else kind, "choices": [c]}
 
-        def cancel():
-            for job in jobs:
-                job.cancelled = True
-
         if body.stream:
 
             async def stream():
@@ -352,16 +284,19 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                     if chat:
                         for k in range(len(jobs)):
                             yield sse(chunk(k, "", None, first=True))
-                    done = 0
-                    while done < len(jobs):
-                        k, event = await events.get()
+                    while len(finished) < len(jobs):
+                        item = await events.get()
+                        if item is None:  # the client is gone
+                            return
+                        k, event = item
                         if event[0] == "delta":
                             yield sse(chunk(k, event[1], None))
                         elif event[0] == "done":
                             usage["completion_tokens"] += event[2]
-                            done += 1
+                            finished.add(k)
                             yield sse(chunk(k, "", event[1]))
                         else:
+                            finished.add(k)
                             yield sse(
                                 {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
                             )
@@ -378,6 +313,7 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                         )
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client disconnected: its rows leave the batch at the next step
+                    watcher.cancel()
                     cancel()
 
             return StreamingResponse(
@@ -386,22 +322,22 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
 
-        texts, reasons, done = [""] * len(jobs), [None] * len(jobs), 0
+        texts, reasons = [""] * len(jobs), [None] * len(jobs)
         try:
-            while done < len(jobs):
-                try:
-                    k, event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
+            while len(finished) < len(jobs):
+                item = await events.get()
+                if item is None:  # the client is gone: nobody reads the answer
+                    return None
+                k, event = item
                 if event[0] == "done":
                     reasons[k], texts[k] = event[1], event[3]
                     usage["completion_tokens"] += event[2]
-                    done += 1
+                    finished.add(k)
                 elif event[0] == "error":
+                    finished.add(k)
                     raise APIError(500, event[1], kind="server_error")
         finally:
+            watcher.cancel()
             cancel()
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {**head, "choices": [choice(k, texts[k], reasons[k]) for k in range(len(jobs))], "usage": usage}
@@ -424,7 +360,7 @@ def check_serve_options(cfg) -> None:
         raise GPTError(f"seed must be null (a random seed per request) or an integer >= 0 (got {cfg.seed!r})")
     if not is_int(cfg.port) or not 0 <= cfg.port < 65536:
         raise GPTError(f"port must be a TCP port number, 0-65535 (got {cfg.port!r})")
-    positive = {"max_batch_size": cfg.max_batch_size, "max_n": cfg.max_n, "max_body_bytes": cfg.max_body_bytes}
+    positive = {key: cfg[key] for key in ("max_batch_size", "max_n", "max_choices", "max_body_bytes")}
     positive.update({key: cfg[key] for key in ("max_tokens", "threads") if cfg[key] is not None})  # null: default
     for key, value in positive.items():
         if not is_int(value) or value < 1:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server (gpt/serve.py), talked to with the real `openai` client on a loopback port."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,13 @@ def server(model_dir):
         "log_level=warning",
     )
     app = create_app(cfg)
+    with running(app) as url:
+        yield url, app.app.state.server
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` served by uvicorn in a thread on a free loopback port; yields its base url."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -69,9 +77,11 @@ def server(model_dir):
     deadline = time.time() + 30
     while not uv.started and time.time() < deadline:
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.app.state.server
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture
@@ -325,4 +335,142 @@ def test_a_bad_setting_is_one_error_line(model_dir):
     from conftest import assert_user_error
 
     assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_batch_size=0"), "max_batch_size")
+    assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_choices=0"), "max_choices")
     assert_user_error(run_cli("-m gpt.serve", "port=8000"), "ckpt=")
+
+
+# ----------------------------------------------------------------------------------------------------
+# No client can hurt another: caps, text that is not text, bugs, and abandoned work
+
+
+def error_of(r, status, param):
+    """The OpenAI error body of response `r`, checked: its status, its four fields, its param."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error"), error
+    return error
+
+
+def post_json(http, route, raw: str):
+    """POST a JSON text as it is (json.dumps escapes a lone surrogate as \\ud800; httpx's json= cannot)."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return http.post(route, content=raw.encode(), headers=headers)
+
+
+def test_prompts_times_n_is_capped_before_any_prompt_is_read(server):
+    url, state = server
+    assert state.cfg.max_choices == 256 and state.cfg.max_n == 8
+    with httpx.Client(base_url=url, timeout=10) as http:
+        # 33 x 8 = 264 choices: refused, naming the limit, before the prompts (which could not be encoded) are read
+        r = post_json(http, "/v1/completions", json.dumps({"prompt": ["caf\u00e9"] * 33, "n": 8}))
+        error = error_of(r, 400, "prompt")
+        assert "264 choices" in error["message"] and "max_choices=256" in error["message"], error
+        # 32 x 8 = 256 is allowed: the error is now the prompt's own
+        r = post_json(http, "/v1/completions", json.dumps({"prompt": ["caf\u00e9"] * 32, "n": 8}))
+        assert "never seen" in error_of(r, 400, "prompt")["message"]
+
+
+def test_lone_surrogates_are_a_400_naming_the_field_and_crlf_bom_are_read_as_text(server, client):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=10) as http:
+        cases = [
+            ("/v1/completions", {"prompt": "ab\ud800"}, "prompt", "U+D800 at character 2"),
+            ("/v1/completions", {"prompt": ["ab", "\udfffa"]}, "prompt", "prompt[1] holds a lone surrogate"),
+            ("/v1/completions", {"prompt": "ab", "stop": ["x\ud800"]}, "stop", "U+D800 at character 1"),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "\udc00"}]},
+                "messages",
+                "messages[1].content holds a lone surrogate (U+DC00",
+            ),
+        ]
+        for route, body, param, words in cases:
+            raw = json.dumps({**body, "max_tokens": 2})
+            assert "\\ud" in raw  # the escape travels as JSON text
+            error = error_of(post_json(http, route, raw), 400, param)
+            assert words in error["message"], error
+    # CRLF is LF and a leading BOM is dropped: the same prompt, the same tokens and text
+    args = dict(model="m", max_tokens=8, temperature=0)
+    plain = client.completions.create(prompt="Hi there\nyou", **args)
+    odd = client.completions.create(prompt="\ufeffHi there\r\nyou", **args)
+    assert odd.choices[0].text == plain.choices[0].text and odd.usage.prompt_tokens == plain.usage.prompt_tokens == 12
+
+
+def test_a_bug_is_a_json_500_and_the_server_goes_on(server, client):
+    from fastapi.testclient import TestClient
+
+    from gpt.api import Guard
+
+    url, state = server
+    encode = state.encode
+
+    def broken(text, param):
+        raise RuntimeError("boom\nsecond line")
+
+    state.encode = broken  # a bug inside a route: FastAPI's handler answers in OpenAI's shape
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            error = error_of(post_json(http, "/v1/completions", '{"prompt": "ab"}'), 500, None)
+        assert error["message"].startswith("the server failed on this request (RuntimeError: boom second line)")
+    finally:
+        state.encode = encode
+    assert client.completions.create(model="m", prompt="a", max_tokens=3, temperature=0).usage.completion_tokens == 3
+
+    async def crash(scope, receive, send):  # a bug outside FastAPI, below Guard: Guard's own net answers
+        raise KeyError("lost")
+
+    r = TestClient(Guard(crash, None, 1000)).get("/v1/models")
+    assert "(KeyError: 'lost')" in error_of(r, 500, None)["message"]
+
+
+def raw_request(url: str, body: dict) -> socket.socket:
+    """A POST /v1/completions sent on a raw socket, left open (closing it is the client going away)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_abandoned_request_of_256_choices_is_dropped_within_a_step(server, client, stream):
+    """256 choices (32 prompts x n=8: 16 running, 240 waiting), each up to the full context, on an engine slowed
+    to >= 16 ms a step; the client leaves. Without cancellation this is ~1,000 steps (> 16 s); the batch and the
+    queue must be empty within 2 s, and the next request answered at once."""
+    url, state = server
+    engine = state.engine
+    expected = client.completions.create(model="m", prompt="Hi", max_tokens=2, temperature=0).choices[0].text
+    advance = engine.advance
+
+    def slow(job, token):
+        time.sleep(0.001)
+        return advance(job, token)
+
+    engine.advance = slow
+    try:
+        body = {"prompt": ["To be, or not"] * 32, "n": 8, "temperature": 0.9, "seed": 1, "stream": stream}
+        sock = raw_request(url, body)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            deadline = time.time() + 10
+            while http.get("/health").json()["running"] < 16:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            health = http.get("/health").json()
+            assert (health["running"], health["waiting"]) == (16, 240)
+            if stream:
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # the stream has begun
+            sock.close()
+            left = time.time()
+            while (health := http.get("/health").json())["running"] or health["waiting"]:
+                assert time.time() - left < 2.0, health
+                time.sleep(0.01)
+            start = time.time()
+            r = client.completions.create(model="m", prompt="Hi", max_tokens=2, temperature=0)
+            assert r.choices[0].text == expected and time.time() - start < 2.0
+    finally:
+        engine.advance = advance
