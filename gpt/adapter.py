@@ -35,7 +35,8 @@ from gpt.checkpoint import (
     load_model_dir,
     weights_sha256,
 )
-from gpt.errors import GPTError, is_finite, is_int, is_number
+from gpt.errors import BadJSON, GPTError, is_finite, is_int, is_number, parse_json, read_json
+from gpt.jsonfiles import check_adapter_record
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -156,29 +157,59 @@ def read_adapter_record(adapter_dir: str | Path) -> dict:
             f"{adapter_dir} is not an adapter directory (missing {', '.join(missing) or 'the folder'}); "
             "point at a fine-tuning run's checkpoints/best"
         )
+    record = read_json(adapter_dir / RECORD_FILE, "re-export the adapter (re-run finetune.py)", top=None)
+    return check_adapter_record(record, str(adapter_dir / RECORD_FILE))  # keys, and the type of each
+
+
+def _off(value, default=None) -> bool:
+    """A PEFT setting at its 'not used' value: the default's own null, false, {} or [] (PEFT reads a null
+    where it wants a {} as a dict)."""
+    if default is None or default is False:
+        return value is default
+    return isinstance(default, (dict, list)) and not default and type(value) is type(default) and not value
+
+
+def check_peft_config(adapter_dir: Path) -> None:
+    """adapter_config.json in the shape finetune.py writes (PEFT's LoraConfig), checked before PEFT reads it:
+    a field of the wrong type would be an AttributeError deep inside PEFT, and a LoRA feature finetune.py never
+    turns on (megatron_config imports the module megatron_core names, DoRA, layer replication, ...) is
+    refused rather than acted on."""
+    path = adapter_dir / ADAPTER_CONFIG_FILE
+    fix = "re-run finetune.py to write it again"
     try:
-        record = json.loads((adapter_dir / RECORD_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise GPTError(f"{adapter_dir / RECORD_FILE} is not valid JSON ({e}); re-export the adapter") from e
-    base = record.get("base") if isinstance(record, dict) else None
-    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("path", "sha256")):
+        config = parse_json(path.read_bytes())
+    except (BadJSON, OSError) as e:
+        kind = getattr(e, "kind", type(e).__name__)
         raise GPTError(
-            f"{adapter_dir / RECORD_FILE} does not record the adapter's base model (base.path, base.sha256); "
-            "it was edited or not written by finetune.py: re-run the fine-tuning"
-        )
-    task = record.get("task", {})
-    if (
-        not isinstance(task, dict)
-        or not all(isinstance(task.get(k, ""), str) for k in ("template", "format", "name"))
-        or not isinstance(task.get("template_no_input"), (str, type(None)))
-        or not (isinstance(task.get("stop", []), list) and all(isinstance(s, str) for s in task.get("stop", [])))
-    ):
-        raise GPTError(
-            f"{adapter_dir / RECORD_FILE} has a malformed task entry (template, stop, format); it was "
-            "edited or not written by finetune.py: re-run the fine-tuning, or sample with template=... and "
-            "stop=..."
-        )
-    return record
+            f"{adapter_dir} holds a truncated or corrupt adapter ({kind}: {path.name}: {e}); {fix}"
+        ) from None
+    checks = {
+        "peft_type": (lambda v: v == "LORA", "'LORA'"),
+        "r": (lambda v: is_int(v) and v > 0, "a positive whole number"),
+        "lora_alpha": (lambda v: is_finite(v) and v > 0, "a finite number > 0"),
+        "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "target_modules": (
+            lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, str) for t in v)),
+            "a list of module names",
+        ),
+        "bias": (lambda v: v == "none", "'none'"),
+        "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name"),
+        "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+        "base_model_name_or_path": (lambda v: isinstance(v, (str, type(None))), "a path or null"),
+        "revision": (lambda v: isinstance(v, (str, type(None))), "text or null"),
+    }
+    off = {k: v for k, v in LoraConfig().to_dict().items() if _off(v, v) and k not in checks and k != "auto_mapping"}
+    for key in ("peft_type", "r", "target_modules"):
+        if key not in config:
+            raise GPTError(f"{path} lacks {key!r}; it is not a LoRA adapter's config: {fix}")
+    for key, value in config.items():
+        if key in checks and not checks[key][0](value):
+            raise GPTError(f"{path}: {key} must be {checks[key][1]} (got {value!r:.60}); {fix}")
+        if key in off and not _off(value, off[key]):
+            raise GPTError(
+                f"{path}: {key}={value!r:.60} is not the value finetune.py writes ({json.dumps(off[key])}: a "
+                f"PEFT feature it never uses); {fix}"
+            )
 
 
 def check_base(adapter_dir: str | Path, base_dir: str | Path, record: dict, base_option: str = "ckpt") -> None:
@@ -215,17 +246,18 @@ def load_adapter(
             f"{base_option}=<exported model dir> (its weights are checked against the recorded sha256)"
         )
     check_base(adapter_dir, base_dir, record, base_option)
+    check_peft_config(adapter_dir)
     model, tokenizer = load_model_dir(base_dir, map_location)
     try:
         with warnings.catch_warnings():  # checked below, as an error
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (SafetensorError, json.JSONDecodeError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as e:
         # PEFT's own errors for a truncated weights file, a broken adapter_config.json, or factors whose
         # shapes are not the config's rank / the base's layers
         raise GPTError(
             f"{adapter_dir} holds a truncated or corrupt adapter ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); re-run finetune.py to write it again"
+            f"{(str(e).splitlines() or [''])[0][:200]}); re-run finetune.py to write it again"
         ) from e
     # PEFT only warns when the file lacks some factors: those layers would run without their adapter
     with safe_open(str(adapter_dir / PEFT_FILES[1]), "pt") as f:

@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt.config import GPTConfig
-from gpt.errors import GPTError, storage_errors
+from gpt.errors import GPTError, read_json, storage_errors
+from gpt.jsonfiles import check_model_record
 from gpt.model import GPT
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -385,17 +386,13 @@ def load_model_dir(path: str | Path, map_location: str | torch.device = "cpu") -
             f"{path} is not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); point at an exported "
             "model such as runs/<name>/latest/checkpoints/best, or at a Lightning .ckpt file"
         )
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise GPTError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-export the model") from e
-    if not isinstance(raw, dict):
-        raise GPTError(f"{path / CONFIG_FILE} is not a model config (a JSON object); re-export the model")
+    raw = read_json(path / CONFIG_FILE, "re-export the model")  # an object, of sane depth
     if raw.get("model_type", "gpt") != "gpt" or "architectures" in raw:  # transformers' config.json
         raise GPTError(
             f"{path} is a Hugging Face model directory (model_type {raw.get('model_type')!r}); convert it "
             f"first: python -m gpt.convert import-hf {path} <new dir>, then use the new directory"
         )
+    check_model_record(raw.get("gpt"), str(path / CONFIG_FILE))  # what the run recorded: task, decoding, step
     config = GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"}, str(path / CONFIG_FILE))
     check_config_matches(
         config, safetensors_shapes(path / WEIGHTS_FILE, "re-export it from a .ckpt"), str(path / WEIGHTS_FILE)

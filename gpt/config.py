@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch.nn.functional as F
 
-from gpt.errors import GPTError, is_int, is_number
+from gpt.errors import GPTError, is_int, is_number, json_type, unknown_keys
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as nanoGPT's nn.GELU()
@@ -140,12 +140,17 @@ class GPTConfig:
         """A saved config (`to_dict`'s output). Every key that shapes the weights or the math must be there:
         a default in its place (say GELU's tanh form for a model trained with the exact one) would load the
         weights and silently compute something else."""
+        if not isinstance(d, dict):
+            raise GPTError(f"{source} is {json_type(d)}, not a model config (an object); re-export the model")
         d = cls.upgrade_dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type"})
-        if unknown:
-            raise GPTError(f"{source} has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted(known - set(d) - {"attn_impl", "dropout"})  # those two do not change a trained model
+        known = [f.name for f in fields(cls)]
+        unknown_keys(
+            d,
+            [*known, "model_type"],
+            source,
+            "fix its name, or re-export the model (configs/model/*.yaml list the settings)",
+        )
+        missing = sorted(set(known) - set(d) - {"attn_impl", "dropout"})  # those two do not change a trained model
         if missing or d.get("vocab_size") is None:
             raise GPTError(
                 f"{source} lacks {missing or ['vocab_size']}; it was not written by this tool or was "

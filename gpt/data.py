@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gpt.datafiles import load_hub_dataset, resolve_files, sha256_file
 from gpt.errors import GPTError, check_num_workers, storage_errors
+from gpt.jsonfiles import read_store_meta
 from gpt.textfiles import check_text_files
 from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
 
@@ -119,7 +120,7 @@ class TokenStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.meta = read_store_meta(self.root)  # checked, field by field and against tokens.bin
         self.tokenizer = Tokenizer.load(self.root / "tokenizer.json")
         self.dtype = np.dtype(self.meta["dtype"])
 

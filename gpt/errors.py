@@ -6,9 +6,12 @@ traceback. Messages say what is wrong *and* what to do about it.
 """
 
 import contextlib
+import difflib
 import errno
+import json
 import math
 import re
+from pathlib import Path
 
 
 class GPTError(Exception):
@@ -69,3 +72,110 @@ def storage_errors(path, elsewhere: str = "write elsewhere (e.g. hydra.run.dir=/
                 "the previous version is intact"
             ) from e
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSON files: every one we read goes through parse_json (a JSON text we are handed is a value of any shape)
+
+MAX_JSON_DEPTH = 64  # arrays/objects inside each other; none of our files, nor a chat row, comes near it
+TOO_DEEP = f"nested too deeply (JSON arrays/objects more than {MAX_JSON_DEPTH} levels deep)"
+JSON_TYPES = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "true/false"), (type(None), "null"))
+
+
+def json_type(value) -> str:
+    """What a JSON value is, in the words of JSON: 'an object', 'an array', 'a number', ..."""
+    return next((name for kind, name in JSON_TYPES if isinstance(value, kind)), "a number")
+
+
+class BadJSON(ValueError):
+    """What is wrong with a JSON text, without its place or a fix (parse_json's refusal). `kind`: the
+    underlying error's name (JSONDecodeError, RecursionError, ...), `line`: the text's line, when known."""
+
+    def __init__(self, problem: str, kind: str = "ValueError", line: int | None = None):
+        super().__init__(problem)
+        self.kind, self.line = kind, line
+
+
+def _not_unicode(text: str) -> bool:
+    """A string with a lone surrogate (JSON's "\\ud800" escape): no UTF-8 text, nothing a tokenizer takes."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shape_problem(value, limit: int) -> str | None:
+    """What no reader of a JSON value can take: nesting past `limit`, or a string (or key) that is not Unicode
+    text. Walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str) and _not_unicode(node):
+            return f"holds a string that is not Unicode text (a lone surrogate escape such as \\ud800 in {node!r:.40})"
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return TOO_DEEP
+            if isinstance(node, dict):
+                stack.extend((key, depth) for key in node)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return None
+
+
+def parse_json(text: str | bytes, top: type | tuple | None = dict):
+    """A JSON text -> its value, or BadJSON: not JSON, not UTF-8, nested deeper than MAX_JSON_DEPTH (json.loads
+    itself gives up with a RecursionError at about a thousand levels), or (`top`) a top level of another type."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors) is no mistake
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"at line {e.lineno} column {e.colno}"
+        raise BadJSON(f"not valid JSON ({e.msg} {where})", "JSONDecodeError", e.lineno) from None
+    except UnicodeDecodeError as e:
+        raise BadJSON(f"not UTF-8 text (bad byte at offset {e.start})", "UnicodeDecodeError") from None
+    except RecursionError:
+        raise BadJSON(TOO_DEEP, "RecursionError") from None
+    except ValueError as e:  # a number of more than 4300 digits (Python's int limit)
+        raise BadJSON(f"not valid JSON ({' '.join(str(e).split(';')[0].split())[:100]})") from None
+    problem = _shape_problem(value, MAX_JSON_DEPTH)
+    if problem:
+        raise BadJSON(problem, "RecursionError" if problem == TOO_DEEP else "UnicodeEncodeError")
+    if top is not None and not isinstance(value, top):
+        kinds = top if isinstance(top, tuple) else (top,)
+        want = " or ".join(next((name for kind, name in JSON_TYPES if kind is t), "a number") for t in kinds)
+        raise BadJSON(f"holds {json_type(value)} where {want} belongs", "TypeError")
+    return value
+
+
+def loads_json(text: str | bytes, where: str, fix: str, top: type | tuple | None = dict):
+    """parse_json, with any problem as one GPTError line: '<where>: <problem>; <fix>'."""
+    try:
+        return parse_json(text, top)
+    except BadJSON as e:
+        raise GPTError(f"{where}: {e}; {fix}") from None
+
+
+def read_json(path, fix: str, top: type | tuple | None = dict):
+    """A JSON file's value (see parse_json); an unreadable file is one GPTError line too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise GPTError(f"cannot read {path} ({e.strerror or e}); {fix}") from None
+    return loads_json(data, str(path), fix, top)
+
+
+def unknown_keys(record: dict, known, where: str, fix: str) -> None:
+    """Refuse a key of one of our own files that we do not know (a typo would be silently ignored), naming
+    the nearest known one."""
+    unknown = [k for k in record if k not in known]
+    if not unknown:
+        return
+    names = [str(k) for k in known]
+    close = difflib.get_close_matches(str(unknown[0]), names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(names))})"
+    more = f" and {len(unknown) - 1} more ({', '.join(repr(k) for k in unknown[1:4])})" if len(unknown) > 1 else ""
+    raise GPTError(f"{where} has an unknown key {unknown[0]!r}{hint}{more}; {fix}")

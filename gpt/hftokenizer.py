@@ -12,27 +12,30 @@ from transformers import PreTrainedTokenizerFast
 
 from gpt.checkpoint import CONFIG_FILE
 from gpt.errors import GPTError
+from gpt.errors import read_json as read_json_file
 from gpt.tokenizer import EOS, TOKENIZER_FILE, UNK, Tokenizer
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GPTError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(data, dict):
-        raise GPTError(f"{path} does not hold a JSON object; download it again")
-    return data
+def read_json(path: Path, fix: str = "download it again") -> dict:
+    """A downloaded model's JSON file (config.json, tokenizer_config.json, the weights index): an object, of sane
+    depth, or one GPTError line (gpt.errors.read_json)."""
+    return read_json_file(path, fix)
 
 
 def tokenizer_from_hf(hf_dir: Path, raw: dict, vocab_size: int) -> Tokenizer:
     """tokenizer.json as it is, or GPT-2's vocab.json + merges.txt; `<|endoftext|>` must be there (our EOS)."""
-    settings = read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    settings_file = hf_dir / "tokenizer_config.json"
+    settings = read_json(settings_file) if settings_file.is_file() else {}
+    if not isinstance(settings.get("add_prefix_space", False), bool):
+        raise GPTError(
+            f"{settings_file}: add_prefix_space must be true or false (got {settings['add_prefix_space']!r:.40}); "
+            "download it again"
+        )
     if (hf_dir / TOKENIZER_FILE).is_file():
         tokenizer = Tokenizer.load(hf_dir)
     elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
         tokenizer = Tokenizer.from_gpt2_files(
-            hf_dir / "vocab.json", hf_dir / "merges.txt", add_prefix_space=bool(settings.get("add_prefix_space", False))
+            hf_dir / "vocab.json", hf_dir / "merges.txt", add_prefix_space=settings.get("add_prefix_space", False)
         )
     else:
         raise GPTError(
@@ -103,7 +106,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, path: Path, model_max_length: int) -
     tokenizer.save(path / TOKENIZER_FILE)  # ours as it is (transformers adds a post-processor that does nothing)
     # transformers 5 writes its internal class name (TokenizersBackend), which earlier versions do not know.
     config_path = path / "tokenizer_config.json"
-    settings = read_json(config_path)
+    settings = read_json(config_path, "this is a bug: transformers wrote it")
     if prefix_space is None:
         settings["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:

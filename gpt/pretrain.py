@@ -11,7 +11,6 @@ shape is the loaded one, and the corpus is tokenized with the loaded model's tok
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 
 from gpt.checkpoint import CONFIG_FILE, load_model_dir, save_model_dir
 from gpt.config import GPTConfig
-from gpt.errors import GPTError, check_seed
+from gpt.errors import GPTError, check_seed, read_json
 from gpt.launch import build
 from gpt.model import GPT
 from gpt.run import (
@@ -155,11 +154,9 @@ def read_init(path: Path, run_dir: Path) -> tuple[GPT, Tokenizer, Path]:
             f"init_from={path} is not a directory; point at an exported model (a run's checkpoints/best) "
             "or a local Hugging Face GPT-2 directory"
         )
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raw = {}  # load_model_dir names the problem
-    if isinstance(raw, dict) and (raw.get("model_type", "gpt") != "gpt" or "architectures" in raw):
+    # a config.json that is not a JSON object (or not JSON) is refused here, in the words load_model_dir uses
+    raw = read_json(path / CONFIG_FILE, "re-export the model") if (path / CONFIG_FILE).is_file() else {}
+    if raw.get("model_type", "gpt") != "gpt" or "architectures" in raw:
         from gpt.convert import read_hf_dir
 
         model, tokenizer, _ = read_hf_dir(path)

@@ -5,12 +5,12 @@ from gpt.tasks so that sampling does not import Lightning."""
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Optional, Sequence
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, json_type, read_json
+from gpt.jsonfiles import check_model_record
 from gpt.tokenizer import EOS
 
 
@@ -92,14 +92,17 @@ class ChatTemplate:
             path = Path(d) / "tokenizer_config.json" if d else None
             if path is None or not path.is_file():
                 continue
-            try:
-                config = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise GPTError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+            config = read_json(path, "fix or remove it (it holds the model's chat_template)")
             template = config.get("chat_template")
-            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if isinstance(template, str) and template:
+            named = isinstance(template, list) and all(isinstance(t, dict) and "name" in t for t in template)
+            if named:  # [{"name": "default", "template": ...}, ...]
+                template = next((t.get("template") for t in template if t["name"] == "default"), None)
+            if not isinstance(template, (str, type(None))):
+                raise GPTError(
+                    f"{path}: chat_template must be a Jinja template (text) or a list of {{name, template}} "
+                    f"objects (got {json_type(template)} {template!r:.60}); fix or remove it"
+                )
+            if template:
                 special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
                 return cls(template, {"eos_token": EOS, **special})
         return cls()
@@ -147,11 +150,9 @@ def finetuned_record(ckpt) -> dict:
     path = Path(str(ckpt)) / "config.json" if ckpt else None
     if path is None or not path.is_file():
         return {}
-    try:
-        record = json.loads(path.read_text()).get("gpt")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}  # loading the model says what is wrong with it
-    if not isinstance(record, dict):
-        return {}
+    raw = read_json(path, "re-export the model")
+    if raw.get("model_type", "gpt") != "gpt" or "architectures" in raw:
+        return {}  # a Hugging Face directory: loading the model says so
+    record = check_model_record(raw.get("gpt"), str(path))  # keys and types, before any is used
     task = record.get("task")
     return record if isinstance(task, dict) and isinstance(task.get("template"), str) else {**record, "task": None}

@@ -5,13 +5,12 @@ A malformed row is an error naming its place, or is skipped and counted (task.on
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 from gpt.datafiles import fetch_known, load_hub_dataset
-from gpt.errors import GPTError
+from gpt.errors import BadJSON, GPTError, parse_json
 from gpt.textfiles import check_text_files, read_text, split_lines
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def normalise_chat(record: dict, fields: dict, where: str, bad: BadRows) -> Opti
     for i, m in enumerate(messages):
         role = m.get(fields["role"]) if isinstance(m, dict) else None
         content = m.get(fields["content"]) if isinstance(m, dict) else None
-        if role not in roles or not isinstance(content, str):
+        if not isinstance(role, str) or role not in roles or not isinstance(content, str):
             return bad(
                 where,
                 f"message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
@@ -156,11 +155,11 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
     text = read_text(path)
     if text.lstrip().startswith("["):  # one JSON array
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
+            records = parse_json(text, top=list)
+        except BadJSON as e:
             raise GPTError(
-                f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file (a JSON array of "
-                "records, or one JSON record per line)"
+                f"{path}{f':{e.line}' if e.line else ''}: {e}; fix the file (a JSON array of records, or one "
+                "JSON record per line)"
             ) from None
         located = [(f"{path} record {i}", r) for i, r in enumerate(records, start=1)]
     else:  # JSON Lines
@@ -169,9 +168,9 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
             if not line.strip():
                 continue
             try:
-                located.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad(f"{path}:{i}", f"not valid JSON ({e.msg})")
+                located.append((f"{path}:{i}", parse_json(line, top=None)))
+            except BadJSON as e:  # not JSON, or nested past MAX_JSON_DEPTH (json.loads' RecursionError)
+                bad(f"{path}:{i}", str(e))
     rows = []
     for where, record in located:
         if not isinstance(record, dict):
