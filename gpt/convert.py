@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 from gpt.checkpoint import (
     ADAPTER_CONFIG_FILE,
     CONFIG_FILE,
+    MARKER,
+    WEIGHTS_FILE,
     atomic_dir,
     check_tensors,
     load_model,
@@ -45,9 +48,18 @@ from gpt.cli import fail, user_errors
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
 from gpt.hftokenizer import read_json, save_hf_tokenizer, tokenizer_from_hf
-from gpt.llama import LLAMA_BLOCK, config_from_llama, llama_config, llama_state_dict, state_from_llama
+from gpt.llama import (
+    LLAMA_BLOCK,
+    check_float_weights,
+    check_import_fits,
+    check_not_quantized,
+    config_from_llama,
+    llama_config,
+    llama_state_dict,
+    state_from_llama,
+)
 from gpt.model import GPT
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
@@ -67,6 +79,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# What --force may replace: a directory import-hf or export-hf wrote, which carries OWN_MARKER listing its files,
+# or one of our model directories written before the marker existed (exactly these files, our config.json).
+OWN_MARKER = ".gpt-model"
+LEGACY_FILES = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,6 +151,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, source: str
 def config_from_hf(raw: dict, source: str) -> GPTConfig:
     """Our GPTConfig for a Hugging Face config.json (GPT-2 or Llama); anything we cannot compute is refused by name."""
     model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    check_not_quantized(raw, source)
     if model_type == "llama":
         return config_from_llama(raw, source)
     if model_type != "gpt2":
@@ -241,8 +258,10 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[GPT, Tokenizer, dict]:
     hf_dir = check_hf_dir(Path(hf_dir))
     raw = read_json(hf_dir / CONFIG_FILE)
     config = config_from_hf(raw, str(hf_dir / CONFIG_FILE))
+    check_import_fits(config, raw, str(hf_dir / CONFIG_FILE))
     tokenizer = tokenizer_from_hf(hf_dir, raw, config.vocab_size)
     state, source = read_hf_weights(hf_dir)
+    check_float_weights({k: v for k, v in state.items() if not MASK_BUFFER.match(k)}, source)
     model = GPT(config)
     from_hf = state_from_llama if raw["model_type"] == "llama" else state_from_hf
     load_weights(model, from_hf(state, config, source), source)
@@ -258,7 +277,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> t
     hf_dir, out_dir = check_hf_dir(Path(hf_dir)), Path(out_dir)
     out_dir = check_output_dir(out_dir, hf_dir, force)
     model, tokenizer, origin = read_hf_dir(hf_dir)
-    save_model_dir(model, tokenizer, out_dir, extra={"converted_from": origin})
+    make_parent(out_dir)
+    record = own_record([CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])  # the files save_model_dir writes
+    save_model_dir(model, tokenizer, out_dir, extra={"converted_from": origin}, files={OWN_MARKER: record})
     return out_dir, model
 
 
@@ -284,9 +305,12 @@ def export_hf(model_path: str | Path, out_dir: str | Path, force: bool = False) 
         hf = make()
     hf.load_state_dict(state, strict=True, assign=True)  # strict: a key mismatch here is a bug in the mapping
     hf.tie_weights()
+    make_parent(out_dir)
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(str(tmp))
         save_hf_tokenizer(tokenizer, tmp, model.config.block_size)
+        record = own_record([p.name for p in tmp.iterdir() if p.name != MARKER])
+        (tmp / OWN_MARKER).write_text(json.dumps(record, indent=2))
     return out_dir
 
 
@@ -323,13 +347,55 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def own_record(files: list[str]) -> dict:
+    """OWN_MARKER's content: the files we wrote, the only ones a later --force may delete."""
+    return {"written_by": "gpt.convert", "files": sorted(files)}
+
+
+def _legacy_ours(out: Path, names: set[str]) -> bool:
+    """Whether `out` is one of our model directories from before OWN_MARKER (import-hf's, train.py's
+    checkpoints/best/): exactly LEGACY_FILES, and a config.json that only this tool writes (every GPTConfig
+    field). An export-hf directory without the marker cannot be told from transformers' own save_pretrained:
+    it is not replaced."""
+    try:
+        raw = json.loads((out / CONFIG_FILE).read_text()) if names == LEGACY_FILES else None
+        if isinstance(raw, dict) and "architectures" not in raw:
+            GPTConfig.from_dict({k: v for k, v in raw.items() if k != "gpt"})
+            return True
+    except Exception:  # whatever it is, it is not a config we wrote: nothing is replaced
+        pass
+    return False
+
+
+def owned_files(out: Path) -> Optional[set[str]]:
+    """The names in `out` that import-hf / export-hf wrote, by its OWN_MARKER (or, for a directory written
+    before the marker, by _legacy_ours); None for a directory that is not one of ours."""
+    names = {p.name for p in out.iterdir()}
+    marker = out / OWN_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return names if _legacy_ours(out, names) else None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) and record.get("written_by") == "gpt.convert" else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f for f in files):
+        return None
+    return set(files) | {OWN_MARKER, MARKER}  # (MARKER: a replacement of it that a kill interrupted)
+
+
 def check_output_dir(out: Path, source: Path, force: bool) -> Path:
-    """Nothing is replaced by mistake: not the input, not the working directory, not a non-empty directory
-    unless --force, and with --force only a model directory (config.json and files, no subfolders): never a
-    folder of runs or of the user's own files. Returns the output path, resolved."""
-    out = out.resolve()  # "." and "sub/.." name real directories too
+    """Nothing is replaced by mistake: not the input, not the working directory, not a link (nor what it points
+    to), not a non-empty directory unless --force, and with --force only a directory import-hf or export-hf
+    wrote (its OWN_MARKER lists the files), holding nothing but those files. Returns the output, resolved."""
     if not source.exists():
         raise GPTError(f"{source} does not exist; point at a model directory")
+    if out.is_symlink():  # checked before resolving: a link is refused by its own name, its target never touched
+        raise GPTError(
+            f"{out} is a symbolic link (to {os.readlink(out)}); nothing is written through a link: give a new "
+            "directory, or the real path of a directory this tool wrote"
+        )
+    out = out.resolve()  # "." and "sub/.." name real directories too
     if out.exists() and not out.is_dir():
         raise GPTError(f"{out} is a file; give a directory path for the output")
     if out == source.resolve() or out in source.resolve().parents:
@@ -339,20 +405,29 @@ def check_output_dir(out: Path, source: Path, force: bool) -> Path:
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries and not force:
         raise GPTError(f"{out} exists and is not empty; choose a new directory, or pass --force to replace it")
-    if entries and (not (out / CONFIG_FILE).is_file() or any(p.is_dir() for p in entries)):
-        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:4]) + (
-            ", ..." if len(entries) > 4 else ""
-        )
+    if not entries:
+        return out
+    owned = owned_files(out)
+    foreign = [p for p in entries if owned is None or p.name not in owned or p.is_symlink() or not p.is_file()]
+    if foreign:
+        shown = ", ".join(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in foreign[:4])
+        shown += ", ..." if len(foreign) > 4 else ""
+        what = "not a model directory this tool wrote" if owned is None else "files this tool did not write"
         raise GPTError(
-            f"{out} holds {shown}: not a model; --force only replaces a model directory, so choose a new directory"
+            f"{out} holds {shown}: {what}; --force only replaces a directory import-hf or export-hf wrote, "
+            "so choose a new directory (or move those files out)"
         )
+    return out
+
+
+def make_parent(out: Path) -> None:
+    """The output's parent directories, made only once the input has been read and checked."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GPTError(
             f"cannot create {out} ({e.strerror}: {e.filename}); choose a directory you can write to"
         ) from None
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,6 +455,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="replace the output directory if it is not empty")
     args = parser.parse_args(argv)
+    for name in ("hf_dir", "out_dir", "model"):  # Path("") is the working directory: never what "" meant
+        if getattr(args, name, None) == "":
+            parser.error(f"the {name} argument is empty (it would name the working directory); give a path")
 
     from transformers.utils import logging as hf_logging
 

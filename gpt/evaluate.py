@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +33,7 @@ from peft import PeftModel
 
 from gpt.completions import escape, generate_batch
 from gpt.devices import autocast, check_dtype, resolve_device
-from gpt.errors import GPTError
+from gpt.errors import BadJSON, GPTError, parse_json
 from gpt.lit import LanguageModel, quiet_lightning
 from gpt.tasks import TaskDataModule
 from gpt.textfiles import read_text_file, write_lines_atomically
@@ -242,8 +243,8 @@ def bits_per_byte(
     least block_size - stride tokens of context (slower: block_size / stride windows per block).
     """
     block = model.config.block_size
-    stride = stride or block
-    if not isinstance(stride, int) or not 0 < stride <= block:
+    stride = block if stride is None else stride  # (0 is refused below, never read as "the default")
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 0 < stride <= block:
         raise GPTError(f"stride must be between 1 and the model's context ({block}) (got {stride!r})")
     unknown = tokenizer.unknown_chars(text)
     if unknown:
@@ -313,8 +314,8 @@ def load_any_model(path: str | Path, device: torch.device):
     config = path / CONFIG_FILE
     if path.is_dir() and config.is_file():
         try:
-            hf = json.loads(config.read_text()).get("model_type") in ("gpt2", "llama")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            hf = parse_json(config.read_bytes()).get("model_type") in ("gpt2", "llama")
+        except BadJSON:
             hf = False  # load_model says what is wrong with it
         if hf:
             from gpt.convert import read_hf_dir
@@ -322,6 +323,23 @@ def load_any_model(path: str | Path, device: torch.device):
             model, tokenizer, _ = read_hf_dir(path)
             return model.to(device), tokenizer
     return load_model(path, map_location=device)
+
+
+def check_options(args) -> None:
+    """Values that would silently mean something else (0 read as "the default", "" as the working directory)
+    are refused, each by name."""
+    for option, value, unit in (
+        ("--stride", args.stride, "tokens (the window step; leave it out for a whole context)"),
+        ("--batch-size", args.batch_size, "windows per forward pass"),
+        ("--limit", args.limit, "characters (leave it out to score the whole text)"),
+    ):
+        if value is not None and value <= 0:
+            raise GPTError(f"{option} must be a positive number of {unit} (got {value})")
+    for name in ("model", "text"):
+        if not getattr(args, name):
+            raise GPTError(f"the {name} argument is empty (it would name the working directory); give a path")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", args.device):
+        raise GPTError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {args.device!r})")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -353,8 +371,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     bpb.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
     with user_errors():
-        if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
-            raise GPTError("--batch-size and --limit must be positive")
+        check_options(args)
         check_dtype(args.dtype, "--")
         device = resolve_device(args.device)
         text = read_text_file(args.text)[: args.limit]

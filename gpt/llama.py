@@ -1,11 +1,14 @@
 """Hugging Face's LlamaForCausalLM <-> our GPT with Llama's block (pos_emb=rope, norm=rmsnorm, mlp=swiglu):
 the config mapping, and the weight names (q/k/v and gate/up are stacked in our c_attn and c_fc; RoPE is the
 rotate-half layout on both sides, so no permutation). Anything our model cannot represent is refused by name.
+Also the checks every Hugging Face import passes, GPT-2 or Llama: no quantized or integer weights (a cast to
+float would drop their scales), and sizes this machine can hold (weights plus one sequence's KV cache).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 from transformers import LlamaConfig
@@ -13,13 +16,22 @@ from transformers import LlamaConfig
 from gpt.checkpoint import check_tensors
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
-from gpt.model import GPT
+from gpt.model import GPT, count_parameters, physical_memory
 from gpt.tokenizer import Tokenizer
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 # Constants older transformers versions saved with Llama checkpoints (recomputed from rope_theta, as we do)
 ROTARY_BUFFER = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 LLAMA_BLOCK = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")  # the block LlamaForCausalLM computes
+# config.json's name for each of our size fields: GPT-2's, Llama's
+SIZE_KEYS = {
+    "block_size": ("n_positions", "max_position_embeddings"),
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_embd": ("n_embd", "hidden_size"),
+    "mlp_hidden": (None, "intermediate_size"),
+}
+LINEAR = ("block_size", "vocab_size", "n_layer")  # what the memory needed grows with in proportion
 
 
 def llama_names(config: GPTConfig) -> list[tuple[str, tuple[str, ...]]]:
@@ -142,4 +154,63 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> LlamaConfig:
         eos_token_id=eos,
         tie_word_embeddings=config.tie_embeddings,
         architectures=list(LLAMA_ARCHITECTURES),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks on any import (GPT-2 or Llama)
+
+
+def check_not_quantized(raw: dict, source: str) -> None:
+    q = raw.get("quantization_config")
+    if q is not None:
+        method = f" (quant_method {q.get('quant_method')!r})" if isinstance(q, dict) and "quant_method" in q else ""
+        raise GPTError(
+            f"{source} has a quantization_config{method}: quantized checkpoints are not supported (their weights "
+            "would be cast to float without their scales); import the unquantized float16/bfloat16/float32 checkpoint"
+        )
+
+
+def check_float_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Integer, bool or 8-bit float tensors are quantized (or not weights at all): refused, never cast to float."""
+    bad = [(k, v.dtype) for k, v in state.items() if not v.is_floating_point() or v.element_size() < 2]
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise GPTError(
+            f"{source}: tensor {bad[0][0]!r} is {str(bad[0][1]).removeprefix('torch.')}{more}: integer or "
+            "quantized weights are not supported (a cast to float would compute something else); import the "
+            "float16/bfloat16/float32 checkpoint"
+        )
+
+
+def import_bytes(config: GPTConfig) -> int:
+    """Memory a model of this config needs to be used: its weights, and one sequence's KV cache at the full
+    context (what generate allocates), in the default dtype."""
+    kv = config.n_layer * 2 * config.kv_heads * config.head_dim * config.block_size
+    return (count_parameters(config) + kv) * torch.get_default_dtype().itemsize
+
+
+def check_import_fits(config: GPTConfig, raw: dict, source: str) -> None:
+    """A config.json whose sizes this machine could never hold (max_position_embeddings=10**12, say) is refused
+    before anything is read or allocated, naming the key that makes it too large and, where the need grows in
+    proportion to it, the largest value that fits."""
+    have, need = physical_memory(), import_bytes(config)
+    if not have or need <= have:
+        return
+    small = {"n_embd": 2 * config.n_head}  # the smallest width with whole, even heads
+
+    def shrunk(field, value=None):
+        return import_bytes(replace(config, **{field: value or small.get(field, 1)}))
+
+    fmt = 1 if raw.get("model_type") == "llama" else 0
+    fields = [f for f in SIZE_KEYS if SIZE_KEYS[f][fmt] and getattr(config, f) is not None]
+    field = min(fields, key=shrunk)  # the one whose reduction saves the most
+    key, base = SIZE_KEYS[field][fmt], shrunk(field)
+    bound = ""
+    if field in LINEAR and base <= have:
+        bound = f"; at most {1 + (have - base) // (shrunk(field, 2) - base):,} fits"
+    raise GPTError(
+        f"{source}: {key}={raw.get(key, getattr(config, field))} makes the model need {need / 2**30:,.0f} GiB "
+        f"(weights plus one sequence's KV cache at its context), more than this machine's "
+        f"{have / 2**30:,.0f} GiB of memory{bound}; lower {key} in config.json, or import on a larger machine"
     )

@@ -147,7 +147,7 @@ def test_greedy_generation_is_token_identical_to_transformers_generate(imported,
 
 def test_imported_directory_carries_config_and_tokenizer(imported, hf_dir, hf_model, bpe):
     out, model, tok = imported
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", ".gpt-model"}
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (2, 4, 64, 64, 1000)
     assert (c.activation, c.layer_norm_eps, c.bias, c.dropout) == ("gelu_tanh", 1e-5, True, 0.1)
@@ -464,19 +464,19 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
     assert err.count("error:") == 1 and "--force" in err and "Traceback" not in err
     assert (out / "notes.txt").read_text() == "mine"
 
-    with pytest.raises(SystemExit):  # --force replaces a model directory, never a folder of other things
+    with pytest.raises(SystemExit):  # --force replaces a directory we wrote, never a folder of other things
         main(["export-hf", str(imported[0]), str(out), "--force"])
-    assert "holds notes.txt: not a model; --force only replaces a model directory" in capsys.readouterr().err
+    assert "holds notes.txt: not a model directory this tool wrote; --force only" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     main(["export-hf", str(imported[0]), str(out)])
-    (out / "notes.txt").write_text("stale")
-    main(["export-hf", str(imported[0]), str(out), "--force"])  # asked for, on a model directory: replaced whole
-    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    (out / "model.safetensors").write_text("stale")
+    main(["export-hf", str(imported[0]), str(out), "--force"])  # asked for, on a directory we wrote: replaced whole
+    assert (out / "model.safetensors").read_bytes() != b"stale" and (out / "config.json").is_file()
     (out / "runs").mkdir()
-    with pytest.raises(SystemExit):  # a subfolder: not a model directory (say runs/<name>/ with its runs)
+    with pytest.raises(SystemExit):  # a subfolder we did not write (say runs/<name>/ with its runs): kept
         main(["export-hf", str(imported[0]), str(out), "--force"])
-    assert "holds config.json, " in capsys.readouterr().err and (out / "runs").is_dir()
+    assert "holds runs/: files this tool did not write" in capsys.readouterr().err and (out / "runs").is_dir()
     with pytest.raises(SystemExit):  # never the input itself, even with --force
         main(["export-hf", str(out), str(out), "--force"])
     assert "would replace the input" in capsys.readouterr().err
@@ -493,6 +493,11 @@ def test_cli_refuses_to_overwrite_without_force(hf_dir, imported, tmp_path, caps
         (["convert-everything"], ["invalid choice"]),
         (["import-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "not a Hugging Face model directory"]),
         (["export-hf", "{tmp}/nowhere", "{tmp}/out"], ["nowhere", "does not exist"]),
+        # an empty path is the working directory to pathlib: never what an empty value meant
+        (["export-hf", "{tmp}/nowhere", ""], ["the hf_dir argument is empty", "give a path"]),
+        (["import-hf", "", "{tmp}/out"], ["the hf_dir argument is empty"]),
+        (["import-hf", "{tmp}/nowhere", ""], ["the out_dir argument is empty"]),
+        (["export-hf", "", "{tmp}/out"], ["the model argument is empty"]),
     ],
 )
 def test_cli_bad_input_is_one_error_line(argv, needles, tmp_path, capsys):
@@ -503,3 +508,83 @@ def test_cli_bad_input_is_one_error_line(argv, needles, tmp_path, capsys):
     assert err.startswith("error:") and "\n" not in err, err  # one line, no usage block, no traceback
     for needle in needles:
         assert needle in err, err
+
+
+# -- what an import refuses instead of computing something else ------------------------------------------
+
+
+def _copy_with(hf_dir, dst, config_edit=None, state_edit=None):
+    shutil.copytree(hf_dir, dst)
+    if config_edit:
+        raw = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**raw, **config_edit}))
+    if state_edit:
+        state = load_file(str(dst / "model.safetensors"))
+        state_edit(state)
+        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _int8(state):
+    w = state["transformer.h.0.attn.c_attn.weight"]
+    state["transformer.h.0.attn.c_attn.weight"] = (w * 100).round().clamp(-128, 127).to(torch.int8)
+
+
+@pytest.mark.parametrize(
+    "config_edit, state_edit, needles",
+    [
+        (None, _int8, ["'transformer.h.0.attn.c_attn.weight' is int8", "integer or quantized weights"]),
+        (
+            None,
+            lambda s: s.update({k: v.to(torch.uint8) for k, v in s.items() if k.endswith("ln_1.weight")}),
+            ["'transformer.h.0.ln_1.weight' is uint8 (+1 more)"],
+        ),
+        (None, lambda s: s.update({"transformer.wpe.weight": s["transformer.wpe.weight"].to(torch.int32)}), ["int32"]),
+        (None, lambda s: s.update({"transformer.ln_f.bias": s["transformer.ln_f.bias"] > 0}), ["is bool"]),
+        (
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+            None,
+            ["quantization_config (quant_method 'bitsandbytes')", "unquantized"],
+        ),
+    ],
+)
+def test_integer_and_quantized_weights_are_refused_by_name(hf_dir, tmp_path, capsys, config_edit, state_edit, needles):
+    src = _copy_with(hf_dir, tmp_path / "q", config_edit, state_edit)
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-hf", str(src), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, bound",
+    [
+        ("n_positions", 10**12, True),  # a position table (and a KV cache) no machine holds
+        ("vocab_size", 10**13, True),
+        ("n_layer", 10**10, True),
+        ("n_embd", 2**22, False),  # grows the model with its square: no "at most" bound, the key is named
+    ],
+)
+def test_sizes_no_machine_can_hold_are_refused_naming_the_key(hf_dir, tmp_path, capsys, key, value, bound):
+    src = _copy_with(hf_dir, tmp_path / "big", {key: value})
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-hf", str(src), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {src / 'config.json'}: {key}={value} makes the model need")
+    assert f"lower {key} in config.json" in err and "GiB of memory" in err
+    assert ("at most" in err) == bound
+    if key == "n_positions":  # the bound is a context that fits: importing with it is accepted by the check
+        from gpt.config import GPTConfig as C
+        from gpt.llama import import_bytes
+        from gpt.model import physical_memory
+
+        most = int(err.split("at most ")[1].split(" fits")[0].replace(",", ""))
+        assert most > 64
+        fits = C(block_size=most, vocab_size=1000, n_layer=2, n_head=4, n_embd=64)
+        assert import_bytes(fits) <= physical_memory() < import_bytes(replace(fits, block_size=most + 1))
+    assert not (tmp_path / "out").exists()

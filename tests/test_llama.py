@@ -429,3 +429,118 @@ def test_the_memory_check_counts_the_parameters_the_model_has(variant):
     huge = GPTConfig(block_size=32, vocab_size=50, n_layer=10**12, n_head=4, n_embd=32)
     with pytest.raises(GPTError, match="parameters need"):  # counted, not built: at once, in no memory
         GPT(huge)
+
+
+# -- what an import refuses, and options that would mean something else ----------------------------------
+
+
+def _cli_error(main, argv, capsys) -> str:
+    capsys.readouterr()  # (what building the fixture printed)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "key, value, bound",
+    [
+        ("max_position_embeddings", 10**12, True),  # RoPE: no weights, but a KV cache of that length
+        ("vocab_size", 10**13, True),
+        ("num_hidden_layers", 10**10, True),
+        ("intermediate_size", 10**13, False),
+    ],
+)
+def test_llama_sizes_no_machine_can_hold_are_refused_naming_the_key(tmp_path, bpe, capsys, key, value, bound):
+    from gpt.convert import main
+
+    _, src = llama_dir(tmp_path / "hf", bpe, True)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**raw, key: value}))
+    err = _cli_error(main, ["import-hf", src, tmp_path / "out"], capsys)
+    assert err.startswith(f"error: {src / 'config.json'}: {key}={value} makes the model need"), err
+    assert f"lower {key} in config.json" in err and ("at most" in err) == bound
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.bool])
+def test_llama_integer_weights_are_refused_not_cast(tmp_path, bpe, capsys, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from gpt.convert import main
+
+    _, src = llama_dir(tmp_path / "hf", bpe, True)
+    state = load_file(str(src / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = (state[name] * 100).to(dtype)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    err = _cli_error(main, ["import-hf", src, tmp_path / "out"], capsys)
+    assert f"tensor {name!r} is {str(dtype).removeprefix('torch.')}: integer or quantized weights" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantized_llama_config_is_refused(tmp_path, bpe, capsys):
+    from gpt.convert import main
+
+    _, src = llama_dir(tmp_path / "hf", bpe, True)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**raw, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    err = _cli_error(main, ["import-hf", src, tmp_path / "out"], capsys)
+    assert "has a quantization_config (quant_method 'gptq'): quantized checkpoints are not supported" in err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--stride", "0"], "--stride must be a positive number of tokens (the window step; leave it out"),
+        (["--stride", "-24"], "--stride must be a positive number of tokens"),
+        (["--batch-size", "0"], "--batch-size must be a positive number of windows per forward pass (got 0)"),
+        (["--limit", "0"], "--limit must be a positive number of characters"),
+        (["--limit", "-5"], "--limit must be a positive number of characters (leave it out"),
+        (["--device", ""], "--device must be auto, cpu, cuda, cuda:N or mps (got '')"),
+        (["--device", "cuda:x"], "--device must be auto, cpu, cuda, cuda:N or mps (got 'cuda:x')"),
+        (["--dtype", ""], "--dtype must be auto, float32, bfloat16 or float16 (got '')"),
+    ],
+)
+def test_evaluate_options_that_would_mean_something_else_are_refused(tmp_path, bpe, capsys, extra, needle):
+    from gpt.checkpoint import save_model_dir
+    from gpt.evaluate import main
+
+    model = save_model_dir(small(vocab_size=320), bpe, tmp_path / "m")
+    (tmp_path / "t.txt").write_text(TEXT)
+    err = _cli_error(main, ["bpb", model, tmp_path / "t.txt", *extra], capsys)
+    assert needle in err, err
+
+
+def test_evaluate_refuses_stride_zero_through_the_real_command_and_the_function(tmp_path, bpe):
+    from conftest import run_cli
+
+    from gpt.checkpoint import save_model_dir
+    from gpt.evaluate import bits_per_byte
+
+    model = small(vocab_size=320)
+    (tmp_path / "t.txt").write_text(TEXT)
+    proc = run_cli(
+        "-m gpt.evaluate",
+        "bpb",
+        str(save_model_dir(model, bpe, tmp_path / "m")),
+        str(tmp_path / "t.txt"),
+        "--stride",
+        "0",
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "error: --stride must be a positive number of tokens (the window step; leave it out for a whole "
+        "context) (got 0)\n"
+    )
+    with pytest.raises(GPTError, match=r"stride must be between 1 and the model's context \(32\) \(got 0\)"):
+        bits_per_byte(model, bpe, TEXT, stride=0)  # 0 is not "the default" here either
+    assert bits_per_byte(model, bpe, TEXT)["stride"] == 32  # left out: the whole context
+    for argv, needle in (
+        (["bpb", "", str(tmp_path / "t.txt")], "the model argument is empty"),
+        (["bpb", str(tmp_path / "m"), ""], "the text argument is empty"),
+    ):
+        proc = run_cli("-m gpt.evaluate", *argv)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {needle}") and proc.stderr.count("\n") == 1
