@@ -65,8 +65,9 @@ class ExportingCheckpoint(ModelCheckpoint):
                 )
             model, tokenizer = load_model(filepath)
             save_model_dir(model, tokenizer, Path(filepath).with_suffix(""), extra={"step": trainer.global_step})
-        else:
-            module.export_fn(Path(filepath).with_suffix(""))
+        else:  # averaging=ema: the averaged weights when they validated better (LanguageModel.exported_weights)
+            with getattr(module, "exported_weights", contextlib.nullcontext)():
+                module.export_fn(Path(filepath).with_suffix(""))
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Resumed into a new run directory (ckpt_path=last): Lightning would forget the best score, making

@@ -1,5 +1,5 @@
 """Lightning glue shared by pretraining and fine-tuning: the LightningModule and its LR schedule (the
-callbacks are gpt/callbacks.py).
+callbacks are gpt/callbacks.py; the optimizers, the time budget's clock and weight averaging gpt/optim.py).
 
 The training loop, gradient accumulation, clipping, precision, checkpointing and logging are Lightning's
 (Trainer flags); this file only says what one step computes and what to save beside each checkpoint.
@@ -7,6 +7,7 @@ The training loop, gradient accumulation, clipping, precision, checkpointing and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -18,11 +19,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from gpt.checkpoint import holds_lora
 from gpt.config import GPTConfig
 from gpt.errors import GPTError, is_finite, is_int
+from gpt.optim import TimeBudget, WeightAverage, build_optimizer, check_optimizer_settings, lr_multiplier
 from gpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,16 +87,6 @@ def writes_logs_now(trainer: "L.Trainer") -> bool:
     return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
 
-def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at decay_steps, then flat (nanoGPT's schedule)."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
-
-
 def lr_decay_steps(decay_steps, max_steps) -> int:
     """The steps the LR schedule decays over: optim.decay_steps, else trainer.max_steps (which must then end)."""
     steps = decay_steps or max_steps
@@ -125,6 +118,14 @@ class LanguageModel(L.LightningModule):
         betas: tuple = (0.9, 0.95),
         eps: float = 1e-8,
         fused: Optional[bool] = None,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        muon_adjust_lr: str = "original",
+        budget_minutes: Optional[float] = None,
+        averaging: str = "none",
+        ema_decay: float = 0.99,
         compile: bool = False,
         export_fn: Optional[Callable[[Path], None]] = None,
     ):
@@ -155,13 +156,24 @@ class LanguageModel(L.LightningModule):
             )
         if fused is not None and not isinstance(fused, bool):
             raise GPTError(f"optim.fused is true, false or null (got {fused!r})")
+        check_optimizer_settings(
+            optimizer, muon_lr, muon_momentum, muon_weight_decay, muon_adjust_lr, budget_minutes, averaging, ema_decay
+        )
         self.model, self.tokenizer = model, tokenizer
         self.lr, self.min_lr, self.warmup_steps, self.decay_steps = lr, min_lr, warmup_steps, decay_steps
         self.weight_decay, self.betas, self.eps, self.fused = weight_decay, tuple(betas), eps, fused
+        self.optimizer_name = optimizer
+        self.muon = {"lr": muon_lr, "momentum": muon_momentum, "weight_decay": muon_weight_decay}
+        self.muon["adjust_lr"] = muon_adjust_lr
+        self.budget_minutes, self.averaging, self.ema_decay = budget_minutes, averaging, ema_decay
+        self.budget = TimeBudget(budget_minutes * 60) if budget_minutes is not None else None
+        self.ema: Optional[WeightAverage] = None  # averaging=ema: made in configure_model
+        self.export_averaged = False  # whether the exported model is the average (it validated better)
+        self._resumed_ema: Optional[dict] = None
         self.compile_model = compile
         # How to write an exported model directory beside a checkpoint (set by pretrain / finetune).
         self.export_fn = export_fn
-        self._val_sum = self._val_count = self._val_bytes = None
+        self._val_sum = self._val_count = self._val_bytes = self._val_sum_ema = None
         self._token_bytes: Optional[torch.Tensor] = None  # UTF-8 bytes per token id, for bits per byte
         self._grad_norm: Optional[torch.Tensor] = None
         self._resumed_rng: Optional[dict] = None
@@ -172,13 +184,31 @@ class LanguageModel(L.LightningModule):
         """The GPTConfig of the (possibly PEFT-wrapped) model."""
         return self.model.config
 
+    def configure_callbacks(self):
+        return [self.budget] if self.budget is not None else []
+
     def configure_model(self) -> None:
+        if self.averaging == "ema" and self.ema is None:
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise GPTError(
+                    "averaging=ema needs whole weights on each device; FSDP shards them: use DDP or averaging=none"
+                )
+            self.ema = WeightAverage(self.model, self.ema_decay)  # before compiling: the copy runs uncompiled
         if self.compile_model:
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
 
-    def forward(self, batch: dict):
+    def on_fit_start(self) -> None:
+        if self.ema is not None:  # the weights are the checkpoint's by now, if resumed
+            self.ema.to(self.device)
+            self.ema.reset(self.model)
+            if self._resumed_ema is not None:
+                self.ema.load_state_dict(self._resumed_ema)
+                self._resumed_ema = None
+
+    def forward(self, batch: dict, model: Optional[torch.nn.Module] = None):
         extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
-        return self.model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"), **extra)
+        model = self.model if model is None else model
+        return model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"), **extra)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Resumed: continue the random streams (dropout) where the checkpointed run was. Done here, not in
@@ -186,6 +216,23 @@ class LanguageModel(L.LightningModule):
         if self._resumed_rng is not None:
             set_rng_states(self._resumed_rng)
             self._resumed_rng = None
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step  # restored by now, if resumed
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and self.trainer.global_step != self._ema_step:
+            self._ema_step = self.trainer.global_step  # once per optimizer step, not per accumulated micro-batch
+            self.ema.update(self.model)
+
+    @contextlib.contextmanager
+    def exported_weights(self):
+        """The weights to export in self.model inside the block: the average when it validated better."""
+        if self.ema is not None and self.export_averaged:
+            with self.ema.swapped_into(self.model):
+                yield
+        else:
+            yield
 
     logs_now = False  # whether this step's metrics are logged (writes_logs_now), for the callbacks too
 
@@ -201,6 +248,7 @@ class LanguageModel(L.LightningModule):
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_bytes = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_sum_ema = torch.zeros((), device=self.device, dtype=torch.float64)
         if self._token_bytes is None or self._token_bytes.device != self.device:
             self._token_bytes = torch.tensor(self.tokenizer.byte_lengths(), device=self.device)
 
@@ -213,12 +261,25 @@ class LanguageModel(L.LightningModule):
         self._val_sum += loss.double() * n
         self._val_count += n
         self._val_bytes += (self._token_bytes[labels.clamp(min=0)] * target).sum()
+        if self.ema is not None and self.trainer.state.fn == "fit":
+            self._val_sum_ema += self(batch, self.ema.model).loss.double() * n
 
     def on_validation_epoch_end(self):
-        total = self.all_gather(torch.stack([self._val_sum, self._val_count, self._val_bytes]))
+        total = self.all_gather(torch.stack([self._val_sum, self._val_count, self._val_bytes, self._val_sum_ema]))
         if total.dim() > 1:
             total = total.sum(0)
         val_loss = (total[0] / total[1].clamp(min=1)).float()
+        if self.ema is not None and self.trainer.state.fn == "fit":
+            # Both weights validated; val/loss (what picks the best checkpoint) is the loss of the exported ones.
+            ema_loss = (total[3] / total[1].clamp(min=1)).float()
+            self.export_averaged = bool(ema_loss < val_loss)
+            self.log_dict({"val/loss_raw": val_loss, "val/loss_ema": ema_loss}, sync_dist=False)
+            self.log("val/exported_ema", float(self.export_averaged), sync_dist=False)
+            if self.trainer.is_global_zero:
+                which = "averaged" if self.export_averaged else "raw"
+                log.info("val loss %.4f raw, %.4f averaged: the %s weights are exported", val_loss, ema_loss, which)
+            if self.export_averaged:
+                total[0], val_loss = total[3], ema_loss
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
         # Bits per byte of text: the loss per token in bits, spread over the bytes the tokens stand for. Unlike
@@ -228,22 +289,26 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         # Weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm gains are not
-        # decayed. Frozen parameters (LoRA's base) are left out entirely.
+        # decayed. Frozen parameters (LoRA's base) are left out entirely. optim=muon: gpt/optim.py.
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise GPTError("no trainable parameters: check the LoRA target modules")
-        seen, decay, no_decay = set(), [], []
-        for p in params:
-            if id(p) in seen:  # tied weights appear once
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.optimizer_name == "muon" and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise GPTError("optim=muon needs whole weight matrices; FSDP flattens them: use DDP or optim=adamw")
         device_type = params[0].device.type
         fused = self.fused if self.fused is not None else device_type in ("cuda", "cpu")
         if fused and self.trainer.gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None):
             fused = False  # fp16's loss scaling: a fused optimizer unscales inside its step, too late to clip
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
+        optimizer = build_optimizer(
+            self.model,
+            self.optimizer_name,
+            self.lr,
+            self.betas,
+            self.eps,
+            self.weight_decay,
+            fused,
+            **{f"muon_{k}": v for k, v in self.muon.items()},
+        )
         decay_steps = lr_decay_steps(self.decay_steps, self.trainer.max_steps)
         if self.warmup_steps >= decay_steps:
             log.warning(
@@ -252,9 +317,12 @@ class LanguageModel(L.LightningModule):
                 self.warmup_steps,
                 decay_steps,
             )
-        ratio = self.min_lr / self.lr
+        ratio, budget = self.min_lr / self.lr, self.budget
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, self.warmup_steps, decay_steps, ratio)
+            optimizer,
+            lambda step: lr_multiplier(
+                step, self.warmup_steps, decay_steps, ratio, budget.spent() if budget is not None else None
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -296,6 +364,8 @@ class LanguageModel(L.LightningModule):
             "base": self.base,
         }
         checkpoint["rng"] = rng_states()
+        if self.ema is not None:  # the weights in the checkpoint's state_dict are the raw ones, to resume
+            checkpoint["averaged"] = {**self.ema.state_dict(), "exported": self.export_averaged}
 
     def resume_settings(self) -> dict:
         """The settings a resumed run must share with its checkpoint, by config group: the optimizer's and
@@ -310,7 +380,10 @@ class LanguageModel(L.LightningModule):
                 "weight_decay": self.weight_decay,
                 "betas": list(self.betas),
                 "eps": self.eps,
-            }
+                "optimizer": self.optimizer_name,
+                **({f"muon_{k}": v for k, v in self.muon.items()} if self.optimizer_name == "muon" else {}),
+            },
+            "": {"averaging": self.averaging, **({"ema_decay": self.ema_decay} if self.averaging == "ema" else {})},
         }
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
@@ -321,6 +394,9 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)
         self._resumed_rng = checkpoint.get("rng")
+        averaged = checkpoint.get("averaged")
+        if averaged is not None and self.averaging == "ema":
+            self._resumed_ema, self.export_averaged = averaged, bool(averaged.get("exported"))
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of the other verb, another base, model, vocabulary or resume_settings() in one
@@ -373,8 +449,9 @@ class LanguageModel(L.LightningModule):
         for group, values in (saved.get("settings") or {}).items():
             for key, value in values.items():
                 if (settings.get(group) or {}).get(key, value) != value:
+                    name = f"{group}.{key}" if group else key
                     raise GPTError(
-                        f"the checkpoint was trained with {group}.{key}={value}, this run has "
+                        f"the checkpoint was trained with {name}={value}, this run has "
                         f"{settings[group][key]}; a resumed run continues its saved optimizer, schedule and "
                         "weights: resume with the settings it was trained with"
                     )
