@@ -1,7 +1,7 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
-# make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation)
+# make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation; GGUF in llama.cpp)
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make test-newest  make test on the newest Python the project supports (3.13), in a venv of its own
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
@@ -54,7 +54,12 @@ test-newest:
 test-data: $(STAMP)
 	$(PY) -m pytest -q -m data tests
 
+# llama.cpp itself, for the GGUF tests: llama-cpp-python compiles it from source (~8.5 min on 2 cores the first
+# time; pip keeps the wheel in its cache). GGML_NATIVE=OFF: a portable AVX2 build, so a cached wheel never meets a
+# CPU without the instructions of the one that built it.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 test-slow: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet $(LLAMA_CPP_SPEC)
 	$(PY) -m pytest -q -m slow tests
 
 # ATEN_CPU_CAPABILITY=avx2: torch's own kernels as on an AVX2-only CPU; GPT_CPU_BF16=0: our bf16 probe says no.

@@ -47,6 +47,9 @@ from gpt.checkpoint import (
 from gpt.cli import fail, user_errors
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
+from gpt.ggufexport import add_arguments as add_gguf_arguments
+from gpt.ggufexport import describe as describe_gguf
+from gpt.ggufexport import export_gguf
 from gpt.hftokenizer import read_json, save_hf_tokenizer, tokenizer_from_hf
 from gpt.llama import (
     LLAMA_BLOCK,
@@ -445,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{import-hf,export-hf,export-gguf}")
     imp = verbs.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama directory -> one of our model dirs")
     imp.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer files")
     imp.add_argument("out_dir", help="the model directory to write (sample.py ckpt=..., finetune.py base=...)")
@@ -454,8 +457,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     exp.add_argument("hf_dir", help="the directory to write (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="replace the output directory if it is not empty")
+    add_gguf_arguments(verbs.add_parser("export-gguf", help="one of our models -> a GGUF file llama.cpp runs"))
     args = parser.parse_args(argv)
-    for name in ("hf_dir", "out_dir", "model"):  # Path("") is the working directory: never what "" meant
+    for name in ("hf_dir", "out_dir", "model", "out"):  # Path("") is the working directory: never what "" meant
         if getattr(args, name, None) == "":
             parser.error(f"the {name} argument is empty (it would name the working directory); give a path")
 
@@ -471,6 +475,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 f"context {c.block_size}, vocab {c.vocab_size}, {model.num_params(non_embedding=False) / 1e6:.1f}M "
                 f"parameters\nsample from it: python sample.py ckpt={out}"
             )
+        elif args.verb == "export-gguf":
+            print(describe_gguf(export_gguf(args.model, args.out, qtype=args.qtype, force=args.force)))
         else:
             out = export_hf(args.model, args.hf_dir, force=args.force)
             kind = "Llama" if json.loads((out / CONFIG_FILE).read_text())["model_type"] == "llama" else "GPT-2"
