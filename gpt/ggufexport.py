@@ -221,15 +221,11 @@ def load_for_export(model_path: Path) -> tuple[GPT, Tokenizer]:
 
 
 def chat_template(model_path: Path) -> Optional[str]:
-    """The Jinja chat template a chat fine-tune stored beside the model (tokenizer_config.json), if any."""
-    path = model_path / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return template if isinstance(template, str) else None
+    """The Jinja chat template a chat fine-tune stored beside the model (tokenizer_config.json), if any, read as
+    sampling and serving read it (a broken file is refused, not skipped)."""
+    from gpt.prompts import ChatTemplate
+
+    return ChatTemplate.for_model(model_path).jinja or None
 
 
 def check_output_file(out: Path, source: Path, force: bool) -> Path:
