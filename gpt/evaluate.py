@@ -12,6 +12,13 @@ Bits per byte (the command line):
 <model>: one of our model directories or .ckpt files, or a Hugging Face GPT-2 / Llama directory (converted in
 memory). Bits per byte is the model's cross-entropy on the text in bits, divided by the text's UTF-8 bytes: a
 char model and a BPE model (or an imported one) score on one scale, whatever their vocabularies.
+
+lm-evaluation-harness tasks (gpt/harness.py; docs/evaluation.md):
+
+    python -m gpt.evaluate harness <model> --tasks hellaswag,arc_easy [--limit N] [--include-path DIR] [--output PATH]
+
+<model> may also be a LoRA adapter directory (on its recorded base, or --base). lm-eval's table is printed and
+its results are written as JSON (default: <model dir>/lm_eval/results_<time>.json).
 """
 
 from __future__ import annotations
@@ -354,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{bpb}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{bpb,harness}")
     bpb = verbs.add_parser("bpb", help="bits per byte of a model on a text file")
     bpb.add_argument("model", help="a model directory or .ckpt of ours, or a Hugging Face GPT-2 / Llama directory")
     bpb.add_argument("text", help="a UTF-8 text file, scored as one document")
@@ -369,7 +376,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     bpb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     bpb.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     bpb.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_harness_parser(verbs)
     args = parser.parse_args(argv)
+    if args.verb == "harness":
+        with user_errors():
+            return harness_main(args)
     with user_errors():
         check_options(args)
         check_dtype(args.dtype, "--")
@@ -385,6 +396,61 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['bytes_per_token']:.2f} bytes/token; "
             f"context {result['context']}, stride {result['stride']}; {result['seconds']} s)"
         )
+
+
+def add_harness_parser(verbs) -> None:
+    h = verbs.add_parser("harness", help="lm-evaluation-harness tasks (accuracy, perplexity, ...) on a model")
+    h.add_argument("model", help="a model directory or .ckpt of ours, an adapter directory, or a HF GPT-2 / Llama dir")
+    h.add_argument("--tasks", required=True, help="comma-separated lm-eval task / group names or task YAML paths")
+    h.add_argument("--limit", default=None, help="documents per task: a whole number, or a fraction in (0, 1)")
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    h.add_argument("--include-path", action="append", default=[], help="a folder of task YAMLs (repeatable)")
+    h.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    h.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    h.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    h.add_argument("--base", default=None, help="an adapter's base model directory, when not at its recorded path")
+    h.add_argument("--no-merge", action="store_true", help="keep an adapter PEFT-wrapped (same numbers, slower)")
+    h.add_argument("--max-gen-toks", type=int, default=256, help="new tokens when a task does not say (max_gen_toks)")
+    h.add_argument("--output", default=None, help="results JSON (default: <model dir>/lm_eval/results_<time>.json)")
+
+
+def harness_main(args) -> None:
+    """The `harness` verb: inputs checked (one `error:` line each) before lm-eval or the model is loaded."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise GPTError("--tasks names no task; give e.g. --tasks hellaswag,arc_easy (comma-separated)")
+    for option, value in (("--batch-size", args.batch_size), ("--max-gen-toks", args.max_gen_toks)):
+        if value <= 0:
+            raise GPTError(f"{option} must be a positive number (got {value})")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise GPTError(f"--num-fewshot must be 0 or more (got {args.num_fewshot})")
+    if not args.model:
+        raise GPTError("the model argument is empty (it would name the working directory); give a path")
+    if not Path(args.model).exists():
+        raise GPTError(f"{args.model} does not exist; point at a model directory, a .ckpt or an adapter directory")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", args.device):
+        raise GPTError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {args.device!r})")
+    check_dtype(args.dtype, "--")
+    from lm_eval.utils import make_table
+
+    from gpt.harness import GPTLM, default_output, parse_limit, run_tasks, write_results
+
+    limit = parse_limit(args.limit)
+    lm = GPTLM(
+        args.model,
+        base=args.base,
+        merge=not args.no_merge,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_gen_toks=args.max_gen_toks,
+    )
+    results = run_tasks(lm, tasks, include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    path = write_results(results, args.output or default_output(args.model))
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
