@@ -41,7 +41,9 @@ class Sampling(Strict):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # text(s), or token ids (lm-evaluation-harness)
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # each token's logprob and its `logprobs` likeliest rivals
+    echo: bool = False  # the prompt comes first in the text (and in logprobs, scored by a full forward)
 
 
 class Message(Strict):
@@ -52,6 +54,8 @@ class Message(Strict):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # needs logprobs: true
 
 
 class APIError(Exception):
@@ -73,6 +77,15 @@ class APIError(Exception):
         )
 
 
+def top_logprobs(body: Sampling) -> Optional[int]:
+    """How many likeliest tokens a request wants with each token's logprob; None: no logprobs at all."""
+    if getattr(body, "echo", None) is not None:  # completions: logprobs is that number, or null
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true; send both", "top_logprobs", "invalid_value")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     error = exc.errors()[0]
     loc = [str(x) for x in error.get("loc", ()) if x != "body"]
@@ -80,6 +93,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})")
     if error.get("type") == "model_attributes_type" or not loc:
         return APIError(400, "the request body must be a JSON object with the request's fields")
+    if loc[0] == "prompt" and error.get("type") != "missing":  # a union: pydantic names the member tried last
+        return APIError(
+            400,
+            "prompt must be a string, a list of strings, a list of token ids (integers) or a list of such lists",
+            "prompt",
+            "invalid_value",
+        )
     param = ".".join(loc)
     message = f"{param}: {error['msg']}" + (
         f" (got {error['input']!r})"

@@ -7,7 +7,10 @@ others: the batch's KV cache is re-gathered, each row's cached positions packed 
 positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask
 of real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
 fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves
-the batch at the next step, and the queue at once, with every other cancelled one. The HTTP side is gpt/serve.py.
+the batch at the next step, and the queue at once, with every other cancelled one. A job that asks for logprobs
+records, for every token it samples, the model's raw log-softmax at that step (before temperature, top_k and
+top_p, as vLLM reports by default). Prompts to score (`Score`: echo's prompt logprobs) go through the same queue
+and run, by gpt/scoring.py, on this thread between two steps. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gpt.completions import StreamPrinter, left_pad
 from gpt.errors import GPTError
 from gpt.generate import sample_next_token
 from gpt.model import GPT, KVCache
+from gpt.scoring import score_sequences
 
 # ----------------------------------------------------------------------------------------------------
 # The engine: one thread, one model, one batch
@@ -46,10 +50,27 @@ class Job:
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # this row's positions in the KV cache
     printer: Optional[StreamPrinter] = None
+    logprobs: Optional[int] = None  # record each sampled token's logprob and this many likeliest (None: nothing)
+    scores: list = field(default_factory=list)  # per sampled token: (id, logprob, top ids, top logprobs)
+    reported: int = 0  # the scores sent with "delta" events so far
 
-    def write(self, text: str) -> None:  # StreamPrinter's output: the new text goes to the request
+    def write(self, text: str) -> None:  # StreamPrinter's output: the new text (and its tokens' scores) go out
         if text:
-            self.send(("delta", text))
+            self.send(("delta", text, self.scores[self.reported :]))
+            self.reported = len(self.scores)
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Score:
+    """Sequences to score with gpt/scoring.py on the engine's thread, between two steps (echo's prompts)."""
+
+    seqs: list[list[int]]
+    top: int
+    send: object  # send(("scored", [Scored, ...])) or send(("error", message))
+    cancelled: bool = False
 
     def flush(self) -> None:
         pass
@@ -65,7 +86,7 @@ class Engine:
         self.max_batch_size, self.window = max_batch_size, batch_window_s
         self.block = model.config.block_size
         self.device = next(model.parameters()).device
-        self.waiting: "queue.Queue[Job]" = queue.Queue()
+        self.waiting: "queue.Queue[Job | Score]" = queue.Queue()
         self.purge = threading.Event()  # set when a request cancels: drop its jobs from the queue at the next step
         self.rows: list[Job] = []  # the running batch, in the cache's row order
         self.cache: Optional[KVCache] = None
@@ -111,42 +132,83 @@ class Engine:
                         job.send(("error", message))
                     self.rows, self.cache, self.logits = [], None, None
 
-    def take_waiting(self) -> list[Job]:
-        """New jobs for the free rows. An idle engine waits for one, then for the batch window, so that
-        requests arriving together start together. Cancelled jobs are dropped as they come, not counted: a
-        queue of abandoned jobs drains in one step, without a batch window each."""
+    def take_waiting(self) -> tuple[list[Job], list[Score]]:
+        """New jobs for the free rows, and every waiting Score. An idle engine waits for one, then for the batch
+        window, so that requests arriving together start together. Cancelled jobs are dropped as they come, not
+        counted: a queue of abandoned jobs drains in one step, without a batch window each."""
         if self.purge.is_set():  # a request was cancelled: its jobs leave the queue even when no row is free
             self.purge.clear()
             with self.waiting.mutex:
                 live = [job for job in self.waiting.queue if not job.cancelled]
                 self.waiting.queue.clear()
                 self.waiting.queue.extend(live)
-        jobs = []
+        jobs, scores = [], []
+
+        def take(item):
+            if not item.cancelled:
+                (scores if isinstance(item, Score) else jobs).append(item)
+
         if not self.rows:
             deadline = time.monotonic() + 0.1
-            while not jobs:
+            while not jobs and not scores:
                 try:
-                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                    take(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
-                    return []
-                if not job.cancelled:
-                    jobs.append(job)
+                    return [], []
             if self.window:
                 time.sleep(self.window)
         with contextlib.suppress(queue.Empty):
             while len(self.rows) + len(jobs) < self.max_batch_size:
-                job = self.waiting.get_nowait()
-                if not job.cancelled:
-                    jobs.append(job)
-        return [job for job in jobs if not job.cancelled]  # (some may have been cancelled during the window)
+                take(self.waiting.get_nowait())
+        with self.waiting.mutex:  # scoring takes no row: every waiting Score runs now, however full the batch
+            rest = self.waiting.queue
+            scores += [item for item in rest if isinstance(item, Score) and not item.cancelled]
+            kept = [item for item in rest if not isinstance(item, Score)]
+            rest.clear()
+            rest.extend(kept)
+        # (some may have been cancelled during the window)
+        return [job for job in jobs if not job.cancelled], [s for s in scores if not s.cancelled]
+
+    def score(self, scores: list[Score]) -> None:
+        """Run the waiting Scores together (one call: gpt/scoring.py batches them); a failure fails them only."""
+        try:
+            out = score_sequences(self.model, [seq for s in scores for seq in s.seqs], top=max(s.top for s in scores))
+        except Exception as e:
+            message = failure(e)
+            for s in scores:
+                s.send(("error", message))
+            return
+        start = 0
+        for s in scores:
+            s.send(("scored", out[start : start + len(s.seqs)]))
+            start += len(s.seqs)
+
+    def record(self, tokens: torch.Tensor, rows: list[int]) -> None:
+        """For the given rows (jobs that asked for logprobs), the sampled token's logprob and the likeliest
+        tokens, from the model's raw log-softmax (the distribution before temperature, top_k and top_p)."""
+        logp = torch.log_softmax(self.logits[rows].float(), dim=-1)
+        chosen = logp.gather(1, tokens[rows].to(logp.device)[:, None])[:, 0].tolist()
+        k = min(max(self.rows[r].logprobs for r in rows), logp.size(-1))
+        top_lp, top_id = (x.tolist() for x in logp.topk(k, dim=-1)) if k else ([[]] * len(rows), [[]] * len(rows))
+        for i, r in enumerate(rows):
+            job = self.rows[r]
+            job.scores.append((int(tokens[r]), chosen[i], top_id[i][: job.logprobs], top_lp[i][: job.logprobs]))
 
     def step(self) -> None:
-        new = self.take_waiting()
+        new, scores = self.take_waiting()
+        if scores:
+            self.score(scores)
         if new:
             self.admit(new)
         if not self.rows:
             return
         tokens, errors = self.sample()
+        wanted = [r for r, job in enumerate(self.rows) if job.logprobs is not None and r not in errors]
+        if wanted:
+            try:
+                self.record(tokens, wanted)
+            except Exception as e:  # these jobs' logprobs: fail them alone
+                errors.update({r: failure(e) for r in wanted})
         keep = []
         for row, job in enumerate(self.rows):
             if job.cancelled:
@@ -158,7 +220,7 @@ class Engine:
                 reason = self.advance(job, int(tokens[row]))
                 if reason:
                     text = job.printer.finish()
-                    job.send(("done", reason, len(job.generated), text))
+                    job.send(("done", reason, len(job.generated), text, job.scores))
             except Exception as e:  # this job's tokens or stop strings: fail it alone
                 job.send(("error", failure(e)))
                 continue

@@ -2,12 +2,14 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (chat template: gpt/chat.py),
 GET /health. FastAPI + uvicorn run in one process; one background thread, the engine (gpt/engine.py), owns
-the model and batches the requests continuously. Docs: docs/serve.md.
+the model and batches the requests continuously; `logprobs` / `echo` answers are built by gpt/logprobs.py.
+Docs: docs/serve.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import secrets
@@ -32,15 +34,17 @@ from gpt.api import (
     internal_error,
     sse,
     text_field,
+    top_logprobs,
     validation_error,
 )
 from gpt.chat import ChatTemplate, chat_template
 from gpt.completions import encode_prompt
 from gpt.devices import check_dtype
-from gpt.engine import Engine, Job
+from gpt.engine import Engine, Job, Score
 from gpt.errors import GPTError, is_int, is_number
 from gpt.generate import check_sampling_args
 from gpt.inference import load_for_sampling
+from gpt.logprobs import ChoiceLogprobs, Spelling
 from gpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,6 +61,7 @@ class Server:
         self.name = cfg.get("model_name") or str(cfg.get("adapter") or cfg.get("ckpt"))
         self.created = int(time.time())
         self.strict = cfg.unknown_chars == "error"
+        self.spelling = Spelling(tokenizer)
         self.engine = Engine(
             model,
             tokenizer,
@@ -71,6 +76,9 @@ class Server:
             ids = encode_prompt(self.tokenizer, text, self.strict)
         except GPTError as e:
             raise APIError(400, str(e), param, "invalid_value") from None
+        return self.fits(ids, param)
+
+    def fits(self, ids: list[int], param: str) -> list[int]:
         if len(ids) > self.block:
             raise APIError(
                 400,
@@ -79,6 +87,23 @@ class Server:
                 "context_length_exceeded",
             )
         return ids
+
+    def token_ids(self, ids: list[int], what: str) -> list[int]:
+        """A prompt given as token ids (as lm-evaluation-harness sends them): each one of the tokenizer's."""
+        vocab = self.tokenizer.vocab_size
+        if not ids:
+            raise APIError(
+                400, f"{what} is an empty list of token ids: give at least one token", "prompt", "invalid_value"
+            )
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"{what} holds token id {bad}, outside the vocabulary (0 to {vocab - 1}): send this model's token ids",
+                "prompt",
+                "invalid_value",
+            )
+        return self.fits(ids, "prompt")
 
     def check(self, body: Sampling, count: int) -> None:
         """What a request of `count` prompts asks for, checked before any text is read: n, n times the prompts
@@ -104,11 +129,16 @@ class Server:
     def jobs(
         self, body: Sampling, prompts: list[list[int]], max_tokens: Optional[int], param: str, stops: list[str], send
     ) -> list[Job]:
-        """Job i * n + j: choice j of prompt i (OpenAI's choice index)."""
+        """Job i * n + j: choice j of prompt i (OpenAI's choice index). None at all for max_tokens 0 with echo: the
+        prompt's scores only, no tokens to sample."""
+        echo = getattr(body, "echo", False)
+        if max_tokens == 0 and echo:
+            return []
         if max_tokens is not None and not 0 < max_tokens <= self.block:
             raise APIError(
                 400,
-                f"{param} must be between 1 and the model's context, {self.block} (got {max_tokens})",
+                f"{param} must be between 1 and the model's context, {self.block} (got {max_tokens})"
+                + ("; 0 only with echo: true, to score the prompt" if max_tokens == 0 else ""),
                 param,
                 "invalid_value",
             )
@@ -136,6 +166,7 @@ class Server:
                         given + [s for s in stops if s not in given],
                         generator,
                         lambda event, k=k: send((k, event)),
+                        logprobs=top_logprobs(body),
                     )
                 )
         return jobs
@@ -205,13 +236,18 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        texts = [body.prompt] if one else body.prompt
         if not texts:
             raise APIError(400, "prompt is an empty list: give a prompt", "prompt", "invalid_value")
         server.check(body, len(texts))
         what = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
-        prompts = [server.encode(text_field(t, w, "prompt"), "prompt") for t, w in zip(texts, what)]
-        return await respond(request, body, prompts, body.max_tokens, "max_tokens", [], chat=False)
+        texts = [text_field(t, w, "prompt") if isinstance(t, str) else t for t, w in zip(texts, what)]
+        prompts = [
+            server.encode(t, "prompt") if isinstance(t, str) else server.token_ids(t, w) for t, w in zip(texts, what)
+        ]
+        texts = [t if isinstance(t, str) else server.tokenizer.decode(t) for t in texts]  # what echo shows
+        return await respond(request, body, prompts, body.max_tokens, "max_tokens", [], chat=False, texts=texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -229,7 +265,7 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         return await respond(request, body, prompts, given, param, server.template.stops, chat=True)
 
-    async def respond(request: Request, body: Sampling, prompts, max_tokens, param, stops, chat: bool):
+    async def respond(request: Request, body: Sampling, prompts, max_tokens, param, stops, chat: bool, texts=None):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def send(event):  # from the engine thread
@@ -237,11 +273,15 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         jobs = server.jobs(body, prompts, max_tokens, param, stops, send)
-        finished = set()  # the choices that ended (done or error); the others are cancelled when the client leaves
+        echo, n, count = not chat and body.echo, body.n, len(prompts) * body.n
+        logprobs = ChoiceLogprobs(server.spelling, prompts, texts or [""], n, top_logprobs(body), echo, chat)
+        seqs = logprobs.to_score()  # echo's prompts, scored by the engine (gpt/scoring.py); their events are -1's
+        work = jobs + ([Score(seqs, logprobs.top or 0, lambda event: send((-1, event)))] if seqs else [])
+        finished = set()  # the work that ended (done or error); the rest is cancelled when the client leaves
 
         def cancel():
-            if len(finished) < len(jobs):
-                server.engine.cancel(jobs)
+            if len(finished) < len(work):
+                server.engine.cancel(work)
 
         async def watch():
             # The client's disconnect, seen the moment it happens, however busy the stream of events is: the
@@ -253,7 +293,7 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
             cancel()
             events.put_nowait(None)
 
-        server.engine.submit(jobs)
+        server.engine.submit(work)
         watcher = asyncio.create_task(watch())
         kind = "chat.completion" if chat else "text_completion"
         head = {
@@ -264,42 +304,60 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         }
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
 
-        def choice(k, text, reason):
+        def choice(k, text, reason, lp):
             if chat:
-                return {"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-            return {"index": k, "text": text, "logprobs": None, "finish_reason": reason}
+                message = {"role": "assistant", "content": text}
+                return {"index": k, "message": message, "logprobs": lp, "finish_reason": reason}
+            return {"index": k, "text": text, "logprobs": lp, "finish_reason": reason}
 
-        def chunk(k, text, reason, first=False):
+        def chunk(k, text, reason, lp=None, first=False):
             if chat:
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                c = {"index": k, "delta": delta, "finish_reason": reason}
+                c = {"index": k, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                c = {"index": k, "text": text, "logprobs": None, "finish_reason": reason}
+                c = {"index": k, "text": text, "logprobs": lp, "finish_reason": reason}
             return {**head, "object": kind + ".chunk" if chat else kind, "choices": [c]}
 
         if body.stream:
 
             async def stream():
+                error = {"message": "", "type": "server_error", "param": None, "code": None}
+                sent, early = [0] * count, collections.deque()  # entries sent per choice; events before the scores
                 try:
-                    if chat:
-                        for k in range(len(jobs)):
-                            yield sse(chunk(k, "", None, first=True))
-                    while len(finished) < len(jobs):
+                    while len(work) > len(jobs) and -1 not in finished:  # echo's scores come first
                         item = await events.get()
+                        if item is None:  # the client is gone
+                            return
+                        if item[0] >= 0:
+                            early.append(item)
+                            continue
+                        finished.add(-1)
+                        if item[1][0] == "error":
+                            yield sse({"error": {**error, "message": item[1][1]}})
+                            return
+                        logprobs.set_scored(item[1][1])
+                    for k in range(count):
+                        if chat:
+                            yield sse(chunk(k, "", None, first=True))
+                        elif echo:
+                            yield sse(chunk(k, texts[k // n], None, logprobs.part(k, logprobs.prompt(k))))
+                        if not jobs:  # max_tokens 0: the prompt is all
+                            yield sse(chunk(k, "", "length", logprobs.part(k, [])))
+                    while len(finished) < len(work):
+                        item = early.popleft() if early else await events.get()
                         if item is None:  # the client is gone
                             return
                         k, event = item
                         if event[0] == "delta":
-                            yield sse(chunk(k, event[1], None))
+                            sent[k] += len(event[2])
+                            yield sse(chunk(k, event[1], None, logprobs.part(k, event[2])))
                         elif event[0] == "done":
                             usage["completion_tokens"] += event[2]
                             finished.add(k)
-                            yield sse(chunk(k, "", event[1]))
+                            yield sse(chunk(k, "", event[1], logprobs.part(k, event[4][sent[k] :])))
                         else:
                             finished.add(k)
-                            yield sse(
-                                {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
-                            )
+                            yield sse({"error": {**error, "message": event[1]}})
                             return
                     if body.stream_options and body.stream_options.include_usage:
                         total = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -322,25 +380,30 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
 
-        texts, reasons = [""] * len(jobs), [None] * len(jobs)
+        outs, reasons, entries = [""] * count, ["length"] * count, [[] for _ in range(count)]
         try:
-            while len(finished) < len(jobs):
+            while len(finished) < len(work):
                 item = await events.get()
                 if item is None:  # the client is gone: nobody reads the answer
                     return None
                 k, event = item
-                if event[0] == "done":
-                    reasons[k], texts[k] = event[1], event[3]
-                    usage["completion_tokens"] += event[2]
-                    finished.add(k)
-                elif event[0] == "error":
+                if event[0] == "error":
                     finished.add(k)
                     raise APIError(500, event[1], kind="server_error")
+                if k < 0:
+                    finished.add(k)
+                    logprobs.set_scored(event[1])
+                elif event[0] == "done":
+                    reasons[k], outs[k], entries[k] = event[1], event[3], event[4]
+                    usage["completion_tokens"] += event[2]
+                    finished.add(k)
         finally:
             watcher.cancel()
             cancel()
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {**head, "choices": [choice(k, texts[k], reasons[k]) for k in range(len(jobs))], "usage": usage}
+        outs = [texts[k // n] + outs[k] if echo else outs[k] for k in range(count)]
+        choices = [choice(k, outs[k], reasons[k], logprobs.whole(k, entries[k])) for k in range(count)]
+        return {**head, "choices": choices, "usage": usage}
 
     api_key = cfg.api_key or os.environ.get("GPT_API_KEY") or None
     return Guard(app, api_key, cfg.max_body_bytes)
