@@ -98,6 +98,8 @@ def write_lines_atomically(path: Path, lines: list[str], overwrite: bool) -> Non
 
 def read_text_file(path: str | Path) -> str:
     """A prompt file's text, read as a corpus is (a byte-order mark dropped); a binary or non-UTF-8 file is
-    refused as a corpus file is."""
+    refused as a corpus file is, and so is a path that is no file."""
+    if not Path(path).exists():
+        raise GPTError(f"{path} does not exist; give a UTF-8 text file")
     check_text_files([Path(path)], allow_empty=True)
     return read_text(Path(path))

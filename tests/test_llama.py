@@ -544,3 +544,12 @@ def test_evaluate_refuses_stride_zero_through_the_real_command_and_the_function(
     ):
         proc = run_cli("-m gpt.evaluate", *argv)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {needle}") and proc.stderr.count("\n") == 1
+
+
+def test_bpb_of_a_missing_text_file_is_one_error_line(tmp_path, capsys):
+    from gpt.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bpb", str(tmp_path / "model"), str(tmp_path / "missing.txt")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.txt'} does not exist; give a UTF-8 text file\n"
