@@ -1,4 +1,5 @@
 # make demo   install, then prepare data -> pretrain nanoGPT's CPU recipe (+ loss.png) -> sample (+ attention.png)
+#             -> the run's report card (report.md)
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation; GGUF in llama.cpp)
@@ -74,6 +75,7 @@ demo: $(STAMP)
 	$(PY) train.py experiment=shakespeare_char_cpu
 	$(PY) sample.py ckpt=runs/shakespeare_char_cpu/latest/checkpoints/best prompt="ROMEO:" max_new_tokens=300 \
 		attention_map=runs/shakespeare_char_cpu/latest/attention.png
+	$(PY) -m gpt.report runs/shakespeare_char_cpu/latest
 
 shakespeare: $(STAMP)
 	$(PY) train.py experiment=shakespeare_modern_base

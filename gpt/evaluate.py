@@ -18,7 +18,8 @@ lm-evaluation-harness tasks (gpt/harness.py; docs/evaluation.md):
     python -m gpt.evaluate harness <model> --tasks hellaswag,arc_easy [--limit N] [--include-path DIR] [--output PATH]
 
 <model> may also be a LoRA adapter directory (on its recorded base, or --base). lm-eval's table is printed and
-its results are written as JSON (default: <model dir>/lm_eval/results_<time>.json).
+its results are written as JSON (default: <model dir>/lm_eval/results_<time>.json); for a model of a run
+(<run dir>/checkpoints/best) the run's report.md is written again with lm-eval's table (gpt/report.py).
 """
 
 from __future__ import annotations
@@ -451,6 +452,11 @@ def harness_main(args) -> None:
         print(make_table(results, "groups"))
     path = write_results(results, args.output or default_output(args.model))
     print(f"results: {path}")
+    from gpt.report import run_dir_of, write_report
+
+    run_dir = run_dir_of(args.model)  # a model of a run (<run>/checkpoints/best): its report.md gets lm-eval's table
+    if run_dir is not None and write_report(run_dir) is not None:
+        print(f"report: {run_dir / 'report.md'}")
 
 
 if __name__ == "__main__":

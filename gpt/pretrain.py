@@ -103,6 +103,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer,
         datamodule,
         ckpt_path=ckpt_path,
+        batch_tokens=datamodule.batch_size * datamodule.block_size,  # metrics.json's tokens: steps x this x ranks
         export_fn=lambda t, path: save_model_dir(
             model, tokenizer, path, extra={"step": t.global_step, "data": datamodule.name}
         ),

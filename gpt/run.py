@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import time
 import uuid
 import zipfile
@@ -41,6 +42,8 @@ from gpt.errors import GPTError, is_finite, is_int
 from gpt.guard import NonFiniteGuard
 from gpt.launch import build, is_launch_rank_zero
 from gpt.lit import LanguageModel, lr_decay_steps, quiet_lightning
+from gpt.model import GPT
+from gpt.report import describe_device, write_report
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +384,13 @@ def train(
     export_fn: Callable[[L.Trainer, Path], Any],
     ckpt_path: Optional[str] = None,
     base: Optional[dict] = None,
+    batch_tokens: Optional[int] = None,
 ) -> tuple[L.Trainer, dict]:
     """What pretraining and fine-tuning share: the LightningModule around `model` (cfg.optim, cfg.compile),
     the Trainer, the exported directory beside each checkpoint (export_fn(trainer, path)), the fit, and
     the summary every run reports in metrics.json (each verb adds its own keys). base: fine-tuning's record
-    of its base model, kept in the checkpoints so that a resume on another base is refused."""
+    of its base model, kept in the checkpoints so that a resume on another base is refused. batch_tokens: see
+    summary. A run that stops on SIGTERM, Ctrl-C or a NaN still writes metrics.json (with `stopped`) and report.md."""
     module = LanguageModel(
         model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True), compile=cfg.get("compile", False)
     )
@@ -399,20 +404,46 @@ def train(
     if trainer.is_global_zero and not in_sweep():  # a sweep's jobs are numbered dirs of one sweep, not runs of a name
         point_latest(run_dir)
     t0 = time.perf_counter()
-    fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
-    wall = time.perf_counter() - t0
+    try:
+        fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except (SystemExit, GPTError) as e:  # SIGTERM / Ctrl-C (last.ckpt saved) or the NaN guard: an orderly stop
+        if trainer.is_global_zero and trainer.global_step > 0:  # metrics.json and report.md of how far it got
+            metrics = summary(trainer, speed, time.perf_counter() - t0, batch_tokens, run_dir, ckpt_path)
+            params = {"params": model.num_params()} if isinstance(model, GPT) else {}
+            try:
+                write_metrics(run_dir, {**metrics, **params, **stop_reason(trainer, e)})
+            except Exception as again:  # e.g. the full disk that stopped the run: its own error is the one to see
+                log.warning("no metrics.json for the stopped run: %s", again)
+        raise
+    return trainer, summary(trainer, speed, time.perf_counter() - t0, batch_tokens, run_dir, ckpt_path)
+
+
+def stop_reason(trainer: L.Trainer, e: BaseException) -> dict:
+    stop = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+    if isinstance(e, SystemExit) and stop is not None and stop.signum:
+        last = trainer.checkpoint_callback.last_model_path
+        return {"stopped": f"{signal.Signals(stop.signum).name} after step {trainer.global_step}", "last_ckpt": last}
+    return {"stopped": str(e)}
+
+
+def summary(trainer, speed, wall: float, batch_tokens, run_dir: Path, ckpt_path: Optional[str]) -> dict:
+    """metrics.json's common part. batch_tokens: tokens of one micro-batch on one rank when every batch holds
+    as many (pretraining: tokens seen counts the whole run, a resumed one too); else the tokens counted."""
     val, bpb = trainer.callback_metrics.get("val/loss"), trainer.callback_metrics.get("val/bpb")
     best = trainer.checkpoint_callback.best_model_score
-    return trainer, {
+    per_step = batch_tokens and batch_tokens * trainer.accumulate_grad_batches * trainer.world_size
+    return {
         "step": trainer.global_step,
         "val_loss": float(val) if val is not None else None,
         "val_ppl": float(torch.exp(val)) if val is not None else None,
         "val_bpb": float(bpb) if bpb is not None else None,
         "best_val_loss": float(best) if best is not None else None,
+        "tokens": trainer.global_step * per_step if per_step else speed.tokens,
         "tokens_per_s": round(speed.tokens_per_s, 1),
         "train_seconds": round(speed.seconds, 2),
         "wall_seconds": round(wall, 2),
         "precision": str(trainer.precision),
+        "device": describe_device(trainer.strategy.root_device, trainer.world_size),
         "run_dir": str(run_dir),
         "resumed_from": ckpt_path,
         "skipped_steps": skipped_steps(trainer),
@@ -425,5 +456,7 @@ def skipped_steps(trainer: L.Trainer) -> int:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """metrics.json, then the run's report.md (gpt/report.py) from it and the other files the run wrote."""
     with atomic_file(run_dir / "metrics.json") as f:
         f.write(json.dumps(metrics, indent=2).encode())
+    write_report(run_dir)
