@@ -112,8 +112,20 @@ class _Preloaded:
         )
 
     # What may differ between the session's environment and a call's: gpt's own variables and what tests
-    # set in-process (pytest; Lightning's seed_everything), all read at run time, never at import.
-    RUNTIME_ONLY = ("GPT_", "PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    # set in-process (pytest; Lightning's seed_everything), all read at run time, never at import; and what
+    # libraries write into os.environ for themselves once used in the test process (Lightning Fabric's NVML
+    # switch, inductor's cache dir, lm-eval's Xet download hint), read when CUDA, inductor or a hub download is
+    # first used, never by the preloaded imports. Without these, every call after the first test that used one of
+    # those libraries ran as a fresh process (a 13-minute suite).
+    RUNTIME_ONLY = (
+        "GPT_",
+        "PYTEST_CURRENT_TEST",
+        "PL_GLOBAL_SEED",
+        "PL_SEED_WORKERS",
+        "PYTORCH_NVML_BASED_CUDA_CHECK",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "HF_XET_HIGH_PERFORMANCE",
+    )
 
     def serves(self, env: dict) -> bool:
         """Whether a call with `env` behaves as a fresh process would (see RUNTIME_ONLY)."""
@@ -172,9 +184,14 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, 
     if hasattr(os, "fork"):
         if not _preloaded:
             _preloaded.append(_Preloaded())
-        if _preloaded[0].serves(full_env):
+        # A variable a library added to this process's environment after the preloaded process started (Lightning
+        # Fabric's NVML switch, inductor's cache dir, lm-eval's hub hints, ...) was not there when the preloaded
+        # modules were imported, and the call did not ask for it: it does not make the call differ.
+        added = set(os.environ) - set(_preloaded[0].env) - set(env or {}) - {"PYTHONUNBUFFERED"}
+        compared = {k: v for k, v in full_env.items() if k not in added}
+        if _preloaded[0].serves(compared):
             return _preloaded[0].run(argv, cwd, full_env, timeout)
-        unasked = [k for k in _preloaded[0].differs(full_env) if k not in (env or {})]
+        unasked = [k for k in _preloaded[0].differs(compared) if k not in (env or {})]
         if unasked:  # the session's environment changed under the preloaded process: worth knowing
             warnings.warn(f"run_cli: {unasked} changed since the session started; running a fresh (slower) process")
     return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -426,7 +426,16 @@ def _rows_valid(row, many):
     return lambda made: [row, row] if many else row
 
 
-logging.getLogger("gpt").setLevel(logging.ERROR)  # the warnings of tokenizing odd rows say nothing here
+@pytest.fixture(autouse=True)
+def _quiet_gpt_logs():
+    """The warnings of tokenizing odd rows say nothing here; the level is put back for the other test files
+    (set at import, it silenced gpt's log records for every test collected after this file)."""
+    logger = logging.getLogger("gpt")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
 
 test_config_json = property_test(
     "config_json", lambda made: json.loads((made["model"] / "config.json").read_text()), _model_loader("config.json")
