@@ -108,6 +108,7 @@ def test_under_ddp_only_rank_zero_writes(runs):
         "loss.png",
         "metrics.csv",
         "metrics.json",
+        "report.md",
         "samples.txt",
         "train.log",
         "train_ddp_process_1.log",
