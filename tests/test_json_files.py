@@ -260,7 +260,7 @@ def test_the_shared_reader_says_what_is_wrong_in_one_line(tmp_path):
         b"\xff{}": "not UTF-8 text (bad byte at offset 0)",
         b"[1]": "holds an array where an object belongs",
         b'"text"': "holds a string where an object belongs",
-        b"1" * 5000: "not valid JSON (Exceeds the limit (4300 digits)",
+        b"1" * 5000: "not valid JSON (a number longer than Python's 4300-digit limit)",
         b'{"a": "\\ud800"}': "holds a string that is not Unicode text",
         b"[" * DEEP + b"]" * DEEP: "nested too deeply",
     }
