@@ -41,7 +41,8 @@ from peft import PeftModel
 
 from gpt.completions import escape, generate_batch
 from gpt.devices import autocast, check_dtype, resolve_device
-from gpt.errors import BadJSON, GPTError, parse_json
+from gpt.errors import GPTError
+from gpt.inference import load_any_model
 from gpt.lit import LanguageModel, quiet_lightning
 from gpt.tasks import TaskDataModule
 from gpt.textfiles import read_text_file, write_lines_atomically
@@ -312,25 +313,6 @@ def bits_per_byte(
         "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
     }
-
-
-def load_any_model(path: str | Path, device: torch.device):
-    """One of our model dirs / .ckpt files, or a Hugging Face GPT-2 or Llama directory converted in memory."""
-    from gpt.checkpoint import CONFIG_FILE, load_model
-
-    path = Path(path)
-    config = path / CONFIG_FILE
-    if path.is_dir() and config.is_file():
-        try:
-            hf = parse_json(config.read_bytes()).get("model_type") in ("gpt2", "llama")
-        except BadJSON:
-            hf = False  # load_model says what is wrong with it
-        if hf:
-            from gpt.convert import read_hf_dir
-
-            model, tokenizer, _ = read_hf_dir(path)
-            return model.to(device), tokenizer
-    return load_model(path, map_location=device)
 
 
 def check_options(args) -> None:

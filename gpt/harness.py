@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from gpt.completions import StopStrings, left_pad
 from gpt.devices import resolve_device
-from gpt.errors import BadJSON, GPTError, parse_json
+from gpt.errors import GPTError
 from gpt.generate import generate
 from gpt.inference import prepare_for_sampling
 from gpt.scoring import score_sequences
@@ -53,7 +53,8 @@ SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p"}  # generation_kwa
 def load_for_eval(path: str | Path, device: torch.device, base: Optional[str] = None, merge: bool = True):
     """(model, tokenizer) from a model dir / .ckpt of ours, an adapter dir (on its recorded base, or `base`),
     or a Hugging Face GPT-2 / Llama directory. merge: fold an adapter into its base (faster; same numbers)."""
-    from gpt.checkpoint import CONFIG_FILE, RECORD_FILE, load_model
+    from gpt.checkpoint import RECORD_FILE
+    from gpt.inference import load_any_model
 
     path = Path(path)
     if (path / RECORD_FILE).is_file():
@@ -64,17 +65,7 @@ def load_for_eval(path: str | Path, device: torch.device, base: Optional[str] = 
         return (merge_adapter(model) if merge else model), tokenizer
     if base:
         raise GPTError(f"--base is for adapters, and {path} is not an adapter directory (no {RECORD_FILE}); drop it")
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        try:
-            hf = parse_json((path / CONFIG_FILE).read_bytes()).get("model_type") in ("gpt2", "llama")
-        except (BadJSON, AttributeError):
-            hf = False  # load_model says what is wrong with it
-        if hf:
-            from gpt.convert import read_hf_dir
-
-            model, tokenizer, _ = read_hf_dir(path)
-            return model.to(device), tokenizer
-    return load_model(path, map_location=device)
+    return load_any_model(path, device)
 
 
 @register_model("gpt")

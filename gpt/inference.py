@@ -4,13 +4,14 @@ directory, a .ckpt or an adapter on its base, put on its device in the sampling 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from gpt.checkpoint import load_model
 from gpt.devices import resolve_device, resolve_dtype
-from gpt.errors import GPTError
+from gpt.errors import BadJSON, GPTError, parse_json
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
@@ -62,3 +63,22 @@ def quantize_weights(model, how: str) -> GPT:
             f"quantize=int8 cannot quantize this model ({str(e).splitlines()[0][:120]}); sample it without quantize"
         ) from e
     return model
+
+
+def load_any_model(path: str | Path, device: torch.device):
+    """One of our model dirs / .ckpt files, or a Hugging Face GPT-2 or Llama directory converted in memory."""
+    from gpt.checkpoint import CONFIG_FILE
+
+    path = Path(path)
+    config = path / CONFIG_FILE
+    if path.is_dir() and config.is_file():
+        try:
+            hf = parse_json(config.read_bytes()).get("model_type") in ("gpt2", "llama")
+        except BadJSON:
+            hf = False  # load_model says what is wrong with it
+        if hf:
+            from gpt.convert import read_hf_dir
+
+            model, tokenizer, _ = read_hf_dir(path)
+            return model.to(device), tokenizer
+    return load_model(path, map_location=device)
