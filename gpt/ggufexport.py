@@ -313,7 +313,7 @@ def write_gguf(out: Path, arch: str, c: GPTConfig, vocab: dict, typed: dict, qty
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line (python -m gpt.ggufexport; also the body of `python -m gpt.convert export-gguf`)
+# What `python -m gpt.convert export-gguf` adds to its command line (gpt/convert.py owns the parser)
 
 
 def describe(path: Path) -> str:
