@@ -1,16 +1,17 @@
 """The serving engine: one thread owns the model and decodes every running request together (continuous
 batching). Requests that arrive within `batch_window_ms` of each other are read (prefilled) together,
 left-padded; every step then samples one token for every running request (each with its own temperature,
-top_p, random stream, stop strings and max_tokens) and runs one decode step over the whole batch. A
-request that finishes leaves the batch and a waiting one joins it at the next step, without draining the
-others: the batch's KV cache is re-gathered, each row's cached positions packed to the right (a row's
-positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask
-of real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
-fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves
-the batch at the next step, and the queue at once, with every other cancelled one. A job that asks for logprobs
-records, for every token it samples, the model's raw log-softmax at that step (before temperature, top_k and
-top_p, as vLLM reports by default). Prompts to score (`Score`: echo's prompt logprobs) go through the same queue
-and run, by gpt/scoring.py, on this thread between two steps. The HTTP side is gpt/serve.py.
+top_k, top_p, min_p, penalties, logit_bias, random stream, stop strings and max_tokens) and runs one decode
+step over the whole batch. A request that finishes leaves the batch and a waiting one joins it at the next
+step, without draining the others: the batch's KV cache is re-gathered, each row's cached positions packed to
+the right (a row's positions are counted per row, cache.seen, so where a key sits in the buffer does not
+matter, only the mask of real positions, as with left padding). A failure stays with its request: sampling or
+reading a prompt that fails fails only those jobs; only the batch's decode step (the model itself) fails the
+batch. A cancelled job leaves the batch at the next step, and the queue at once, with every other cancelled
+one. A job that asks for logprobs records, for every token it samples, the model's raw log-softmax at that
+step (before penalties, logit_bias, temperature, top_k, top_p and min_p, as vLLM reports by default). Prompts
+to score (`Score`: echo's prompt logprobs) go through the same queue and run, by gpt/scoring.py, on this thread
+between two steps. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from gpt.completions import StreamPrinter, left_pad
 from gpt.errors import GPTError
-from gpt.generate import sample_next_token
+from gpt.generate import Penalties, sample_next_token
 from gpt.model import GPT, KVCache
 from gpt.scoring import score_sequences
 
@@ -53,6 +54,17 @@ class Job:
     logprobs: Optional[int] = None  # record each sampled token's logprob and this many likeliest (None: nothing)
     scores: list = field(default_factory=list)  # per sampled token: (id, logprob, top ids, top logprobs)
     reported: int = 0  # the scores sent with "delta" events so far
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF's / vLLM's, over the prompt's and the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # What the penalties need, made at admission for a job that has any (None: not used): each token's count in
+    # the generated tokens, whether it is in the prompt or the output, the bias as a (vocab,) row.
+    counts: Optional[torch.Tensor] = None
+    seen: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
 
     def write(self, text: str) -> None:  # StreamPrinter's output: the new text (and its tokens' scores) go out
         if text:
@@ -79,8 +91,8 @@ class Score:
 class Engine:
     """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
 
-    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16, batch_window_s=0.005):
-        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
+    def __init__(self, model: GPT, tokenizer, *, stop_at_eos=True, max_batch_size=16, batch_window_s=0.005):
+        self.model, self.tokenizer = model, tokenizer
         self.eos = tokenizer.eos_id if stop_at_eos else None
         self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_batch_size, self.window = max_batch_size, batch_window_s
@@ -243,6 +255,10 @@ class Engine:
         if self.eos is not None and token == self.eos:
             return "stop"
         job.generated.append(token)
+        if job.counts is not None:
+            job.counts[token] += 1
+        if job.seen is not None:
+            job.seen[token] = True
         if job.printer([token]):
             return "stop"
         if len(job.generated) >= job.max_tokens or job.cached >= self.block:  # max_tokens, or the context is full
@@ -250,20 +266,24 @@ class Engine:
         return None
 
     def sample(self) -> tuple[torch.Tensor, dict[int, str]]:
-        """One token per row, rows with the same settings sampled together, each from its own random stream;
-        and {row: error message} for the rows whose sampling failed. A failure never spreads beyond its rows:
-        a group that fails is sampled again row by row (from the random states it started with), so only the
-        rows that fail alone are failed."""
+        """One token per row, rows with the same temperature, top_k, top_p and min_p sampled together (greedy rows
+        all together), each with its own penalties and logit_bias and from its own random stream; and {row: error
+        message} for the rows whose sampling failed. A failure never spreads beyond its rows: a group that fails
+        is sampled again row by row (from the random states it started with), so only the rows that fail alone
+        are failed."""
         groups: dict[tuple, list[int]] = {}
         for row, job in enumerate(self.rows):
-            groups.setdefault((job.temperature, job.top_p), []).append(row)
+            key = (job.temperature, job.top_k, job.top_p, job.min_p) if job.temperature else (0.0, None, None, None)
+            groups.setdefault(key, []).append(row)
         tokens = torch.zeros(len(self.rows), dtype=torch.long)
         errors: dict[int, str] = {}
-        for (temperature, top_p), rows in groups.items():
+        for (temperature, top_k, top_p, min_p), rows in groups.items():
             generators = None if temperature == 0 else [self.rows[r].generator for r in rows]
             states = None if generators is None else [g.get_state() for g in generators]
             try:
-                tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
+                tokens[rows] = sample_next_token(
+                    self.logits[rows], temperature, top_k, top_p, generators, min_p, self.penalties(rows)
+                ).cpu()
                 continue
             except Exception:
                 if generators is not None:  # rewind: each row draws again what it would have drawn
@@ -272,10 +292,41 @@ class Engine:
             for i, r in enumerate(rows):
                 try:
                     g = None if generators is None else [generators[i]]
-                    tokens[r] = sample_next_token(self.logits[r : r + 1], temperature, self.top_k, top_p, g).cpu()[0]
+                    one = sample_next_token(
+                        self.logits[r : r + 1], temperature, top_k, top_p, g, min_p, self.penalties([r])
+                    )
+                    tokens[r] = one.cpu()[0]
                 except Exception as e:
                     errors[r] = failure(e)
         return tokens, errors
+
+    def penalties(self, rows: list[int]) -> Optional[Penalties]:
+        """The given rows' penalties and logit_bias as one Penalties (neutral values for the rows without); None
+        when none of them has any."""
+        jobs = [self.rows[r] for r in rows]
+        if all(job.counts is None and job.seen is None and job.bias is None for job in jobs):
+            return None
+        vocab, device = self.logits.size(-1), self.logits.device
+
+        def stacked(name, empty):
+            if all(getattr(job, name) is None for job in jobs):
+                return None
+            return torch.stack([empty if getattr(job, name) is None else getattr(job, name) for job in jobs])
+
+        def values(name):
+            return torch.tensor([getattr(job, name) for job in jobs], dtype=torch.float32, device=device)
+
+        zeros = torch.zeros(vocab, device=device)
+        p = Penalties(
+            bias=stacked("bias", zeros),
+            seen=stacked("seen", torch.zeros(vocab, dtype=torch.bool, device=device)),
+            counts=stacked("counts", zeros),
+        )
+        if p.seen is not None:
+            p.repetition = values("repetition_penalty")
+        if p.counts is not None:
+            p.frequency, p.presence = values("frequency_penalty"), values("presence_penalty")
+        return p
 
     def admit(self, jobs: list[Job]) -> None:
         """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch.
@@ -286,6 +337,7 @@ class Engine:
                 prompts.setdefault(tuple(job.ids), len(prompts))
                 job.cached = len(job.ids)
                 job.printer = StreamPrinter(self.tokenizer, job.stops, job)
+                self.penalize(job)
             idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
             cache = self.model.new_cache()
             logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
@@ -297,6 +349,21 @@ class Engine:
         parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
         parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
         self.regroup(parts, self.rows + jobs)
+
+    def penalize(self, job: Job) -> None:
+        """The tensors a job's penalties and logit_bias need (see Job), on the model's device; none for a job
+        without any."""
+        vocab, device = self.model.config.vocab_size, self.device
+        if job.frequency_penalty or job.presence_penalty:
+            job.counts = torch.zeros(vocab, device=device)
+        if job.repetition_penalty != 1:
+            job.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            job.seen[torch.tensor(job.ids, device=device)] = True
+        if job.logit_bias:
+            job.bias = torch.zeros(vocab, device=device)
+            job.bias[torch.tensor(list(job.logit_bias), device=device)] = torch.tensor(
+                list(job.logit_bias.values()), device=device
+            )
 
     def regroup(self, parts: list[tuple[KVCache, list[int], torch.Tensor]], jobs: list[Job]) -> None:
         """The batch becomes the given rows of the given caches (with their logits), in order."""

@@ -121,8 +121,8 @@ def test_a_failing_request_fails_alone_and_the_others_draw_what_they_draw_alone(
     jobs = {key: job(ids, 20, t, seed, events, key) for key, (ids, t, seed) in specs.items()}
     real = gpt.engine.sample_next_token
 
-    def flaky(logits, temperature, top_k, top_p, generators):
-        out = real(logits, temperature, top_k, top_p, generators)  # the group's generators have moved on
+    def flaky(logits, temperature, top_k, top_p, generators, *rest):
+        out = real(logits, temperature, top_k, top_p, generators, *rest)  # the group's generators have moved on
         if generators and any(g is jobs["bad"].generator for g in generators) and len(jobs["bad"].generated) == 4:
             raise RuntimeError("a fault of this request's sampling")
         return out
