@@ -10,7 +10,8 @@
 # make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
 #             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
-#             and on an AVX-512 CPU both again as an AVX2-only CPU runs them (--isa avx2)
+#             and on an AVX-512 CPU both again as an AVX2-only CPU runs them (--isa avx2); then the server under
+#             overload (bench/serve_load.py: 64 streaming clients, 429s, tokens/s, TTFT and latency)
 #
 # TORCH_SPEC picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -92,6 +93,7 @@ ifeq ($(AVX512),yes)
 	$(PY) bench/bench.py --isa avx2
 	$(PY) bench/recipe.py --isa avx2
 endif
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) .cache runs multirun .pytest_cache
