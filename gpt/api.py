@@ -242,7 +242,7 @@ class Guard:
                 allow_origins=list(cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],  # Authorization, Content-Type, and what the OpenAI SDKs add (x-stainless-*)
-                expose_headers=["Retry-After", "retry-after-ms"],  # a 429's, for a page to read
+                expose_headers=["Retry-After"],  # a 429's, for a page to read
             )
 
     async def __call__(self, scope, receive, send):
