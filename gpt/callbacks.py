@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gpt.checkpoint import copy_atomically
+from gpt.atomic import copy_atomically
 from gpt.errors import GPTError, check_seed
 
 log = logging.getLogger(__name__)

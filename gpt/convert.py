@@ -30,12 +30,11 @@ import torch
 import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from gpt.atomic import MARKER, atomic_dir
 from gpt.checkpoint import (
     ADAPTER_CONFIG_FILE,
     CONFIG_FILE,
-    MARKER,
     WEIGHTS_FILE,
-    atomic_dir,
     check_tensors,
     load_model,
     load_weights,

@@ -13,7 +13,7 @@ from glob import escape, glob
 from pathlib import Path
 from typing import Optional
 
-from gpt.checkpoint import atomic_file
+from gpt.atomic import atomic_file
 from gpt.errors import GPTError
 
 DATA_DIR_ENV = "GPT_DATA_DIR"

@@ -36,7 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gpt.checkpoint import ADAPTER_CONFIG_FILE, atomic_file, load_model
+from gpt.atomic import atomic_file
+from gpt.checkpoint import ADAPTER_CONFIG_FILE, load_model
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
 from gpt.model import GPT

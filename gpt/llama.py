@@ -16,7 +16,8 @@ from transformers import LlamaConfig
 from gpt.checkpoint import check_tensors
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
-from gpt.model import GPT, count_parameters, physical_memory
+from gpt.memory import count_parameters, physical_memory
+from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)

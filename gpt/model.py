@@ -16,7 +16,6 @@ GPT-2 checkpoints map onto them with a transpose, and Llama's with a concatenati
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -257,7 +256,6 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise GPTError("GPTConfig.vocab_size is not set: take it from the tokenizer (tokenizer.vocab_size)")
-        check_fits_in_memory(config)
         self.config = config
         layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos_emb == "learned":  # RoPE instead rotates queries and keys in every layer: no weights
@@ -415,40 +413,3 @@ class GPT(nn.Module):
         # 0·NaN in the next layer). Let every query see itself; padding outputs are never used.
         mask |= torch.eye(T, S, dtype=torch.bool, device=device).roll(start, dims=1)[None]
         return pos, mask[:, None], False
-
-
-def physical_memory() -> Optional[int]:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that tells
-        return None
-
-
-def count_parameters(config: GPTConfig) -> int:
-    """The parameters GPT(config) has, from one block built on the meta device (shapes only, no memory) times
-    n_layer, and the embeddings' shapes: no model of absurd size is ever built, even on the meta device."""
-    C, widest = config.n_embd, max(3 * config.n_embd, config.hidden_dim)
-    if C * widest >= 2**62:  # beyond what torch can describe (its sizes are 64-bit): too large, whatever the rest
-        return config.n_layer * C * widest
-    with torch.device("meta"):
-        block = sum(p.numel() for p in Block(config).parameters())
-        final_norm = sum(p.numel() for p in make_norm(config).parameters())
-    V = config.vocab_size or 0
-    positions = config.block_size * C if config.pos_emb == "learned" else 0
-    return V * C * (1 if config.tie_embeddings else 2) + positions + config.n_layer * block + final_norm
-
-
-def check_fits_in_memory(config: GPTConfig) -> None:
-    """A model whose weights alone exceed this machine's memory is refused before anything is allocated (a
-    vocab_size of 10**12 would otherwise ask for terabytes and die in the allocator). Building on the meta
-    device (shapes only) is always allowed."""
-    if torch.empty(()).device.type == "meta":
-        return
-    n = count_parameters(config)
-    need, have = n * torch.get_default_dtype().itemsize, physical_memory()
-    if have and need > have:
-        raise GPTError(
-            f"impossible model config: {n:,} parameters need {need / 2**30:,.0f} GiB for the weights "
-            f"alone, more than this machine's {have / 2**30:,.0f} GiB of memory; choose a smaller model "
-            "(n_layer, n_embd, vocab_size, block_size)"
-        )

@@ -24,6 +24,7 @@ from gpt.checkpoint import CONFIG_FILE, load_model_dir, save_model_dir
 from gpt.config import GPTConfig
 from gpt.errors import GPTError, check_seed, read_json
 from gpt.launch import build
+from gpt.memory import check_fits_in_memory
 from gpt.model import GPT
 from gpt.run import (
     RunLock,
@@ -83,6 +84,7 @@ def _pretrain(cfg: DictConfig, run_dir: Path) -> dict:
         )
     tokenizer = datamodule.tokenizer  # builds (or reuses) the token store
     config = complete_model_config(config, tokenizer.vocab_size)
+    check_fits_in_memory(config)
     model = GPT(config)
     if init is not None:
         model.load_state_dict(init.state_dict())

@@ -433,7 +433,7 @@ FILES = (
 
 def write_report(run_dir: str | Path) -> Optional[Path]:
     """Write run_dir/report.md atomically. A report that cannot be written is a warning, never the run's end."""
-    from gpt.checkpoint import atomic_file
+    from gpt.atomic import atomic_file
 
     path = Path(run_dir) / REPORT_FILE
     try:

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from gpt.atomic import atomic_file, remove_stale_temps
 from gpt.callbacks import (
     ExportingCheckpoint,
     FinalSamples,
@@ -37,7 +38,7 @@ from gpt.callbacks import (
     SpeedMonitor,
     progress_callback,
 )
-from gpt.checkpoint import atomic_file, remove_stale_temps, torch_load, why_unloadable
+from gpt.checkpoint import torch_load, why_unloadable
 from gpt.errors import GPTError, is_finite, is_int
 from gpt.guard import NonFiniteGuard
 from gpt.launch import build, is_launch_rank_zero

@@ -8,7 +8,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from gpt.checkpoint import atomic_file
+from gpt.atomic import atomic_file
 from gpt.errors import GPTError, storage_errors
 
 

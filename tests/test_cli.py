@@ -100,6 +100,27 @@ def test_sampling_is_reproducible_and_seeded(trained):
         assert home.stdout == a.stdout
 
 
+def test_the_gpt_command_runs_each_verb_as_its_own_entry_does(trained, tmp_path):
+    """`gpt <verb>` (here `python -m gpt <verb>`, the same main) is a router: the same output and the same
+    one-line errors as the entry script or module it stands for."""
+    model = str(trained / "checkpoints" / "best")
+    args = [f"ckpt={model}", "prompt=ROMEO:", "max_new_tokens=40", "temperature=1.0", "seed=7"]
+    direct = run_cli("sample.py", *args)
+    routed = run_cli("-m gpt", "sample", *args)
+    assert direct.returncode == 0 and routed.returncode == 0, routed.stderr
+    assert routed.stdout == direct.stdout and len(routed.stdout) > 40
+    listing = run_cli("-m gpt", "--help")
+    assert listing.returncode == 0
+    for verb in ("train", "finetune", "sample", "chat", "serve", "convert", "evaluate", "report"):
+        assert f"\n  {verb} " in listing.stdout, verb
+    assert_user_error(run_cli("-m gpt", "nope"), "unknown verb 'nope'", "gpt --help")
+    assert_user_error(run_cli("-m gpt", "sample", "model=tiny"), "model is not a config group of sample.py")
+    assert_user_error(run_cli("-m gpt", "report", str(tmp_path)), "not a run directory")
+    exported = tmp_path / "hf"
+    assert run_cli("-m gpt", "convert", "export-hf", model, str(exported)).returncode == 0
+    assert (exported / "config.json").is_file()
+
+
 def test_batch_mode_one_completion_per_line(trained, tmp_path):
     """Lines are what `wc -l` and sacrebleu count: a byte-order mark and \r\n endings are not text, and
     U+2028 or a form feed inside a line do not split it (str.splitlines would: 4 completions for 3 lines)."""

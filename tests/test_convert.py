@@ -581,7 +581,7 @@ def test_sizes_no_machine_can_hold_are_refused_naming_the_key(hf_dir, tmp_path, 
     if key == "n_positions":  # the bound is a context that fits: importing with it is accepted by the check
         from gpt.config import GPTConfig as C
         from gpt.llama import import_bytes
-        from gpt.model import physical_memory
+        from gpt.memory import physical_memory
 
         most = int(err.split("at most ")[1].split(" fits")[0].replace(",", ""))
         assert most > 64

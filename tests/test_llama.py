@@ -419,7 +419,7 @@ def test_presets_have_their_parameter_counts():
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama", "llama_untied"])
 def test_the_memory_check_counts_the_parameters_the_model_has(variant):
-    from gpt.model import count_parameters
+    from gpt.memory import count_parameters
 
     kw = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2) if variant != "gpt2" else {}
     config = GPTConfig(

@@ -20,7 +20,8 @@ import torch
 from conftest import TINY, assert_user_error, run_cli
 from omegaconf import OmegaConf
 
-from gpt.checkpoint import MARKER, atomic_file, load_model, recover_dir, save_model_dir
+from gpt.atomic import MARKER, atomic_file, recover_dir
+from gpt.checkpoint import load_model, save_model_dir
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
@@ -275,7 +276,7 @@ def verb_checks(script: str, cfg, tiny: GPT, tok: Tokenizer) -> None:
     from gpt.generate import check_sampling_args
     from gpt.launch import build
     from gpt.lit import LanguageModel
-    from gpt.model import check_fits_in_memory
+    from gpt.memory import check_fits_in_memory
 
     if script == "sample":
         from gpt.sample import check_options, prompt_template

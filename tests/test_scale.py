@@ -59,8 +59,10 @@ def runs(tmp_path_factory, shakespeare):
     root = tmp_path_factory.mktemp("scale")
     env = clean_env(root)
     data = f"data.path={shakespeare}"
+    # through the one command: Lightning's DDP launcher must start the second process with the same verb
     ddp = run_cli(
-        "train.py",
+        "-m gpt",
+        "train",
         *COMMON,
         data,
         "trainer=ddp_cpu",
