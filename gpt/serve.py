@@ -46,6 +46,7 @@ from gpt.generate import check_sampling_args
 from gpt.inference import load_for_sampling
 from gpt.logprobs import ChoiceLogprobs, Spelling
 from gpt.model import GPT
+from gpt.prefixcache import PrefixCache
 
 # ----------------------------------------------------------------------------------------------------
 # The routes (their request shapes, errors and middleware: gpt/api.py)
@@ -62,6 +63,7 @@ class Server:
         self.created = int(time.time())
         self.strict = cfg.unknown_chars == "error"
         self.spelling = Spelling(tokenizer)
+        prefix = cfg.prefix_cache_tokens
         self.engine = Engine(
             model,
             tokenizer,
@@ -69,6 +71,7 @@ class Server:
             stop_at_eos=cfg.stop_at_eos,
             max_batch_size=cfg.max_batch_size,
             batch_window_s=cfg.batch_window_ms / 1000,
+            prefix_cache=PrefixCache(prefix, cfg.prefix_cache_block) if prefix else None,
         )
 
     def encode(self, text: str, param: str) -> list[int]:
@@ -304,6 +307,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         }
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
 
+        def totals():  # the usage once every choice is done; cached_tokens: the prompts' prefix-cache hits (job
+            # i * n is prompt i's first choice; a prompt is read once for its n)
+            cached = sum(jobs[i * n].reused for i in range(len(prompts))) if jobs else 0
+            total = usage["prompt_tokens"] + usage["completion_tokens"]
+            return {**usage, "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached}}
+
         def choice(k, text, reason, lp):
             if chat:
                 message = {"role": "assistant", "content": text}
@@ -360,14 +369,8 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                             yield sse({"error": {**error, "message": event[1]}})
                             return
                     if body.stream_options and body.stream_options.include_usage:
-                        total = usage["prompt_tokens"] + usage["completion_tokens"]
                         yield sse(
-                            {
-                                **head,
-                                "object": kind + ".chunk" if chat else kind,
-                                "choices": [],
-                                "usage": {**usage, "total_tokens": total},
-                            }
+                            {**head, "object": kind + ".chunk" if chat else kind, "choices": [], "usage": totals()}
                         )
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client disconnected: its rows leave the batch at the next step
@@ -400,10 +403,9 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         finally:
             watcher.cancel()
             cancel()
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         outs = [texts[k // n] + outs[k] if echo else outs[k] for k in range(count)]
         choices = [choice(k, outs[k], reasons[k], logprobs.whole(k, entries[k])) for k in range(count)]
-        return {**head, "choices": choices, "usage": usage}
+        return {**head, "choices": choices, "usage": totals()}
 
     api_key = cfg.api_key or os.environ.get("GPT_API_KEY") or None
     return Guard(app, api_key, cfg.max_body_bytes)
@@ -428,6 +430,15 @@ def check_serve_options(cfg) -> None:
     for key, value in positive.items():
         if not is_int(value) or value < 1:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
+    if not is_int(cfg.prefix_cache_block) or cfg.prefix_cache_block < 1:
+        raise GPTError(f"prefix_cache_block must be a positive integer (got {cfg.prefix_cache_block!r})")
+    if not is_int(cfg.prefix_cache_tokens) or not (
+        cfg.prefix_cache_tokens == 0 or cfg.prefix_cache_tokens >= cfg.prefix_cache_block
+    ):
+        raise GPTError(
+            f"prefix_cache_tokens must be 0 (no prefix cache) or at least prefix_cache_block={cfg.prefix_cache_block} "
+            f"(got {cfg.prefix_cache_tokens!r})"
+        )
     for key in ("batch_window_ms", "shutdown_timeout"):
         if not is_number(cfg[key]) or cfg[key] < 0:
             raise GPTError(f"{key} must be a number >= 0 (got {cfg[key]!r})")
