@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP server: `python -m gpt.serve ckpt=<model dir> [adapter=<dir>] [port=8000]`.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (chat template: gpt/chat.py),
-GET /health. FastAPI + uvicorn run in one process; one background thread, the engine (gpt/engine.py), owns
-the model and batches the requests continuously; `logprobs` / `echo` answers are built by gpt/logprobs.py.
-Docs: docs/serve.md.
+GET /health, and GET / (a chat page for the browser: gpt/static/chat.html). FastAPI + uvicorn run in one process;
+one background thread, the engine (gpt/engine.py), owns the model and batches the requests continuously (reusing
+the keys and values of prompts that start alike: gpt/prefixcache.py); `logprobs` / `echo` answers are built by
+gpt/logprobs.py. Docs: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.resources
 import os
 import secrets
 import signal
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.api import (
@@ -212,6 +214,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         return APIError(
             exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
         ).response()
+
+    page = (importlib.resources.files("gpt") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # no API key needed (gpt/api.py PUBLIC): the page sends the one typed into it
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
