@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -46,6 +47,49 @@ def make_model(path: Path, layers: int, heads: int, width: int, block: int) -> P
     return save_model_dir(model, tok, path)
 
 
+@contextlib.contextmanager
+def served(model_dir: Path, server_args: list[str], deadline: float):
+    """`python -m gpt.serve` on the model, in a child process on a free loopback port, until the block ends (then
+    SIGTERM); yields its base url once /health answers."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt.serve",
+            f"ckpt={model_dir}",
+            f"port={port}",
+            "stop_at_eos=false",
+            "log_level=warning",
+            *server_args,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("error: the server did not start")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
@@ -61,7 +105,7 @@ async def one_request(http, prompt: str, seed: int, max_tokens: int) -> dict:
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first, tokens, done = None, 0, False
+    first, tokens, cached, done = None, 0, 0, False
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
@@ -76,11 +120,12 @@ async def one_request(http, prompt: str, seed: int, max_tokens: int) -> dict:
                 return {"error": data["error"]["message"]}
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
+                cached = data["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
             elif first is None and data["choices"] and data["choices"][0]["text"]:
                 first = time.perf_counter() - start
     if not done:
         return {"error": "the stream ended without [DONE]"}
-    return {"ttft": first, "latency": time.perf_counter() - start, "tokens": tokens}
+    return {"ttft": first, "latency": time.perf_counter() - start, "tokens": tokens, "cached": cached}
 
 
 async def run_phase(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -112,6 +157,7 @@ async def run_phase(url: str, prompts: list[str], clients: int, max_tokens: int)
         "wall_s": round(wall, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
+        "cached_tokens": sum(r["cached"] for r in ok),  # prompt tokens read from the prefix cache
         "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1) if ttft else None,
         "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1) if ttft else None,
         "latency_p50_s": round(percentile(latency, 50), 3) if latency else None,
@@ -133,44 +179,13 @@ def main() -> int:
     p.add_argument("server_args", nargs="*", help="more key=value settings for gpt.serve (configs/serve.yaml)")
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+    with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(Path(tmp) / "model", args.layers, args.heads, args.width, args.block)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gpt.serve",
-                f"ckpt={model_dir}",
-                f"port={port}",
-                "stop_at_eos=false",
-                "log_level=warning",
-                *args.server_args,
-            ],
-            cwd=ROOT,
-            env=env,
-        )
         deadline = time.time() + args.timeout
-        try:
-            import httpx
-
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.time() > deadline:
-                    print("error: the server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+        with served(model_dir, args.server_args, deadline) as url:
             rng = random.Random(0)
             n = args.clients * args.requests
             prompts = ["".join(rng.choice(ALPHABET[1:]) for _ in range(rng.randint(8, 64))) for _ in range(n)]
-            url = f"http://127.0.0.1:{port}"
 
             async def both():
                 await run_phase(url, prompts[: args.clients], args.clients, 8)  # warm-up, not counted
@@ -179,12 +194,6 @@ def main() -> int:
                 return batched, single
 
             batched, single = asyncio.run(asyncio.wait_for(both(), timeout=max(1.0, deadline - time.time())))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     figures = {
         "model": f"{args.layers}L/{args.heads}H/{args.width}, block {args.block}, {len(ALPHABET)} chars",
         "max_tokens": args.max_tokens,

@@ -3,6 +3,7 @@ What the page shows for a conversation typed into it must be what the server ans
 plain HTTP, greedy (temperature 0): nothing here depends on what the model emits. `make test-browser` (and CI)
 installs chromium and runs these; `make test` leaves them out (marker `browser`)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,35 +32,53 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tiny model with room for a few turns (a context of 256 characters), served with an API key."""
+def model_dir(tmp_path_factory):
+    """A tiny model with room for a few turns (a context of 256 characters)."""
     tok = Tokenizer.char_level(ALPHABET)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():  # peaked logits: greedy choices are far from ties
         model.lm_head.weight.mul_(4)
-    model_dir = save_model_dir(model, tok, tmp_path_factory.mktemp("page") / "model")
+    return save_model_dir(model, tok, tmp_path_factory.mktemp("page") / "model")
+
+
+def serve(model_dir, *settings):
+    """The model served on a loopback port (a context manager yielding its url)."""
     cfg = serve_config(
-        f"ckpt={model_dir}", "device=cpu", "dtype=float32", "stop_at_eos=false", f"api_key={KEY}", "log_level=warning"
+        f"ckpt={model_dir}", "device=cpu", "dtype=float32", "stop_at_eos=false", "log_level=warning", *settings
     )
-    with running(create_app(cfg)) as url:
+    return running(create_app(cfg))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """Served with an API key."""
+    with serve(model_dir, f"api_key={KEY}") as url:
         yield url
+
+
+@contextlib.contextmanager
+def opened(url):
+    """The chat page at `url`, opened in a fresh headless chromium; `page.sent` collects the bodies of its chat
+    requests and `page.types` the content types of their answers."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium())
+        try:
+            page = browser.new_page()
+            page.sent, page.types = [], []
+            chat = url + "/v1/chat/completions"
+            page.on("request", lambda r: page.sent.append(json.loads(r.post_data)) if r.url == chat else None)
+            page.on("response", lambda r: page.types.append(r.headers.get("content-type")) if r.url == chat else None)
+            page.goto(url + "/")
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture
 def page(server):
-    """The chat page, opened in a fresh headless chromium; `page.sent` collects the bodies of its chat requests and
-    `page.types` the content types of their answers."""
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium())
-        page = browser.new_page()
-        page.sent, page.types = [], []
-        chat = server + "/v1/chat/completions"
-        page.on("request", lambda r: page.sent.append(json.loads(r.post_data)) if r.url == chat else None)
-        page.on("response", lambda r: page.types.append(r.headers.get("content-type")) if r.url == chat else None)
-        page.goto(server + "/")
+    with opened(server) as page:
         yield page
-        browser.close()
 
 
 def say(page, text: str):
@@ -128,3 +147,14 @@ def test_errors_show_on_the_page_and_leave_the_conversation_as_it_was(server, pa
     expect(good).to_have_attribute("data-state", "done")
     assert page.sent[-1]["messages"] == [{"role": "user", "content": "Hi"}]
     assert good.text_content() == api(server, [{"role": "user", "content": "Hi"}], 5)
+
+
+def test_a_server_without_a_key_gets_no_key_field(model_dir):
+    with serve(model_dir) as url, opened(url) as page:
+        expect(page.locator("#model")).to_contain_text("context 256 tokens")  # the page has asked /v1/models
+        expect(page.locator("#key-row")).to_be_hidden()
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "5")
+        reply = say(page, "Hi")
+        expect(reply).to_have_attribute("data-state", "done")
+        assert reply.text_content() == api(url, [{"role": "user", "content": "Hi"}], 5)
