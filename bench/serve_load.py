@@ -7,9 +7,11 @@ Makes a randomly initialised model of the given size (a `model=baby`-like shape 
 speed does not depend on the weights), starts `python -m gpt.serve` on a free loopback port in a child process,
 and sends streaming /v1/completions requests (sampled, stop_at_eos=false so every request generates exactly
 --max-tokens tokens). Phase 1: --clients concurrent clients, each sending --requests requests back to back.
-Phase 2: the same requests one at a time. Reports aggregate generated tokens/s, time to first token (p50/p99) and
-per-request latency (p50/p99), and the errors (any non-200 answer or a stream without [DONE]). The server is
-stopped (SIGTERM) at the end, and the whole run is bounded by --timeout seconds.
+Phase 2: the same requests one at a time (their prompts again: with the server's prefix cache on, partly read
+from it; `cached_tokens` counts those tokens, prefix_cache_tokens=0 turns it off). Reports aggregate generated
+tokens/s, time to first token (p50/p99) and per-request latency (p50/p99), and the errors (any non-200 answer or
+a stream without [DONE]). The server is stopped (SIGTERM) at the end, and the whole run is bounded by --timeout
+seconds.
 """
 
 from __future__ import annotations
