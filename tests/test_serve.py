@@ -336,6 +336,7 @@ def test_a_bad_setting_is_one_error_line(model_dir):
 
     assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_batch_size=0"), "max_batch_size")
     assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_choices=0"), "max_choices")
+    assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "prefix_cache_tokens=8"), "prefix_cache_tokens")
     assert_user_error(run_cli("-m gpt.serve", "port=8000"), "ckpt=")
 
 
