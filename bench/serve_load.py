@@ -10,16 +10,20 @@ speed does not depend on the weights), starts `python -m gpt.serve` on a free lo
 (max_batch_size 16 by default, and --max-waiting), and sends streaming /v1/completions requests (sampled,
 stop_at_eos=false so every request generates exactly --max-tokens tokens). --clients concurrent clients each send
 --requests requests back to back; more choices than max_batch_size + max_waiting at once get 429, and a refused
-client waits the Retry-After seconds and sends the request again (as the openai client does). Reports the 5xx
-answers (and error events in a stream: there must be none), the 429s, aggregate generated tokens/s, time to first
-token and per-request latency (p50/p99; both counted from the request's first try, so the wait after a 429 is in
-them). The server is stopped (SIGTERM) at the end, and the whole run is bounded by --timeout seconds.
+client waits the Retry-After seconds and sends the request again (as the openai client does). --compare then
+sends the same requests one at a time. Reports the 5xx answers (and error events in a stream: there must be none),
+the 429s, aggregate generated tokens/s, time to first token and per-request latency (p50/p99; both counted from
+the request's first try, so the wait after a 429 is in them), and `cached_tokens`: the prompt tokens the server's
+prefix cache served (the warm-up's prompts come again in the loaded phase, and --compare repeats them all, so with
+the cache on those are partly read from it; prefix_cache_tokens=0 turns it off). The server is stopped (SIGTERM)
+at the end, and the whole run is bounded by --timeout seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -51,6 +55,49 @@ def make_model(path: Path, layers: int, heads: int, width: int, block: int) -> P
     return save_model_dir(model, tok, path)
 
 
+@contextlib.contextmanager
+def served(model_dir: Path, server_args: list[str], deadline: float):
+    """`python -m gpt.serve` on the model, in a child process on a free loopback port, until the block ends (then
+    SIGTERM); yields its base url once /health answers."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt.serve",
+            f"ckpt={model_dir}",
+            f"port={port}",
+            "stop_at_eos=false",
+            "log_level=warning",
+            *server_args,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("error: the server did not start")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
@@ -67,7 +114,7 @@ async def one_request(http, prompt: str, seed: int, max_tokens: int) -> dict:
     }
     start, refused = time.perf_counter(), 0
     while True:
-        first, tokens, done = None, 0, False
+        first, tokens, cached, done = None, 0, 0, False
         async with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code == 429:  # the queue is full: wait as told, then try again
                 refused += 1
@@ -87,11 +134,18 @@ async def one_request(http, prompt: str, seed: int, max_tokens: int) -> dict:
                     return {"error": data["error"]["message"], "status": 500, "refused": refused}
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
+                    cached = data["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
                 elif first is None and data["choices"] and data["choices"][0]["text"]:
                     first = time.perf_counter() - start
         if not done:
             return {"error": "the stream ended without [DONE]", "status": 500, "refused": refused}
-        return {"ttft": first, "latency": time.perf_counter() - start, "tokens": tokens, "refused": refused}
+        return {
+            "ttft": first,
+            "latency": time.perf_counter() - start,
+            "tokens": tokens,
+            "cached": cached,
+            "refused": refused,
+        }
 
 
 async def run_phase(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -127,6 +181,7 @@ async def run_phase(url: str, prompts: list[str], clients: int, max_tokens: int)
         "wall_s": round(wall, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
+        "cached_tokens": sum(r["cached"] for r in ok),  # prompt tokens read from the prefix cache
         "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1) if ttft else None,
         "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1) if ttft else None,
         "latency_p50_s": round(percentile(latency, 50), 3) if latency else None,
@@ -151,44 +206,13 @@ def main() -> int:
     args = p.parse_args()
     server_args = [f"max_waiting={args.max_waiting}", *args.server_args]
 
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+    with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(Path(tmp) / "model", args.layers, args.heads, args.width, args.block)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gpt.serve",
-                f"ckpt={model_dir}",
-                f"port={port}",
-                "stop_at_eos=false",
-                "log_level=warning",
-                *server_args,
-            ],
-            cwd=ROOT,
-            env=env,
-        )
         deadline = time.time() + args.timeout
-        try:
-            import httpx
-
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.time() > deadline:
-                    print("error: the server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+        with served(model_dir, server_args, deadline) as url:
             rng = random.Random(0)
             n = args.clients * args.requests
             prompts = ["".join(rng.choice(ALPHABET[1:]) for _ in range(rng.randint(8, 64))) for _ in range(n)]
-            url = f"http://127.0.0.1:{port}"
 
             async def phases():
                 await run_phase(url, prompts[: args.clients], args.clients, 8)  # warm-up, not counted
@@ -197,12 +221,6 @@ def main() -> int:
                 return loaded, single
 
             loaded, single = asyncio.run(asyncio.wait_for(phases(), timeout=max(1.0, deadline - time.time())))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     from bench.bench import cpu_model
 
     figures = {

@@ -226,10 +226,14 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message, param, "unknown_field" if error.get("type") == "extra_forbidden" else "invalid_value")
 
 
+PUBLIC = ("/", "/health")  # the routes that need no API key: the chat page (its requests carry the key typed in
+# it) and the health check
+
+
 class Guard:
     """ASGI middleware in front of every route: CORS (Starlette's CORSMiddleware, when `cors_origins` is a list:
     outside the key check, so that a browser's preflight, which carries no credentials, is answered, and an error
-    carries the CORS headers a page needs to read it), the API key (all but /health), the body size limit, the
+    carries the CORS headers a page needs to read it), the API key (all but PUBLIC), the body size limit, the
     request metrics (`metrics.answered`), and the last net for exceptions (a JSON 500; FastAPI's own handler
     answers first, then re-raises to here)."""
 
@@ -268,7 +272,7 @@ class Guard:
 
     async def guard(self, scope, receive, send):
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"] != "/health":
+        if self.api_key and scope["path"] not in PUBLIC:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
                 error = APIError(

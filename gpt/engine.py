@@ -9,9 +9,11 @@ matter, only the mask of real positions, as with left padding). A failure stays 
 reading a prompt that fails fails only those jobs; only the batch's decode step (the model itself) fails the
 batch. A cancelled job leaves the batch at the next step, and the queue at once, with every other cancelled
 one. A job that asks for logprobs records, for every token it samples, the model's raw log-softmax at that
-step (before penalties, logit_bias, temperature, top_k, top_p and min_p, as vLLM reports by default). Prompts
-to score (`Score`: echo's prompt logprobs) go through the same queue and run, by gpt/scoring.py, on this thread
-between two steps. The HTTP side is gpt/serve.py.
+step (before penalties, logit_bias, temperature, top_k, top_p and min_p, as vLLM reports by default). With a
+prefix cache (gpt/prefixcache.py) a prompt is read from the end of its longest cached prefix, and every prompt
+read and every finished text leaves its keys and values there for the prompts after it. Prompts to score
+(`Score`: echo's prompt logprobs) go through the same queue and run, by gpt/scoring.py, on this thread between
+two steps. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gpt.completions import StreamPrinter, left_pad
 from gpt.errors import GPTError
 from gpt.generate import Penalties, sample_next_token
 from gpt.model import GPT, KVCache
+from gpt.prefixcache import PrefixCache
 from gpt.scoring import score_sequences
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,6 +57,7 @@ class Job:
     logprobs: Optional[int] = None  # record each sampled token's logprob and this many likeliest (None: nothing)
     scores: list = field(default_factory=list)  # per sampled token: (id, logprob, top ids, top logprobs)
     reported: int = 0  # the scores sent with "delta" events so far
+    reused: int = 0  # the prompt's tokens taken from the prefix cache, not computed
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
@@ -91,8 +95,17 @@ class Score:
 class Engine:
     """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
 
-    def __init__(self, model: GPT, tokenizer, *, stop_at_eos=True, max_batch_size=16, batch_window_s=0.005):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        *,
+        stop_at_eos=True,
+        max_batch_size=16,
+        batch_window_s=0.005,
+        prefix_cache: Optional[PrefixCache] = None,
+    ):
+        self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.eos = tokenizer.eos_id if stop_at_eos else None
         self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_batch_size, self.window = max_batch_size, batch_window_s
@@ -231,6 +244,7 @@ class Engine:
             try:
                 reason = self.advance(job, int(tokens[row]))
                 if reason:
+                    self.remember(row, job)
                     text = job.printer.finish()
                     job.send(("done", reason, len(job.generated), text, job.scores))
             except Exception as e:  # this job's tokens or stop strings: fail it alone
@@ -338,16 +352,20 @@ class Engine:
                 job.cached = len(job.ids)
                 job.printer = StreamPrinter(self.tokenizer, job.stops, job)
                 self.penalize(job)
-            idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
-            cache = self.model.new_cache()
-            logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+            groups, reused = self.prefill([list(p) for p in prompts])
         except Exception as e:
             message = failure(e)
             for job in jobs:
                 job.send(("error", message))
             return
+        where = {p: (g, row) for g, (_, _, members) in enumerate(groups) for row, p in enumerate(members)}
+        for job in jobs:
+            job.reused = reused[prompts[tuple(job.ids)]]
+        jobs = sorted(jobs, key=lambda job: where[prompts[tuple(job.ids)]][0])  # the batch's rows: group by group
         parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
-        parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
+        for g, (cache, logits, _) in enumerate(groups):
+            rows = [where[prompts[tuple(job.ids)]] for job in jobs]
+            parts.append((cache, [row for group, row in rows if group == g], logits))
         self.regroup(parts, self.rows + jobs)
 
     def penalize(self, job: Job) -> None:
@@ -364,6 +382,68 @@ class Engine:
             job.bias[torch.tensor(list(job.logit_bias), device=device)] = torch.tensor(
                 list(job.logit_bias.values()), device=device
             )
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[tuple[KVCache, torch.Tensor, list[int]]], list[int]]:
+        """Read the prompts: groups of (KV cache, its rows' next-token logits, the prompt of each row), and the
+        tokens of each prompt taken from the prefix cache. Without one: one left-padded pass over them all. With
+        one: each prompt is read after its longest cached prefix, in one pass with the others as long as the
+        longest cached prefix and the longest rest among them fit the context (else in another); then the keys
+        and values of every prompt's whole blocks are kept (prompts read in the same step do not share: the
+        first of them serves those that come later)."""
+        if self.prefix_cache is None:
+            cache, logits = self.read(prompts, [[] for _ in prompts])
+            return [(cache, logits, list(range(len(prompts))))], [0] * len(prompts)
+        hits = [self.prefix_cache.lookup(ids) for ids in prompts]
+        reused = [len(hit) * self.prefix_cache.block for hit in hits]
+        groups: list[list] = []  # [cached prefix width, rest width, prompts]
+        for i in sorted(range(len(prompts)), key=lambda i: -reused[i]):
+            rest = len(prompts[i]) - reused[i]
+            fits = (g for g in groups if max(g[0], reused[i]) + max(g[1], rest) <= self.block)
+            group = next(fits, None)
+            if group is None:
+                group = [0, 0, []]
+                groups.append(group)
+            group[0], group[1] = max(group[0], reused[i]), max(group[1], rest)
+            group[2].append(i)
+        out = []
+        for _, _, members in groups:
+            cache, logits = self.read([prompts[i] for i in members], [hits[i] for i in members])
+            for row, i in enumerate(members):
+                self.prefix_cache.store(prompts[i], reader(cache, row))
+            out.append((cache, logits, members))
+        return out, reused
+
+    def read(self, prompts: list[list[int]], hits: list[list]) -> tuple[KVCache, torch.Tensor]:
+        """One pass over the prompts, each row read after its cached blocks `hits` (which end at one shared
+        column, padding in front of the shorter ones as with left padding; a row's positions count its real
+        tokens only, so the gap between its cached and its new part is padding like any other); the KV cache
+        and each row's next-token logits."""
+        cache = self.model.new_cache()
+        reused = [sum(k.size(2) for k, _ in hit) for hit in hits]
+        P = max(reused)
+        if P:
+            first = next(hit[0][0] for hit in hits if hit)  # (n_layer, heads, block, head_dim)
+            B, (n_layer, H, _, D) = len(prompts), first.shape
+            cache.k = [first.new_zeros(B, H, cache.max_len, D) for _ in range(n_layer)]
+            cache.v = [first.new_zeros(B, H, cache.max_len, D) for _ in range(n_layer)]
+            cache.valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=first.device)
+            for row, hit in enumerate(hits):
+                if hit:
+                    k, v = torch.cat([k for k, _ in hit], 2), torch.cat([v for _, v in hit], 2)
+                    for layer in range(n_layer):
+                        cache.k[layer][row, :, P - reused[row] : P] = k[layer]
+                        cache.v[layer][row, :, P - reused[row] : P] = v[layer]
+                    cache.valid[row, P - reused[row] : P] = True
+            cache.seen = torch.tensor(reused, device=first.device)
+            cache.length = P
+        idx, mask = left_pad([ids[r:] for ids, r in zip(prompts, reused)], self.pad, self.device)
+        return cache, self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+
+    def remember(self, row: int, job: Job) -> None:
+        """A finished job's prompt and text go to the prefix cache (their keys and values are in its row): the
+        next turn of a chat, which sends the conversation so far, is read from where it goes on."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store((job.ids + job.generated)[: job.cached], reader(self.cache, row))
 
     def regroup(self, parts: list[tuple[KVCache, list[int], torch.Tensor]], jobs: list[Job]) -> None:
         """The batch becomes the given rows of the given caches (with their logits), in order."""
@@ -393,17 +473,31 @@ def failure(e: Exception) -> str:
     return f"the server failed on this request ({detail}); this is a bug: please report it"
 
 
+def real_columns(cache: KVCache) -> torch.Tensor:
+    """(rows, max_len) bool: the columns written so far and, of those, the real ones (cache.valid is not kept
+    beyond `length` yet)."""
+    valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
+    return valid & cache.valid if cache.valid is not None else valid
+
+
+def reader(cache: KVCache, row: int):
+    """read(start, end): the keys and values of a row's real positions [start, end), (n_layer, heads, end - start,
+    head_dim) each (PrefixCache.store's argument)."""
+
+    def read(start: int, end: int):
+        cols = real_columns(cache)[row].nonzero()[start:end, 0]
+        return torch.stack([k[row][:, cols] for k in cache.k]), torch.stack([v[row][:, cols] for v in cache.v])
+
+    return read
+
+
 def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
     """A cache of the given rows of the given caches, each row's real positions moved (in order) to the
     columns just before one shared end column L, the longest row's count; padding in front, as with left
     padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
     valids = []
     for cache, rows in parts:
-        # the columns written so far; of those, the real ones (cache.valid is not kept beyond `length` yet)
-        valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
-        if cache.valid is not None:
-            valid = valid & cache.valid
-        valids.append(valid[rows])
+        valids.append(real_columns(cache)[rows])
     L = max(int(v.sum(1).max()) for v in valids)
     picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
     for (cache, rows), valid in zip(parts, valids):

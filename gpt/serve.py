@@ -1,11 +1,12 @@
 """An OpenAI-compatible HTTP server: `python -m gpt.serve ckpt=<model dir> [adapter=<dir>] [port=8000]`.
 
 Routes: GET /v1/models and /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (chat template:
-gpt/chat.py), POST /tokenize and /detokenize (vLLM's), GET /metrics (Prometheus: gpt/metrics.py), GET /health.
-FastAPI + uvicorn run in one process; one background thread, the engine (gpt/engine.py), owns the model and
-batches the requests continuously; `logprobs` / `echo` answers are built by gpt/logprobs.py. Backpressure: at
-most max_waiting choices wait for a row (more: 429), and a request ends by request_timeout (504).
-Docs: docs/serve.md.
+gpt/chat.py), POST /tokenize and /detokenize (vLLM's), GET /metrics (Prometheus: gpt/metrics.py), GET /health,
+and GET / (a chat page for the browser: gpt/static/chat.html). FastAPI + uvicorn run in one process; one
+background thread, the engine (gpt/engine.py), owns the model and batches the requests continuously (reusing the
+keys and values of prompts that start alike: gpt/prefixcache.py); `logprobs` / `echo` answers are built by
+gpt/logprobs.py. Backpressure: at most max_waiting choices wait for a row (more: 429), and a request ends by
+request_timeout (504). Docs: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.resources
 import math
 import os
 import secrets
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from omegaconf import ListConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +58,7 @@ from gpt.inference import load_for_sampling
 from gpt.logprobs import ChoiceLogprobs, Spelling
 from gpt.metrics import Metrics
 from gpt.model import GPT
+from gpt.prefixcache import PrefixCache
 
 # ----------------------------------------------------------------------------------------------------
 # The routes (their request shapes, errors and middleware: gpt/api.py)
@@ -72,12 +75,14 @@ class Server:
         self.created = int(time.time())
         self.strict = cfg.unknown_chars == "error"
         self.spelling = Spelling(tokenizer)
+        prefix = cfg.prefix_cache_tokens
         self.engine = Engine(
             model,
             tokenizer,
             stop_at_eos=cfg.stop_at_eos,
             max_batch_size=cfg.max_batch_size,
             batch_window_s=cfg.batch_window_ms / 1000,
+            prefix_cache=PrefixCache(prefix, cfg.prefix_cache_block) if prefix else None,
         )
         self.load = 0  # choices (and echo scorings) admitted and not yet answered; touched by the event loop only
         self.metrics = Metrics([], lambda: len(self.engine.rows), self.engine.waiting.qsize)
@@ -320,6 +325,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
             exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
         ).response()
 
+    page = (importlib.resources.files("gpt") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # no API key needed (gpt/api.py PUBLIC): the page sends the one typed into it
+        return HTMLResponse(page)
+
     @app.get("/health")
     async def health():
         return {
@@ -472,6 +483,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
         server.metrics.prompt_tokens.inc(usage["prompt_tokens"])
 
+        def totals():  # the usage once every choice is done; cached_tokens: the prompts' prefix-cache hits (job
+            # i * n is prompt i's first choice; a prompt is read once for its n)
+            cached = sum(jobs[i * n].reused for i in range(len(prompts))) if jobs else 0
+            total = usage["prompt_tokens"] + usage["completion_tokens"]
+            return {**usage, "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached}}
+
         def choice(k, text, reason, lp):
             if chat:
                 message = {"role": "assistant", "content": text}
@@ -532,14 +549,8 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
                             yield sse({"error": {**error, "message": event[1]}})
                             return
                     if body.stream_options and body.stream_options.include_usage:
-                        total = usage["prompt_tokens"] + usage["completion_tokens"]
                         yield sse(
-                            {
-                                **head,
-                                "object": kind + ".chunk" if chat else kind,
-                                "choices": [],
-                                "usage": {**usage, "total_tokens": total},
-                            }
+                            {**head, "object": kind + ".chunk" if chat else kind, "choices": [], "usage": totals()}
                         )
                     yield "data: [DONE]\n\n"
                 except TimedOut:
@@ -576,13 +587,12 @@ def create_app(cfg, model: Optional[GPT] = None, tokenizer=None) -> Guard:
         finally:
             watcher.cancel()
             close()
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         outs = [
             texts[k // n] + outs[k] if echo else server.template.reply(outs[k]) if chat else outs[k]
             for k in range(count)
         ]
         choices = [choice(k, outs[k], reasons[k], logprobs.whole(k, entries[k])) for k in range(count)]
-        return {**head, "choices": choices, "usage": usage}
+        return {**head, "choices": choices, "usage": totals()}
 
     api_key = cfg.api_key or os.environ.get("GPT_API_KEY") or None
     return Guard(app, api_key, cfg.max_body_bytes, cfg.cors_origins, server.metrics)
@@ -613,6 +623,15 @@ def check_serve_options(cfg) -> None:
             raise GPTError(f"{key} must be a positive integer (got {value!r})")
     if not is_int(cfg.max_waiting) or cfg.max_waiting < 0:
         raise GPTError(f"max_waiting must be an integer >= 0 (got {cfg.max_waiting!r})")
+    if not is_int(cfg.prefix_cache_block) or cfg.prefix_cache_block < 1:
+        raise GPTError(f"prefix_cache_block must be a positive integer (got {cfg.prefix_cache_block!r})")
+    if not is_int(cfg.prefix_cache_tokens) or not (
+        cfg.prefix_cache_tokens == 0 or cfg.prefix_cache_tokens >= cfg.prefix_cache_block
+    ):
+        raise GPTError(
+            f"prefix_cache_tokens must be 0 (no prefix cache) or at least prefix_cache_block={cfg.prefix_cache_block} "
+            f"(got {cfg.prefix_cache_tokens!r})"
+        )
     for key in ("batch_window_ms", "shutdown_timeout"):
         if not is_number(cfg[key]) or cfg[key] < 0:
             raise GPTError(f"{key} must be a number >= 0 (got {cfg[key]!r})")
