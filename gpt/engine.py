@@ -1,19 +1,18 @@
-"""The serving engine: one thread owns the model and decodes every running request together (continuous
-batching). Requests that arrive within `batch_window_ms` of each other are read (prefilled) together,
-left-padded; every step then samples one token for every running request (each with its own temperature,
-top_k, top_p, min_p, penalties, logit_bias, random stream, stop strings and max_tokens) and runs one decode
-step over the whole batch. A request that finishes leaves the batch and a waiting one joins it at the next
-step, without draining the others: the batch's KV cache is re-gathered, each row's cached positions packed to
-the right (a row's positions are counted per row, cache.seen, so where a key sits in the buffer does not
-matter, only the mask of real positions, as with left padding). A failure stays with its request: sampling or
-reading a prompt that fails fails only those jobs; only the batch's decode step (the model itself) fails the
-batch. A cancelled job leaves the batch at the next step, and the queue at once, with every other cancelled
-one. A job that asks for logprobs records, for every token it samples, the model's raw log-softmax at that
-step (before penalties, logit_bias, temperature, top_k, top_p and min_p, as vLLM reports by default). With a
-prefix cache (gpt/prefixcache.py) a prompt is read from the end of its longest cached prefix, and every prompt
-read and every finished text leaves its keys and values there for the prompts after it. Prompts to score
-(`Score`: echo's prompt logprobs) go through the same queue and run, by gpt/scoring.py, on this thread between
-two steps. The HTTP side is gpt/serve.py.
+"""The serving engine: one thread owns the model and decodes every running request together (continuous batching).
+Requests that arrive within `batch_window_ms` of each other are read (prefilled) together, left-padded; every step
+then samples one token for every running request (each with its own temperature, top_k, top_p, min_p, penalties,
+logit_bias, random stream, stop strings and max_tokens) and runs one decode step over the whole batch. A request
+that finishes leaves the batch and a waiting one joins it at the next step, without draining the others: the
+batch's KV cache is re-gathered (gpt/kvrows.py), each row's cached positions packed to the right (a row's
+positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask of
+real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
+fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves the
+batch at the next step, and the queue at once, with every other cancelled one. A job that asks for logprobs
+records, for every token it samples, the model's raw log-softmax at that step (before penalties, logit_bias,
+temperature, top_k, top_p and min_p, as vLLM reports by default). With a prefix cache (gpt/prefixcache.py) a
+prompt is read from the end of its longest cached prefix, and every prompt read and every finished text leaves its
+keys and values there for the prompts after it. Prompts to score (`Score`: echo's prompt logprobs) go through the
+same queue and run, by gpt/scoring.py, on this thread between two steps. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import torch
 from gpt.completions import StreamPrinter, left_pad
 from gpt.errors import GPTError
 from gpt.generate import Penalties, sample_next_token
+from gpt.kvrows import pack_rows, reader, start_from_blocks
 from gpt.model import GPT, KVCache
 from gpt.prefixcache import PrefixCache
 from gpt.scoring import score_sequences
@@ -419,23 +419,7 @@ class Engine:
         tokens only, so the gap between its cached and its new part is padding like any other); the KV cache
         and each row's next-token logits."""
         cache = self.model.new_cache()
-        reused = [sum(k.size(2) for k, _ in hit) for hit in hits]
-        P = max(reused)
-        if P:
-            first = next(hit[0][0] for hit in hits if hit)  # (n_layer, heads, block, head_dim)
-            B, (n_layer, H, _, D) = len(prompts), first.shape
-            cache.k = [first.new_zeros(B, H, cache.max_len, D) for _ in range(n_layer)]
-            cache.v = [first.new_zeros(B, H, cache.max_len, D) for _ in range(n_layer)]
-            cache.valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=first.device)
-            for row, hit in enumerate(hits):
-                if hit:
-                    k, v = torch.cat([k for k, _ in hit], 2), torch.cat([v for _, v in hit], 2)
-                    for layer in range(n_layer):
-                        cache.k[layer][row, :, P - reused[row] : P] = k[layer]
-                        cache.v[layer][row, :, P - reused[row] : P] = v[layer]
-                    cache.valid[row, P - reused[row] : P] = True
-            cache.seen = torch.tensor(reused, device=first.device)
-            cache.length = P
+        reused = start_from_blocks(cache, hits)
         idx, mask = left_pad([ids[r:] for ids, r in zip(prompts, reused)], self.pad, self.device)
         return cache, self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
 
@@ -471,56 +455,3 @@ def failure(e: Exception) -> str:
     traceback.print_exception(e)
     detail = " ".join(f"{type(e).__name__}: {e}".split())
     return f"the server failed on this request ({detail}); this is a bug: please report it"
-
-
-def real_columns(cache: KVCache) -> torch.Tensor:
-    """(rows, max_len) bool: the columns written so far and, of those, the real ones (cache.valid is not kept
-    beyond `length` yet)."""
-    valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
-    return valid & cache.valid if cache.valid is not None else valid
-
-
-def reader(cache: KVCache, row: int):
-    """read(start, end): the keys and values of a row's real positions [start, end), (n_layer, heads, end - start,
-    head_dim) each (PrefixCache.store's argument)."""
-
-    def read(start: int, end: int):
-        cols = real_columns(cache)[row].nonzero()[start:end, 0]
-        return torch.stack([k[row][:, cols] for k in cache.k]), torch.stack([v[row][:, cols] for v in cache.v])
-
-    return read
-
-
-def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
-    """A cache of the given rows of the given caches, each row's real positions moved (in order) to the
-    columns just before one shared end column L, the longest row's count; padding in front, as with left
-    padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
-    valids = []
-    for cache, rows in parts:
-        valids.append(real_columns(cache)[rows])
-    L = max(int(v.sum(1).max()) for v in valids)
-    picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
-    for (cache, rows), valid in zip(parts, valids):
-        # a stable sort of valid (False < True) lists a row's padding columns first, then its real ones in order
-        src = torch.sort(valid.int(), dim=1, stable=True).indices[:, -L:]  # (rows, L)
-        picked_valid.append(valid.gather(1, src))
-        at = torch.tensor(rows, device=src.device)[:, None]
-        for layer in range(len(out.k)):
-            # advanced indices around a slice: the result is (rows, L, heads, head_dim)
-            picked_k[layer].append(cache.k[layer][at, :, src].transpose(1, 2))
-            picked_v[layer].append(cache.v[layer][at, :, src].transpose(1, 2))
-    for layer in range(len(out.k)):
-        k = torch.cat(picked_k[layer])
-        B, H, _, D = k.shape
-        # zeros, not empty: a masked column's weight is 0, and 0 * NaN from uninitialised memory would be NaN
-        out.k[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.v[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.k[layer][:, :, :L] = k
-        out.v[layer][:, :, :L] = torch.cat(picked_v[layer])
-    valid = torch.cat(picked_valid)
-    out.valid = torch.zeros(valid.size(0), out.max_len, dtype=torch.bool, device=valid.device)
-    out.valid[:, :L] = valid
-    out.seen = valid.sum(1)
-    out.length = L
-    out.start_decoding()
-    return out
