@@ -45,7 +45,8 @@ class Server:
             prefix_cache=PrefixCache(prefix, cfg.prefix_cache_block) if prefix else None,
         )
         self.load = 0  # choices (and echo scorings) admitted and not yet answered; touched by the event loop only
-        self.metrics = Metrics([], lambda: len(self.engine.rows), self.engine.waiting.qsize)
+        running, waiting = (lambda: len(self.engine.rows)), self.engine.waiting.qsize
+        self.metrics = Metrics([], running, waiting, self.engine.prefix_cache)
 
     def admit(self, count: int) -> None:
         """Backpressure: `count` more choices, unless the server already holds work and they would make more than

@@ -525,13 +525,17 @@ def scrape(url) -> dict:
     }
 
 
-def test_metrics_count_requests_tokens_and_times(model_and_dir):
+def test_metrics_count_requests_tokens_times_and_prefix_cache_hits(model_and_dir):
+    """The request counters and histograms, and the prefix cache's: a prompt of 37 tokens sent again takes its 2
+    whole blocks (prefix_cache_block 16) from the cache, which /metrics counts as usage does."""
     app = create_app(config(model_and_dir[2]))
+    cache = app.app.state.server.engine.prefix_cache
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-        prompts = ["Hi", "Hello there", "abc"]
-        for p in prompts:
-            client.completions.create(model="m", prompt=p, max_tokens=5, temperature=0)
+        before = scrape(url)
+        long = "Hello there, friend. How are you now?"  # 37 tokens: 2 whole blocks and a rest
+        prompts = ["Hi", "Hello there", "abc", long, long]
+        answers = [client.completions.create(model="m", prompt=p, max_tokens=5, temperature=0) for p in prompts]
         messages = [{"role": "user", "content": "Hi"}]
         stream = client.chat.completions.create(
             model="m",
@@ -541,24 +545,53 @@ def test_metrics_count_requests_tokens_and_times(model_and_dir):
             stream=True,
             stream_options={"include_usage": True},
         )
-        chat_tokens = list(stream)[-1].usage.completion_tokens
+        chat_usage = list(stream)[-1].usage
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="m", prompt="a", max_tokens=0)
         httpx.get(url + "/v1/models")  # no key: 401, counted on its route
         chat_prompt = len(app.app.state.server.template([{"role": "user", "content": "Hi"}]))
         m = scrape(url)
     requests = m["gpt_requests"]
-    assert requests["gpt_requests_total", (("route", "/v1/completions"), ("status", "200"))] == 3
+    done = len(prompts)
+    assert requests["gpt_requests_total", (("route", "/v1/completions"), ("status", "200"))] == done
     assert requests["gpt_requests_total", (("route", "/v1/completions"), ("status", "400"))] == 1
     assert requests["gpt_requests_total", (("route", "/v1/chat/completions"), ("status", "200"))] == 1
     assert requests["gpt_requests_total", (("route", "/v1/models"), ("status", "401"))] == 1
     assert m["gpt_prompt_tokens"]["gpt_prompt_tokens_total", ()] == sum(map(len, prompts)) + chat_prompt
-    assert m["gpt_completion_tokens"]["gpt_completion_tokens_total", ()] == 3 * 5 + chat_tokens
-    assert m["gpt_time_to_first_token_seconds"]["gpt_time_to_first_token_seconds_count", ()] == 4
+    assert m["gpt_completion_tokens"]["gpt_completion_tokens_total", ()] == done * 5 + chat_usage.completion_tokens
+    assert m["gpt_time_to_first_token_seconds"]["gpt_time_to_first_token_seconds_count", ()] == done + 1
     latency = m["gpt_request_latency_seconds"]
-    assert latency["gpt_request_latency_seconds_count", (("route", "/v1/completions"),)] == 4
+    assert latency["gpt_request_latency_seconds_count", (("route", "/v1/completions"),)] == done + 1
     assert latency["gpt_request_latency_seconds_sum", (("route", "/v1/completions"),)] > 0
     assert m["gpt_running"]["gpt_running", ()] == 0 and m["gpt_waiting"]["gpt_waiting", ()] == 0
+    # the prefix cache: nothing before; then the second `long` hit its 2 blocks, and /metrics says what usage says
+    assert before["gpt_prefix_cache_hit_tokens"]["gpt_prefix_cache_hit_tokens_total", ()] == 0
+    assert before["gpt_prefix_cache_tokens"]["gpt_prefix_cache_tokens", ()] == 0
+    cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]
+    assert cached[-2:] == [0, 32]
+    hits = m["gpt_prefix_cache_hit_tokens"]["gpt_prefix_cache_hit_tokens_total", ()]
+    assert hits == sum(cached) + chat_usage.prompt_tokens_details.cached_tokens == cache.reused >= 32
+    stored = m["gpt_prefix_cache_stored_tokens"]["gpt_prefix_cache_stored_tokens_total", ()]
+    held = m["gpt_prefix_cache_tokens"]["gpt_prefix_cache_tokens", ()]
+    assert stored == cache.stored and held == cache.tokens and stored >= held >= 32  # `long`'s 2 blocks at least
+    assert m["gpt_prefix_cache_capacity_tokens"]["gpt_prefix_cache_capacity_tokens", ()] == 4096
+
+
+def test_metrics_of_a_server_without_a_prefix_cache_read_0(model_and_dir):
+    app = create_app(config(model_and_dir[2], "prefix_cache_tokens=0"))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        for _ in range(2):
+            r = client.completions.create(model="m", prompt="Hello there, friend. How are you now?", max_tokens=2)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+        m = scrape(url)
+    for name, sample in [
+        ("gpt_prefix_cache_hit_tokens", "gpt_prefix_cache_hit_tokens_total"),
+        ("gpt_prefix_cache_stored_tokens", "gpt_prefix_cache_stored_tokens_total"),
+        ("gpt_prefix_cache_tokens", "gpt_prefix_cache_tokens"),
+        ("gpt_prefix_cache_capacity_tokens", "gpt_prefix_cache_capacity_tokens"),
+    ]:
+        assert m[name][sample, ()] == 0, name
 
 
 def test_cors_headers_only_when_enabled(model_and_dir):
