@@ -29,9 +29,9 @@ def model_and_tok():
 
 
 def run(engine, schedule):
-    """Drive the engine step by step; schedule: {step: [(key, text, max_tokens)]} submitted at that step. Every job
-    records its whole next-token distribution at each step (logprobs = the vocabulary). Returns {key: (done event,
-    job)}."""
+    """Drive the engine step by step; schedule: {step: [(key, text, max_tokens[, settings])]} submitted at that step
+    (settings: Job's sampling fields, and `seed` for a sampled one's random stream; none: greedy). Every job records
+    its whole next-token distribution at each step (logprobs = the vocabulary). Returns {key: (done event, job)}."""
     vocab = engine.tokenizer.vocab_size
     done, jobs = {}, {}
     total = sum(map(len, schedule.values()))
@@ -39,16 +39,20 @@ def run(engine, schedule):
         step = 0
         while len(done) < total:
             new = []
-            for key, text, n in schedule.get(step, []):
+            for key, text, n, *settings in schedule.get(step, []):
+                settings = dict(*settings)
+                seed, temperature, top_p = settings.pop("seed", None), settings.pop("temperature", 0.0), None
+                generator = None if seed is None else torch.Generator().manual_seed(seed)
                 jobs[key] = Job(
                     engine.tokenizer.encode(text),
                     n,
-                    0.0,
-                    None,
+                    temperature,
+                    settings.pop("top_p", top_p),
                     [],
-                    None,
+                    generator,
                     lambda e, key=key: done.__setitem__(key, e) if e[0] != "delta" else None,
                     logprobs=vocab,
+                    **settings,
                 )
                 new.append(jobs[key])
             engine.submit(new)
@@ -179,3 +183,29 @@ def test_the_prefix_cache_stores_what_a_full_read_computes(model_and_tok):
             want_k = torch.stack([kv.k[layer][0, :, len(key) - BLOCK : len(key)] for layer in range(len(kv.k))])
             want_v = torch.stack([kv.v[layer][0, :, len(key) - BLOCK : len(key)] for layer in range(len(kv.v))])
             assert torch.allclose(k, want_k, atol=1e-5, rtol=0) and torch.allclose(v, want_v, atol=1e-5, rtol=0)
+
+
+def test_each_rows_sampling_settings_apply_to_prompts_read_from_the_cache(model_and_tok):
+    """Hits with their own settings in one batch (penalties over the whole prompt, cached part included;
+    logit_bias; top_k, top_p, min_p on seeded sampled rows): the same tokens as the engine without the cache."""
+    model, tok = model_and_tok
+    first = SYSTEM + "User: Hi\nAssistant:"
+    bias = {tok.encode("e")[0]: -100.0, tok.encode("x")[0]: 5.0}
+    schedule = {
+        0: [("first", first, 4)],
+        8: [
+            ("repeat", first + " Hm", 8, {"repetition_penalty": 3.0}),  # its prompt's letters, from the cache too
+            ("fp", SYSTEM + "User: Hey", 8, {"frequency_penalty": 1.5, "presence_penalty": 0.5}),
+            ("bias", first, 6, {"logit_bias": bias}),
+            ("sampled", SYSTEM + "User: Yo", 8, {"seed": 3, "temperature": 0.9, "top_k": 5, "min_p": 0.05}),
+            ("nucleus", first + " Ok", 8, {"seed": 4, "temperature": 1.2, "top_p": 0.8, "repetition_penalty": 0.9}),
+        ],
+    }
+    cached_engine, plain_engine = engines(model, tok, 4096, max_batch_size=8)
+    cached, plain = run(cached_engine, schedule), run(plain_engine, schedule)
+    assert_same(cached, plain)
+    assert all(cached[key][1].reused >= 40 for key in ("repeat", "fp", "bias", "sampled", "nucleus"))
+    greedy = run(plain_engine, {0: [("bias", first, 6)]})
+    assert "e" not in cached["bias"][0][3] and cached["bias"][0][3] != greedy["bias"][0][3]  # the bias did act
+    for key, text in (("repeat", first + " Hm"), ("fp", SYSTEM + "User: Hey")):  # the penalties did act
+        assert cached[key][0][3] != run(plain_engine, {0: [(key, text, 8)]})[key][0][3], key
