@@ -3,6 +3,8 @@
 # make test   install, lint (ruff), then run the test suite (hermetic: no network, no data folder needed)
 # make test-data  the tests that need the real corpora in $$GPT_DATA_DIR (CI: ../shared/data)
 # make test-slow  the slow tests (multi-process: DDP, workers, sweeps; bounded-memory preparation; GGUF in llama.cpp)
+# make test-browser  the chat page (gpt.serve's GET /) in a headless chromium (Debian's, installed with apt-get if
+#             missing), driven by playwright
 # make test-avx2  the suite as an AVX2-only CPU runs it (torch's AVX2 kernels, no native bf16)
 # make test-newest  make test on the newest Python the project supports (3.13), in a venv of its own
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
@@ -10,7 +12,9 @@
 # make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
 #             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
-#             and on an AVX-512 CPU both again as an AVX2-only CPU runs them (--isa avx2)
+#             the server's time to first token with and without its prefix cache (bench/prefix_cache.py),
+#             and on an AVX-512 CPU the first two again as an AVX2-only CPU runs them (--isa avx2); then the server
+#             under overload (bench/serve_load.py: 64 streaming clients, 429s, tokens/s, TTFT and latency)
 #
 # TORCH_SPEC picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -24,7 +28,7 @@ AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install lint test test-data test-slow test-avx2 test-newest demo shakespeare shakespeare-lora bench clean
+.PHONY: install lint test test-data test-slow test-browser test-avx2 test-newest demo shakespeare shakespeare-lora bench clean
 
 install: $(STAMP)
 
@@ -63,6 +67,12 @@ test-slow: $(STAMP)
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet $(LLAMA_CPP_SPEC)
 	$(PY) -m pytest -q -m slow tests
 
+# playwright (a dev dependency) drives the system's chromium: no browser download (tests/test_chat_page.py finds it on
+# the PATH, or at $$GPT_CHROMIUM).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || test -n "$$GPT_CHROMIUM" || (apt-get update && apt-get install -y chromium)
+	$(PY) -m pytest -q -m browser tests
+
 # ATEN_CPU_CAPABILITY=avx2: torch's own kernels as on an AVX2-only CPU; GPT_CPU_BF16=0: our bf16 probe says no.
 # The int8 test runs in a process of its own: under this emulation (AVX2 kernels on an AVX-512 CPU), torchao's
 # quantization followed by torch.compile in the same process crashed (SIGSEGV); on its own each passes.
@@ -88,10 +98,12 @@ shakespeare-lora: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py
 	$(PY) bench/recipe.py
+	$(PY) bench/prefix_cache.py
 ifeq ($(AVX512),yes)
 	$(PY) bench/bench.py --isa avx2
 	$(PY) bench/recipe.py --isa avx2
 endif
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) .cache runs multirun .pytest_cache

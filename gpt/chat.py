@@ -145,13 +145,7 @@ class ChatSession:
             out.flush()
             self.notices.write("\n(context full: reply cut)\n")
             self.notices.flush()
-        # The reply as the conversation records it (a plain template puts a space after "Assistant:").
-        self.messages.append(
-            {
-                "role": "assistant",
-                "content": answer[1:] if answer.startswith(" ") and not self.template.jinja else answer,
-            }
-        )
+        self.messages.append({"role": "assistant", "content": self.template.reply(answer)})
         return answer
 
 

@@ -1,16 +1,18 @@
-"""The serving engine: one thread owns the model and decodes every running request together (continuous
-batching). Requests that arrive within `batch_window_ms` of each other are read (prefilled) together,
-left-padded; every step then samples one token for every running request (each with its own temperature,
-top_p, random stream, stop strings and max_tokens) and runs one decode step over the whole batch. A
-request that finishes leaves the batch and a waiting one joins it at the next step, without draining the
-others: the batch's KV cache is re-gathered, each row's cached positions packed to the right (a row's
-positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask
-of real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
-fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves
-the batch at the next step, and the queue at once, with every other cancelled one. A job that asks for logprobs
-records, for every token it samples, the model's raw log-softmax at that step (before temperature, top_k and
-top_p, as vLLM reports by default). Prompts to score (`Score`: echo's prompt logprobs) go through the same queue
-and run, by gpt/scoring.py, on this thread between two steps. The HTTP side is gpt/serve.py.
+"""The serving engine: one thread owns the model and decodes every running request together (continuous batching).
+Requests that arrive within `batch_window_ms` of each other are read (prefilled) together, left-padded; every step
+then samples one token for every running request (each with its own temperature, top_k, top_p, min_p, penalties,
+logit_bias, random stream, stop strings and max_tokens) and runs one decode step over the whole batch. A request
+that finishes leaves the batch and a waiting one joins it at the next step, without draining the others: the
+batch's KV cache is re-gathered (gpt/kvrows.py), each row's cached positions packed to the right (a row's
+positions are counted per row, cache.seen, so where a key sits in the buffer does not matter, only the mask of
+real positions, as with left padding). A failure stays with its request: sampling or reading a prompt that fails
+fails only those jobs; only the batch's decode step (the model itself) fails the batch. A cancelled job leaves the
+batch at the next step, and the queue at once, with every other cancelled one. A job that asks for logprobs
+records, for every token it samples, the model's raw log-softmax at that step (before penalties, logit_bias,
+temperature, top_k, top_p and min_p, as vLLM reports by default). With a prefix cache (gpt/prefixcache.py) a
+prompt is read from the end of its longest cached prefix, and every prompt read and every finished text leaves its
+keys and values there for the prompts after it. Prompts to score (`Score`: echo's prompt logprobs) go through the
+same queue and run, by gpt/scoring.py, on this thread between two steps. The HTTP side is gpt/serve.py.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import torch
 
 from gpt.completions import StreamPrinter, left_pad
 from gpt.errors import GPTError
-from gpt.generate import sample_next_token
+from gpt.generate import Penalties, sample_next_token
+from gpt.kvrows import pack_rows, reader, start_from_blocks
 from gpt.model import GPT, KVCache
+from gpt.prefixcache import PrefixCache
 from gpt.scoring import score_sequences
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,6 +57,18 @@ class Job:
     logprobs: Optional[int] = None  # record each sampled token's logprob and this many likeliest (None: nothing)
     scores: list = field(default_factory=list)  # per sampled token: (id, logprob, top ids, top logprobs)
     reported: int = 0  # the scores sent with "delta" events so far
+    reused: int = 0  # the prompt's tokens taken from the prefix cache, not computed
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    frequency_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF's / vLLM's, over the prompt's and the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # What the penalties need, made at admission for a job that has any (None: not used): each token's count in
+    # the generated tokens, whether it is in the prompt or the output, the bias as a (vocab,) row.
+    counts: Optional[torch.Tensor] = None
+    seen: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
 
     def write(self, text: str) -> None:  # StreamPrinter's output: the new text (and its tokens' scores) go out
         if text:
@@ -79,8 +95,17 @@ class Score:
 class Engine:
     """Owns the model; runs the batch (see the module's docstring). `submit` may be called from any thread."""
 
-    def __init__(self, model: GPT, tokenizer, *, top_k=None, stop_at_eos=True, max_batch_size=16, batch_window_s=0.005):
-        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        *,
+        stop_at_eos=True,
+        max_batch_size=16,
+        batch_window_s=0.005,
+        prefix_cache: Optional[PrefixCache] = None,
+    ):
+        self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.eos = tokenizer.eos_id if stop_at_eos else None
         self.pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
         self.max_batch_size, self.window = max_batch_size, batch_window_s
@@ -219,6 +244,7 @@ class Engine:
             try:
                 reason = self.advance(job, int(tokens[row]))
                 if reason:
+                    self.remember(row, job)
                     text = job.printer.finish()
                     job.send(("done", reason, len(job.generated), text, job.scores))
             except Exception as e:  # this job's tokens or stop strings: fail it alone
@@ -243,6 +269,10 @@ class Engine:
         if self.eos is not None and token == self.eos:
             return "stop"
         job.generated.append(token)
+        if job.counts is not None:
+            job.counts[token] += 1
+        if job.seen is not None:
+            job.seen[token] = True
         if job.printer([token]):
             return "stop"
         if len(job.generated) >= job.max_tokens or job.cached >= self.block:  # max_tokens, or the context is full
@@ -250,20 +280,24 @@ class Engine:
         return None
 
     def sample(self) -> tuple[torch.Tensor, dict[int, str]]:
-        """One token per row, rows with the same settings sampled together, each from its own random stream;
-        and {row: error message} for the rows whose sampling failed. A failure never spreads beyond its rows:
-        a group that fails is sampled again row by row (from the random states it started with), so only the
-        rows that fail alone are failed."""
+        """One token per row, rows with the same temperature, top_k, top_p and min_p sampled together (greedy rows
+        all together), each with its own penalties and logit_bias and from its own random stream; and {row: error
+        message} for the rows whose sampling failed. A failure never spreads beyond its rows: a group that fails
+        is sampled again row by row (from the random states it started with), so only the rows that fail alone
+        are failed."""
         groups: dict[tuple, list[int]] = {}
         for row, job in enumerate(self.rows):
-            groups.setdefault((job.temperature, job.top_p), []).append(row)
+            key = (job.temperature, job.top_k, job.top_p, job.min_p) if job.temperature else (0.0, None, None, None)
+            groups.setdefault(key, []).append(row)
         tokens = torch.zeros(len(self.rows), dtype=torch.long)
         errors: dict[int, str] = {}
-        for (temperature, top_p), rows in groups.items():
+        for (temperature, top_k, top_p, min_p), rows in groups.items():
             generators = None if temperature == 0 else [self.rows[r].generator for r in rows]
             states = None if generators is None else [g.get_state() for g in generators]
             try:
-                tokens[rows] = sample_next_token(self.logits[rows], temperature, self.top_k, top_p, generators).cpu()
+                tokens[rows] = sample_next_token(
+                    self.logits[rows], temperature, top_k, top_p, generators, min_p, self.penalties(rows)
+                ).cpu()
                 continue
             except Exception:
                 if generators is not None:  # rewind: each row draws again what it would have drawn
@@ -272,10 +306,41 @@ class Engine:
             for i, r in enumerate(rows):
                 try:
                     g = None if generators is None else [generators[i]]
-                    tokens[r] = sample_next_token(self.logits[r : r + 1], temperature, self.top_k, top_p, g).cpu()[0]
+                    one = sample_next_token(
+                        self.logits[r : r + 1], temperature, top_k, top_p, g, min_p, self.penalties([r])
+                    )
+                    tokens[r] = one.cpu()[0]
                 except Exception as e:
                     errors[r] = failure(e)
         return tokens, errors
+
+    def penalties(self, rows: list[int]) -> Optional[Penalties]:
+        """The given rows' penalties and logit_bias as one Penalties (neutral values for the rows without); None
+        when none of them has any."""
+        jobs = [self.rows[r] for r in rows]
+        if all(job.counts is None and job.seen is None and job.bias is None for job in jobs):
+            return None
+        vocab, device = self.logits.size(-1), self.logits.device
+
+        def stacked(name, empty):
+            if all(getattr(job, name) is None for job in jobs):
+                return None
+            return torch.stack([empty if getattr(job, name) is None else getattr(job, name) for job in jobs])
+
+        def values(name):
+            return torch.tensor([getattr(job, name) for job in jobs], dtype=torch.float32, device=device)
+
+        zeros = torch.zeros(vocab, device=device)
+        p = Penalties(
+            bias=stacked("bias", zeros),
+            seen=stacked("seen", torch.zeros(vocab, dtype=torch.bool, device=device)),
+            counts=stacked("counts", zeros),
+        )
+        if p.seen is not None:
+            p.repetition = values("repetition_penalty")
+        if p.counts is not None:
+            p.frequency, p.presence = values("frequency_penalty"), values("presence_penalty")
+        return p
 
     def admit(self, jobs: list[Job]) -> None:
         """Prefill the new jobs' prompts (a prompt asked for n times is read once) and add them to the batch.
@@ -286,17 +351,83 @@ class Engine:
                 prompts.setdefault(tuple(job.ids), len(prompts))
                 job.cached = len(job.ids)
                 job.printer = StreamPrinter(self.tokenizer, job.stops, job)
-            idx, mask = left_pad([list(p) for p in prompts], self.pad, self.device)
-            cache = self.model.new_cache()
-            logits = self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+                self.penalize(job)
+            groups, reused = self.prefill([list(p) for p in prompts])
         except Exception as e:
             message = failure(e)
             for job in jobs:
                 job.send(("error", message))
             return
+        where = {p: (g, row) for g, (_, _, members) in enumerate(groups) for row, p in enumerate(members)}
+        for job in jobs:
+            job.reused = reused[prompts[tuple(job.ids)]]
+        jobs = sorted(jobs, key=lambda job: where[prompts[tuple(job.ids)]][0])  # the batch's rows: group by group
         parts = [(self.cache, list(range(len(self.rows))), self.logits)] if self.rows else []
-        parts.append((cache, [prompts[tuple(job.ids)] for job in jobs], logits))
+        for g, (cache, logits, _) in enumerate(groups):
+            rows = [where[prompts[tuple(job.ids)]] for job in jobs]
+            parts.append((cache, [row for group, row in rows if group == g], logits))
         self.regroup(parts, self.rows + jobs)
+
+    def penalize(self, job: Job) -> None:
+        """The tensors a job's penalties and logit_bias need (see Job), on the model's device; none for a job
+        without any."""
+        vocab, device = self.model.config.vocab_size, self.device
+        if job.frequency_penalty or job.presence_penalty:
+            job.counts = torch.zeros(vocab, device=device)
+        if job.repetition_penalty != 1:
+            job.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            job.seen[torch.tensor(job.ids, device=device)] = True
+        if job.logit_bias:
+            job.bias = torch.zeros(vocab, device=device)
+            job.bias[torch.tensor(list(job.logit_bias), device=device)] = torch.tensor(
+                list(job.logit_bias.values()), device=device
+            )
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[tuple[KVCache, torch.Tensor, list[int]]], list[int]]:
+        """Read the prompts: groups of (KV cache, its rows' next-token logits, the prompt of each row), and the
+        tokens of each prompt taken from the prefix cache. Without one: one left-padded pass over them all. With
+        one: each prompt is read after its longest cached prefix, in one pass with the others as long as the
+        longest cached prefix and the longest rest among them fit the context (else in another); then the keys
+        and values of every prompt's whole blocks are kept (prompts read in the same step do not share: the
+        first of them serves those that come later)."""
+        if self.prefix_cache is None:
+            cache, logits = self.read(prompts, [[] for _ in prompts])
+            return [(cache, logits, list(range(len(prompts))))], [0] * len(prompts)
+        hits = [self.prefix_cache.lookup(ids) for ids in prompts]
+        reused = [len(hit) * self.prefix_cache.block for hit in hits]
+        groups: list[list] = []  # [cached prefix width, rest width, prompts]
+        for i in sorted(range(len(prompts)), key=lambda i: -reused[i]):
+            rest = len(prompts[i]) - reused[i]
+            fits = (g for g in groups if max(g[0], reused[i]) + max(g[1], rest) <= self.block)
+            group = next(fits, None)
+            if group is None:
+                group = [0, 0, []]
+                groups.append(group)
+            group[0], group[1] = max(group[0], reused[i]), max(group[1], rest)
+            group[2].append(i)
+        out = []
+        for _, _, members in groups:
+            cache, logits = self.read([prompts[i] for i in members], [hits[i] for i in members])
+            for row, i in enumerate(members):
+                self.prefix_cache.store(prompts[i], reader(cache, row))
+            out.append((cache, logits, members))
+        return out, reused
+
+    def read(self, prompts: list[list[int]], hits: list[list]) -> tuple[KVCache, torch.Tensor]:
+        """One pass over the prompts, each row read after its cached blocks `hits` (which end at one shared
+        column, padding in front of the shorter ones as with left padding; a row's positions count its real
+        tokens only, so the gap between its cached and its new part is padding like any other); the KV cache
+        and each row's next-token logits."""
+        cache = self.model.new_cache()
+        reused = start_from_blocks(cache, hits)
+        idx, mask = left_pad([ids[r:] for ids, r in zip(prompts, reused)], self.pad, self.device)
+        return cache, self.model(idx, attention_mask=mask, cache=cache, only_last=True).logits[:, -1]
+
+    def remember(self, row: int, job: Job) -> None:
+        """A finished job's prompt and text go to the prefix cache (their keys and values are in its row): the
+        next turn of a chat, which sends the conversation so far, is read from where it goes on."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store((job.ids + job.generated)[: job.cached], reader(self.cache, row))
 
     def regroup(self, parts: list[tuple[KVCache, list[int], torch.Tensor]], jobs: list[Job]) -> None:
         """The batch becomes the given rows of the given caches (with their logits), in order."""
@@ -324,42 +455,3 @@ def failure(e: Exception) -> str:
     traceback.print_exception(e)
     detail = " ".join(f"{type(e).__name__}: {e}".split())
     return f"the server failed on this request ({detail}); this is a bug: please report it"
-
-
-def pack_rows(parts: list[tuple[KVCache, list[int]]], out: KVCache) -> KVCache:
-    """A cache of the given rows of the given caches, each row's real positions moved (in order) to the
-    columns just before one shared end column L, the longest row's count; padding in front, as with left
-    padding. The rows' position counts (cache.seen) come along, so decoding goes on as before."""
-    valids = []
-    for cache, rows in parts:
-        # the columns written so far; of those, the real ones (cache.valid is not kept beyond `length` yet)
-        valid = (torch.arange(cache.max_len, device=cache.k[0].device) < cache.length).expand(cache.k[0].size(0), -1)
-        if cache.valid is not None:
-            valid = valid & cache.valid
-        valids.append(valid[rows])
-    L = max(int(v.sum(1).max()) for v in valids)
-    picked_k, picked_v, picked_valid = [[] for _ in out.k], [[] for _ in out.k], []
-    for (cache, rows), valid in zip(parts, valids):
-        # a stable sort of valid (False < True) lists a row's padding columns first, then its real ones in order
-        src = torch.sort(valid.int(), dim=1, stable=True).indices[:, -L:]  # (rows, L)
-        picked_valid.append(valid.gather(1, src))
-        at = torch.tensor(rows, device=src.device)[:, None]
-        for layer in range(len(out.k)):
-            # advanced indices around a slice: the result is (rows, L, heads, head_dim)
-            picked_k[layer].append(cache.k[layer][at, :, src].transpose(1, 2))
-            picked_v[layer].append(cache.v[layer][at, :, src].transpose(1, 2))
-    for layer in range(len(out.k)):
-        k = torch.cat(picked_k[layer])
-        B, H, _, D = k.shape
-        # zeros, not empty: a masked column's weight is 0, and 0 * NaN from uninitialised memory would be NaN
-        out.k[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.v[layer] = k.new_zeros(B, H, out.max_len, D)
-        out.k[layer][:, :, :L] = k
-        out.v[layer][:, :, :L] = torch.cat(picked_v[layer])
-    valid = torch.cat(picked_valid)
-    out.valid = torch.zeros(valid.size(0), out.max_len, dtype=torch.bool, device=valid.device)
-    out.valid[:, :L] = valid
-    out.seen = valid.sum(1)
-    out.length = L
-    out.start_decoding()
-    return out

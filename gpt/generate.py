@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -269,12 +270,51 @@ def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tens
     return torch.where(shifted == 0, shifted, shifted / temperature)  # 0 / (a temperature that is 0 in float32)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+@dataclass
+class Penalties:
+    """Per-row adjustments of (B, vocab) next-token logits, for sample_next_token: each row its own values (a
+    neutral row, 0 / 1 / no bias, keeps its logits bit for bit). In vLLM's order: `bias` (B, vocab) is added
+    (OpenAI's logit_bias); `repetition` (B,) divides the positive and multiplies the negative logits of the tokens
+    `seen` (B, vocab, bool) in the row's prompt or output (HF's and vLLM's repetition_penalty); then OpenAI's
+    penalties over the row's generated tokens, `counts` (B, vocab): logits[j] -= counts[j] * frequency +
+    (counts[j] > 0) * presence. A field left None is not applied (no row of the batch uses it)."""
+
+    bias: Optional[torch.Tensor] = None
+    seen: Optional[torch.Tensor] = None
+    repetition: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    frequency: Optional[torch.Tensor] = None
+    presence: Optional[torch.Tensor] = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.seen is not None:
+            r = self.repetition[:, None]
+            # zeros are left alone (0 * a penalty that overflowed to inf would be NaN), and whatever a huge or tiny
+            # penalty sends to +-inf stays at float32's largest magnitude: every accepted value samples. (NaN
+            # logits, broken weights, stay NaN and are refused below.)
+            scaled = torch.where(logits > 0, logits / r, torch.where(logits < 0, logits * r, logits))
+            big = torch.finfo(torch.float32).max
+            logits = torch.where(self.seen, scaled.clamp(-big, big), logits)
+        if self.counts is not None:
+            logits = logits - self.counts * self.frequency[:, None] - (self.counts > 0) * self.presence[:, None]
+        return logits
+
+
+def sample_next_token(
+    logits, temperature=1.0, top_k=None, top_p=None, generator=None, min_p=None, penalties=None
+) -> torch.Tensor:
     """One token per row from (B, vocab) logits. Greedy at temperature 0.
 
-    top-k uses `topk` (no full sort); top-p sorts only when asked, and only the top-k survivors if both
-    are given. `generator`: one for the batch, or a list of B (each row its own random stream).
+    `penalties` (Penalties: per row) adjust the logits first, so greedy decoding sees them too. Then temperature,
+    top-k, top-p and min-p (a token stays if its probability is at least min_p times the likeliest one's, as in
+    HF and vLLM). top-k uses `topk` (no full sort); top-p sorts only when asked, and only the top-k survivors if
+    both are given. `generator`: one for the batch, or a list of B (each row its own random stream).
     """
+    if penalties is not None:
+        logits = penalties(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = scale_by_temperature(logits.float(), temperature)
@@ -290,6 +330,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = (probs.cumsum(-1) - probs) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p:
+        # p >= min_p * p_max, in logits (after temperature: scale_by_temperature made the largest one 0). The
+        # likeliest token always stays; log(1e-300) is finite in float64, -690.
+        logits = logits.masked_fill(logits < logits.max(dim=-1, keepdim=True).values + math.log(min_p), float("-inf"))
     try:
         probs = F.softmax(logits, dim=-1)
         if isinstance(generator, (list, tuple)):

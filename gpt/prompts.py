@@ -84,6 +84,9 @@ class ChatTemplate:
         self.jinja, self.special = jinja, special_tokens or {}
         # A Jinja template marks the end of a reply with the end-of-text token; the plain one with the next role.
         self.stops = [] if jinja else list(PLAIN_STOPS)
+        # The plain template ends the prompt with "Assistant:" and the model goes on with the space that separates
+        # a role from its message (as in every message of the template): not part of the reply.
+        self.separator = "" if jinja else " "
 
     @classmethod
     def for_model(cls, *dirs) -> "ChatTemplate":
@@ -106,6 +109,10 @@ class ChatTemplate:
                 special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
                 return cls(template, {"eos_token": EOS, **special})
         return cls()
+
+    def reply(self, text: str) -> str:
+        """The generated text (or the first piece of it) as the assistant's message: without the separator."""
+        return text.removeprefix(self.separator)
 
     def __call__(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         if self.jinja:

@@ -124,14 +124,15 @@ def test_chat_is_the_completion_of_its_template(client):
     plain = client.completions.create(model="m", prompt=prompt, max_tokens=30, temperature=0, stop=PLAIN_STOPS[:3])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0)
-    assert r.choices[0].message.content == plain.choices[0].text
+    reply = plain.choices[0].text.removeprefix(" ")  # (the template's space after "Assistant:" is not the reply's)
+    assert r.choices[0].message.content == reply
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(prompt)
     stream = client.chat.completions.create(
         model="m", messages=messages, max_tokens=30, temperature=0, stream=True, stream_options={"include_usage": True}
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].text
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
@@ -336,6 +337,8 @@ def test_a_bad_setting_is_one_error_line(model_dir):
 
     assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_batch_size=0"), "max_batch_size")
     assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "max_choices=0"), "max_choices")
+    assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "cors_origins=http://a"), "cors_origins")
+    assert_user_error(run_cli("-m gpt.serve", f"ckpt={model_dir}", "prefix_cache_tokens=8"), "prefix_cache_tokens")
     assert_user_error(run_cli("-m gpt.serve", "port=8000"), "ckpt=")
 
 
@@ -474,3 +477,40 @@ def test_an_abandoned_request_of_256_choices_is_dropped_within_a_step(server, cl
             assert r.choices[0].text == expected and time.time() - start < 2.0
     finally:
         engine.advance = advance
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chat page (in a browser: tests/test_chat_page.py) and the prefix cache (the engine's: tests/test_prefix_cache.py)
+
+
+def test_the_chat_page_needs_no_key_and_fetches_nothing_from_elsewhere(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=10) as http:
+        r = http.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), r.text
+        assert http.get("/v1/models").status_code == 401  # the key is still asked for everywhere else
+    page = r.text
+    for outside in ("http://", "https://", 'src="//', "@import"):  # self-contained: no CDN, no other server
+        assert outside not in page, outside
+
+
+def test_a_shared_system_prompt_is_read_from_the_prefix_cache(server, client):
+    """The server's prefix cache (prefix_cache_block: 16 tokens): usage counts the prompt tokens it served, and a
+    prompt answered from the cache is answered as it was without it (its first time)."""
+    _, state = server
+    assert (state.cfg.prefix_cache_block, state.engine.prefix_cache.block) == (16, 16)
+    system = {"role": "system", "content": "Be terse and kind."}  # "System: Be terse and kind.\nUser: ": 33 chars
+
+    def ask(text, **kw):
+        messages = [system, {"role": "user", "content": text}]
+        return client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0, **kw)
+
+    first = ask("Hi there, friend")  # 60 tokens, all new
+    other = ask("Who")
+    again = ask("Hi there, friend")
+    stream = list(ask("Hi there, friend", stream=True, stream_options={"include_usage": True}))
+    assert first.usage.prompt_tokens == 60
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, other, again, stream[-1])]
+    assert cached == [0, 32, 48, 48]  # the 2 shared blocks; the 3 whole blocks of 59 tokens (one is left to read)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == first.choices[0].message.content

@@ -121,8 +121,8 @@ def test_a_failing_request_fails_alone_and_the_others_draw_what_they_draw_alone(
     jobs = {key: job(ids, 20, t, seed, events, key) for key, (ids, t, seed) in specs.items()}
     real = gpt.engine.sample_next_token
 
-    def flaky(logits, temperature, top_k, top_p, generators):
-        out = real(logits, temperature, top_k, top_p, generators)  # the group's generators have moved on
+    def flaky(logits, temperature, top_k, top_p, generators, *rest):
+        out = real(logits, temperature, top_k, top_p, generators, *rest)  # the group's generators have moved on
         if generators and any(g is jobs["bad"].generator for g in generators) and len(jobs["bad"].generated) == 4:
             raise RuntimeError("a fault of this request's sampling")
         return out
@@ -232,6 +232,16 @@ requests = st.fixed_dictionaries(
         "seed": st.one_of(st.none(), st.integers(0, 2**63 - 1)),
         "stop": st.one_of(st.none(), texts, st.lists(texts, max_size=4)),
         "stream": st.booleans(),
+        "top_k": st.one_of(st.none(), st.integers(-1, 80)),
+        "min_p": st.one_of(st.none(), st.sampled_from([0.0, 1.0, *TINY]), st.floats(0, 1)),
+        "frequency_penalty": st.one_of(st.none(), st.floats(-2, 2)),
+        "presence_penalty": st.one_of(st.none(), st.floats(-2, 2)),
+        # any positive float: a tiny or huge penalty sends logits to float32's limits, still a token
+        "repetition_penalty": st.one_of(st.none(), st.sampled_from([1.0, 1e300, *TINY]), st.floats(0.01, 100)),
+        "logit_bias": st.one_of(
+            st.none(),
+            st.dictionaries(st.one_of(st.integers(0, 70).map(str), st.text(max_size=3)), st.floats(-100, 100)),
+        ),
     }
 ).flatmap(
     lambda r: st.one_of(
@@ -259,7 +269,9 @@ def expect_ok(state, r) -> bool:
     except GPTError:
         return False
     stops = [r["stop"]] if isinstance(r["stop"], str) else r["stop"] or []
-    return len(prompts) * r["n"] <= 6 and all(len(i) <= 64 for i in ids) and len(stops) <= 4 and all(stops)
+    vocab = state.tokenizer.vocab_size
+    bias = all(k.isascii() and k.isdigit() and int(k) < vocab for k in r["logit_bias"] or {})
+    return len(prompts) * r["n"] <= 6 and all(len(i) <= 64 for i in ids) and len(stops) <= 4 and all(stops) and bias
 
 
 def check(state, r, resp: httpx.Response):

@@ -67,7 +67,12 @@ def test_echoed_prompt_logprobs_are_the_models_own(model_and_dir, http):
     choice = r["choices"][0]
     lp = choice["logprobs"]
     assert choice["text"] == prompt and choice["finish_reason"] == "length"
-    assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert r["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert lp["tokens"] == list(prompt) and lp["text_offset"] == list(range(len(prompt)))
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts the first token
     got = torch.tensor(lp["token_logprobs"][1:])
