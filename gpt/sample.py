@@ -259,7 +259,8 @@ def sample(cfg) -> Optional[list[str]]:
         if beams["num_beams"] > 1 or cfg.mbr:  # one text chosen: nothing to stream or to sample several times
             text = complete(cfg, model, tokenizer, [prompt], [raw], strict, {**args, "batch_size": 1}, beams)[0]
             sys.stdout.write(prompt + text + "\n---------------\n")
-            draw_pictures(cfg, model, tokenizer, wrap, raw, prompt, text, encode_prompt(tokenizer, prompt, strict))
+            ids = encode_prompt(tokenizer, prompt, strict) + tokenizer.encode(text)
+            draw_pictures(cfg, model, tokenizer, wrap, raw, prompt, text, ids)
             return [text]
         ids = encode_prompt(tokenizer, prompt, strict)
         if len(ids) > model.config.block_size:  # before any of it is printed

@@ -831,12 +831,13 @@ def test_an_adapters_alignment_is_its_merged_models_and_sample_py_draws_it(finet
         "temperature=0",
         "max_new_tokens=24",
         f"alignment_map={png}",
+        f"attention_map={tmp_path / 'attn.png'}",  # drawn after beam search (or MBR) too, not only after sampling
         "mbr=true",
         "num_beams=2",
     )
     assert proc.returncode == 0, proc.stderr
     assert f"x {len(line)} source tokens, the input line in the template): {png}" in proc.stderr
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert png.read_bytes()[:4] == (tmp_path / "attn.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mbr_scoring_chooses_among_the_beams_the_samples_and_the_source(finetuned, task_files, tmp_path):
