@@ -1,9 +1,10 @@
 """Scoring models: a fine-tuned model on its task's validation split, and any model on any text in bits per byte.
 
-Task scoring (finetune.py): greedy generation, batched with the KV cache (`gpt.completions.generate_batch`), for
-three systems side by side: the base model without the adapter, the base with the adapter, and the
-copy-the-input baseline (each source line returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu`
-(translation-like tasks) and exact match (short-answer tasks), plus the validation loss on the response tokens.
+Task scoring (finetune.py): greedy generation or beam search, batched with the KV cache
+(`gpt.completions.generate_batch`; minimum Bayes-risk choices: gpt/mbr.py), for three systems side by side: the
+base model without the adapter, the base with the adapter, and the copy-the-input baseline (each source line
+returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu` (translation-like tasks) and exact match
+(short-answer tasks), plus the validation loss on the response tokens.
 
 Bits per byte (the command line):
 

@@ -9,7 +9,8 @@ pretraining. A run directory (runs/<name>/<time>/) receives:
     checkpoints/last/, best/           lora: adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base
                                        record; full: model directories, as pretraining writes them
     checkpoints/merged/                with merge=true: base + best adapter as one standalone model directory
-    valid.{base,adapter,copy}.txt      greedy outputs on the valid split
+    valid.{base,adapter,copy}.txt      the scored outputs on the valid split (greedy, beam search or MBR: eval.*)
+    alignments.png                     the fine-tuned model's attention on the source of a few valid outputs
     metrics.csv, metrics.json          training log; summary with the evaluation side by side
 
 `eval_only=true adapter=<dir>` scores an existing adapter the same way without training; `eval_only=true
