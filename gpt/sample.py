@@ -213,12 +213,13 @@ def sample(cfg) -> Optional[list[str]]:
         return chat(cfg)
     model, tokenizer, device = load_for_sampling(cfg)
     wrap, stops = prompt_template(cfg)
-    from gpt.viz import check_attention_choice  # (matplotlib: imported only when a picture is asked for)
+    if cfg.get("attention_map") or cfg.get("alignment_map"):  # (matplotlib: imported only for a picture)
+        from gpt.viz import check_attention_choice
 
-    if cfg.get("attention_map"):
-        check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
-    if cfg.get("alignment_map"):
-        check_attention_choice(model.config, cfg.alignment_layer, cfg.alignment_head, "alignment_")
+        if cfg.get("attention_map"):
+            check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
+        if cfg.get("alignment_map"):
+            check_attention_choice(model.config, cfg.alignment_layer, cfg.alignment_head, "alignment_")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     args = dict(
