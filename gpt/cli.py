@@ -253,6 +253,7 @@ PATH_KEYS = {
     "output_file",
     "prompt_file",
     "attention_map",
+    "alignment_map",
     "ckpt_path",
     "data.tokenizer_path",
     "task.root",

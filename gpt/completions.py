@@ -164,6 +164,7 @@ def generate_batch(
     sources: Optional[Sequence[str]] = None,
     compile: bool = False,
     strict: bool = True,
+    num_return_sequences: int = 1,
 ) -> list[str]:
     """Completions for many prompts, batched (sorted by length so batches carry little padding).
     Sampling (temperature > 0) draws prompt i's tokens from its own random stream, seeded by the generator's
@@ -172,8 +173,12 @@ def generate_batch(
     copy_bonus > 0: add it to the logits of the tokens of each prompt's source text (`sources`, e.g. the
     line a task template wraps; default the prompt itself), so words are carried over more readily: for
     tasks whose output mostly repeats the input (style transfer, correction).
-    strict=False: characters a char-level tokenizer lacks become <|unk|> (as in training) instead of an error."""
+    strict=False: characters a char-level tokenizer lacks become <|unk|> (as in training) instead of an error.
+    num_return_sequences R > 1 (beam search): the R best texts of each prompt, best first, R per prompt in turn."""
     check_decoding(num_beams, no_repeat_ngram_size, copy_bonus, length_penalty)
+    R = num_return_sequences
+    if R > 1 and R > num_beams:
+        raise GPTError(f"num_return_sequences={R} needs num_beams >= {R}: they are the beams' best texts")
     if sources is not None and len(sources) != len(prompts):
         raise ValueError("one source text per prompt")
     if num_beams > 1 and (temperature != 0 or not stop_at_eos or tokenizer.eos_id is None):
@@ -192,7 +197,7 @@ def generate_batch(
         if len(encoded[-1]) > model.config.block_size:
             raise prompt_too_long(len(encoded[-1]), model.config.block_size, line)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[Optional[str]] = [None] * len(prompts)
+    out: list[Optional[str]] = [None] * (len(prompts) * R)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     # Beam search ends a beam at a token that holds a stop string (the text is cut there below).
     stop_ids = (
@@ -231,6 +236,7 @@ def generate_batch(
                 no_repeat_ngram_size=no_repeat_ngram_size,
                 logit_bias=bias,
                 stop_token_ids=stop_ids,
+                num_return_sequences=R,
             )
         else:
             rows = (
@@ -260,5 +266,6 @@ def generate_batch(
                 compile=compile,
             )
         for row, i in enumerate(chunk):
-            out[i] = cut_at_stop(tokenizer.decode(new[row].tolist()), stops)[0]
+            for r in range(R):
+                out[i * R + r] = cut_at_stop(tokenizer.decode(new[row * R + r].tolist()), stops)[0]
     return out

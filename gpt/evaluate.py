@@ -1,9 +1,10 @@
 """Scoring models: a fine-tuned model on its task's validation split, and any model on any text in bits per byte.
 
-Task scoring (finetune.py): greedy generation, batched with the KV cache (`gpt.completions.generate_batch`), for
-three systems side by side: the base model without the adapter, the base with the adapter, and the
-copy-the-input baseline (each source line returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu`
-(translation-like tasks) and exact match (short-answer tasks), plus the validation loss on the response tokens.
+Task scoring (finetune.py): greedy generation or beam search, batched with the KV cache
+(`gpt.completions.generate_batch`; minimum Bayes-risk choices: gpt/mbr.py), for three systems side by side: the
+base model without the adapter, the base with the adapter, and the copy-the-input baseline (each source line
+returned unchanged). Metrics: corpus BLEU and chrF from `sacrebleu` (translation-like tasks) and exact match
+(short-answer tasks), plus the validation loss on the response tokens.
 
 Bits per byte (the command line):
 
@@ -44,6 +45,7 @@ from gpt.devices import autocast, check_dtype, resolve_device
 from gpt.errors import GPTError
 from gpt.inference import load_any_model
 from gpt.lit import LanguageModel, quiet_lightning
+from gpt.mbr import mbr_decode
 from gpt.tasks import TaskDataModule
 from gpt.textfiles import read_text_file, write_lines_atomically
 from gpt.tokenizer import Tokenizer
@@ -114,9 +116,11 @@ def generate_responses(
     dtype: str,
     decoding: Optional[dict] = None,
     sources: Optional[list[str]] = None,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache. A prompt that
-    leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
+    """Greedy (or beam search: decoding={"num_beams": 4}) responses, batched with the KV cache; with
+    decoding["mbr"], minimum Bayes-risk choices (gpt/mbr.py; its sampled candidates drawn from `seed`). A prompt
+    that leaves no room for a response in the model's context gets an empty one (still scored, and counted)."""
     device = next(model.parameters()).device
     block = model.config.block_size
     fits = [i for i, ids in enumerate(tokenizer.encode_batch(prompts)) if len(ids) < block]
@@ -128,23 +132,28 @@ def generate_responses(
             block,
         )
     outs = [""] * len(prompts)
+    decoding = dict(decoding or {})
+    mbr = {k.removeprefix("mbr_"): decoding.pop(k) for k in list(decoding) if k.startswith("mbr")}
+    common = dict(max_new_tokens=max_new_tokens, stops=stops, batch_size=batch_size, strict=False)  # as trained
+    kept = [sources[i] for i in fits] if sources is not None else None
     with autocast(device, dtype):
-        done = (
-            generate_batch(
+        if not fits:
+            done = []
+        elif mbr.pop("mbr", False):
+            done = mbr_decode(
                 model,
                 tokenizer,
                 [prompts[i] for i in fits],
-                max_new_tokens=max_new_tokens,
-                temperature=0.0,
-                stops=stops,
-                batch_size=batch_size,
-                strict=False,  # as trained
-                sources=[sources[i] for i in fits] if sources is not None else None,
-                **(decoding or {}),
+                sources=kept,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                **mbr,  # utility, temperature, samples, include_source
+                **common,
+                **decoding,
             )
-            if fits
-            else []
-        )
+        else:
+            done = generate_batch(
+                model, tokenizer, [prompts[i] for i in fits], temperature=0.0, sources=kept, **common, **decoding
+            )
     for i, text in zip(fits, done):
         outs[i] = text.strip()
     return outs
@@ -165,10 +174,14 @@ def evaluate_task(
     decoding: Optional[dict] = None,
     systems: Sequence[str] = ("base", "adapter", "copy"),
     base_model: Optional[torch.nn.Module] = None,
+    seed: int = 0,
+    alignments: Optional[dict] = None,
 ) -> dict:
     """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt.
     "base" is `base_model` when given (full fine-tuning), else `model` with its adapter disabled; "copy" returns
-    each input; any other system name is `model` itself ("adapter", "finetuned")."""
+    each input; any other system name is `model` itself ("adapter", "finetuned"). alignments ({"examples": n,
+    "layer": l, "head": h}, n > 0): out_dir/alignments.png, `model`'s attention on the source of its first n
+    outputs (gpt.viz.alignment_map)."""
     metrics = check_metrics(datamodule.metrics)
     rows = all_rows = datamodule.load_rows()["valid"]
     if max_examples:
@@ -203,11 +216,18 @@ def evaluate_task(
                         dtype=dtype,
                         decoding=decoding,
                         sources=[r["input"] or r["instruction"] for r in rows],
+                        seed=seed,
                     )
                     if gen_metrics
                     else []
                 )
         entry.update(score(outputs, references, gen_metrics) if gen_metrics else {})
+        if system not in ("base", "copy") and (decoding or {}).get("mbr_include_source") and outputs:
+            entry["mbr_chose_source"] = sum(
+                o == (r["input"] or r["instruction"]).strip() for o, r in zip(outputs, rows)
+            )
+        if system not in ("base", "copy") and out_dir is not None and outputs and (alignments or {}).get("examples"):
+            draw_alignments(model, tokenizer, datamodule, rows, outputs, Path(out_dir) / "alignments.png", alignments)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results[system] = entry
         if out_dir is not None and outputs:
@@ -225,6 +245,23 @@ def evaluate_task(
     )
     log.info("%s valid (%d examples%s):\n%s", datamodule.name, len(rows), loss_note, format_table(results, systems))
     return results
+
+
+def draw_alignments(model, tokenizer, datamodule, rows, outputs, path: Path, alignments: dict) -> None:
+    """alignments.png: the first alignments["examples"] valid rows whose prompt leaves room for an output, each
+    output's attention on the source line inside its prompt (the whole prompt for a chat task)."""
+    from gpt.viz import alignment_map
+
+    block = model.config.block_size
+    picked = []
+    for row, output in zip(rows, outputs):
+        prompt = datamodule.prompt(row)
+        if len(picked) < alignments["examples"] and (row["input"] or row["instruction"]).strip():
+            if len(tokenizer.encode(prompt)) < block:  # (a prompt that fills the context has no output)
+                picked.append((prompt, output, datamodule.source_span(row)))
+    if picked:
+        alignment_map(model, tokenizer, picked, path, layer=alignments["layer"], head=alignments["head"])
+        log.info("alignments of %d valid outputs on their source: %s", len(picked), path)
 
 
 def format_table(results: dict, systems: Sequence[str]) -> str:

@@ -9,7 +9,8 @@ pretraining. A run directory (runs/<name>/<time>/) receives:
     checkpoints/last/, best/           lora: adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base
                                        record; full: model directories, as pretraining writes them
     checkpoints/merged/                with merge=true: base + best adapter as one standalone model directory
-    valid.{base,adapter,copy}.txt      greedy outputs on the valid split
+    valid.{base,adapter,copy}.txt      the scored outputs on the valid split (greedy, beam search or MBR: eval.*)
+    alignments.png                     the fine-tuned model's attention on the source of a few valid outputs
     metrics.csv, metrics.json          training log; summary with the evaluation side by side
 
 `eval_only=true adapter=<dir>` scores an existing adapter the same way without training; `eval_only=true
@@ -33,6 +34,7 @@ from gpt.completions import check_decoding, check_stop_strings
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.launch import build
+from gpt.mbr import check_mbr
 from gpt.model import GPT
 from gpt.prompts import ChatTemplate, finetuned_record, tokenizer_config
 from gpt.run import (
@@ -114,6 +116,14 @@ def check_options(cfg: DictConfig) -> None:
         e.get("dtype", "auto"),
         prefix="eval.",
     )
+    check_mbr(e.mbr, e.mbr_samples, e.mbr_include_source, e.mbr_utility, e.mbr_temperature, prefix="eval.")
+    if not is_int(e.alignments) or e.alignments < 0:
+        raise GPTError(f"eval.alignments must be a whole number >= 0 (got {e.alignments!r}); 0 = no alignments.png")
+    if not all(v is None or is_int(v) for v in (e.alignment_layer, e.alignment_head)):
+        raise GPTError(
+            f"eval.alignment_layer and eval.alignment_head are layer / head numbers, null for the mean of all (got "
+            f"{e.alignment_layer!r}, {e.alignment_head!r})"
+        )
     answer = cfg.task.get("max_new_tokens", 128)
     if not is_int(answer) or answer < 1:
         raise GPTError(
@@ -195,12 +205,24 @@ def decoding(cfg: DictConfig) -> dict:
     """How eval decodes the valid split; recorded with what a run writes, so that a later eval_only can say
     when it decodes otherwise (its figures would not be the training run's)."""
     e = cfg.eval
-    return dict(
+    settings = dict(
         num_beams=e.num_beams,
         length_penalty=e.length_penalty,
         no_repeat_ngram_size=e.no_repeat_ngram_size,
         copy_bonus=e.get("copy_bonus", 0.0),
     )
+    if e.mbr:  # (recorded only when on: the records of runs without it stay as they were)
+        keys = ("mbr", "mbr_samples", "mbr_temperature", "mbr_include_source", "mbr_utility")
+        settings.update({k: e[k] for k in keys})
+    return settings
+
+
+def check_alignment_choice(cfg: DictConfig, model) -> None:
+    """eval.alignment_layer / alignment_head against the model, before any training (alignments.png comes after)."""
+    if cfg.eval.enabled and cfg.eval.alignments:
+        from gpt.viz import check_attention_choice  # (matplotlib)
+
+        check_attention_choice(model.config, cfg.eval.alignment_layer, cfg.eval.alignment_head, "eval.alignment_")
 
 
 def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: TaskDataModule, **systems) -> dict:
@@ -218,6 +240,8 @@ def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: Task
         accelerator=cfg.trainer.accelerator,
         precision=cfg.trainer.precision,
         decoding=decoding(cfg),
+        seed=cfg.seed,
+        alignments={"examples": e.alignments, "layer": e.alignment_layer, "head": e.alignment_head},
     )
 
 
@@ -234,6 +258,7 @@ def _evaluate_only(cfg: DictConfig, run_dir: Path) -> dict:
     base = Path(cfg.base) if cfg.get("base") else None
     metrics = {"adapter": str(Path(cfg.adapter).resolve())}
     model, tokenizer, record = load_adapter(Path(cfg.adapter), base, base_option="base")
+    check_alignment_choice(cfg, model)
     # the task's files are read (and their mistakes found) before anything is written
     datamodule = scoring_task(cfg, tokenizer, model.config.block_size, record) if cfg.eval.enabled else None
     score_and_merge(cfg, model, tokenizer, record, Path(cfg.adapter), run_dir, datamodule, metrics)
@@ -247,6 +272,7 @@ def _evaluate_model_dir(cfg: DictConfig, run_dir: Path) -> dict:
     when base= names one)."""
     model_dir = Path(cfg.model_dir)
     model, tokenizer = load_model_dir(model_dir)
+    check_alignment_choice(cfg, model)
     record = finetuned_record(model_dir)
     if record.get("task") is None:
         log.info("%s records no fine-tuning task; scoring it with task.template as configured", model_dir)
@@ -308,6 +334,7 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         return _full_finetune(cfg, run_dir, base_dir, ckpt_path)
     lora = build(cfg.lora)  # option errors before any loading
     model, tokenizer = load_model_dir(base_dir)
+    check_alignment_choice(cfg, model)
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     peft_model = add_lora(model, lora)
     trainable, total = count_parameters(peft_model)
@@ -382,6 +409,7 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
     """The model's own weights train; checkpoints/{best,last} are whole model directories, scored beside the
     base (loaded again, unchanged) and the copy baseline."""
     model, tokenizer = load_model_dir(base_dir)
+    check_alignment_choice(cfg, model)
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     settings = {"embeddings": bool(cfg.freeze.embeddings), "layers": int(cfg.freeze.layers)}
     frozen = freeze(model, **settings)

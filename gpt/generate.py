@@ -140,9 +140,11 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     logit_bias: Optional[torch.Tensor] = None,
     stop_token_ids: Sequence[int] = (),
+    num_return_sequences: int = 1,
 ) -> torch.Tensor:
     """The most likely continuation of each row of idx (B, T) found by beam search; returns (B, n) new
-    tokens, padded with eos_token_id after the end.
+    tokens, padded with eos_token_id after the end. num_return_sequences R > 1: the R best of each row, best
+    first, as rows b*R .. b*R + R-1 of (B*R, n) (the n-best list that minimum Bayes-risk decoding chooses from).
 
     Each row keeps `num_beams` partial continuations. At every step all beams of a row are extended
     by every token; the `num_beams` best (by summed log-probability) survive, and the KV cache rows
@@ -155,6 +157,8 @@ def beam_search(
     check_sampling_args(max_new_tokens, 0.0)
     if not isinstance(num_beams, int) or num_beams < 1:
         raise GPTError(f"num_beams must be a positive integer (got {num_beams!r}); 1 = greedy")
+    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
+        raise GPTError(f"num_return_sequences must be 1..num_beams={num_beams} (got {num_return_sequences!r})")
     B, T = idx.shape
     K, block = num_beams, model.config.block_size
     if T > block:
@@ -218,7 +222,8 @@ def beam_search(
         cache.reorder(src)
         logits = model(next_token.view(-1, 1), cache=cache, only_last=True).logits[:, -1]
 
-    out = idx.new_full((B, max_new_tokens), eos_token_id)
+    R = num_return_sequences
+    out = idx.new_full((B * R, max_new_tokens), eos_token_id)
     for b in range(B):
         if active[b]:  # max_new_tokens ran out: the running beams compete with the finished ones, scored alike
             finished[b] += [
@@ -226,8 +231,10 @@ def beam_search(
                 for k, score in enumerate(scores[b].tolist())
                 if score != float("-inf")
             ]
-        best = max(finished[b], key=lambda hyp: hyp[0])[1]
-        out[b, : len(best)] = best
+        ranked = sorted(finished[b], key=lambda hyp: hyp[0], reverse=True)  # stable: of equals, the first found
+        for r in range(R):  # (a row with fewer than R hypotheses repeats its last one)
+            seq = ranked[min(r, len(ranked) - 1)][1]
+            out[b * R + r, : len(seq)] = seq
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from gpt.errors import GPTError, json_type, read_json
 from gpt.jsonfiles import check_model_record
@@ -68,6 +68,18 @@ class PromptTemplate:
 
     def to_dict(self) -> dict:
         return {"template": self.template, "template_no_input": self.template_no_input}
+
+
+def source_span(wrap: Callable[[str], str], text: str) -> Optional[tuple[int, int]]:
+    """Where `text` lies in the prompt wrap(text) makes of it, as (start, end) characters; None where the wrapping
+    has no single place for it (no template field, or a template without input for an empty text). Found by
+    wrapping a character no text has (NUL) instead: searching the prompt for the text could find the template's
+    own words ("are" in "Shakespeare:")."""
+    marked = wrap("\0")
+    before, found, after = marked.partition("\0")
+    if not text or not found or "\0" in after or wrap(text) != before + text + after:
+        return None
+    return len(before), len(before) + len(text)
 
 
 # ----------------------------------------------------------------------------------------------------

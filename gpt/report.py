@@ -9,7 +9,8 @@ result from the same files:
     metrics.csv         every validation (val/loss, val/bpb) and the training clock (train/seconds)
     .hydra/             the command line's overrides and the composed config
     checkpoints/        the exported model's config.json (its shape); lm-eval results under */lm_eval/
-    loss.png, samples.txt, attention.png (sample.py attention_map=<run dir>/attention.png), valid.*.txt
+    loss.png, samples.txt, attention.png (sample.py attention_map=<run dir>/attention.png), valid.*.txt,
+    alignments.png (fine-tuning's scoring)
 
 train.py and finetune.py write it whenever they write metrics.json (gpt.run.write_metrics: at the end of a run,
 and of one stopped by SIGTERM, Ctrl-C or a NaN); `python -m gpt.evaluate harness <run>/checkpoints/best` writes
@@ -402,6 +403,8 @@ def render(run_dir: str | Path) -> str:
         out += ["## Loss", "", *loss]
     if isinstance(m.get("eval"), dict):
         out += ["## Task scores", "", *safe(scores_section, run_dir, m["eval"])]
+    if (run_dir / "alignments.png").is_file():  # finetune.py's eval.alignments
+        out += ["## Alignments", "", "![each output token's attention on its source line](alignments.png)", ""]
     if (run_dir / "samples.txt").is_file():
         out += ["## Samples", "", *safe(samples_section, run_dir, cfg)]
     if (run_dir / "attention.png").is_file():

@@ -31,8 +31,9 @@ from gpt.completions import (
 from gpt.errors import GPTError, check_seed, is_int
 from gpt.generate import check_sampling_args, generate, prompt_too_long
 from gpt.inference import load_for_sampling
+from gpt.mbr import check_mbr, mbr_decode
 from gpt.model import GPT
-from gpt.prompts import PromptTemplate, finetuned_record
+from gpt.prompts import PromptTemplate, finetuned_record, source_span
 from gpt.textfiles import read_text_file, split_lines, write_lines_atomically
 from gpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -98,6 +99,16 @@ def check_options(cfg) -> None:
             f"attention_layer and attention_head are layer / head numbers, attention_head=null for all "
             f"(got {cfg.get('attention_layer')!r}, {head!r})"
         )
+    if not all(v is None or is_int(v) for v in (cfg.alignment_layer, cfg.alignment_head)):
+        raise GPTError(
+            f"alignment_layer and alignment_head are layer / head numbers, null for the mean of all (got "
+            f"{cfg.alignment_layer!r}, {cfg.alignment_head!r})"
+        )
+    check_mbr(cfg.mbr, cfg.mbr_samples, cfg.mbr_include_source, cfg.mbr_utility, cfg.temperature)
+    if cfg.mbr and cfg.num_samples != 1:
+        raise GPTError(
+            "mbr=true chooses one text among candidates: num_samples must be 1 (mbr_samples sets how many are drawn)"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.device)):
         raise GPTError(f"device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
     if cfg.on_context_full not in ("slide", "stop"):
@@ -138,7 +149,7 @@ def check_options(cfg) -> None:
                 "read twice, to check it and to use it); write its text to a file first"
             )
             raise GPTError(f"{key} {cfg[key]} {what}; point it at a UTF-8 text file")
-    for key, suffix_ok in (("output_file", True), ("attention_map", False)):
+    for key, suffix_ok in (("output_file", True), ("attention_map", False), ("alignment_map", False)):
         out = cfg.get(key)
         if not out:
             continue
@@ -159,7 +170,7 @@ def check_options(cfg) -> None:
             formats = Figure().canvas.get_supported_filetypes()
             if out.suffix.lstrip(".").lower() not in formats:
                 raise GPTError(
-                    f"attention_map={out}: the name must end in an image type, e.g. .png ({', '.join(sorted(formats))})"
+                    f"{key}={out}: the name must end in an image type, e.g. .png ({', '.join(sorted(formats))})"
                 )
         parent = out.parent if out.parent != Path("") else Path(".")
         existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
@@ -170,8 +181,10 @@ def check_options(cfg) -> None:
             raise GPTError(
                 f"cannot write {key}={out}: no file can be made in {existing} ({e.strerror}); choose another path"
             ) from None
-    if cfg.get("attention_map") and cfg.input_file:
-        raise GPTError("attention_map draws one sample: use it with prompt=..., not with input_file")
+    for key in ("attention_map", "alignment_map"):
+        if cfg.get(key) and (cfg.input_file or cfg.get("chat")):
+            other = "input_file" if cfg.input_file else "chat=true"
+            raise GPTError(f"{key} draws one sample: use it with prompt=..., not with {other}")
 
 
 # What loading a model or adapter directory reads (gpt.checkpoint, gpt.adapter).
@@ -200,10 +213,13 @@ def sample(cfg) -> Optional[list[str]]:
         return chat(cfg)
     model, tokenizer, device = load_for_sampling(cfg)
     wrap, stops = prompt_template(cfg)
-    if cfg.get("attention_map"):
+    if cfg.get("attention_map") or cfg.get("alignment_map"):  # (matplotlib: imported only for a picture)
         from gpt.viz import check_attention_choice
 
-        check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
+        if cfg.get("attention_map"):
+            check_attention_choice(model.config, cfg.attention_layer, cfg.attention_head)
+        if cfg.get("alignment_map"):
+            check_attention_choice(model.config, cfg.alignment_layer, cfg.alignment_head, "alignment_")
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     args = dict(
@@ -230,16 +246,7 @@ def sample(cfg) -> Optional[list[str]]:
             lines = [unescape(line) for line in split_lines(read_text_file(cfg.input_file))]
             if not lines:
                 raise GPTError(f"input_file {cfg.input_file} is empty: batch mode completes one prompt per line")
-            completions = generate_batch(
-                model,
-                tokenizer,
-                [wrap(line) for line in lines],
-                batch_size=cfg.batch_size,
-                sources=lines,
-                strict=strict,
-                **args,
-                **beams,
-            )
+            completions = complete(cfg, model, tokenizer, [wrap(line) for line in lines], lines, strict, args, beams)
             write_lines_atomically(Path(cfg.output_file), [escape(c) for c in completions], cfg.overwrite)
             plural = "" if len(completions) == 1 else "s"
             print(f"wrote {len(completions)} completion{plural} to {cfg.output_file}", file=sys.stderr)
@@ -250,11 +257,11 @@ def sample(cfg) -> Optional[list[str]]:
         else:
             raw = unescape(cfg.prompt)
         prompt = wrap(raw)
-        if beams["num_beams"] > 1:  # one most likely text: nothing to stream or to sample several times
-            text = generate_batch(
-                model, tokenizer, [prompt], batch_size=1, sources=[raw], strict=strict, **args, **beams
-            )[0]
+        if beams["num_beams"] > 1 or cfg.mbr:  # one text chosen: nothing to stream or to sample several times
+            text = complete(cfg, model, tokenizer, [prompt], [raw], strict, {**args, "batch_size": 1}, beams)[0]
             sys.stdout.write(prompt + text + "\n---------------\n")
+            ids = encode_prompt(tokenizer, prompt, strict) + tokenizer.encode(text)
+            draw_pictures(cfg, model, tokenizer, wrap, raw, prompt, text, ids)
             return [text]
         ids = encode_prompt(tokenizer, prompt, strict)
         if len(ids) > model.config.block_size:  # before any of it is printed
@@ -291,9 +298,52 @@ def sample(cfg) -> Optional[list[str]]:
             sys.stdout.write("\n---------------\n")
             sys.stdout.flush()
             samples.append(text)
-            if i == 0 and cfg.get("attention_map"):
-                draw_attention(cfg, model, tokenizer, ids + printer.ids)
+            if i == 0:
+                draw_pictures(cfg, model, tokenizer, wrap, raw, prompt, text, ids + printer.ids)
         return samples
+
+
+def complete(cfg, model, tokenizer, prompts, sources, strict, args, beams) -> list[str]:
+    """The completions of batch mode and of beam search: minimum Bayes-risk choices with mbr=true (gpt/mbr.py)."""
+    args = {"batch_size": cfg.batch_size, **args}
+    if not cfg.mbr:
+        return generate_batch(model, tokenizer, prompts, sources=sources, strict=strict, **args, **beams)
+    return mbr_decode(
+        model,
+        tokenizer,
+        prompts,
+        utility=cfg.mbr_utility,
+        sources=sources,
+        samples=cfg.mbr_samples,
+        include_source=cfg.mbr_include_source,
+        strict=strict,
+        **args,
+        **beams,
+    )
+
+
+def draw_pictures(cfg, model, tokenizer, wrap, raw: str, prompt: str, text: str, ids: list[int]) -> None:
+    """attention_map and alignment_map of the first sample (ids: its prompt and completion tokens)."""
+    if cfg.get("attention_map"):
+        draw_attention(cfg, model, tokenizer, ids)
+    if cfg.get("alignment_map"):
+        from gpt.viz import alignment_map
+
+        span = source_span(wrap, raw)
+        drawn = alignment_map(
+            model,
+            tokenizer,
+            [(prompt, text, span)],
+            cfg.alignment_map,
+            layer=cfg.alignment_layer,
+            head=cfg.alignment_head,
+        )[0]
+        source = "the prompt" if span in (None, (0, len(prompt))) else "the input line in the template"
+        print(
+            f"alignment map ({drawn.shape[0]} output tokens x {drawn.shape[1]} source tokens, {source}): "
+            f"{cfg.alignment_map}",
+            file=sys.stderr,
+        )
 
 
 def draw_attention(cfg, model: GPT, tokenizer: Tokenizer, ids: list[int]) -> None:

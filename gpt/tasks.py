@@ -33,7 +33,7 @@ from gpt.batches import (
     pad_batch,
 )
 from gpt.errors import GPTError, check_num_workers
-from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, PromptTemplate
+from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, PromptTemplate, source_span
 from gpt.taskrows import FORMATS, BadRows, read_hub, read_json_records, read_parallel
 from gpt.tokenizer import EOS, Tokenizer
 
@@ -218,6 +218,15 @@ class TaskDataModule(L.LightningDataModule):
             last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
             return self.chat(row["messages"][:last])
         return self.template(row["instruction"], row["input"])
+
+    def source_span(self, row: dict) -> Optional[tuple[int, int]]:
+        """Where the row's source (its input, else its instruction) lies in prompt(row), as (start, end)
+        characters; None for a chat task, or a template without a place for it."""
+        if self.chat:
+            return None
+        field = "input" if row["input"] else "instruction"
+        fields = {"instruction": row["instruction"], "input": row["input"]}
+        return source_span(lambda text: self.template(**{**fields, field: text}), row[field])
 
     # -- tokens --------------------------------------------------------------------------------------
 

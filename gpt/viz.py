@@ -1,10 +1,12 @@
 """Pictures of a model and of a run, drawn with matplotlib into PNG files (no display needed).
 
     attention_heatmap   what each position of a text attends to: one head, or all heads of a layer
+    alignment_map       what each output token attended to in its source (the prompt's input line) when it was
+                        predicted: a Bahdanau-style alignment picture, one panel per example
     loss_curve          train/val loss and the learning rate against the step, from a run's metrics.csv
 
 Figures are built with matplotlib's object API (`Figure`, not pyplot), so nothing here touches the
-interactive backend of a notebook or script that imports this module. Both functions return the numbers
+interactive backend of a notebook or script that imports this module. The functions return the numbers
 they drew, so tests (and users) can check the picture against the model.
 """
 
@@ -14,7 +16,7 @@ import csv
 import functools
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -24,7 +26,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, is_int
 from gpt.tokenizer import Tokenizer
 
 # Whitespace made visible, so a label says which character the model looked at.
@@ -82,14 +84,21 @@ def attention_weights(model, ids: list[int]) -> list[torch.Tensor]:
     return [w[0].float().cpu() for w in out.attentions]
 
 
-def check_attention_choice(config, layer: int, head: Optional[int]) -> None:
+def check_attention_choice(config, layer: Optional[int], head: Optional[int], prefix: str = "attention_") -> None:
+    """prefix: whose settings these are, for the messages: attention_ (the heatmap: head=null draws every head)
+    or [eval.]alignment_ (the alignment map: null averages the layers or the heads)."""
     n_layer, n_head = config.n_layer, config.n_head
-    if not -n_layer <= layer < n_layer:
+    averaged = prefix.endswith("alignment_")
+    if not (layer is None and averaged) and not (is_int(layer) and -n_layer <= layer < n_layer):
         raise GPTError(
-            f"attention_layer={layer} but the model has {n_layer} layers (0..{n_layer - 1}, or -1 for the last)"
+            f"{prefix}layer={layer} but the model has {n_layer} layers (0..{n_layer - 1}, or -1 for the last"
+            + ("; null averages them)" if averaged else ")")
         )
-    if head is not None and not 0 <= head < n_head:
-        raise GPTError(f"attention_head={head} but the model has {n_head} heads (0..{n_head - 1}); null draws them all")
+    if head is not None and not (is_int(head) and 0 <= head < n_head):
+        raise GPTError(
+            f"{prefix}head={head} but the model has {n_head} heads (0..{n_head - 1}); null "
+            + ("averages them" if averaged else "draws them all")
+        )
 
 
 def attention_heatmap(
@@ -149,6 +158,90 @@ def attention_heatmap(
     fig.savefig(path, dpi=110)
     drawn = [ax.images[0].get_array() for ax in axes.flat if ax.images]
     return np.stack([np.asarray(a, dtype=np.float64) for a in drawn])
+
+
+def alignment_matrix(
+    attentions: list[torch.Tensor],
+    prompt_len: int,
+    n_rows: int,
+    source: range,
+    layer: Optional[int],
+    head: Optional[int],
+) -> np.ndarray:
+    """(n_rows, len(source)): the attention of response token j when it was predicted (the query at position
+    prompt_len - 1 + j, the token before it) on the source positions. attentions: per layer (n_head, T, T);
+    layer / head None: the mean over layers / heads. Not renormalised: a row's mass elsewhere (the template,
+    the response so far) is left out, so a row sums to the share of attention that went to the source."""
+    chosen = torch.stack(attentions) if layer is None else attentions[layer][None]  # (layers, heads, T, T)
+    weights = (chosen if head is None else chosen[:, head : head + 1]).float().mean(dim=(0, 1))
+    queries = torch.arange(prompt_len - 1, prompt_len - 1 + n_rows)
+    return weights[queries][:, source.start : source.stop].numpy()
+
+
+def alignment_map(
+    model,
+    tokenizer: Tokenizer,
+    examples: Sequence[tuple[str, str, Optional[tuple[int, int]]]],
+    path: str | Path,
+    *,
+    layer: Optional[int],
+    head: Optional[int],
+    title: Optional[str] = None,
+) -> list[np.ndarray]:
+    """Draw one panel per (prompt, response, source span) example: rows are the response's tokens and a last
+    <|endoftext|> row (when the model decided to end), columns the source's tokens, each cell the attention the
+    row's token was predicted with on that source token (alignment_matrix). The source span is (start, end)
+    characters of the prompt (None: the whole prompt); a token that overlaps it is a source token. The prompt and
+    the response are encoded apart, as fine-tuning encodes its examples, and read in one pass through the
+    model's explicit attention path. Rows past the model's context are left out. Returns the matrices drawn."""
+    check_attention_choice(model.config, layer, head, "alignment_")
+    panels = []
+    block = model.config.block_size
+    for prompt, response, span in examples:
+        encoding = tokenizer.hf.encode(prompt, add_special_tokens=False)
+        start, end = span if span is not None else (0, len(prompt))
+        inside = [i for i, (a, b) in enumerate(encoding.offsets) if a < end and b > start]
+        if not inside:
+            raise GPTError(f"the source of prompt {prompt[:40]!r} has no tokens: nothing to align the output with")
+        out = tokenizer.encode(response) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        P = len(encoding.ids)
+        rows = min(len(out), block - P + 1)  # the last row's token is predicted, never read
+        if rows < 1:
+            why = f"a prompt of {P} tokens fills the model's context ({block})" if out else "the output is empty"
+            raise GPTError(f"{why}: no output to align")
+        weights = attention_weights(model, encoding.ids + out[: rows - 1])
+        matrix = alignment_matrix(weights, P, rows, range(inside[0], inside[-1] + 1), layer, head)
+        source = token_labels(tokenizer, encoding.ids[inside[0] : inside[-1] + 1])
+        panels.append((matrix, source, token_labels(tokenizer, out[:rows]), rows < len(out)))
+
+    cols = min(len(panels), 2)
+    grid = math.ceil(len(panels) / cols)
+    width = max(3.0, 0.22 * max(m.shape[1] for m, *_ in panels) + 1.5)
+    height = max(2.5, 0.22 * max(m.shape[0] for m, *_ in panels) + 1.5)
+    # (at least 6 inches wide: the title's width)
+    fig = Figure(figsize=(max(6.0, cols * width + 1.2), grid * height + 0.8), layout="constrained")
+    axes = fig.subplots(grid, cols, squeeze=False)
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(m.max()) for m, *_ in panels) or 1.0)
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        matrix, source, out, cut = panels[k]
+        image = ax.imshow(matrix, cmap="Blues", norm=norm, interpolation="nearest")
+        for ticks, labels in ((ax.set_xticks, source), (ax.set_yticks, out)):
+            shown = range(0, len(labels), max(1, math.ceil(len(labels) / 60)))  # past 60, every k-th: legible
+            ticks(shown, [labels[t] for t in shown], fontsize=7, **({"rotation": 90} if labels is source else {}))
+        ax.set_xlabel("source token", fontsize=8)
+        ax.set_ylabel("output token" + (" (cut at the context)" if cut else ""), fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention on the source token (square-root scale)")
+    where = "mean of all layers" if layer is None else f"layer {layer % model.config.n_layer}"
+    heads = "mean of all heads" if head is None else f"head {head}"
+    what = "attention on the source when each output token was predicted"
+    fig.suptitle(title or f"alignment: {what}\n{where}, {heads}", fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return [np.asarray(ax.images[0].get_array(), dtype=np.float64) for ax in axes.flat if ax.images]
 
 
 def read_metrics_csv(csv_path: str | Path) -> dict[str, list[tuple[int, float]]]:

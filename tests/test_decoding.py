@@ -1,6 +1,9 @@
 """Decoding options used for evaluation: no-repeat n-grams, beam search, stop strings on batches."""
 
+from types import SimpleNamespace
+
 import pytest
+import sacrebleu
 import torch
 import torch.nn.functional as F
 
@@ -242,32 +245,123 @@ def test_sampled_batch_outputs_do_not_depend_on_the_batch_size():
     assert len(alone[2]) > len(alone[0])  # stop: "a" goes further than "abc: " before the context is full
 
 
+A, B, C, START = 1, 2, 3, 4
+CHAIN = torch.full((5, 5), 1e-6)
+CHAIN[START, A], CHAIN[START, B], CHAIN[START, EOS] = 0.5, 0.3, 0.2
+CHAIN[A, C], CHAIN[A, EOS] = 0.9, 0.1
+CHAIN[B, EOS], CHAIN[B, C] = 0.9, 0.1
+CHAIN[C, EOS] = CHAIN[EOS, EOS] = 0.95
+
+
+class Chain(torch.nn.Module):
+    """A Markov chain as a model: the next token's probabilities are CHAIN's row of the last token."""
+
+    config = SimpleNamespace(block_size=16)
+
+    def new_cache(self):
+        return SimpleNamespace(reorder=lambda src: None)
+
+    def forward(self, idx, attention_mask=None, cache=None, only_last=True):
+        return SimpleNamespace(logits=CHAIN.log()[idx[:, -1]][:, None, :])
+
+
 def test_beam_search_keeps_going_while_a_running_beam_would_win():
     """A row is not done at its first num_beams finished outputs while a running beam, ended now, would
     score better (transformers' early_stopping=False rule); stopping there favoured short outputs. The model is
     a Markov chain: from the prompt, A (p 0.5) or B (0.3); from A, C (0.9); from B, EOS (0.9); from C, EOS (0.95).
     With 2 beams, step 2 finishes B EOS and A EOS (two finished outputs) while A C runs on: A C EOS
     (log-probability -0.85) beats B EOS (-1.31), by plain log-probability and per token alike."""
-    from types import SimpleNamespace
-
-    A, B, C, START = 1, 2, 3, 4
-    probs = torch.full((5, 5), 1e-6)
-    probs[START, A], probs[START, B], probs[START, EOS] = 0.5, 0.3, 0.2
-    probs[A, C], probs[A, EOS] = 0.9, 0.1
-    probs[B, EOS], probs[B, C] = 0.9, 0.1
-    probs[C, EOS] = probs[EOS, EOS] = 0.95
-
-    class Chain(torch.nn.Module):
-        config = SimpleNamespace(block_size=16)
-
-        def new_cache(self):
-            return SimpleNamespace(reorder=lambda src: None)
-
-        def forward(self, idx, attention_mask=None, cache=None, only_last=True):
-            return SimpleNamespace(logits=probs.log()[idx[:, -1]][:, None, :])
-
     for length_penalty in (0.0, 1.0):
         out = beam_search(
             Chain(), torch.tensor([[START]]), 6, num_beams=2, eos_token_id=EOS, length_penalty=length_penalty
         )
         assert out[0, :3].tolist() == [A, C, EOS], length_penalty
+
+
+def test_beam_search_returns_its_n_best_best_first(model):
+    # the chain: A C EOS (0.5 * 0.9 * 0.95), then B EOS (0.3 * 0.9); A EOS (0.05) is third
+    out = beam_search(Chain(), torch.tensor([[START]]), 6, num_beams=2, eos_token_id=EOS, num_return_sequences=2)
+    assert out.shape[0] == 2 and out[0, :3].tolist() == [A, C, EOS] and out[1, :2].tolist() == [B, EOS]
+    # on a model: the first of each row's n-best is its 1-best, and the n-best are n different texts
+    idx, mask = prompts()
+    args = dict(num_beams=3, eos_token_id=EOS, attention_mask=mask, length_penalty=1.0)
+    best, nbest = beam_search(model, idx, 12, **args), beam_search(model, idx, 12, **args, num_return_sequences=3)
+    assert nbest.shape == (3 * idx.size(0), best.size(1)) and torch.equal(nbest[::3], best)
+    assert all(len({tuple(r) for r in nbest[3 * b : 3 * b + 3].tolist()}) == 3 for b in range(idx.size(0)))
+    with pytest.raises(GPTError, match="num_return_sequences must be 1..num_beams=3"):
+        beam_search(model, idx, 12, **args, num_return_sequences=4)
+
+
+CANDIDATES = [
+    "good morrow",
+    "thou art a villain .",
+    "you are a villain .",
+    "thou art a knave , sir .",
+    "thou art a villain , sir .",
+]
+
+
+@pytest.mark.parametrize(
+    "utility, sentence_score", [("chrf", sacrebleu.sentence_chrf), ("bleu", sacrebleu.sentence_bleu)]
+)
+def test_mbr_chooses_the_candidate_that_agrees_most_with_the_others(utility, sentence_score):
+    from gpt.mbr import mbr_select
+
+    n = len(CANDIDATES)
+    means = [
+        sum(sentence_score(c, [o]).score for o in CANDIDATES[:i] + CANDIDATES[i + 1 :]) / (n - 1)
+        for i, c in enumerate(CANDIDATES)
+    ]
+    assert mbr_select(CANDIDATES, utility) == means.index(max(means)) != 0  # not the outlier listed first
+    assert mbr_select(["good morrow"], utility) == 0  # one candidate: itself
+    assert mbr_select(["a b c", "x y z", "a b c"], utility) == 0  # of equals, the first
+
+
+def test_mbr_candidates_are_the_n_best_the_samples_and_the_source():
+    from gpt.completions import generate_batch
+    from gpt.mbr import mbr_candidates, mbr_decode, mbr_select
+    from gpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.char_level("abcdefghij :")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts, sources = ["abc: ", "hij: ", "a"], ["bad", "jig", "a"]
+    args = dict(max_new_tokens=8, batch_size=2, copy_bonus=1.0, no_repeat_ngram_size=2)
+    seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    mbr = dict(sources=sources, num_beams=3, samples=2, temperature=1.0, **args)
+    got = mbr_candidates(m, tok, prompts, include_source=True, generator=seed(), **mbr)
+    nbest = generate_batch(m, tok, prompts, sources=sources, temperature=0, num_beams=3, num_return_sequences=3, **args)
+    assert nbest[::3] == generate_batch(m, tok, prompts, sources=sources, temperature=0, num_beams=3, **args)
+    twice = [p for p in prompts for _ in range(2)]
+    drawn = generate_batch(
+        m, tok, twice, sources=[s for s in sources for _ in range(2)], temperature=1.0, generator=seed(), **args
+    )
+    assert got == [nbest[3 * i : 3 * i + 3] + drawn[2 * i : 2 * i + 2] + [sources[i]] for i in range(3)]
+    assert mbr_candidates(m, tok, prompts, include_source=False, generator=seed(), **mbr) == [c[:-1] for c in got]
+    chosen = mbr_decode(m, tok, prompts, utility="chrf", include_source=True, generator=seed(), **mbr)
+    assert chosen == [c[mbr_select(c, "chrf")] for c in got]
+    # one candidate (the greedy text, no samples, no source): MBR is greedy decoding
+    one = dict(mbr, num_beams=1, samples=0)
+    assert mbr_decode(m, tok, prompts, utility="bleu", include_source=False, **one) == generate_batch(
+        m, tok, prompts, sources=sources, temperature=0, **args
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ((True, 0, True, "rouge", 1.0), "mbr_utility must be one of ['chrf', 'bleu']"),
+        ((True, -1, True, "chrf", 1.0), "mbr_samples must be an integer >= 0"),
+        ((False, 4, True, "chrf", 1.0), "mbr_samples draws candidates for mbr=true"),
+        ((True, 4, True, "chrf", 0.0), "mbr_samples=4 samples its candidates: temperature must be > 0"),
+        ((True, 0, "yes", "chrf", 1.0), "mbr_include_source is true or false"),
+    ],
+)
+def test_mbr_settings_are_checked(settings, needle):
+    from gpt.mbr import check_mbr
+
+    with pytest.raises(GPTError) as e:
+        check_mbr(*settings)
+    assert needle in str(e.value)
+    with pytest.raises(GPTError, match="eval.mbr_temperature must be > 0"):
+        check_mbr(True, 4, True, "chrf", 0.0, prefix="eval.")

@@ -661,6 +661,7 @@ def test_finetune_trains_only_the_adapter_and_reports_it(finetuned, base_dir, ta
     )
     ev = metrics["eval"]
     assert ev["examples"] == 24 and set(ev) >= {"base", "adapter", "copy"}
+    assert (run_dir / "alignments.png").read_bytes()[:4] == b"\x89PNG"  # eval.alignments: the adapter's attention
     assert ev["adapter"]["val_loss"] < ev["base"]["val_loss"] - 0.5  # it learned something
     copied = [(task_files / f"valid.{side}").read_text().splitlines() for side in ("src", "tgt")]
     assert ev["copy"]["bleu"] == pytest.approx(score(*copied, ["bleu"])["bleu"])
@@ -803,6 +804,95 @@ def test_eval_only_and_an_adapter_on_the_wrong_base(finetuned, tmp_path, task_fi
     )
     assert_user_error(proc, "missing.tgt not found")
     assert not (tmp_path / "bad" / "checkpoints").exists()  # no merged model (the named directory itself stays)
+
+
+def test_an_adapters_alignment_is_its_merged_models_and_sample_py_draws_it(finetuned, tmp_path):
+    from gpt.prompts import source_span
+    from gpt.viz import alignment_map
+
+    run_dir, _ = finetuned
+    adapter, tok, record = load_adapter(run_dir / "checkpoints" / "best")
+    merged, _ = load_model(run_dir / "checkpoints" / "merged")
+    template = PromptTemplate(record["task"]["template"])
+    line = "I have half a mind to hit you ."
+    prompt = template(input=line)
+    example = [(prompt, "I have half a mind to hit thee .", source_span(lambda t: template(input=t), line))]
+    args = dict(layer=None, head=None)
+    drawn = alignment_map(adapter.eval(), tok, example, tmp_path / "adapter.png", **args)[0]
+    assert drawn.shape == (len("I have half a mind to hit thee .") + 1, len(line))  # char tokens (+ the end row)
+    assert abs(drawn - alignment_map(merged.eval(), tok, example, tmp_path / "merged.png", **args)[0]).max() < 1e-5
+    with adapter.disable_adapter():  # and the adapter's attention is not the base's
+        assert abs(drawn - alignment_map(adapter, tok, example, tmp_path / "base.png", **args)[0]).max() > 1e-3
+    png = tmp_path / "align.png"
+    proc = run_cli(
+        "sample.py",
+        f"adapter={run_dir / 'checkpoints' / 'best'}",
+        f"prompt={line}",
+        "temperature=0",
+        "max_new_tokens=24",
+        f"alignment_map={png}",
+        f"attention_map={tmp_path / 'attn.png'}",  # drawn after beam search (or MBR) too, not only after sampling
+        "mbr=true",
+        "num_beams=2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"x {len(line)} source tokens, the input line in the template): {png}" in proc.stderr
+    assert png.read_bytes()[:4] == (tmp_path / "attn.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mbr_scoring_chooses_among_the_beams_the_samples_and_the_source(finetuned, task_files, tmp_path):
+    """eval.mbr=true: the scored outputs are gpt.mbr's choices among the candidates decoded here, with the run's
+    seed; the training run scored without MBR, and that is said."""
+    from gpt.mbr import mbr_decode
+
+    run_dir, _ = finetuned
+    adapter = run_dir / "checkpoints" / "best"
+    proc = run_cli(
+        "finetune.py",
+        "eval_only=true",
+        f"adapter={adapter}",
+        "task=parallel",
+        f"task.root={task_files}",
+        "task.valid=[valid.src,valid.tgt]",
+        "task.max_new_tokens=24",
+        "eval.max_examples=4",
+        "eval.num_beams=2",
+        "eval.mbr=true",
+        "eval.mbr_samples=2",
+        "eval.mbr_utility=bleu",
+        "eval.alignments=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={tmp_path / 'mbr'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((tmp_path / "mbr" / "metrics.json").read_text())["eval"]
+    lines = (task_files / "valid.src").read_text().splitlines()[:4]
+    model, tok, record = load_adapter(adapter)
+    template = PromptTemplate(record["task"]["template"])
+    expected = mbr_decode(
+        model.eval(),
+        tok,
+        [template(input=line) for line in lines],
+        sources=lines,
+        num_beams=2,
+        samples=2,
+        include_source=True,
+        utility="bleu",
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(1337),  # finetune.yaml's seed
+        max_new_tokens=24,
+        stops=record["task"]["stop"],
+        batch_size=64,
+        strict=False,
+    )
+    scored = (tmp_path / "mbr" / "valid.adapter.txt").read_text().splitlines()
+    assert scored == [text.strip() for text in expected]
+    assert ev["adapter"]["mbr_chose_source"] == sum(s == line for s, line in zip(scored, lines))
+    assert (
+        "now eval.num_beams=2, eval.length_penalty=1.0, eval.no_repeat_ngram_size=0, eval.copy_bonus=0.0, eval.mbr=True"
+        in (tmp_path / "mbr" / "finetune.log").read_text()
+    )
+    assert (tmp_path / "mbr" / "alignments.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_resume_with_other_lora_settings_or_another_base_is_refused(finetuned, task_files, base_dir, tmp_path):

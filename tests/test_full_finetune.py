@@ -54,6 +54,7 @@ def test_full_finetune_trains_the_unfrozen_weights_and_writes_model_dirs(task_fi
     )
     assert set(metrics["eval"]) >= {"base", "finetuned", "copy"}
     assert metrics["eval"]["finetuned"]["val_loss"] < metrics["eval"]["base"]["val_loss"]
+    assert (run_dir / "alignments.png").read_bytes()[:4] == b"\x89PNG"  # the fine-tuned model's attention
     base, _ = load_model_dir(base_dir)
     state = {
         k.removeprefix("model."): v

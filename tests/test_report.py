@@ -222,7 +222,8 @@ def test_a_finetuning_report_has_the_score_table_of_its_metrics(finetuned):
     assert numbers(summary(report)["parameters"]) == [metrics["trainable_params"], metrics["total_params"]]
     assert summary(report)["fine-tuning"].startswith("LoRA rank 16, alpha 32 on qkv, attn_out, mlp")
     assert "python finetune.py base=" in report and "Finished: 10 of 10 steps" in report
-    assert all((finetuned / link).is_file() for link in image_links(report)) and "loss.png" in image_links(report)
+    assert all((finetuned / link).is_file() for link in image_links(report))
+    assert image_links(report) == ["loss.png", "alignments.png"]
 
 
 def test_render_fences_text_that_holds_backticks(tmp_path):

@@ -3,6 +3,7 @@ the CSV log)."""
 
 import csv
 import math
+import random
 
 import matplotlib
 import numpy as np
@@ -15,8 +16,9 @@ from gpt.checkpoint import save_model_dir
 from gpt.config import GPTConfig
 from gpt.errors import GPTError
 from gpt.model import GPT
+from gpt.prompts import PromptTemplate, source_span
 from gpt.tokenizer import Tokenizer
-from gpt.viz import attention_heatmap, loss_curve, token_labels
+from gpt.viz import alignment_map, alignment_matrix, attention_heatmap, loss_curve, token_labels
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,4 +146,124 @@ def test_sample_py_draws_the_attention_of_prompt_and_completion(model_and_tok, t
     assert f"16 tokens, layer 0, all heads): {png}" in proc.stderr  # 6 prompt + 10 new tokens
     proc = run_cli("sample.py", f"ckpt={tmp_path / 'm'}", f"attention_map={tmp_path / 'b.png'}", "attention_head=7")
     assert_user_error(proc, "attention_head=7", "4 heads")
+    assert not (tmp_path / "b.png").exists()
+
+
+# -- the alignment map -----------------------------------------------------------------------------------
+
+COPY_TEMPLATE = "Copy: {input}\nOut:\n"
+LETTERS = "abcdefghijkl"
+
+
+def test_alignment_matrix_takes_the_predicting_queries_and_the_source_columns():
+    """By hand: output token j is predicted at the query before it (prompt_len - 1 + j); the columns are the
+    source positions; layers and heads are averaged, or one of each is taken."""
+    g = torch.Generator().manual_seed(0)
+    T, P, source, rows = 12, 7, range(2, 5), 4
+    attentions = [torch.rand(3, T, T, generator=g) for _ in range(2)]  # 2 layers, 3 heads
+    mean = alignment_matrix(attentions, P, rows, source, layer=None, head=None)
+    one = alignment_matrix(attentions, P, rows, source, layer=-1, head=2)
+    assert mean.shape == one.shape == (rows, len(source))
+    for j in range(rows):
+        for c, s in enumerate(source):
+            cells = [float(attentions[la][h, P - 1 + j, s]) for la in range(2) for h in range(3)]
+            assert mean[j, c] == pytest.approx(sum(cells) / 6, abs=1e-6)
+            assert one[j, c] == pytest.approx(float(attentions[1][2, P - 1 + j, s]), abs=1e-7)
+
+
+def test_source_span_is_where_the_template_puts_the_input():
+    template = PromptTemplate("Modern: {input}\nShakespeare:\n", "{instruction}\n")
+    wrap = lambda text: template(input=text)  # noqa: E731
+    assert source_span(wrap, "are") == (8, 11)  # not the "are" inside "Shakespeare"
+    assert wrap("are")[8:11] == "are"
+    assert source_span(wrap, "") is None  # the template without input: no place for it
+    assert source_span(lambda text: text, "ROMEO:") == (0, 6)  # no template: the whole prompt
+
+
+def copy_examples(tok, words):
+    """Training examples of the copy task, as fine-tuning builds them: prompt + word + EOS, loss on the answer."""
+    xs, ys = [], []
+    for word in words:
+        p, r = tok.encode(COPY_TEMPLATE.format(input=word)), tok.encode(word) + [tok.eos_id]
+        xs.append(p + r[:-1])
+        ys.append([-100] * (len(p) - 1) + r)
+    return torch.tensor(xs), torch.tensor(ys)
+
+
+@pytest.fixture(scope="module")
+def copier():
+    """A one-layer model trained until it copies 6 distinct letters: its one attention layer is the only way from
+    a source letter to the output, so the letter it writes must be the one it attends to. (~50-300 steps for any
+    seed tried, 1-3 s.)"""
+    tok = Tokenizer.char_level(LETTERS + COPY_TEMPLATE)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=128))
+    rng = random.Random(0)
+    held_out = copy_examples(tok, ["".join(rng.sample(LETTERS, 6)) for _ in range(64)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: a second thread only waits on a shared CPU
+    try:
+        for step in range(1000):
+            x, y = copy_examples(tok, ["".join(rng.sample(LETTERS, 6)) for _ in range(32)])
+            loss = model(x, y).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 25 == 24:
+                with torch.no_grad():
+                    x, y = held_out
+                    if ((model(x).logits.argmax(-1) == y) | (y == -100)).all():
+                        break
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), tok
+
+
+def test_a_model_that_copies_aligns_each_output_letter_with_its_source_letter(copier, tmp_path):
+    from gpt.completions import generate_batch
+
+    model, tok = copier
+    rng = random.Random(1)
+    words = ["".join(rng.sample(LETTERS, 6)) for _ in range(8)]
+    prompts = [COPY_TEMPLATE.format(input=w) for w in words]
+    outputs = generate_batch(model, tok, prompts, max_new_tokens=10, temperature=0.0)
+    assert sum(o == w for o, w in zip(outputs, words)) >= 7  # it copies
+    wrap = lambda text: COPY_TEMPLATE.format(input=text)  # noqa: E731
+    examples = [(p, w, source_span(wrap, w)) for p, w in zip(prompts, words)]
+    maps = alignment_map(model, tok, examples[:4], tmp_path / "align.png", layer=-1, head=None)
+    assert_png(tmp_path / "align.png")
+    assert [m.shape for m in maps] == [(7, 6)] * 4  # 6 letters + <|endoftext|> x the 6 source letters
+    maps += alignment_map(model, tok, examples[4:], tmp_path / "more.png", layer=None, head=None)
+    diagonal = [m[j].argmax() == j for m in maps for j in range(6)]  # (the end row has no letter of its own)
+    assert sum(diagonal) >= 0.9 * len(diagonal), [m[:6].argmax(1) for m in maps]
+    # what is drawn is the model's attention: the last prompt token and the letters, against the source letters
+    p, w = prompts[0], words[0]
+    with torch.no_grad():
+        weights = model(torch.tensor([tok.encode(p + w)]), need_weights=True).attentions[0][0].mean(0)
+    np.testing.assert_allclose(maps[0][:6], weights[len(p) - 1 : len(p) + 5, 6:12].numpy(), atol=1e-6)
+    with pytest.raises(GPTError, match="alignment_layer=1 but the model has 1 layers"):
+        alignment_map(model, tok, examples[:1], tmp_path / "x.png", layer=1, head=None)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_py_draws_the_alignment_of_a_templated_prompt(copier, tmp_path):
+    model, tok = copier
+    save_model_dir(model, tok, tmp_path / "m")
+    png = tmp_path / "align.png"
+    args = (
+        "sample.py",
+        f"ckpt={tmp_path / 'm'}",
+        'template="Copy: {input}\\nOut:\\n"',
+        "prompt=fadkbl",
+        "temperature=0",
+    )
+    proc = run_cli(*args, "max_new_tokens=10", f"alignment_map={png}", "alignment_layer=null")
+    assert proc.returncode == 0, proc.stderr
+    assert_png(png)
+    assert "x 6 source tokens, the input line in the template): " in proc.stderr  # the letters, not "Copy: "
+    assert_user_error(
+        run_cli(*args, f"alignment_map={tmp_path / 'b.png'}", "alignment_head=2"), "alignment_head=2", "2 heads"
+    )
+    assert_user_error(run_cli(*args, f"alignment_map={tmp_path / 'b.txt'}"), "alignment_map=", "image type")
     assert not (tmp_path / "b.png").exists()
