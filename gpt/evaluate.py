@@ -44,6 +44,7 @@ from gpt.devices import autocast, check_dtype, resolve_device
 from gpt.errors import GPTError
 from gpt.inference import load_any_model
 from gpt.lit import LanguageModel, quiet_lightning
+from gpt.preference import PreferenceLoss, PreferenceModel
 from gpt.tasks import TaskDataModule
 from gpt.textfiles import read_text_file, write_lines_atomically
 from gpt.tokenizer import Tokenizer
@@ -83,6 +84,34 @@ def validation_loss(
 ) -> float:
     """Token-weighted loss on the valid split's response tokens, through the same LightningModule as
     training (so it is the number training reports as val/loss)."""
+    return round(validate(LanguageModel(model, tokenizer), datamodule, accelerator, precision)["val/loss"], 4)
+
+
+def preference_scores(
+    model,
+    tokenizer: Tokenizer,
+    datamodule: TaskDataModule,
+    preference: PreferenceLoss,
+    reference,
+    accelerator: str,
+    precision: str,
+) -> dict:
+    """A preference task's valid pairs through the LightningModule that trained on them: the loss (val/loss in
+    training) and the reward accuracy and margin against the reference (`reference`, or the model with its
+    adapter disabled)."""
+    if preference.needs_reference and reference is None and not hasattr(model, "disable_adapter"):
+        log.info("no reward accuracy: dpo's rewards need the reference model (give base=<the model it was tuned from>)")
+        return {}
+    module = PreferenceModel(model, tokenizer, preference, reference)
+    result = validate(module, datamodule, accelerator, precision)
+    return {k: round(result[f"val/{m}"], 4) for k, m in PREFERENCE_SCORES.items()}
+
+
+PREFERENCE_SCORES = {"val_loss": "loss", "reward_accuracy": "reward_accuracy", "reward_margin": "reward_margin"}
+
+
+def validate(module: LanguageModel, datamodule: TaskDataModule, accelerator: str, precision: str) -> dict:
+    """What `module` logs on the valid split (val/...), as floats."""
     quiet_lightning()
     banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = banner.level
@@ -99,8 +128,8 @@ def validation_loss(
         )
     finally:
         banner.setLevel(level)
-    result = trainer.validate(LanguageModel(model, tokenizer), dataloaders=datamodule.val_dataloader(), verbose=False)
-    return round(float(result[0]["val/loss"]), 4)
+    result = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    return {k: float(v) for k, v in result[0].items()}
 
 
 def generate_responses(
@@ -165,10 +194,14 @@ def evaluate_task(
     decoding: Optional[dict] = None,
     systems: Sequence[str] = ("base", "adapter", "copy"),
     base_model: Optional[torch.nn.Module] = None,
+    preference: Optional[PreferenceLoss] = None,
 ) -> dict:
     """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt.
     "base" is `base_model` when given (full fine-tuning), else `model` with its adapter disabled; "copy" returns
-    each input; any other system name is `model` itself ("adapter", "finetuned")."""
+    each input; any other system name is `model` itself ("adapter", "finetuned"). A preference task (`preference`:
+    its loss) scores its "loss" metric as the pairs' loss, reward accuracy and margin of `model` against the base
+    (the base against itself has loss log 2 and no margin by definition: not scored); generation answers each
+    prompt and is scored against its chosen answer."""
     metrics = check_metrics(datamodule.metrics)
     rows = all_rows = datamodule.load_rows()["valid"]
     if max_examples:
@@ -190,7 +223,14 @@ def evaluate_task(
             scored = base_model if system == "base" and base_model is not None else model
             context = model.disable_adapter() if scored is model and system == "base" else contextlib.nullcontext()
             with context:
-                if "loss" in metrics:
+                if "loss" in metrics and preference is not None:
+                    if system != "base":
+                        entry.update(
+                            preference_scores(
+                                scored, tokenizer, datamodule, preference, base_model, accelerator, precision
+                            )
+                        )
+                elif "loss" in metrics:
                     entry["val_loss"] = validation_loss(scored, tokenizer, datamodule, accelerator, precision)
                 outputs = (
                     generate_responses(
@@ -228,10 +268,12 @@ def evaluate_task(
 
 
 def format_table(results: dict, systems: Sequence[str]) -> str:
-    keys = [k for k in ("val_loss", "bleu", "chrf", "exact_match", "seconds") if any(k in results[s] for s in systems)]
-    lines = [f"{'system':<10}" + "".join(f"{k:>12}" for k in keys)]
+    columns = ("val_loss", *list(PREFERENCE_SCORES)[1:], "bleu", "chrf", "exact_match", "seconds")
+    keys = [k for k in columns if any(k in results[s] for s in systems)]
+    width = {k: max(12, len(k) + 2) for k in keys}
+    lines = [f"{'system':<10}" + "".join(f"{k:>{width[k]}}" for k in keys)]
     for s in systems:
-        lines.append(f"{s:<10}" + "".join(f"{results[s][k]:>12}" if k in results[s] else f"{'-':>12}" for k in keys))
+        lines.append(f"{s:<10}" + "".join(f"{results[s].get(k, '-'):>{width[k]}}" for k in keys))
     return "\n".join(lines)
 
 

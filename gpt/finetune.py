@@ -2,8 +2,9 @@
 
 method=lora (the default): the base is wrapped with PEFT (`LoraConfig`, `get_peft_model`) and only the adapter
 trains. method=full: the model's own weights train (all of them, or all but freeze.embeddings / the first
-freeze.layers blocks). Either way through the same LightningModule, Trainer, checkpointing and logging as
-pretraining. A run directory (runs/<name>/<time>/) receives:
+freeze.layers blocks). method=dpo: preference tuning on a task of answer pairs (gpt/preference.py), of a LoRA
+adapter (dpo.weights=lora) or of the weights (dpo.weights=full). Each way through the same LightningModule,
+Trainer, checkpointing and logging as pretraining. A run directory (runs/<name>/<time>/) receives:
 
     checkpoints/last.ckpt, best.ckpt   Lightning checkpoints (resume with ckpt_path=...)
     checkpoints/last/, best/           lora: adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base
@@ -18,6 +19,7 @@ model_dir=<dir>` scores a fully fine-tuned model directory (beside the copy base
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from gpt.errors import GPTError, check_seed, is_int
 from gpt.evaluate import check_metrics, evaluate_task
 from gpt.launch import build
 from gpt.model import GPT
+from gpt.preference import PreferenceLoss, preference_module
 from gpt.prompts import ChatTemplate, finetuned_record, tokenizer_config
 from gpt.run import (
     RunLock,
@@ -50,7 +53,19 @@ from gpt.tasks import TaskDataModule
 log = logging.getLogger(__name__)
 
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "dpo")
+WEIGHTS = ("lora", "full")  # what method=dpo trains (dpo.weights)
+
+
+def tuned_weights(cfg: DictConfig) -> str:
+    """lora (an adapter) or full (the model's own weights): what the run trains."""
+    method = cfg.get("method", "lora")
+    return (cfg.get("dpo") or {}).get("weights") if method == "dpo" else method
+
+
+def preference_loss(cfg: DictConfig) -> PreferenceLoss:
+    d = cfg.get("dpo") or {}
+    return PreferenceLoss(loss=d.get("loss"), beta=d.get("beta"), gamma=d.get("gamma"))
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -58,6 +73,23 @@ def check_options(cfg: DictConfig) -> None:
     method, freeze = cfg.get("method", "lora"), cfg.get("freeze") or {}
     if method not in METHODS:
         raise GPTError(f"method must be one of {list(METHODS)} (got {method!r})")
+    if method == "dpo" and tuned_weights(cfg) not in WEIGHTS:
+        raise GPTError(
+            f"dpo.weights must be one of {list(WEIGHTS)} (got {tuned_weights(cfg)!r}): a LoRA adapter, or every weight"
+        )
+    if method == "dpo":
+        preference_loss(cfg)
+        if cfg.get("averaging", "none") != "none":
+            raise GPTError("averaging=ema is for next-token training; method=dpo validates one set of weights")
+    task_format = cfg.task.get("format")
+    if not cfg.eval_only and (method == "dpo") != (task_format == "preference"):
+        raise GPTError(
+            f"method=dpo trains on preference pairs: use task=preference (rows of prompt, chosen, rejected) or "
+            f"another task with format: preference (got task.format={task_format})"
+            if method == "dpo"
+            else "task.format=preference holds pairs of answers for preference tuning: add method=dpo (a LoRA "
+            "adapter; dpo.weights=full trains every weight)"
+        )
     if (
         not isinstance(freeze.get("embeddings", False), bool)
         or not is_int(freeze.get("layers", 0))
@@ -67,9 +99,11 @@ def check_options(cfg: DictConfig) -> None:
             f"freeze.embeddings is true or false and freeze.layers a whole number >= 0 (got "
             f"{freeze.get('embeddings')!r}, {freeze.get('layers')!r})"
         )
-    if method == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
-        raise GPTError("freeze.* is for method=full; LoRA already leaves every base weight frozen")
-    if method == "full" and cfg.merge:
+    if tuned_weights(cfg) == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
+        raise GPTError(
+            "freeze.* is for method=full (or method=dpo dpo.weights=full); LoRA already leaves every base weight frozen"
+        )
+    if tuned_weights(cfg) == "full" and cfg.merge:
         raise GPTError(
             "merge is for LoRA adapters; a full fine-tune writes whole model directories "
             "(sample.py ckpt=<run>/checkpoints/best)"
@@ -150,7 +184,8 @@ def check_base_dir(base) -> Path:
 def build_task(
     cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None, **overrides
 ) -> TaskDataModule:
-    if cfg.task.get("format") == "chat" and base_dir is not None and "chat_template" not in overrides:
+    chats = cfg.task.get("format") in ("chat", "preference")  # preference: when its pairs are conversations
+    if chats and base_dir is not None and "chat_template" not in overrides:
         overrides["chat_template"] = ChatTemplate.for_model(base_dir).jinja  # None: ours (DEFAULT_CHAT_TEMPLATE)
     datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
     check_metrics(datamodule.metrics)
@@ -161,7 +196,7 @@ def build_task(
 def chat_files(datamodule: TaskDataModule) -> dict:
     """task=chat: the chat template trained with, as tokenizer_config.json beside the weights (Hugging Face's
     convention: sample.py chat=true and transformers' apply_chat_template render prompts with it)."""
-    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.chat else {}
+    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.uses_chat else {}
 
 
 def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
@@ -218,6 +253,7 @@ def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: Task
         accelerator=cfg.trainer.accelerator,
         precision=cfg.trainer.precision,
         decoding=decoding(cfg),
+        preference=preference_loss(cfg) if datamodule.format == "preference" else None,
     )
 
 
@@ -304,8 +340,9 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_float32_matmul_precision("high")
 
     base_dir = check_base_dir(cfg.base)
-    if cfg.get("method", "lora") == "full":
-        return _full_finetune(cfg, run_dir, base_dir, ckpt_path)
+    preference = preference_loss(cfg) if cfg.method == "dpo" else None
+    if tuned_weights(cfg) == "full":
+        return _full_finetune(cfg, run_dir, base_dir, ckpt_path, preference)
     lora = build(cfg.lora)  # option errors before any loading
     model, tokenizer = load_model_dir(base_dir)
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
@@ -329,7 +366,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer,
         datamodule,
         ckpt_path=ckpt_path,
-        base=record["base"],
+        base={**record["base"], **({"method": "dpo", "weights": "lora"} if preference else {})},
+        **preference_module(preference, reference=None),
         export_fn=lambda t, path: save_adapter_dir(
             peft_model, tokenizer, path, {**record, "step": t.global_step}, files=chat_files(datamodule)
         ),
@@ -378,10 +416,14 @@ def freeze(model: GPT, embeddings: bool = False, layers: int = 0) -> list[str]:
     return frozen
 
 
-def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Optional[str]) -> dict:
+def _full_finetune(
+    cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Optional[str], preference: Optional[PreferenceLoss]
+) -> dict:
     """The model's own weights train; checkpoints/{best,last} are whole model directories, scored beside the
-    base (loaded again, unchanged) and the copy baseline."""
+    base (loaded again, unchanged) and the copy baseline. With `preference` (method=dpo), on pairs against a
+    frozen copy of the base."""
     model, tokenizer = load_model_dir(base_dir)
+    reference = copy.deepcopy(model) if preference is not None and preference.needs_reference else None
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     settings = {"embeddings": bool(cfg.freeze.embeddings), "layers": int(cfg.freeze.layers)}
     frozen = freeze(model, **settings)
@@ -394,7 +436,8 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         100 * trainable / total,
         f"; frozen: {len(frozen)} tensors" if frozen else "",
     )
-    base = {**base_record(base_dir), "method": "full", "freeze": settings}
+    method = {"method": "dpo", "weights": "full"} if preference else {"method": "full"}
+    base = {**base_record(base_dir), **method, "freeze": settings}
     record = {"finetuned_from": base, "task": datamodule.describe(), "decoding": decoding(cfg)}
     trainer, metrics = train(
         cfg,
@@ -404,13 +447,14 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         datamodule,
         ckpt_path=ckpt_path,
         base=base,
+        **preference_module(preference, reference),
         export_fn=lambda t, path: save_model_dir(
             model, tokenizer, path, extra={**record, "step": t.global_step}, files=chat_files(datamodule)
         ),
     )
     best_dir = run_dir / "checkpoints" / "best"
     metrics.update(
-        method="full",
+        method=cfg.method,
         trainable_params=trainable,
         total_params=total,
         data=datamodule.stats,
