@@ -194,8 +194,9 @@ def build_task(
 
 
 def chat_files(datamodule: TaskDataModule) -> dict:
-    """task=chat: the chat template trained with, as tokenizer_config.json beside the weights (Hugging Face's
-    convention: sample.py chat=true and transformers' apply_chat_template render prompts with it)."""
+    """task=chat (or conversation pairs): the chat template trained with, as tokenizer_config.json beside the
+    weights (Hugging Face's convention: sample.py chat=true and transformers' apply_chat_template render prompts
+    with it)."""
     return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.uses_chat else {}
 
 

@@ -327,9 +327,10 @@ class TaskDataModule(L.LightningDataModule):
         return self.template(row["instruction"], row["input"]), row["output"], row["rejected"]
 
     def _prepare_pairs(self, split: str, rows: list[dict]) -> None:
-        """A preference split as pairs of examples, one per answer, both on the same prompt tokens. A pair is left
-        out when its two answers are the same (task.rejected=copy, where a target line equals its source: it
-        prefers neither) or when its prompt fills the context (either answer is cut to the context)."""
+        """A preference split as pairs of examples, one per answer, both on the same prompt tokens (each answer cut
+        at the context, as in SFT). A pair is left out when its two answers are the same (task.rejected=copy, where
+        a target line equals its source: it prefers neither), and dropped when its prompt fills the context (no
+        answer token is left to compare)."""
         self._check_fields(split, [r for r in rows if "messages" not in r])
         texts = [self._pair_texts(r) for r in rows]
         ids = [self.tokenizer.encode_batch([t[k] for t in texts]) for k in range(3)]
@@ -367,7 +368,8 @@ class TaskDataModule(L.LightningDataModule):
         if not data:
             raise GPTError(
                 f"task {self.name}: no {split} pair is left to learn from ({same} have the same chosen and rejected "
-                f"answer, {dropped} a prompt that fills the model's context of {self.block_size} tokens)"
+                f"answer, {dropped} a prompt that fills the model's context of {self.block_size} tokens); give "
+                "pairs whose answers differ, with shorter prompts"
             )
 
     def _check_fields(self, split: str, rows: list[dict]) -> None:

@@ -16,6 +16,7 @@ from test_finetune import base_dir, randomise_lora, task_files  # noqa: F401 (fi
 from gpt.adapter import add_lora, lora_config
 from gpt.checkpoint import load_model_dir
 from gpt.errors import GPTError
+from gpt.lit import LanguageModel
 from gpt.preference import PreferenceLoss, PreferenceModel, answer_logps
 from gpt.taskrows import FORMATS, BadRows, read_json_records
 from gpt.tasks import TaskDataModule
@@ -72,6 +73,23 @@ def test_at_step_0_the_loss_is_log_2_and_the_rewards_are_0(base_dir, pairs_file,
     assert abs(loss.item() - math.log(2)) < 1e-6
     for key in ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
         assert logged_now[key].item() == 0.0, key
+
+
+def test_a_resume_as_another_method_or_weights_or_beta_is_refused(base_dir):
+    """What run.train asks of a checkpoint before the Trainer starts (LanguageModel.check_resumable)."""
+    policy, reference, _, tok = policy_and_reference(base_dir, "full")
+    module = PreferenceModel(policy, tok, PreferenceLoss("dpo", 0.1, 0.0), reference)
+    module.base = {"path": "b", "sha256": "s", "method": "dpo", "weights": "full"}
+    saved = {"path": "b", "sha256": "s", "method": "dpo", "weights": "lora"}
+    with pytest.raises(GPTError, match="fine-tuned with dpo.weights=lora, this run has full"):
+        module.check_resumable({"gpt": {"base": saved}})
+    sft = LanguageModel(policy, tok)
+    sft.base = {"path": "b", "sha256": "s", "method": "full"}
+    with pytest.raises(GPTError, match="fine-tuned with method=dpo, this run has full"):
+        sft.check_resumable({"gpt": {"base": {**saved, "weights": "full"}}})
+    other = {"dpo": {"loss": "dpo", "beta": 0.5}}
+    with pytest.raises(GPTError, match="trained with dpo.beta=0.5, this run has 0.1"):
+        module.check_resumable({"gpt": {"base": module.base, "settings": other}, "state_dict": {}})
 
 
 def direct_logp(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
@@ -290,7 +308,3 @@ def test_the_showcase_task_trains_resumes_after_a_kill_as_if_never_stopped_and_s
     assert set(scores["base"]) >= {"bleu", "chrf"} and "val_loss" not in scores["base"]
     assert scores["copy"]["bleu"] > 0 and scores["examples"] == 4
     assert scores["adapter"]["val_loss"] == pytest.approx(min(logged(ref, "val/loss").values()), abs=1e-4)  # best
-    # a resume with another beta, or as SFT, is refused in one line
-    resume = [*args, f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=20"]
-    proc = run_cli("finetune.py", *resume, "dpo.beta=0.2", f"hydra.run.dir={tmp_path / 'beta'}")
-    assert_user_error(proc, "dpo.beta=0.1, this run has 0.2")
