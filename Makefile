@@ -10,6 +10,8 @@
 # make shakespeare  install, then pretrain a base on in-domain text -> fully fine-tune it on modern
 #             English -> Shakespeare -> score the full valid split (BLEU, chrF; base/finetuned/copy), ~25 min
 # make shakespeare-lora  the same with a LoRA adapter in place of full fine-tuning
+# make shakespeare-dpo  after make shakespeare: preference-tune (DPO, a LoRA adapter) its fine-tuned model on pairs
+#             made from the train pairs (Shakespeare's line over the modern line copied), then score it the same way
 # make bench  install, then benchmark against peers (writes bench/results/<host>-<date>*.json): the step
 #             benchmarks (bench/bench.py), whole recipe runs beside nanoGPT (bench/recipe.py, NANOGPT_DIR=<checkout>),
 #             the server's time to first token with and without its prefix cache (bench/prefix_cache.py),
@@ -28,7 +30,8 @@ AVX512     := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 export GPT_DATA_DIR ?= data
 
-.PHONY: install lint test test-data test-slow test-browser test-avx2 test-newest demo shakespeare shakespeare-lora bench clean
+.PHONY: install lint test test-data test-slow test-browser test-avx2 test-newest demo shakespeare shakespeare-lora \
+	shakespeare-dpo bench clean
 
 install: $(STAMP)
 
@@ -94,6 +97,9 @@ shakespeare: $(STAMP)
 shakespeare-lora: $(STAMP)
 	$(PY) train.py experiment=shakespeare_modern_base
 	$(PY) finetune.py experiment=shakespeare_modern_lora
+
+shakespeare-dpo: $(STAMP)
+	$(PY) finetune.py experiment=shakespeare_modern_dpo
 
 bench: $(STAMP)
 	$(PY) bench/bench.py

@@ -1,6 +1,7 @@
 """Fine-tuning examples as tokens and batches: `prompt + response + <|endoftext|>` with the labels -100 on the
-prompt and the padding, chat conversations with the loss on every assistant turn, packing several examples
-into one row (attention cannot cross them, positions restart), and batches of similar length.
+prompt and the padding, chat conversations with the loss on every assistant turn, preference pairs (two answers
+to one prompt, batched together), packing several examples into one row (attention cannot cross them, positions
+restart), and batches of similar length.
 """
 
 from __future__ import annotations
@@ -27,19 +28,35 @@ class Encoded:
     truncated: bool
 
 
-def encode_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, block_size: int) -> Encoded:
+def encode_example(prompt_ids: list[int], response_ids: list[int], eos_id: Optional[int], block_size: int) -> Encoded:
     """prompt + response + EOS, shifted for next-token prediction, the prompt's positions masked.
 
     Prompt and response are tokenized separately, exactly as at generation time (the prompt is encoded
-    alone and the model continues it). Longer than block_size + 1 tokens: the end is cut off.
+    alone and the model continues it). Longer than block_size + 1 tokens: the end is cut off. eos_id None: the
+    response already ends as it should (a chat template's reply closes itself).
     """
-    ids = prompt_ids + response_ids + [eos_id]
+    ids = prompt_ids + response_ids + ([eos_id] if eos_id is not None else [])
     truncated = len(ids) > block_size + 1
     ids = ids[: block_size + 1]
     # labels[i] is the token after position i; it counts only when it belongs to the response
     n_prompt = len(prompt_ids)
     labels = [tok if i + 1 >= n_prompt else -100 for i, tok in enumerate(ids[1:])]
     return Encoded(ids[:-1], labels, truncated)
+
+
+APPEND_ONLY = (
+    "the chat template does not render a conversation as its earlier turns plus the new one; chat data "
+    "(task=chat, chat-form preference pairs) needs a template that only appends"
+)
+
+
+def split_reply(template: ChatTemplate, messages: list[dict]) -> tuple[str, str]:
+    """A conversation that ends in an assistant message -> (the prompt asking for it, the reply as the template
+    renders it after that prompt: with the default template its text and the end-of-text token)."""
+    prompt, full = template(messages[:-1], add_generation_prompt=True), template(messages, False)
+    if not full.startswith(prompt):
+        raise GPTError(APPEND_ONLY)
+    return prompt, full[len(prompt) :]
 
 
 def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer, block_size: int) -> Encoded:
@@ -50,14 +67,11 @@ def encode_chat(messages: list[dict], template: ChatTemplate, tokenizer: Tokeniz
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt, full = template(messages[:i], add_generation_prompt=True), template(messages[: i + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise GPTError(
-                "the chat template does not render a conversation as its earlier turns plus the new "
-                "one; task=chat needs a template that only appends"
-            )
-        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-        done = full
+        prompt, reply = split_reply(template, messages[: i + 1])
+        if not prompt.startswith(done):
+            raise GPTError(APPEND_ONLY)
+        pieces += [(prompt[len(done) :], False), (reply, True)]
+        done = prompt + reply
     ids, learn = [], []
     for text, target in pieces:
         piece = tokenizer.encode(text) if text else []
@@ -87,6 +101,16 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict:
     if "segments" in examples[0]:  # packed rows (pack_examples): attention and positions per example
         batch["position_ids"], batch["attention_mask"] = packed_attention([e["segments"] for e in examples], T)
     return batch
+
+
+SIDES = ("chosen", "rejected")  # a preference pair's two answers, in batch order
+
+
+def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
+    """Preference pairs as one padded batch: the chosen answers in rows 0..B-1, the rejected ones in rows B..2B-1
+    (pair i is rows i and B + i), so one forward pass scores both sides. `pairs`: B."""
+    sides = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]} for side in SIDES for p in pairs]
+    return {**pad_batch(sides, pad_id), "pairs": len(pairs)}
 
 
 def pack_examples(examples: Sequence[dict], block_size: int) -> list[dict]:

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from typing import Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
 from gpt.completions import escape, generate_batch
@@ -46,6 +44,8 @@ from gpt.errors import GPTError
 from gpt.inference import load_any_model
 from gpt.lit import LanguageModel, quiet_lightning
 from gpt.mbr import mbr_decode
+from gpt.preference import PreferenceLoss, PreferenceModel
+from gpt.scoring import bits_per_byte
 from gpt.tasks import TaskDataModule
 from gpt.textfiles import read_text_file, write_lines_atomically
 from gpt.tokenizer import Tokenizer
@@ -85,6 +85,34 @@ def validation_loss(
 ) -> float:
     """Token-weighted loss on the valid split's response tokens, through the same LightningModule as
     training (so it is the number training reports as val/loss)."""
+    return round(validate(LanguageModel(model, tokenizer), datamodule, accelerator, precision)["val/loss"], 4)
+
+
+def preference_scores(
+    model,
+    tokenizer: Tokenizer,
+    datamodule: TaskDataModule,
+    preference: PreferenceLoss,
+    reference,
+    accelerator: str,
+    precision: str,
+) -> dict:
+    """A preference task's valid pairs through the LightningModule that trained on them: the loss (val/loss in
+    training) and the reward accuracy and margin against the reference (`reference`, or the model with its
+    adapter disabled)."""
+    if preference.needs_reference and reference is None and not hasattr(model, "disable_adapter"):
+        log.info("no reward accuracy: dpo's rewards need the reference model (give base=<the model it was tuned from>)")
+        return {}
+    module = PreferenceModel(model, tokenizer, preference, reference)
+    result = validate(module, datamodule, accelerator, precision)
+    return {k: round(result[f"val/{m}"], 4) for k, m in PREFERENCE_SCORES.items()}
+
+
+PREFERENCE_SCORES = {"val_loss": "loss", "reward_accuracy": "reward_accuracy", "reward_margin": "reward_margin"}
+
+
+def validate(module: LanguageModel, datamodule: TaskDataModule, accelerator: str, precision: str) -> dict:
+    """What `module` logs on the valid split (val/...), as floats."""
     quiet_lightning()
     banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = banner.level
@@ -101,8 +129,8 @@ def validation_loss(
         )
     finally:
         banner.setLevel(level)
-    result = trainer.validate(LanguageModel(model, tokenizer), dataloaders=datamodule.val_dataloader(), verbose=False)
-    return round(float(result[0]["val/loss"]), 4)
+    result = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    return {k: float(v) for k, v in result[0].items()}
 
 
 def generate_responses(
@@ -176,12 +204,16 @@ def evaluate_task(
     base_model: Optional[torch.nn.Module] = None,
     seed: int = 0,
     alignments: Optional[dict] = None,
+    preference: Optional[PreferenceLoss] = None,
 ) -> dict:
     """Scores of each system on the valid split; greedy outputs written to out_dir/valid.<system>.txt.
     "base" is `base_model` when given (full fine-tuning), else `model` with its adapter disabled; "copy" returns
     each input; any other system name is `model` itself ("adapter", "finetuned"). alignments ({"examples": n,
     "layer": l, "head": h}, n > 0): out_dir/alignments.png, `model`'s attention on the source of its first n
-    outputs (gpt.viz.alignment_map)."""
+    outputs (gpt.viz.alignment_map). A preference task (`preference`: its loss) scores its "loss" metric as the
+    pairs' loss, reward accuracy and margin of `model` against the base (the base against itself has loss log 2
+    and no margin by definition: not scored); generation answers each prompt and is scored against its chosen
+    answer."""
     metrics = check_metrics(datamodule.metrics)
     rows = all_rows = datamodule.load_rows()["valid"]
     if max_examples:
@@ -203,7 +235,14 @@ def evaluate_task(
             scored = base_model if system == "base" and base_model is not None else model
             context = model.disable_adapter() if scored is model and system == "base" else contextlib.nullcontext()
             with context:
-                if "loss" in metrics:
+                if "loss" in metrics and preference is not None:
+                    if system != "base":
+                        entry.update(
+                            preference_scores(
+                                scored, tokenizer, datamodule, preference, base_model, accelerator, precision
+                            )
+                        )
+                elif "loss" in metrics:
                     entry["val_loss"] = validation_loss(scored, tokenizer, datamodule, accelerator, precision)
                 outputs = (
                     generate_responses(
@@ -265,10 +304,12 @@ def draw_alignments(model, tokenizer, datamodule, rows, outputs, path: Path, ali
 
 
 def format_table(results: dict, systems: Sequence[str]) -> str:
-    keys = [k for k in ("val_loss", "bleu", "chrf", "exact_match", "seconds") if any(k in results[s] for s in systems)]
-    lines = [f"{'system':<10}" + "".join(f"{k:>12}" for k in keys)]
+    columns = ("val_loss", *list(PREFERENCE_SCORES)[1:], "bleu", "chrf", "exact_match", "seconds")
+    keys = [k for k in columns if any(k in results[s] for s in systems)]
+    width = {k: max(12, len(k) + 2) for k in keys}
+    lines = [f"{'system':<10}" + "".join(f"{k:>{width[k]}}" for k in keys)]
     for s in systems:
-        lines.append(f"{s:<10}" + "".join(f"{results[s][k]:>12}" if k in results[s] else f"{'-':>12}" for k in keys))
+        lines.append(f"{s:<10}" + "".join(f"{results[s].get(k, '-'):>{width[k]}}" for k in keys))
     return "\n".join(lines)
 
 
@@ -277,81 +318,6 @@ def format_table(results: dict, systems: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def bits_per_byte(
-    model, tokenizer: Tokenizer, text: str, *, stride: Optional[int] = None, batch_size: int = 8, dtype: str = "float32"
-) -> dict:
-    """The model's cross-entropy on `text` in bits per UTF-8 byte (and in nats per token).
-
-    The text is read as one document: <|endoftext|> first (as after the previous document), so every token of
-    the text is predicted, including the first. Windows of block_size tokens advance by `stride` (default: a
-    whole block, so no token is scored twice); each token is scored once, in the first window that has it
-    among its last `stride` positions, so with stride < block_size every token but the first block's sees at
-    least block_size - stride tokens of context (slower: block_size / stride windows per block).
-    """
-    block = model.config.block_size
-    stride = block if stride is None else stride  # (0 is refused below, never read as "the default")
-    if not isinstance(stride, int) or isinstance(stride, bool) or not 0 < stride <= block:
-        raise GPTError(f"stride must be between 1 and the model's context ({block}) (got {stride!r})")
-    unknown = tokenizer.unknown_chars(text)
-    if unknown:
-        shown = "".join(sorted(unknown))[:20]
-        raise GPTError(
-            f"the text has characters the model's tokenizer has never seen ({shown!r}): it cannot score "
-            "them; remove them, or score a model whose tokenizer has them (BPE has all)"
-        )
-    ids = tokenizer.encode(text)
-    if tokenizer.eos_id is not None:
-        ids = [tokenizer.eos_id] + ids
-    if len(ids) < 2:
-        raise GPTError("the text is empty: nothing to score")
-    device = next(model.parameters()).device
-    ids = torch.tensor(ids, dtype=torch.long)
-    inputs, targets = ids[:-1], ids[1:]
-    n = len(targets)
-    width = min(block, n)
-    # Window starts; the last is moved back so that every window is full (one shape: batches stack).
-    starts = list(range(0, max(n - width, 0) + 1, stride))
-    if starts[-1] + width < n:
-        starts.append(n - width)
-    windows, labels, scored_to = [], [], 0
-    for s in starts:
-        y = targets[s : s + width].clone()
-        y[: max(0, scored_to - s)] = -100  # scored by an earlier window
-        scored_to = s + width
-        windows.append(inputs[s : s + width])
-        labels.append(y)
-    table = torch.tensor(tokenizer.byte_lengths() + [0] * (model.config.vocab_size - tokenizer.vocab_size))
-    nats, n_bytes, n_tokens = 0.0, 0, 0
-    model.eval()
-    t0 = time.perf_counter()
-    with autocast(device, dtype):
-        for i in range(0, len(windows), batch_size):
-            x = torch.stack(windows[i : i + batch_size]).to(device)
-            y = torch.stack(labels[i : i + batch_size])
-            logits = model(x).logits.float()
-            nats += F.cross_entropy(
-                logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100, reduction="sum"
-            ).item()
-            kept = y[y != -100]
-            n_tokens += kept.numel()
-            n_bytes += int(table[kept].sum())
-    seconds = time.perf_counter() - t0
-    if n_bytes == 0:
-        raise GPTError("the text's tokens stand for no bytes (special tokens only): nothing to score in bits per byte")
-    return {
-        "bpb": nats / n_bytes / math.log(2),
-        "loss": nats / n_tokens,
-        "tokens": n_tokens,
-        "bytes": n_bytes,
-        "bytes_per_token": n_bytes / n_tokens,
-        "text_bytes": len(text.encode("utf-8")),
-        "context": block,
-        "stride": stride,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
-    }
-
-
 def check_options(args) -> None:
     """Values that would silently mean something else (0 read as "the default", "" as the working directory)
     are refused, each by name."""

@@ -2,8 +2,9 @@
 
 method=lora (the default): the base is wrapped with PEFT (`LoraConfig`, `get_peft_model`) and only the adapter
 trains. method=full: the model's own weights train (all of them, or all but freeze.embeddings / the first
-freeze.layers blocks). Either way through the same LightningModule, Trainer, checkpointing and logging as
-pretraining. A run directory (runs/<name>/<time>/) receives:
+freeze.layers blocks). method=dpo: preference tuning on a task of answer pairs (gpt/preference.py), of a LoRA
+adapter (dpo.weights=lora) or of the weights (dpo.weights=full). Each way through the same LightningModule,
+Trainer, checkpointing and logging as pretraining. A run directory (runs/<name>/<time>/) receives:
 
     checkpoints/last.ckpt, best.ckpt   Lightning checkpoints (resume with ckpt_path=...)
     checkpoints/last/, best/           lora: adapter directories (gpt/adapter.py): PEFT's files + tokenizer + base
@@ -19,6 +20,7 @@ model_dir=<dir>` scores a fully fine-tuned model directory (beside the copy base
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -30,106 +32,17 @@ from omegaconf import DictConfig
 
 from gpt.adapter import add_lora, base_record, count_parameters, load_adapter, merge, save_adapter_dir
 from gpt.checkpoint import ADAPTER_CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
-from gpt.completions import check_decoding, check_stop_strings
-from gpt.errors import GPTError, check_seed, is_int
+from gpt.errors import GPTError, check_seed
 from gpt.evaluate import check_metrics, evaluate_task
+from gpt.finetune_options import check_options, preference_loss, tuned_weights
 from gpt.launch import build
-from gpt.mbr import check_mbr
 from gpt.model import GPT
+from gpt.preference import PreferenceLoss, preference_module
 from gpt.prompts import ChatTemplate, finetuned_record, tokenizer_config
-from gpt.run import (
-    RunLock,
-    check_accelerator,
-    check_run_dir_is_free,
-    check_trainer_settings,
-    hydra_run_dir,
-    resolve_ckpt_path,
-    train,
-    write_metrics,
-)
+from gpt.run import RunLock, check_run_dir_is_free, hydra_run_dir, resolve_ckpt_path, train, write_metrics
 from gpt.tasks import TaskDataModule
 
 log = logging.getLogger(__name__)
-
-
-METHODS = ("lora", "full")
-
-
-def check_options(cfg: DictConfig) -> None:
-    """Settings that would otherwise be ignored, or fail only after the training they follow."""
-    method, freeze = cfg.get("method", "lora"), cfg.get("freeze") or {}
-    if method not in METHODS:
-        raise GPTError(f"method must be one of {list(METHODS)} (got {method!r})")
-    if (
-        not isinstance(freeze.get("embeddings", False), bool)
-        or not is_int(freeze.get("layers", 0))
-        or freeze.get("layers", 0) < 0
-    ):
-        raise GPTError(
-            f"freeze.embeddings is true or false and freeze.layers a whole number >= 0 (got "
-            f"{freeze.get('embeddings')!r}, {freeze.get('layers')!r})"
-        )
-    if method == "lora" and (freeze.get("embeddings") or freeze.get("layers")):
-        raise GPTError("freeze.* is for method=full; LoRA already leaves every base weight frozen")
-    if method == "full" and cfg.merge:
-        raise GPTError(
-            "merge is for LoRA adapters; a full fine-tune writes whole model directories "
-            "(sample.py ckpt=<run>/checkpoints/best)"
-        )
-    if cfg.get("model_dir") and not cfg.eval_only:
-        raise GPTError(
-            "model_dir= names a fully fine-tuned model directory to score (with eval_only=true); to fine-tune a "
-            "model, give it as base=<dir>"
-        )
-    if cfg.get("model_dir") and cfg.get("adapter"):
-        raise GPTError("eval_only scores one thing: give adapter=<adapter dir> or model_dir=<model dir>, not both")
-    if cfg.get("model_dir") and cfg.merge:
-        raise GPTError("merge=true folds an adapter into its base; model_dir= is already a whole model directory")
-    if cfg.eval_only:
-        check_accelerator(cfg.trainer)  # scoring runs on it too
-        if cfg.get("ckpt_path"):
-            raise GPTError(
-                "ckpt_path resumes a fine-tuning run; eval_only=true scores an adapter: drop one of them "
-                "(adapter=<its checkpoints/best> to score it)"
-            )
-    else:
-        check_trainer_settings(cfg.trainer, cfg.optim.get("decay_steps"))
-    if cfg.get("adapter") and not cfg.eval_only:
-        raise GPTError(
-            "adapter= names an adapter to score (with eval_only=true) or to sample from (sample.py "
-            "adapter=...); to go on training one, resume its run with ckpt_path=<its last.ckpt>"
-        )
-    e = cfg.eval
-    nullable = {"max_examples": "the whole valid split", "max_new_tokens": "the task's default"}
-    for key in ("batch_size", *nullable):
-        value = e.get(key)
-        if (value is not None or key not in nullable) and (not is_int(value) or value < 1):
-            raise GPTError(
-                f"eval.{key} must be a positive integer (got {value!r})"
-                + (f"; null = {nullable[key]}" if key in nullable else "")
-            )
-    check_decoding(
-        e.get("num_beams", 1),
-        e.get("no_repeat_ngram_size", 0),
-        e.get("copy_bonus", 0.0),
-        e.get("length_penalty", 1.0),
-        e.get("dtype", "auto"),
-        prefix="eval.",
-    )
-    check_mbr(e.mbr, e.mbr_samples, e.mbr_include_source, e.mbr_utility, e.mbr_temperature, prefix="eval.")
-    if not is_int(e.alignments) or e.alignments < 0:
-        raise GPTError(f"eval.alignments must be a whole number >= 0 (got {e.alignments!r}); 0 = no alignments.png")
-    if not all(v is None or is_int(v) for v in (e.alignment_layer, e.alignment_head)):
-        raise GPTError(
-            f"eval.alignment_layer and eval.alignment_head are layer / head numbers, null for the mean of all (got "
-            f"{e.alignment_layer!r}, {e.alignment_head!r})"
-        )
-    answer = cfg.task.get("max_new_tokens", 128)
-    if not is_int(answer) or answer < 1:
-        raise GPTError(
-            f"task.max_new_tokens must be a positive integer (got {answer!r}): the longest answer scoring generates"
-        )
-    check_stop_strings(cfg.task.get("stop") or [], "task.stop")
 
 
 def finetune(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict:
@@ -160,7 +73,8 @@ def check_base_dir(base) -> Path:
 def build_task(
     cfg: DictConfig, tokenizer, block_size: int, base_dir: Optional[Path] = None, **overrides
 ) -> TaskDataModule:
-    if cfg.task.get("format") == "chat" and base_dir is not None and "chat_template" not in overrides:
+    chats = cfg.task.get("format") in ("chat", "preference")  # preference: when its pairs are conversations
+    if chats and base_dir is not None and "chat_template" not in overrides:
         overrides["chat_template"] = ChatTemplate.for_model(base_dir).jinja  # None: ours (DEFAULT_CHAT_TEMPLATE)
     datamodule = build(cfg.task, tokenizer=tokenizer, block_size=block_size, seed=cfg.seed, **overrides)
     check_metrics(datamodule.metrics)
@@ -169,9 +83,10 @@ def build_task(
 
 
 def chat_files(datamodule: TaskDataModule) -> dict:
-    """task=chat: the chat template trained with, as tokenizer_config.json beside the weights (Hugging Face's
-    convention: sample.py chat=true and transformers' apply_chat_template render prompts with it)."""
-    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.chat else {}
+    """task=chat (or conversation pairs): the chat template trained with, as tokenizer_config.json beside the
+    weights (Hugging Face's convention: sample.py chat=true and transformers' apply_chat_template render prompts
+    with it)."""
+    return {"tokenizer_config.json": tokenizer_config(datamodule.chat.jinja)} if datamodule.uses_chat else {}
 
 
 def scoring_task(cfg: DictConfig, tokenizer, block_size: int, record: dict) -> TaskDataModule:
@@ -242,6 +157,7 @@ def _evaluate(cfg: DictConfig, model, tokenizer, run_dir: Path, datamodule: Task
         decoding=decoding(cfg),
         seed=cfg.seed,
         alignments={"examples": e.alignments, "layer": e.alignment_layer, "head": e.alignment_head},
+        preference=preference_loss(cfg) if datamodule.format == "preference" else None,
     )
 
 
@@ -330,8 +246,9 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_float32_matmul_precision("high")
 
     base_dir = check_base_dir(cfg.base)
-    if cfg.get("method", "lora") == "full":
-        return _full_finetune(cfg, run_dir, base_dir, ckpt_path)
+    preference = preference_loss(cfg) if cfg.method == "dpo" else None
+    if tuned_weights(cfg) == "full":
+        return _full_finetune(cfg, run_dir, base_dir, ckpt_path, preference)
     lora = build(cfg.lora)  # option errors before any loading
     model, tokenizer = load_model_dir(base_dir)
     check_alignment_choice(cfg, model)
@@ -356,7 +273,8 @@ def _finetune(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer,
         datamodule,
         ckpt_path=ckpt_path,
-        base=record["base"],
+        base={**record["base"], **({"method": "dpo", "weights": "lora"} if preference else {})},
+        **preference_module(preference, reference=None),
         export_fn=lambda t, path: save_adapter_dir(
             peft_model, tokenizer, path, {**record, "step": t.global_step}, files=chat_files(datamodule)
         ),
@@ -405,11 +323,15 @@ def freeze(model: GPT, embeddings: bool = False, layers: int = 0) -> list[str]:
     return frozen
 
 
-def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Optional[str]) -> dict:
+def _full_finetune(
+    cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Optional[str], preference: Optional[PreferenceLoss]
+) -> dict:
     """The model's own weights train; checkpoints/{best,last} are whole model directories, scored beside the
-    base (loaded again, unchanged) and the copy baseline."""
+    base (loaded again, unchanged) and the copy baseline. With `preference` (method=dpo), on pairs against a
+    frozen copy of the base."""
     model, tokenizer = load_model_dir(base_dir)
     check_alignment_choice(cfg, model)
+    reference = copy.deepcopy(model) if preference is not None and preference.needs_reference else None
     datamodule = build_task(cfg, tokenizer, model.config.block_size, base_dir)
     settings = {"embeddings": bool(cfg.freeze.embeddings), "layers": int(cfg.freeze.layers)}
     frozen = freeze(model, **settings)
@@ -422,7 +344,8 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         100 * trainable / total,
         f"; frozen: {len(frozen)} tensors" if frozen else "",
     )
-    base = {**base_record(base_dir), "method": "full", "freeze": settings}
+    method = {"method": "dpo", "weights": "full"} if preference else {"method": "full"}
+    base = {**base_record(base_dir), **method, "freeze": settings}
     record = {"finetuned_from": base, "task": datamodule.describe(), "decoding": decoding(cfg)}
     trainer, metrics = train(
         cfg,
@@ -432,13 +355,14 @@ def _full_finetune(cfg: DictConfig, run_dir: Path, base_dir: Path, ckpt_path: Op
         datamodule,
         ckpt_path=ckpt_path,
         base=base,
+        **preference_module(preference, reference),
         export_fn=lambda t, path: save_model_dir(
             model, tokenizer, path, extra={**record, "step": t.global_step}, files=chat_files(datamodule)
         ),
     )
     best_dir = run_dir / "checkpoints" / "best"
     metrics.update(
-        method="full",
+        method=cfg.method,
         trainable_params=trainable,
         total_params=total,
         data=datamodule.stats,

@@ -236,12 +236,18 @@ class LanguageModel(L.LightningModule):
 
     logs_now = False  # whether this step's metrics are logged (writes_logs_now), for the callbacks too
 
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The loss to minimise on one batch, and what else to log beside it (as train/<key>)."""
+        return self(batch).loss, {}
+
     def training_step(self, batch, batch_idx):
-        loss = self(batch).loss
+        loss, extra = self.training_loss(batch)
         self.logs_now = writes_logs_now(self.trainer)
         if self.logs_now:
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+            if extra:
+                self.log_dict({f"train/{k}": v for k, v in extra.items()})
         return loss
 
     def on_validation_epoch_start(self):
@@ -405,11 +411,12 @@ class LanguageModel(L.LightningModule):
         exists (so before Lightning prints anything); on_load_checkpoint asks again."""
         saved, mine = checkpoint.get("gpt") or {}, self.gpt_config.to_dict()
         base = saved.get("base")
-        if base and self.base:  # both fine-tuning: the same method (lora | full) and, for full, the same freezing
-            for key, default in (("method", "lora"), ("freeze", None)):
+        if base and self.base:  # both fine-tuning: the same method (lora | full | dpo), weights, freezing
+            for key, default in (("method", "lora"), ("weights", None), ("freeze", None)):
                 if base.get(key, default) != self.base.get(key, default):
+                    option = "dpo.weights" if key == "weights" else key
                     raise GPTError(
-                        f"the checkpoint was fine-tuned with {key}={base.get(key, default)}, this run has "
+                        f"the checkpoint was fine-tuned with {option}={base.get(key, default)}, this run has "
                         f"{self.base.get(key, default)}; resume with the settings it was trained with"
                     )
         elif base and not self.base:

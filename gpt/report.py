@@ -37,7 +37,14 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 SCRIPTS = {"train": "train.py", "finetune": "finetune.py"}
-SCORE_COLUMNS = {"val_loss": "val loss", "bleu": "BLEU", "chrf": "chrF", "exact_match": "exact match (%)"}
+SCORE_COLUMNS = {
+    "val_loss": "val loss",
+    "reward_accuracy": "reward accuracy",  # preference tasks (method=dpo)
+    "reward_margin": "reward margin",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "exact_match": "exact match (%)",
+}
 MAX_SAMPLE_CHARS = 4000
 MAX_VAL_ROWS = 25
 
@@ -219,12 +226,15 @@ def model_rows(m: dict, cfg: Config, shape: dict) -> list[list]:
         rows.append(["model", "; ".join(parts)])
     if cfg("base"):
         method = cfg("method", "lora")
-        if method == "lora":
+        weights = cfg("dpo.weights", "lora") if method == "dpo" else method
+        if weights == "lora":
             how = f"LoRA rank {cfg('lora.rank')}, alpha {cfg('lora.alpha')} on {', '.join(cfg('lora.targets') or [])}"
         else:
             frozen = ["the embeddings"] if cfg("freeze.embeddings") else []
             frozen += [f"the first {cfg('freeze.layers')} blocks"] if cfg("freeze.layers") else []
             how = "full fine-tuning" + (f" (frozen: {', '.join(frozen)})" if frozen else "")
+        if method == "dpo":  # preference tuning (gpt/preference.py)
+            how = f"preference tuning, loss {cfg('dpo.loss')} (β {cfg('dpo.beta')}), {how}"
         rows.append(["fine-tuning", f"{how}; base `{cfg('base')}`"])
     if m.get("params") is not None:
         rows.append(
@@ -247,7 +257,8 @@ def data_rows(m: dict, cfg: Config) -> list[list]:
     elif cfg("task.name"):
         stats = m.get("data") or {}
         counts = ", ".join(f"{s} {v.get('examples', v.get('rows'))}" for s, v in stats.items() if isinstance(v, dict))
-        rows.append(["task", f"{cfg('task.name')} ({cfg('task.format')})" + (f": {counts} examples" if counts else "")])
+        unit = "pairs" if cfg("task.format") == "preference" else "examples"
+        rows.append(["task", f"{cfg('task.name')} ({cfg('task.format')})" + (f": {counts} {unit}" if counts else "")])
     optimizer = cfg("optim.optimizer", "adamw")
     if cfg("optim.lr") is not None:
         text = f"{optimizer}: lr {cfg('optim.lr'):g} → {cfg('optim.min_lr'):g}"
@@ -273,7 +284,8 @@ def data_rows(m: dict, cfg: Config) -> list[list]:
         per_step = f" = {tokens // step:,} tokens per step" if step and tokens else ""
         rows.append(["batch", f"{cfg('data.batch_size')} sequences × {block} tokens{scale}{per_step}"])
     elif cfg("task.batch_size"):
-        rows.append(["batch", f"{cfg('task.batch_size')} examples{scale}"])
+        unit = "pairs" if cfg("task.format") == "preference" else "examples"
+        rows.append(["batch", f"{cfg('task.batch_size')} {unit}{scale}"])
     for key, label in (("precision", "precision"), ("device", "device")):
         if m.get(key):
             rows.append([label, m[key]])

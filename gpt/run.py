@@ -386,14 +386,22 @@ def train(
     ckpt_path: Optional[str] = None,
     base: Optional[dict] = None,
     batch_tokens: Optional[int] = None,
+    module_cls: type[LanguageModel] = LanguageModel,
+    module_kwargs: Optional[dict] = None,
 ) -> tuple[L.Trainer, dict]:
     """What pretraining and fine-tuning share: the LightningModule around `model` (cfg.optim, cfg.compile),
     the Trainer, the exported directory beside each checkpoint (export_fn(trainer, path)), the fit, and
     the summary every run reports in metrics.json (each verb adds its own keys). base: fine-tuning's record
     of its base model, kept in the checkpoints so that a resume on another base is refused. batch_tokens: see
-    summary. A run that stops on SIGTERM, Ctrl-C or a NaN still writes metrics.json (with `stopped`) and report.md."""
-    module = LanguageModel(
-        model, tokenizer, **OmegaConf.to_container(cfg.optim, resolve=True), compile=cfg.get("compile", False)
+    summary. module_cls(model, tokenizer, **module_kwargs, ...) is what a step computes: LanguageModel, the
+    next-token loss; gpt.preference.PreferenceModel, a loss on preference pairs. A run that stops on SIGTERM,
+    Ctrl-C or a NaN still writes metrics.json (with `stopped`) and report.md."""
+    module = module_cls(
+        model,
+        tokenizer,
+        **(module_kwargs or {}),
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        compile=cfg.get("compile", False),
     )
     module.base = base
     if ckpt_path and (ckpt := peek_checkpoint(ckpt_path)) is not None:
@@ -430,13 +438,13 @@ def stop_reason(trainer: L.Trainer, e: BaseException) -> dict:
 def summary(trainer, speed, wall: float, batch_tokens, run_dir: Path, ckpt_path: Optional[str]) -> dict:
     """metrics.json's common part. batch_tokens: tokens of one micro-batch on one rank when every batch holds
     as many (pretraining: tokens seen counts the whole run, a resumed one too); else the tokens counted."""
-    val, bpb = trainer.callback_metrics.get("val/loss"), trainer.callback_metrics.get("val/bpb")
+    val, bpb, ppl = (trainer.callback_metrics.get(f"val/{k}") for k in ("loss", "bpb", "ppl"))  # ppl: next-token loss
     best = trainer.checkpoint_callback.best_model_score
     per_step = batch_tokens and batch_tokens * trainer.accumulate_grad_batches * trainer.world_size
     return {
         "step": trainer.global_step,
         "val_loss": float(val) if val is not None else None,
-        "val_ppl": float(torch.exp(val)) if val is not None else None,
+        "val_ppl": float(ppl) if ppl is not None else None,
         "val_bpb": float(bpb) if bpb is not None else None,
         "best_val_loss": float(best) if best is not None else None,
         "tokens": trainer.global_step * per_step if per_step else speed.tokens,

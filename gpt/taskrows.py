@@ -1,6 +1,7 @@
 """Reading fine-tuning rows from files or the hub into one shape, {instruction, input, output}: parallel
-text (a source and a target file, line-aligned), Alpaca or prompt/response JSON / JSON Lines, a hub dataset.
-A malformed row is an error naming its place, or is skipped and counted (task.on_bad_row=skip).
+text (a source and a target file, line-aligned), Alpaca or prompt/response JSON / JSON Lines, conversations,
+preference pairs (+ "rejected"), a hub dataset. A malformed row is an error naming its place, or is skipped and
+counted (task.on_bad_row=skip).
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ FORMATS = {
     # (OpenAI's layout; ShareGPT's: messages=conversations role=from content=value user=human assistant=gpt)
     "chat": {
         "messages": "messages",
+        "role": "role",
+        "content": "content",
+        "system": "system",
+        "user": "user",
+        "assistant": "assistant",
+    },
+    # preference pairs: a prompt and two answers as text, or two conversations that differ in their last
+    # (assistant) message, with the chat keys above (TRL's layouts)
+    "preference": {
+        "input": "prompt",
+        "output": "chosen",
+        "rejected": "rejected",
         "role": "role",
         "content": "content",
         "system": "system",
@@ -96,32 +109,112 @@ def normalise(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[
     return row
 
 
-def normalise_chat(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
-    """A conversation record -> {"messages": [{"role", "content"}, ...] with our role names, and, for scoring,
-    the last assistant message as "output" and the user message before it as "input"}, or None if malformed."""
-    messages = record.get(fields["messages"])
+def parse_messages(messages, fields: dict, key: str) -> list[dict] | str:
+    """A record's list of messages -> [{"role", "content"}] with our role names, or what is wrong with it."""
     if not isinstance(messages, list) or not messages:
-        return bad(
-            where,
-            f"field {fields['messages']!r} must be a non-empty list of messages (the record has {sorted(record)})",
-        )
+        return f"field {key!r} must be a non-empty list of messages"
     roles = {fields[r]: r for r in ("system", "user", "assistant")}
     out = []
     for i, m in enumerate(messages):
         role = m.get(fields["role"]) if isinstance(m, dict) else None
         content = m.get(fields["content"]) if isinstance(m, dict) else None
         if not isinstance(role, str) or role not in roles or not isinstance(content, str):
-            return bad(
-                where,
-                f"message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
-                f"{fields['content']!r} (got {m!r:.80})",
+            return (
+                f"{key!r} message {i} needs {fields['role']!r} (one of {sorted(roles)}) and a text "
+                f"{fields['content']!r} (got {m!r:.80})"
             )
         out.append({"role": roles[role], "content": content})
+    return out
+
+
+def last_user_message(messages: list[dict]) -> str:
+    """What the copy baseline returns for a conversation: the user message before its last assistant message."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+
+
+def normalise_chat(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
+    """A conversation record -> {"messages": [{"role", "content"}, ...] with our role names, and, for scoring,
+    the last assistant message as "output" and the user message before it as "input"}, or None if malformed."""
+    out = parse_messages(record.get(fields["messages"]), fields, fields["messages"])
+    if isinstance(out, str):
+        return bad(where, f"{out} (the record has {sorted(record)})")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         return bad(where, "the conversation has no assistant message to learn from")
     last = max(i for i, m in enumerate(out) if m["role"] == "assistant")
-    asked = next((m["content"] for m in reversed(out[:last]) if m["role"] == "user"), "")
-    return {"messages": out, "instruction": "", "input": asked, "output": out[last]["content"]}
+    return {"messages": out, "instruction": "", "input": last_user_message(out), "output": out[last]["content"]}
+
+
+def normalise_preference(record: dict, fields: dict, where: str, bad: BadRows) -> Optional[dict]:
+    """A preference record -> a row whose "output" is the chosen answer and "rejected" the other one, or None if
+    malformed. Text: {"prompt", "chosen", "rejected"}. Conversations: {"chosen": [messages], "rejected":
+    [messages]} that share every message but the last, the assistant's answer (an optional "prompt" list of
+    messages goes before both); the row then holds the chosen conversation as "messages", as a chat row does."""
+    p, c, r = fields["input"], fields["output"], fields["rejected"]
+    prompt, chosen, rejected = record.get(p), record.get(c), record.get(r)
+    for key, value in ((c, chosen), (r, rejected)):
+        if not isinstance(value, (str, list, type(None))):
+            return bad(where, f"field {key!r} must be text or a list of messages (got {type(value).__name__})")
+        if not value or (isinstance(value, str) and not value.strip()):
+            return bad(where, f"missing or empty field {key!r} (the record has {sorted(record)})")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        return bad(
+            where,
+            f"{c!r} and {r!r} must both be text or both be conversations (lists of messages); got "
+            f"{type(chosen).__name__} and {type(rejected).__name__}",
+        )
+    if isinstance(chosen, str):
+        if not isinstance(prompt, str) or not prompt.strip():
+            what = "missing or empty" if prompt is None or isinstance(prompt, str) else "non-text"
+            return bad(where, f"{what} field {p!r}: text pairs answer a text prompt (the record has {sorted(record)})")
+        if chosen == rejected:
+            return bad(where, f"{c!r} and {r!r} are the same answer: the pair prefers neither")
+        return {"instruction": "", "input": prompt, "output": chosen, "rejected": rejected}
+    if prompt is not None and not isinstance(prompt, list):
+        return bad(where, f"field {p!r} of a conversation pair must be a list of messages, or left out")
+    sides = []
+    for key, value in ((c, chosen), (r, rejected)):
+        out = parse_messages((prompt or []) + value, fields, key)
+        if isinstance(out, str):
+            return bad(where, out)
+        if out[-1]["role"] != "assistant" or not out[-1]["content"].strip():
+            return bad(
+                where,
+                f"the last message of {key!r} must be the assistant's answer (it is {out[-1]['role']!r}, "
+                f"{out[-1]['content']!r:.40})",
+            )
+        sides.append(out)
+    if sides[0][:-1] != sides[1][:-1]:
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(sides[0][:-1], sides[1][:-1])) if a != b), min(map(len, sides)) - 1
+        )
+        return bad(
+            where,
+            f"{c!r} and {r!r} must share the conversation up to the last (assistant) message; they differ at "
+            f"message {differ}",
+        )
+    if sides[0][-1] == sides[1][-1]:
+        return bad(where, f"{c!r} and {r!r} end in the same answer: the pair prefers neither")
+    chosen_msgs, rejected_msgs = sides
+    return {
+        "messages": chosen_msgs,
+        "instruction": "",
+        "input": last_user_message(chosen_msgs),
+        "output": chosen_msgs[-1]["content"],
+        "rejected": rejected_msgs[-1]["content"],
+    }
+
+
+def normaliser(fields: dict):
+    """The function that reads one record of a format (known by its fields)."""
+    return normalise_preference if "rejected" in fields else normalise_chat if "messages" in fields else normalise
+
+
+def record_keys(fields: dict) -> list[str]:
+    """The keys (hub: columns) a record of a format has."""
+    if "rejected" in fields:
+        return [fields[k] for k in ("input", "output", "rejected")]
+    return [fields["messages"]] if "messages" in fields else [k for k in fields.values() if k]
 
 
 def read_parallel(source: Path, target: Path, task: str, bad: BadRows) -> list[dict]:
@@ -174,13 +267,9 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
     rows = []
     for where, record in located:
         if not isinstance(record, dict):
-            bad(
-                where,
-                f"expected a JSON object with keys {sorted(k for k in fields.values() if k)}, "
-                f"got {type(record).__name__}",
-            )
+            bad(where, f"expected a JSON object with keys {sorted(record_keys(fields))}, got {type(record).__name__}")
             continue
-        row = (normalise_chat if "messages" in fields else normalise)(record, fields, where, bad)
+        row = normaliser(fields)(record, fields, where, bad)
         if row is not None:
             rows.append(row)
     return rows
@@ -188,8 +277,8 @@ def read_json_records(path: Path, fields: dict, task: str, bad: BadRows) -> list
 
 def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> list[dict]:
     ds = load_hub_dataset(hub["name"], hub.get("config"), split, instead="use local files (task.train=...)")
-    columns = [fields["messages"]] if "messages" in fields else fields.values()  # chat: one column of messages
-    missing = [key for key in columns if key and key not in ds.column_names]
+    columns = record_keys(fields)[1:] if "rejected" in fields else record_keys(fields)  # a pair's prompt: optional
+    missing = [key for key in columns if key not in ds.column_names]
     if missing:
         raise GPTError(
             f"hub dataset {hub['name']!r} has no column {missing[0]!r} (columns: {ds.column_names}); "
@@ -197,9 +286,7 @@ def read_hub(hub: dict, split: str, fields: dict, task: str, bad: BadRows) -> li
         )
     rows = []
     for i, record in enumerate(ds):
-        row = (normalise_chat if "messages" in fields else normalise)(
-            record, fields, f"{hub['name']}[{split}] row {i}", bad
-        )
+        row = normaliser(fields)(record, fields, f"{hub['name']}[{split}] row {i}", bad)
         if row is not None:
             rows.append(row)
     return rows

@@ -9,7 +9,8 @@ which only the response counts.
 Every example is `prompt + response + <|endoftext|>`. The labels are -100 on the prompt (and on padding),
 so the loss counts the response tokens and the end-of-text token only. Examples longer than the context
 are cut at the context length and counted; an example whose prompt alone fills the context has nothing
-left to learn from and is dropped (and counted).
+left to learn from and is dropped (and counted). A preference task (format: preference, method=dpo) makes two
+examples of each row, the chosen and the rejected answer to the same prompt, batched together (pad_pairs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from gpt.batches import (
+    SIDES,
     Encoded,
     EpochStream,
     LengthGroupedBatches,
@@ -31,6 +33,8 @@ from gpt.batches import (
     encode_example,
     pack_examples,
     pad_batch,
+    pad_pairs,
+    split_reply,
 )
 from gpt.errors import GPTError, check_num_workers
 from gpt.prompts import DEFAULT_CHAT_TEMPLATE, ChatTemplate, PromptTemplate, source_span
@@ -75,8 +79,12 @@ class TaskDataModule(L.LightningDataModule):
         valid_only: bool = False,
         packing: bool = False,
         chat_template: Optional[str] = None,
+        rejected: Optional[str] = None,
     ):
-        """chat_template (format chat): the base model's Jinja chat_template; None: DEFAULT_CHAT_TEMPLATE."""
+        """chat_template (format chat, and conversation pairs of format preference): the base model's Jinja
+        chat_template; None: DEFAULT_CHAT_TEMPLATE. rejected (format preference): None, the rows give the rejected
+        answer; "copy": the split is parallel text (or a parallel hub dataset), each pair's chosen answer is the
+        target line and its rejected answer the source line copied unchanged."""
         """valid_only: only the valid split is read and tokenized (scoring an adapter); the train split is
         then needed only when the valid split is held out of it."""
         super().__init__()
@@ -104,11 +112,20 @@ class TaskDataModule(L.LightningDataModule):
             )
         self.name, self.format, self.tokenizer, self.block_size = name, format, tokenizer, block_size
         self.batch_size, self.train_spec, self.valid_spec, self.root = batch_size, train, valid, root
-        self.fields = {**FORMATS[format], **(dict(fields) if fields else {})}
+        if rejected not in (None, "copy") or (rejected and format != "preference"):
+            raise GPTError(
+                f"task.rejected is null (the rows give the rejected answers) or copy (with task.format=preference: "
+                f"the source line of parallel text, copied); got {rejected!r} with task.format={format}"
+            )
+        self.rejected = rejected
+        read_as = "parallel" if rejected == "copy" else format  # "copy": the rows are parallel text's
+        self.fields = {**FORMATS[read_as], **(dict(fields) if fields else {})}
         self.hub = dict(hub) if hub and hub.get("name") else None
         self.template = PromptTemplate(template, template_no_input)
         self.chat = (
-            ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE, {"eos_token": EOS}) if format == "chat" else None
+            ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE, {"eos_token": EOS})
+            if format in ("chat", "preference")
+            else None
         )
         check_num_workers(num_workers, "task.num_workers")
         self.valid_fraction, self.seed, self.num_workers = valid_fraction, seed, num_workers
@@ -117,6 +134,11 @@ class TaskDataModule(L.LightningDataModule):
         self.max_new_tokens = max_new_tokens
         if not (0.0 <= copy_pairs <= 1.0):
             raise GPTError(f"task.copy_pairs must be in [0, 1] (got {copy_pairs})")
+        if format == "preference" and (copy_pairs or packing):
+            raise GPTError(
+                f"task.{'copy_pairs' if copy_pairs else 'packing'} is for supervised tasks; a preference task's "
+                "rows are pairs of answers: drop it (task.copy_pairs=0 task.packing=false)"
+            )
         self.copy_pairs, self.valid_only = copy_pairs, valid_only
         if not isinstance(packing, bool):
             raise GPTError(f"task.packing is true or false (got {packing!r})")
@@ -139,13 +161,19 @@ class TaskDataModule(L.LightningDataModule):
         spec = self.train_spec if split == "train" else self.valid_spec
         if spec is None:
             return None
-        if self.format == "parallel":
+        if self.format == "parallel" or self.rejected == "copy":
             if isinstance(spec, str) or len(spec) != 2:
                 raise GPTError(f"task {self.name}: a parallel split is two files, [source, target] (got {spec!r})")
             return read_parallel(self._path(spec[0]), self._path(spec[1]), self.name, self.bad)
         if not isinstance(spec, str):
             raise GPTError(f"task {self.name}: a {self.format} split is one .json or .jsonl file (got {spec!r})")
         return read_json_records(self._path(spec), self.fields, self.name, self.bad)
+
+    def _read_rows(self, split: str) -> Optional[list[dict]]:
+        rows = self._read(split)
+        if rows is not None and self.rejected == "copy":  # pairs of parallel text: the source, copied, is rejected
+            rows = [{**r, "rejected": r["input"]} for r in rows]
+        return rows
 
     def _source(self, split: str) -> str:
         """Where a split's rows come from, for messages."""
@@ -160,9 +188,9 @@ class TaskDataModule(L.LightningDataModule):
             return self.rows
         has_valid = self.hub.get("valid_split") is not None if self.hub else self.valid_spec is not None
         splits = ("valid",) if self.valid_only and has_valid else ("train", "valid")  # scoring needs no train rows
-        train = self._read("train") if "train" in splits else None
+        train = self._read_rows("train") if "train" in splits else None
         skipped = {"train": self.bad.report("train")}
-        valid = self._read("valid")
+        valid = self._read_rows("valid")
         skipped["valid"] = self.bad.report("valid")
         held_out = valid is None
         if held_out:
@@ -184,12 +212,12 @@ class TaskDataModule(L.LightningDataModule):
                     else ""
                 )
                 source = self._source("train" if split == "valid" and held_out else split)
-                needed = (
-                    ("instruction", "output") if self.format == "alpaca" else ("input", "output")
+                needed = {"alpaca": ("instruction", "output"), "preference": ("input", "output", "rejected")}.get(
+                    self.format, ("input", "output")
                 )  # alpaca: input optional
                 rows_are = (
                     "a pair per line"
-                    if self.format == "parallel" and not self.hub
+                    if (self.format == "parallel" or self.rejected == "copy") and not self.hub
                     else "rows with " + ", ".join(repr(self.fields[k]) for k in needed if self.fields.get(k))
                 )
                 raise GPTError(
@@ -214,7 +242,7 @@ class TaskDataModule(L.LightningDataModule):
         return rows + [{**rows[i], "input": rows[i]["output"]} for i in picked]
 
     def prompt(self, row: dict) -> str:
-        if self.chat:  # the conversation up to its last assistant message, which is the answer to score
+        if self.chat and "messages" in row:  # the conversation up to its last assistant message: the answer to score
             last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
             return self.chat(row["messages"][:last])
         return self.template(row["instruction"], row["input"])
@@ -244,6 +272,9 @@ class TaskDataModule(L.LightningDataModule):
         if not self.valid_only:
             splits.insert(0, ("train", self.training_rows()))
         for split, rows in splits:
+            if self.format == "preference":
+                self._prepare_pairs(split, rows)
+                continue
             prompts, responses = [self.prompt(r) for r in rows], [r["output"] for r in rows]
             if self.chat:
                 ds = Dataset.from_list(
@@ -293,6 +324,62 @@ class TaskDataModule(L.LightningDataModule):
                     self.block_size,
                     100 * sum(r["length"] for r in self.data[split]) / (len(self.data[split]) * self.block_size),
                 )
+
+    def _pair_texts(self, row: dict) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) as the model reads them: a text pair's prompt in the task's template and its
+        answers as they are (the end-of-text token follows each); a conversation pair as the chat template renders
+        it (the template closes each reply)."""
+        if "messages" in row:
+            prompt, chosen = split_reply(self.chat, row["messages"])
+            other = [*row["messages"][:-1], {"role": "assistant", "content": row["rejected"]}]
+            return prompt, chosen, split_reply(self.chat, other)[1]
+        return self.template(row["instruction"], row["input"]), row["output"], row["rejected"]
+
+    def _prepare_pairs(self, split: str, rows: list[dict]) -> None:
+        """A preference split as pairs of examples, one per answer, both on the same prompt tokens (each answer cut
+        at the context, as in SFT). A pair is left out when its two answers are the same (task.rejected=copy, where
+        a target line equals its source: it prefers neither), and dropped when its prompt fills the context (no
+        answer token is left to compare)."""
+        self._check_fields(split, [r for r in rows if "messages" not in r])
+        texts = [self._pair_texts(r) for r in rows]
+        ids = [self.tokenizer.encode_batch([t[k] for t in texts]) for k in range(3)]
+        data, same, dropped, truncated, tokens = [], 0, 0, 0, 0
+        for row, prompt, *answers in zip(rows, *ids):
+            if row["output"] == row["rejected"]:
+                same += 1
+                continue
+            eos = None if "messages" in row else self.tokenizer.eos_id
+            sides = [encode_example(prompt, answer, eos, self.block_size) for answer in answers]
+            tokens += sum(len(e.input_ids) for e in sides)
+            if not all(any(label != -100 for label in e.labels) for e in sides):
+                dropped += 1
+                continue
+            truncated += any(e.truncated for e in sides)
+            pair = {
+                f"{side}_{key}": getattr(e, key) for side, e in zip(SIDES, sides) for key in ("input_ids", "labels")
+            }
+            data.append({**pair, "length": max(len(e.input_ids) for e in sides)})
+        self._warn_unknown(split, ["".join(t) for t in texts])
+        self.data[split] = data
+        self.stats[split].update(examples=len(data), same=same, truncated=truncated, dropped=dropped, tokens=tokens)
+        log.info(
+            "%s %s: %d pairs, %d truncated to the context (%d tokens), %d dropped (prompt fills the context), "
+            "%d left out (chosen = rejected), %d malformed rows skipped",
+            self.name,
+            split,
+            len(data),
+            truncated,
+            self.block_size,
+            dropped,
+            same,
+            self.stats[split]["skipped"],
+        )
+        if not data:
+            raise GPTError(
+                f"task {self.name}: no {split} pair is left to learn from ({same} have the same chosen and rejected "
+                f"answer, {dropped} a prompt that fills the model's context of {self.block_size} tokens); give "
+                "pairs whose answers differ, with shorter prompts"
+            )
 
     def _check_fields(self, split: str, rows: list[dict]) -> None:
         """A row's text that the prompt template has no place for would be silently dropped: refused."""
@@ -363,28 +450,26 @@ class TaskDataModule(L.LightningDataModule):
             start = trainer.global_step * trainer.accumulate_grad_batches
             stop = trainer.max_steps * trainer.accumulate_grad_batches
             rank, world_size = trainer.global_rank, trainer.world_size
-        stream = EpochStream(
-            data,
-            batches,
-            partial(pad_batch, pad_id=self.tokenizer.eos_id),
-            start=start,
-            stop=stop,
-            rank=rank,
-            world_size=world_size,
-        )
+        stream = EpochStream(data, batches, self.collate, start=start, stop=stop, rank=rank, world_size=world_size)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         data = self.data["valid"]
         sampler = LengthGroupedBatches([e["length"] for e in data], self.batch_size, self.seed, shuffle=False)
-        return DataLoader(
-            data,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=partial(pad_batch, pad_id=self.tokenizer.eos_id),
-        )
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate)
+
+    @property
+    def collate(self):
+        """Examples -> a padded batch (preference pairs: both answers of each pair, gpt.batches.pad_pairs)."""
+        return partial(pad_pairs if self.format == "preference" else pad_batch, pad_id=self.tokenizer.eos_id)
+
+    @property
+    def uses_chat(self) -> bool:
+        """Whether examples are rendered with the chat template (task=chat, or conversation pairs), so that the
+        result records it."""
+        return self.format == "chat" or any("messages" in r for rows in self.rows.values() for r in rows)
 
     def describe(self) -> dict:
         """What an adapter records about its task, so sample.py can prompt it the same way."""
-        chat = {"chat_template": self.chat.jinja} if self.chat else {}
+        chat = {"chat_template": self.chat.jinja} if self.uses_chat else {}
         return {"name": self.name, "format": self.format, **self.template.to_dict(), "stop": self.stop, **chat}

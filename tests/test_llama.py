@@ -328,7 +328,7 @@ def test_byte_lengths_add_up_to_the_text_bytes(bpe):
 
 
 def test_bpb_of_a_char_model_on_ascii_is_its_loss_in_bits():
-    from gpt.evaluate import bits_per_byte
+    from gpt.scoring import bits_per_byte
     from gpt.tokenizer import Tokenizer
 
     text = "to be or not to be, that is the question\n" * 3  # 123 ASCII characters: one byte per token
@@ -350,8 +350,8 @@ def test_bpb_of_a_char_model_on_ascii_is_its_loss_in_bits():
 def test_bpb_of_a_bpe_model_and_in_validation(bpe):
     import lightning as L
 
-    from gpt.evaluate import bits_per_byte
     from gpt.lit import LanguageModel
+    from gpt.scoring import bits_per_byte
 
     model = small(vocab_size=320, block_size=128, **VARIANTS["llama"])
     ids = torch.tensor([[bpe.eos_id] + bpe.encode(TEXT)])
@@ -518,7 +518,7 @@ def test_evaluate_refuses_stride_zero_through_the_real_command_and_the_function(
     from conftest import run_cli
 
     from gpt.checkpoint import save_model_dir
-    from gpt.evaluate import bits_per_byte
+    from gpt.scoring import bits_per_byte
 
     model = small(vocab_size=320)
     (tmp_path / "t.txt").write_text(TEXT)

@@ -301,7 +301,7 @@ def verb_checks(script: str, cfg, tiny: GPT, tok: Tokenizer) -> None:
             raise GPTError(f"log_samples.n must be a whole number >= 0 (got {s.n!r})")
         check_sampling_args(s.max_new_tokens, s.temperature, s.top_k, prefix="log_samples.")
     else:
-        from gpt.finetune import check_options
+        from gpt.finetune_options import check_options
 
         check_options(cfg)
         build(cfg.lora)
